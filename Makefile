@@ -1,0 +1,50 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both build .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that lies on this machine's disk; installed first so that the
+# `torch>=2.4` requirement is already met and pip never fetches a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DATA ?= demo_data
+DEMO_RUN ?= runs/demo
+DEMO_MINUTES ?= 5
+
+.PHONY: demo test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	@test -d $(DEMO_DATA)/keras_slices_train || $(BIN)/mri-vqvae demo-data $(DEMO_DATA)
+	rm -rf $(DEMO_RUN)
+	$(BIN)/mri-vqvae train --data $(DEMO_DATA) --out $(DEMO_RUN) --config configs/demo.yaml \
+		--max-minutes $(DEMO_MINUTES)
+	$(BIN)/mri-vqvae evaluate --data $(DEMO_DATA) --checkpoint $(DEMO_RUN)/best.pt \
+		--out $(DEMO_RUN)/evaluation
+	@echo "Pictures: $(DEMO_RUN)/reconstructions/, $(DEMO_RUN)/ssim_scores.png,"
+	@echo "          $(DEMO_RUN)/batch_losses.png and $(DEMO_RUN)/evaluation/*.png"
+
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs $(DEMO_DATA) .pytest_cache .ruff_cache

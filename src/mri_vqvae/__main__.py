@@ -1,0 +1,3 @@
+from mri_vqvae.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Read and write 2D NIfTI slices with nibabel, and the project's data errors.
+
+Every failure to read a slice becomes a :class:`DataError` that names the file and the problem,
+so a user never sees a traceback from deep inside nibabel or gzip.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# A 2D slice this large (64 Mi voxels, 256 MiB as float32) is certainly a corrupt header.
+MAX_VOXELS = 2**26
+MIN_SIDE = 8
+
+
+class DataError(Exception):
+    """A data file or folder cannot be used; ``path`` and ``problem`` say which and why."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class Slice(NamedTuple):
+    """One decoded slice: ``pixels`` (H, W) float32, with the file's affine and header."""
+
+    pixels: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+
+
+def is_nifti(path: Path) -> bool:
+    """True when the file name ends in ``.nii`` or ``.nii.gz``."""
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def _to_grayscale(data: np.ndarray, path: Path) -> np.ndarray:
+    if data.dtype.names is not None:
+        names = set(data.dtype.names)
+        if {"R", "G", "B"} <= names:
+            # ITU-R BT.601 luma, the usual RGB-to-grey conversion (as PIL's "L" mode).
+            return (
+                0.299 * data["R"].astype(np.float32)
+                + 0.587 * data["G"].astype(np.float32)
+                + 0.114 * data["B"].astype(np.float32)
+            )
+        raise DataError(path, f"has a structured voxel type {data.dtype} that is not RGB")
+    if np.iscomplexobj(data):
+        raise DataError(path, "holds complex-valued voxels; expected a real magnitude image")
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
+        raise DataError(path, f"has a non-numeric voxel type {data.dtype}")
+    return data.astype(np.float32, copy=False)
+
+
+def read_slice(path: str | Path) -> Slice:
+    """Read one 2D slice; singleton axes are dropped, anything else not 2D is an error.
+
+    Raises:
+        DataError: the file is missing, unreadable, not NIfTI, truncated, not 2D, too large,
+            or holds NaN/Inf voxels or a constant image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such file")
+    if path.is_dir():
+        raise DataError(path, "is a folder, expected a NIfTI file")
+    try:
+        image = nib.load(str(path))
+    except PermissionError as err:
+        raise DataError(path, "permission denied") from err
+    except (nib.filebasedimages.ImageFileError, gzip.BadGzipFile, zlib.error) as err:
+        raise DataError(path, f"is not a readable NIfTI file ({err})") from err
+    except (EOFError, OSError, ValueError) as err:
+        raise DataError(
+            path, f"cannot be read as NIfTI, it may be truncated or corrupt ({err})"
+        ) from err
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(path, f"is a {type(image).__name__}, not a NIfTI image")
+    shape = tuple(int(s) for s in image.shape)
+    if any(s < 0 for s in shape):
+        raise DataError(path, f"header gives a negative dimension {shape}")
+    if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+        raise DataError(path, f"header gives shape {shape}, too large for a 2D slice")
+    kept = tuple(s for s in shape if s != 1)
+    if len(kept) != 2:
+        kind = {0: "a single voxel", 1: "a 1D line"}.get(len(kept), f"a {len(kept)}D volume")
+        raise DataError(path, f"has shape {shape}, {kind}; expected a 2D slice")
+    try:
+        raw = np.asanyarray(image.dataobj)
+    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(
+            path, f"voxel data cannot be read, the file may be truncated ({err})"
+        ) from err
+    pixels = _to_grayscale(np.asarray(raw), path).reshape(kept)
+    if min(kept) < MIN_SIDE:
+        raise DataError(path, f"slice of shape {kept} is too small (sides under {MIN_SIDE})")
+    finite = np.isfinite(pixels)
+    if not finite.all():
+        bad = int((~finite).sum())
+        raise DataError(path, f"holds {bad} NaN or infinite voxels")
+    if pixels.max() == pixels.min():
+        raise DataError(path, f"is a constant image (every voxel is {pixels.flat[0]:g})")
+    return Slice(np.ascontiguousarray(pixels), image.affine, image.header)
+
+
+def write_slice(
+    pixels: np.ndarray,
+    path: str | Path,
+    affine: np.ndarray | None = None,
+    header: nib.Nifti1Header | None = None,
+) -> None:
+    """Write a 2D float32 slice; ``affine`` and ``header`` are copied from an input when given."""
+    path = Path(path)
+    if not is_nifti(path):
+        raise DataError(path, "output name must end in .nii or .nii.gz")
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if header is not None:
+        header = header.copy()
+        # Keep the input's geometry and metadata, but not an integer type that would round
+        # the reconstruction, nor a scaling meant for the input's stored values.
+        header.set_data_dtype(np.float32)
+        header.set_slope_inter(1.0, 0.0)
+        header.set_data_shape(pixels.shape)
+    image_type = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = image_type(pixels, affine if affine is not None else np.eye(4), header)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, str(path))

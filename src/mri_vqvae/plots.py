@@ -1,0 +1,145 @@
+"""Figures from arrays: image grids, index maps, training curves and score plots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _gray(array) -> np.ndarray:
+    """An image in [-1, 1] (any leading singleton axes) to a 2D array in [0, 1]."""
+    image = np.asarray(array, dtype=np.float32).squeeze()
+    return np.clip((image + 1) / 2, 0, 1)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def reconstruction_grid(
+    originals: np.ndarray, reconstructions: np.ndarray, path: str | Path, title: str = ""
+) -> Path:
+    """Originals in the top row, their reconstructions below; arrays ``(B, 1, H, W)`` in [-1, 1]."""
+    count = len(originals)
+    height, width = np.asarray(originals).shape[-2:]
+    fig, axes = plt.subplots(
+        2, count, figsize=(1.4 * count * width / height * 2, 5.6), squeeze=False
+    )
+    for column in range(count):
+        for row, images in enumerate((originals, reconstructions)):
+            axis = axes[row, column]
+            axis.imshow(_gray(images[column]), cmap="gray", vmin=0, vmax=1)
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[0, 0].set_ylabel("original")
+        axes[1, 0].set_ylabel("reconstruction")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def comparison(
+    image: np.ndarray,
+    indices: np.ndarray,
+    reconstruction: np.ndarray,
+    path: str | Path,
+    num_embeddings: int,
+    title: str = "",
+) -> Path:
+    """One input, its code-index map and its reconstruction side by side."""
+    fig, axes = plt.subplots(1, 3, figsize=(8, 5))
+    axes[0].imshow(_gray(image), cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("input")
+    shown = axes[1].imshow(
+        np.asarray(indices), cmap="nipy_spectral", vmin=0, vmax=num_embeddings - 1
+    )
+    axes[1].set_title(f"code indices {indices.shape[0]}x{indices.shape[1]}")
+    fig.colorbar(shown, ax=axes[1], fraction=0.08)
+    axes[2].imshow(_gray(reconstruction), cmap="gray", vmin=0, vmax=1)
+    axes[2].set_title("reconstruction")
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def pair_with_error(
+    image: np.ndarray, reconstruction: np.ndarray, path: str | Path, title: str = ""
+) -> Path:
+    """An input, its reconstruction and the absolute error between them."""
+    original, recon = _gray(image), _gray(reconstruction)
+    fig, axes = plt.subplots(1, 3, figsize=(8, 5))
+    axes[0].imshow(original, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("input")
+    axes[1].imshow(recon, cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title("reconstruction")
+    shown = axes[2].imshow(np.abs(original - recon), cmap="magma", vmin=0, vmax=0.25)
+    axes[2].set_title("|error|")
+    fig.colorbar(shown, ax=axes[2], fraction=0.08)
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def ssim_curves(history: Sequence[dict], path: str | Path) -> Path:
+    """Train and validation SSIM per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(epochs, [row["train_ssim"] for row in history], "o-", label="train")
+    axis.plot(epochs, [row["val_ssim"] for row in history], "s-", label="validation")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("SSIM")
+    axis.set_title("SSIM per epoch")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(fig, path)
+
+
+def batch_losses(losses: Sequence[float], path: str | Path) -> Path:
+    """Training reconstruction loss of every batch, with a running mean."""
+    losses = np.asarray(losses, dtype=np.float64)
+    fig, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(np.arange(1, len(losses) + 1), losses, alpha=0.4, label="batch")
+    window = max(1, len(losses) // 50)
+    if len(losses) >= window > 1:
+        running = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axis.plot(np.arange(window, len(losses) + 1), running, label=f"mean of {window}")
+    axis.set_yscale("log")
+    axis.set_xlabel("batch")
+    axis.set_ylabel("reconstruction MSE")
+    axis.set_title("Training reconstruction loss per batch")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(fig, path)
+
+
+def ssim_scores(scores: Sequence[float], path: str | Path, title: str = "") -> Path:
+    """SSIM of every image of a split, with its mean."""
+    scores = np.asarray(scores, dtype=np.float64)
+    fig, axis = plt.subplots(figsize=(8, 4))
+    axis.scatter(np.arange(len(scores)), scores, s=8)
+    axis.axhline(scores.mean(), color="tab:red", label=f"mean {scores.mean():.4f}")
+    axis.set_xlabel("test image")
+    axis.set_ylabel("SSIM")
+    axis.set_title(title or f"SSIM of {len(scores)} test images")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(fig, path)

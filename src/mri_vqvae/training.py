@@ -1,0 +1,269 @@
+"""Stage 1: train the VQ-VAE. Plain functions over explicit objects; no framework owns the loop."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mri_vqvae import plots
+from mri_vqvae.checkpoint import Checkpoint, capture_rng_state, restore_rng_state, save_checkpoint
+from mri_vqvae.config import Config, save_config
+from mri_vqvae.data.dataset import SliceSet
+from mri_vqvae.losses import VQVAELoss, vqvae_loss
+from mri_vqvae.metrics import codebook_usage, perplexity, ssim_per_image
+from mri_vqvae.model import VQVAE, VQVAEOutput
+
+logger = logging.getLogger(__name__)
+
+METRIC_COLUMNS = (
+    "epoch",
+    "global_step",
+    "images_seen",
+    "train_loss",
+    "train_reconstruction_loss",
+    "train_ssim",
+    "train_codebook_usage",
+    "train_perplexity",
+    "val_loss",
+    "val_reconstruction_loss",
+    "val_ssim",
+    "val_codebook_usage",
+    "val_perplexity",
+    "epoch_seconds",
+    "stopped_by_time_budget",
+)
+
+
+@dataclass
+class TrainingResult:
+    """Where a training run left its outputs, and what it measured."""
+
+    run_dir: Path
+    history: list[dict]
+    best_checkpoint: Path
+    last_checkpoint: Path
+    stopped_by_time_budget: bool
+
+
+def train_step(
+    model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor
+) -> tuple[VQVAELoss, VQVAEOutput]:
+    """One optimisation step on a batch."""
+    output = model(images)
+    loss = vqvae_loss(images, output)
+    optimizer.zero_grad(set_to_none=True)
+    loss.total.backward()
+    optimizer.step()
+    return loss, output
+
+
+@torch.no_grad()
+def validate(model: VQVAE, slices: SliceSet, batch_size: int, device: torch.device) -> dict:
+    """Mean loss and SSIM and whole-split codebook usage, in eval mode (no codebook update)."""
+    model.eval()
+    totals = {"loss": 0.0, "reconstruction_loss": 0.0, "ssim": 0.0}
+    counts = torch.zeros(model.num_embeddings, dtype=torch.long, device=device)
+    for start in range(0, len(slices), batch_size):
+        images = slices.batch(slice(start, start + batch_size)).to(device)
+        output = model(images)
+        loss = vqvae_loss(images, output)
+        weight = images.shape[0]
+        totals["loss"] += loss.total.item() * weight
+        totals["reconstruction_loss"] += loss.reconstruction.item() * weight
+        totals["ssim"] += ssim_per_image(images, output.reconstruction).sum().item()
+        counts += torch.bincount(output.indices.flatten(), minlength=model.num_embeddings)
+    result = {key: value / len(slices) for key, value in totals.items()}
+    result["codebook_usage"] = codebook_usage(counts)
+    result["perplexity"] = float(perplexity(counts))
+    return result
+
+
+def _preview_indices(count: int, size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=generator)[: min(count, size)]
+
+
+@torch.no_grad()
+def save_previews(
+    model: VQVAE, previews: dict[str, torch.Tensor], run_dir: Path, epoch: int
+) -> None:
+    """The fixed preview batches over their reconstructions, and one input/codes/output view."""
+    model.eval()
+    for split, images in previews.items():
+        output = model(images)
+        ssim = ssim_per_image(images, output.reconstruction).mean().item()
+        plots.reconstruction_grid(
+            images.cpu().numpy(),
+            output.reconstruction.clamp(-1, 1).cpu().numpy(),
+            run_dir / "reconstructions" / split / f"epoch_{epoch}.png",
+            title=f"{split} epoch {epoch} (SSIM {ssim:.4f})",
+        )
+        if split == "val":
+            plots.comparison(
+                images[0].cpu().numpy(),
+                output.indices[0].cpu().numpy(),
+                output.reconstruction[0].clamp(-1, 1).cpu().numpy(),
+                run_dir / "reconstructions" / "comparison" / f"epoch_{epoch}.png",
+                num_embeddings=model.num_embeddings,
+                title=f"validation image, epoch {epoch}",
+            )
+
+
+def _write_logs(history: list[dict], run_dir: Path) -> None:
+    with open(run_dir / "metrics.jsonl", "w") as handle:
+        for row in history:
+            handle.write(json.dumps(row) + "\n")
+    with open(run_dir / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def train_vqvae(
+    model: VQVAE,
+    train_set: SliceSet,
+    val_set: SliceSet,
+    config: Config,
+    run_dir: str | Path,
+    device: torch.device,
+    resume: Checkpoint | None = None,
+) -> TrainingResult:
+    """Train for ``config.train.epochs`` (or until ``max_minutes``), writing a run folder.
+
+    Each epoch logs train/validation loss, SSIM, codebook usage and perplexity, saves preview
+    pictures, ``last.pt`` and, when validation loss improves, ``best.pt``. A time budget ends
+    training mid-epoch, after which that epoch is still validated, logged and checkpointed.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    settings = config.train
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    history: list[dict] = []
+    batch_losses: list[float] = []
+    start_epoch, global_step, best_val_loss = 0, 0, math.inf
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer_state)
+        start_epoch, global_step = resume.epoch, resume.global_step
+        best_val_loss, history = resume.best_val_loss, list(resume.history)
+        batch_losses = list(resume.batch_losses)
+        if resume.rng_state is not None:
+            restore_rng_state(resume.rng_state)
+
+    previews = {
+        "train": train_set.batch(
+            _preview_indices(settings.num_preview_images, len(train_set), settings.seed)
+        ).to(device),
+        "val": val_set.batch(
+            _preview_indices(settings.num_preview_images, len(val_set), settings.seed)
+        ).to(device),
+    }
+    deadline = (
+        time.monotonic() + settings.max_minutes * 60 if settings.max_minutes is not None else None
+    )
+    out_of_time = False
+    steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
+    best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
+
+    for epoch in range(start_epoch + 1, settings.epochs + 1):
+        epoch_start = time.monotonic()
+        model.train()
+        # A generator per epoch makes the order depend on (seed, epoch) only, so a run resumed
+        # at an epoch boundary sees the same batches as one that never stopped.
+        order = torch.randperm(
+            len(train_set), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch)
+        )
+        sums = {"loss": 0.0, "reconstruction_loss": 0.0, "ssim": 0.0}
+        seen = 0
+        counts = torch.zeros(model.num_embeddings, dtype=torch.long, device=device)
+        progress = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch}/{settings.epochs}",
+            unit="batch",
+            leave=False,
+            disable=None,
+        )
+        for step in progress:
+            indices = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+            images = train_set.batch(indices).to(device)
+            loss, output = train_step(model, optimizer, images)
+            global_step += 1
+            size = images.shape[0]
+            seen += size
+            sums["loss"] += loss.total.item() * size
+            sums["reconstruction_loss"] += loss.reconstruction.item() * size
+            with torch.no_grad():
+                sums["ssim"] += ssim_per_image(images, output.reconstruction.detach()).sum().item()
+            counts += torch.bincount(output.indices.flatten(), minlength=model.num_embeddings)
+            batch_losses.append(loss.reconstruction.item())
+            progress.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
+            if deadline is not None and time.monotonic() >= deadline:
+                out_of_time = True
+                break
+        progress.close()
+
+        val = validate(model, val_set, settings.batch_size, device)
+        images_seen = (history[-1]["images_seen"] if history else 0) + seen
+        row = {
+            "epoch": epoch,
+            "global_step": global_step,
+            "images_seen": images_seen,
+            "train_loss": sums["loss"] / seen,
+            "train_reconstruction_loss": sums["reconstruction_loss"] / seen,
+            "train_ssim": sums["ssim"] / seen,
+            "train_codebook_usage": codebook_usage(counts),
+            "train_perplexity": float(perplexity(counts)),
+            **{f"val_{key}": value for key, value in val.items()},
+            "epoch_seconds": time.monotonic() - epoch_start,
+            "stopped_by_time_budget": out_of_time,
+        }
+        history.append(row)
+        _write_logs(history, run_dir)
+        logger.info(
+            "epoch %d: train loss %.4f ssim %.4f | val loss %.4f ssim %.4f | codes used %.1f%% "
+            "perplexity %.1f",
+            epoch,
+            row["train_loss"],
+            row["train_ssim"],
+            row["val_loss"],
+            row["val_ssim"],
+            100 * row["val_codebook_usage"],
+            row["val_perplexity"],
+        )
+        save_previews(model, previews, run_dir, epoch)
+
+        improved = val["loss"] < best_val_loss
+        best_val_loss = min(best_val_loss, val["loss"])
+        checkpoint = Checkpoint(
+            config=config,
+            model_state=model.state_dict(),
+            epoch=epoch,
+            global_step=global_step,
+            optimizer_state=optimizer.state_dict(),
+            best_val_loss=best_val_loss,
+            history=history,
+            batch_losses=batch_losses,
+            rng_state=capture_rng_state(),
+        )
+        save_checkpoint(checkpoint, last_path)
+        if improved:
+            save_checkpoint(checkpoint, best_path)
+        if out_of_time:
+            logger.info(
+                "time budget of %s minutes reached in epoch %d", settings.max_minutes, epoch
+            )
+            break
+
+    if history:
+        plots.ssim_curves(history, run_dir / "ssim_scores.png")
+        plots.batch_losses(batch_losses, run_dir / "batch_losses.png")
+    return TrainingResult(run_dir, history, best_path, last_path, out_of_time)
