@@ -126,8 +126,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: refused, it holds objects other than plain tensors and values, which "
             f"could run code when loaded ({reason})"
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    except Exception as err:  # corrupt files fail in many ways deep inside torch.load
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise CheckpointError(f"{path}: not an mri-vqvae checkpoint")
     if payload["format_version"] != FORMAT_VERSION:

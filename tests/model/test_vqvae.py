@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from mri_vqvae.config import ModelConfig
+from mri_vqvae.model import VQVAE
+from mri_vqvae.model.layers import level_channels
+
+
+def tiny(num_downsamplings: int = 2, **changes) -> VQVAE:
+    values = dict(
+        hidden_channels=16,
+        residual_hidden_channels=8,
+        num_residual_layers=1,
+        num_downsamplings=num_downsamplings,
+        embedding_dim=8,
+        num_embeddings=16,
+    )
+    values.update(changes)
+    return VQVAE(**values)
+
+
+@pytest.mark.parametrize(
+    ("size", "depth"), [((64, 32), 2), ((64, 64), 3), ((32, 16), 1), ((48, 16), 4 - 1)]
+)
+def test_shapes(size, depth):
+    if any(side % 2**depth for side in size):
+        pytest.skip("not divisible")
+    model = tiny(depth)
+    images = torch.randn(3, 1, *size)
+    output = model(images)
+    latent_size = (size[0] // 2**depth, size[1] // 2**depth)
+    assert output.reconstruction.shape == images.shape
+    assert output.indices.shape == (3, *latent_size) and output.indices.dtype == torch.int64
+    assert model.encode(images).shape == (3, 8, *latent_size)
+    assert output.quantization_loss.ndim == 0
+    assert 1.0 <= output.perplexity.item() <= 16.0
+
+
+def test_seed_architecture_widths():
+    model = VQVAE()
+    assert level_channels(128, 3) == [64, 128, 128]
+    convs = [m for m in model.encoder.convs if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs[:3]] == [
+        (1, 64, (4, 4), (2, 2)),
+        (64, 128, (4, 4), (2, 2)),
+        (128, 128, (4, 4), (2, 2)),
+    ]
+    ups = [m for m in model.decoder.upsamplings if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(u.in_channels, u.out_channels) for u in ups] == [(128, 128), (128, 64), (64, 1)]
+    assert model.quantizer.codebook.shape == (512, 128)
+    assert model(torch.randn(1, 1, 256, 128)).indices.shape == (1, 32, 16)
+
+
+def test_index_round_trip_equals_forward_in_eval_mode():
+    model = tiny().eval()
+    images = torch.randn(2, 1, 64, 32)
+    with torch.no_grad():
+        indices = model.encode_to_indices(images)
+        torch.testing.assert_close(indices, model(images).indices)
+        torch.testing.assert_close(model.decode_indices(indices), model(images).reconstruction)
+
+
+def test_eval_mode_leaves_the_codebook_alone():
+    model = tiny().eval()
+    before = model.quantizer.codebook.clone()
+    model(torch.randn(2, 1, 64, 32))
+    torch.testing.assert_close(model.quantizer.codebook, before, rtol=0, atol=0)
+
+
+def test_from_config_matches_sizes():
+    config = ModelConfig(
+        hidden_channels=32, num_embeddings=64, embedding_dim=4, num_downsamplings=2
+    )
+    model = VQVAE.from_config(config)
+    assert model.quantizer.codebook.shape == (64, 4)
+    assert model.downsampling_factor == 4
+
+
+def test_indivisible_image_is_refused():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny().encode(torch.randn(1, 1, 62, 32))

@@ -1,0 +1,94 @@
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from mri_vqvae.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    load_model,
+    restore_rng_state,
+    save_checkpoint,
+)
+from mri_vqvae.model import VQVAE
+from tests.conftest import tiny_config
+
+
+def saved(tmp_path: Path) -> tuple[Path, VQVAE]:
+    config = tiny_config()
+    model = VQVAE.from_config(config.model)
+    path = tmp_path / "model.pt"
+    save_checkpoint(Checkpoint(config=config, model_state=model.state_dict(), epoch=3), path)
+    return path, model
+
+
+def test_model_rebuilds_from_the_file_alone(tmp_path: Path):
+    path, model = saved(tmp_path)
+    loaded, config = load_model(path)
+    assert config == tiny_config()
+    images = torch.randn(2, 1, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(images).reconstruction, model.eval()(images).reconstruction
+        )
+    assert load_checkpoint(path).epoch == 3
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("open(__import__('os').environ['MARKER'], 'w').write('ran')",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path, monkeypatch):
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("MARKER", str(marker))
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "payload": _RunsCode()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_other_format_version_is_explained(tmp_path: Path):
+    path, _ = saved(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_checkpoint(path)
+
+
+def test_not_a_checkpoint(tmp_path: Path):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an mri-vqvae checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "pickle.pt")
+
+
+def test_weights_of_another_architecture_are_explained(tmp_path: Path):
+    path, _ = saved(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["model"]["num_embeddings"] = 32
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(path)
+
+
+def test_rng_state_round_trip():
+    state = capture_rng_state()
+    first = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
+    restore_rng_state(state)
+    second = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
+    torch.testing.assert_close(first[0], second[0])
+    assert first[1:] == second[1:]

@@ -1,0 +1,206 @@
+"""The whole chain through the command line on a tiny phantom: demo-data, train, evaluate,
+reconstruct, resume; and bad input answered with a named error and exit status 2."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mri_vqvae.cli import main
+
+TINY_MODEL = [
+    "model.hidden_channels=16",
+    "model.residual_hidden_channels=8",
+    "model.num_residual_layers=1",
+    "model.num_downsamplings=2",
+    "model.embedding_dim=8",
+    "model.num_embeddings=16",
+]
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "-q",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--size",
+        "64x32",
+        "--device",
+        "cpu",
+        *extra,
+        *TINY_MODEL,
+    ]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli") / "data"
+    assert (
+        main(
+            [
+                "-q",
+                "demo-data",
+                str(root),
+                "--train-cases",
+                "2",
+                "--val-cases",
+                "1",
+                "--test-cases",
+                "1",
+                "--weeks",
+                "1",
+                "--slices",
+                "8",
+                "--size",
+                "64x32",
+            ]
+        )
+        == 0
+    )
+    return root
+
+
+def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(demo, run)) == 0
+    assert (run / "best.pt").is_file() and (
+        run / "reconstructions" / "val" / "epoch_2.png"
+    ).is_file()
+
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                "--data",
+                str(demo),
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
+    for name in (
+        "metrics.json",
+        "per_image_metrics.csv",
+        "ssim_scores_test_set.png",
+        "best_image.png",
+        "worst_image.png",
+        "reconstructed_images.png",
+    ):
+        assert (tmp_path / "eval" / name).is_file(), name
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for key in (
+        "ssim_mean",
+        "ssim_std",
+        "ssim_min",
+        "ssim_max",
+        "psnr_mean",
+        "codebook_usage",
+        "perplexity",
+    ):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["n_images"] == 8
+    assert metrics["best_image"].startswith("case_") and metrics["worst_image"].endswith(".nii.gz")
+    rows = (tmp_path / "eval" / "per_image_metrics.csv").read_text().splitlines()
+    assert rows[0] == "file,ssim,psnr" and len(rows) == 9
+
+    source = sorted((demo / "keras_slices_test").iterdir())[0]
+    out = tmp_path / "recon.nii.gz"
+    assert (
+        main(
+            [
+                "-q",
+                "reconstruct",
+                str(source),
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    original, written = nib.load(str(source)), nib.load(str(out))
+    assert written.shape == original.shape
+    np.testing.assert_array_equal(written.affine, original.affine)
+    values = written.get_fdata()
+    assert np.isfinite(values).all()
+    assert original.get_fdata().min() - 1e-3 <= values.min() <= values.max()
+    assert values.max() <= original.get_fdata().max() + 1e-3
+
+    capsys.readouterr()
+    assert main(train_args(demo, run)) == 2  # a finished run is never overwritten
+    assert "--resume" in capsys.readouterr().err
+    assert main([*train_args(demo, run), "--resume", "--epochs", "3"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_a_corrupt_slice_is_named_or_skipped(demo: Path, tmp_path: Path, capsys, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(demo, data)
+    bad = data / "keras_slices_train" / "case_000_week_0_slice_3.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:200])
+    assert main(train_args(data, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "case_000_week_0_slice_3.nii.gz" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert main([*train_args(data, tmp_path / "run"), "--skip-bad-files"]) == 0
+    assert "skipped 1 of 16" in caplog.text and "slice_3.nii.gz" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "train.epochs"),
+        (["model.num_codes=3"], "num_codes"),
+        (["--size", "62x32"], "divisible"),
+    ],
+)
+def test_bad_settings_fail_before_work(demo: Path, tmp_path: Path, capsys, args, message):
+    assert main([*train_args(demo, tmp_path / "run"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_and_checkpoint(tmp_path: Path, capsys):
+    assert main(train_args(tmp_path / "nowhere", tmp_path / "run")) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "evaluate",
+                "--test",
+                str(tmp_path),
+                "--checkpoint",
+                str(tmp_path / "x.pt"),
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 2
+    )
+    assert "x.pt" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "mri-vqvae"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    for command in ("demo-data", "train", "evaluate", "reconstruct"):
+        assert command in result.stdout

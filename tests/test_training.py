@@ -1,0 +1,80 @@
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mri_vqvae.checkpoint import build_model, load_checkpoint
+from mri_vqvae.config import Config, DataConfig
+from mri_vqvae.data.dataset import load_splits, resolve_split_files
+from mri_vqvae.model import VQVAE
+from mri_vqvae.training import train_step, train_vqvae
+from tests.conftest import TINY_SIZE, tiny_config
+
+
+def splits(root: Path):
+    return load_splits(resolve_split_files(root), DataConfig(image_size=TINY_SIZE))
+
+
+def test_loss_falls_on_one_batch(phantom_root: Path):
+    torch.manual_seed(0)
+    images = splits(phantom_root)["train"].batch(slice(0, 8))
+    model = VQVAE.from_config(tiny_config().model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = [train_step(model, optimizer, images)[0].reconstruction.item() for _ in range(40)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def run(config: Config, data, out: Path, resume=None):
+    torch.manual_seed(config.train.seed)
+    model = build_model(resume) if resume else VQVAE.from_config(config.model)
+    return train_vqvae(model, data["train"], data["val"], config, out, torch.device("cpu"), resume)
+
+
+def test_run_folder_contents(phantom_root: Path, tmp_path: Path):
+    result = run(tiny_config(), splits(phantom_root), tmp_path / "run")
+    run_dir = result.run_dir
+    for name in (
+        "best.pt",
+        "last.pt",
+        "config.yaml",
+        "metrics.csv",
+        "metrics.jsonl",
+        "ssim_scores.png",
+        "batch_losses.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    for epoch in (1, 2):
+        for folder in ("train", "val", "comparison"):
+            assert (run_dir / "reconstructions" / folder / f"epoch_{epoch}.png").is_file()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert 0 < row["val_codebook_usage"] <= 1 and row["val_perplexity"] >= 1
+        assert -1 <= row["val_ssim"] <= 1 and row["train_loss"] > 0
+    assert rows[-1]["images_seen"] == 2 * 24
+    assert len(load_checkpoint(run_dir / "last.pt").batch_losses) == 2 * 3
+
+
+def test_time_budget_stops_and_still_writes_everything(phantom_root: Path, tmp_path: Path):
+    config = tiny_config(epochs=50, max_minutes=1e-6)
+    result = run(config, splits(phantom_root), tmp_path / "run")
+    assert result.stopped_by_time_budget
+    assert len(result.history) == 1 and result.history[0]["images_seen"] == 8
+    assert (tmp_path / "run" / "best.pt").is_file() and (
+        tmp_path / "run" / "ssim_scores.png"
+    ).is_file()
+
+
+def test_resume_matches_an_uninterrupted_run(phantom_root: Path, tmp_path: Path):
+    data = splits(phantom_root)
+    straight = run(tiny_config(epochs=3), data, tmp_path / "straight")
+    run(tiny_config(epochs=2), data, tmp_path / "resumed")
+    checkpoint = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    checkpoint.config = replace(checkpoint.config, train=replace(checkpoint.config.train, epochs=3))
+    resumed = run(checkpoint.config, data, tmp_path / "resumed", resume=checkpoint)
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
+    final_straight = load_checkpoint(straight.last_checkpoint).model_state
+    final_resumed = load_checkpoint(resumed.last_checkpoint).model_state
+    for key, value in final_straight.items():
+        torch.testing.assert_close(final_resumed[key], value, rtol=0, atol=0, msg=key)
