@@ -64,7 +64,7 @@ def test_other_format_version_is_explained(tmp_path: Path):
 
 def test_not_a_checkpoint(tmp_path: Path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="junk.pt"):
+    with pytest.raises(CheckpointError, match=r"junk\.pt"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an mri-vqvae checkpoint"):

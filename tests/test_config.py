@@ -60,5 +60,5 @@ def test_unknown_key_in_yaml_file(tmp_path: Path):
 def test_unreadable_yaml_names_the_file(tmp_path: Path):
     path = tmp_path / "broken.yaml"
     path.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="broken.yaml"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml"):
         load_config(path)

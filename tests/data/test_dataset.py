@@ -45,7 +45,7 @@ def test_missing_split_and_empty_or_mask_folders(tmp_path: Path):
     (tmp_path / "keras_slices_train").mkdir()
     with pytest.raises(DataError, match="keras_slices_validate"):
         hipmri_split_dirs(tmp_path)
-    with pytest.raises(DataError, match="holds no .nii"):
+    with pytest.raises(DataError, match=r"holds no \.nii"):
         list_slices(tmp_path / "keras_slices_train")
     mask = tmp_path / "keras_slices_seg_train"
     write(mask, "seg_1.nii.gz", noise(0))
@@ -90,7 +90,7 @@ def test_bad_file_is_named_or_skipped(tmp_path: Path):
     files = [write(tmp_path, f"s{i}.nii.gz", noise(i)) for i in range(3)]
     bad = tmp_path / "s1.nii.gz"
     bad.write_bytes(b"not nifti")
-    with pytest.raises(DataError, match="s1.nii.gz"):
+    with pytest.raises(DataError, match=r"s1\.nii\.gz"):
         load_split(files, DataConfig(image_size=(32, 16)))
     slices = load_split(files, DataConfig(image_size=(32, 16), skip_bad_files=True))
     assert slices.names == ["s0.nii.gz", "s2.nii.gz"]
