@@ -62,3 +62,9 @@ def test_unreadable_yaml_names_the_file(tmp_path: Path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml"):
         load_config(path)
+
+
+def test_shipped_configs_load():
+    root = Path(__file__).parent.parent / "configs"
+    assert load_config(root / "seed.yaml").data.image_size == (296, 144)
+    assert load_config(root / "demo.yaml").train.epochs >= 1

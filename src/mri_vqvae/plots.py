@@ -118,7 +118,7 @@ def batch_losses(losses: Sequence[float], path: str | Path) -> Path:
     losses = np.asarray(losses, dtype=np.float64)
     fig, axis = plt.subplots(figsize=(7, 4))
     axis.plot(np.arange(1, len(losses) + 1), losses, alpha=0.4, label="batch")
-    window = max(1, len(losses) // 50)
+    window = max(1, min(50, len(losses) // 10))
     if len(losses) >= window > 1:
         running = np.convolve(losses, np.ones(window) / window, mode="valid")
         axis.plot(np.arange(window, len(losses) + 1), running, label=f"mean of {window}")

@@ -142,6 +142,12 @@ def train_vqvae(
     pictures, ``last.pt`` and, when validation loss improves, ``best.pt``. A time budget ends
     training mid-epoch, after which that epoch is still validated, logged and checkpointed.
     """
+    factor = model.downsampling_factor
+    if any(side % factor for side in train_set.image_size):
+        raise ValueError(
+            f"slices of {train_set.image_size[0]}x{train_set.image_size[1]} are not divisible by "
+            f"{factor} (2**model.num_downsamplings); set data.image_size to a size that is"
+        )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
