@@ -7,8 +7,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mri_vqvae.model import VQVAEOutput
-
 
 class VQVAELoss(NamedTuple):
     """``total`` = ``reconstruction`` (MSE, as the seed) + ``quantization``."""
@@ -18,8 +16,10 @@ class VQVAELoss(NamedTuple):
     quantization: torch.Tensor
 
 
-def vqvae_loss(images: torch.Tensor, output: VQVAEOutput) -> VQVAELoss:
+def vqvae_loss(
+    images: torch.Tensor, reconstructions: torch.Tensor, quantization_loss: torch.Tensor
+) -> VQVAELoss:
     """Pixel MSE plus the quantiser's codebook and commitment terms (van den Oord et al., eq. 3)."""
-    reconstruction = F.mse_loss(output.reconstruction.float(), images.float())
-    quantization = output.quantization_loss.float()
+    reconstruction = F.mse_loss(reconstructions.float(), images.float())
+    quantization = quantization_loss.float()
     return VQVAELoss(reconstruction + quantization, reconstruction, quantization)

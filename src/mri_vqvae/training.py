@@ -58,7 +58,7 @@ def train_step(
 ) -> tuple[VQVAELoss, VQVAEOutput]:
     """One optimisation step on a batch."""
     output = model(images)
-    loss = vqvae_loss(images, output)
+    loss = vqvae_loss(images, output.reconstruction, output.quantization_loss)
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
     optimizer.step()
@@ -74,7 +74,7 @@ def validate(model: VQVAE, slices: SliceSet, batch_size: int, device: torch.devi
     for start in range(0, len(slices), batch_size):
         images = slices.batch(slice(start, start + batch_size)).to(device)
         output = model(images)
-        loss = vqvae_loss(images, output)
+        loss = vqvae_loss(images, output.reconstruction, output.quantization_loss)
         weight = images.shape[0]
         totals["loss"] += loss.total.item() * weight
         totals["reconstruction_loss"] += loss.reconstruction.item() * weight
