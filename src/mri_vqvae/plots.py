@@ -49,6 +49,27 @@ def reconstruction_grid(
     return _save(fig, path)
 
 
+def _panels(panels: list[dict], path: str | Path, title: str) -> Path:
+    """One row of images; each panel gives ``image``, ``title`` and optional imshow settings."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(8, 5))
+    for axis, panel in zip(axes, panels, strict=True):
+        shown = axis.imshow(
+            panel["image"],
+            cmap=panel.get("cmap", "gray"),
+            vmin=panel.get("vmin", 0),
+            vmax=panel.get("vmax", 1),
+        )
+        axis.set_title(panel["title"])
+        if panel.get("colorbar"):
+            fig.colorbar(shown, ax=axis, fraction=0.08)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def comparison(
     image: np.ndarray,
     indices: np.ndarray,
@@ -58,23 +79,23 @@ def comparison(
     title: str = "",
 ) -> Path:
     """One input, its code-index map and its reconstruction side by side."""
-    fig, axes = plt.subplots(1, 3, figsize=(8, 5))
-    axes[0].imshow(_gray(image), cmap="gray", vmin=0, vmax=1)
-    axes[0].set_title("input")
-    shown = axes[1].imshow(
-        np.asarray(indices), cmap="nipy_spectral", vmin=0, vmax=num_embeddings - 1
+    indices = np.asarray(indices)
+    code_map = {
+        "image": indices,
+        "title": f"code indices {indices.shape[0]}x{indices.shape[1]}",
+        "cmap": "nipy_spectral",
+        "vmax": num_embeddings - 1,
+        "colorbar": True,
+    }
+    return _panels(
+        [
+            {"image": _gray(image), "title": "input"},
+            code_map,
+            {"image": _gray(reconstruction), "title": "reconstruction"},
+        ],
+        path,
+        title,
     )
-    axes[1].set_title(f"code indices {indices.shape[0]}x{indices.shape[1]}")
-    fig.colorbar(shown, ax=axes[1], fraction=0.08)
-    axes[2].imshow(_gray(reconstruction), cmap="gray", vmin=0, vmax=1)
-    axes[2].set_title("reconstruction")
-    for axis in axes:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 def pair_with_error(
@@ -82,21 +103,18 @@ def pair_with_error(
 ) -> Path:
     """An input, its reconstruction and the absolute error between them."""
     original, recon = _gray(image), _gray(reconstruction)
-    fig, axes = plt.subplots(1, 3, figsize=(8, 5))
-    axes[0].imshow(original, cmap="gray", vmin=0, vmax=1)
-    axes[0].set_title("input")
-    axes[1].imshow(recon, cmap="gray", vmin=0, vmax=1)
-    axes[1].set_title("reconstruction")
-    shown = axes[2].imshow(np.abs(original - recon), cmap="magma", vmin=0, vmax=0.25)
-    axes[2].set_title("|error|")
-    fig.colorbar(shown, ax=axes[2], fraction=0.08)
-    for axis in axes:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    error = {
+        "image": np.abs(original - recon),
+        "title": "|error|",
+        "cmap": "magma",
+        "vmax": 0.25,
+        "colorbar": True,
+    }
+    return _panels(
+        [{"image": original, "title": "input"}, {"image": recon, "title": "reconstruction"}, error],
+        path,
+        title,
+    )
 
 
 def ssim_curves(history: Sequence[dict], path: str | Path) -> Path:
