@@ -2,11 +2,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from mri_vqvae.checkpoint import build_model, load_checkpoint
 from mri_vqvae.config import Config, DataConfig
-from mri_vqvae.data.dataset import load_splits, resolve_split_files
+from mri_vqvae.data.dataset import SliceSet, load_splits, resolve_split_files
 from mri_vqvae.model import VQVAE
 from mri_vqvae.training import train_step, train_vqvae
 from tests.conftest import TINY_SIZE, tiny_config
@@ -78,3 +79,16 @@ def test_resume_matches_an_uninterrupted_run(phantom_root: Path, tmp_path: Path)
     final_resumed = load_checkpoint(resumed.last_checkpoint).model_state
     for key, value in final_straight.items():
         torch.testing.assert_close(final_resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_indivisible_slices_are_refused_before_the_run_folder_exists(tmp_path: Path):
+    odd = SliceSet(
+        torch.zeros(2, 1, 62, 32, dtype=torch.float16),
+        ["a", "b"],
+        [(62, 32)] * 2,
+        torch.zeros(2, 2, dtype=torch.float64),
+    )
+    model = VQVAE.from_config(tiny_config().model)
+    with pytest.raises(ValueError, match=r"divisible by 4.*data\.image_size"):
+        train_vqvae(model, odd, odd, tiny_config(), tmp_path / "run", torch.device("cpu"))
+    assert not (tmp_path / "run").exists()

@@ -142,12 +142,10 @@ def train_vqvae(
     pictures, ``last.pt`` and, when validation loss improves, ``best.pt``. A time budget ends
     training mid-epoch, after which that epoch is still validated, logged and checkpointed.
     """
-    factor = model.downsampling_factor
-    if any(side % factor for side in train_set.image_size):
-        raise ValueError(
-            f"slices of {train_set.image_size[0]}x{train_set.image_size[1]} are not divisible by "
-            f"{factor} (2**model.num_downsamplings); set data.image_size to a size that is"
-        )
+    try:  # before anything is written, so a bad size leaves no half-made run folder
+        model.check_image_size(*train_set.image_size)
+    except ValueError as err:
+        raise ValueError(f"training slices: {err}; set data.image_size to a size that is") from err
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")

@@ -82,13 +82,19 @@ class VQVAE(nn.Module):
     def num_embeddings(self) -> int:
         return self.quantizer.num_embeddings
 
-    def _check_size(self, images: torch.Tensor) -> None:
+    def check_image_size(self, height: int, width: int) -> None:
+        """Raise ``ValueError`` unless both sides divide by the downsampling factor."""
         factor = self.downsampling_factor
-        if images.ndim != 4 or any(side % factor for side in images.shape[-2:]):
+        if height % factor or width % factor:
             raise ValueError(
-                f"images must be (B, C, H, W) with H and W divisible by {factor}, "
-                f"got {tuple(images.shape)}"
+                f"image sides must be divisible by {factor} (2**num_downsamplings), "
+                f"got {height}x{width}"
             )
+
+    def _check_size(self, images: torch.Tensor) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
+        self.check_image_size(*images.shape[-2:])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` images to ``(B, D, h, w)`` latents."""
