@@ -1,6 +1,8 @@
 import pickle
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,8 +89,8 @@ def test_weights_of_another_architecture_are_explained(tmp_path: Path):
 
 def test_rng_state_round_trip():
     state = capture_rng_state()
-    first = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
+    first = (torch.rand(3), np.random.rand(), random.random())
     restore_rng_state(state)
-    second = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
+    second = (torch.rand(3), np.random.rand(), random.random())
     torch.testing.assert_close(first[0], second[0])
     assert first[1:] == second[1:]

@@ -6,6 +6,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -13,15 +14,9 @@ import numpy as np
 import pytest
 
 from mri_vqvae.cli import main
+from tests.conftest import tiny_model_config
 
-TINY_MODEL = [
-    "model.hidden_channels=16",
-    "model.residual_hidden_channels=8",
-    "model.num_residual_layers=1",
-    "model.num_downsamplings=2",
-    "model.embedding_dim=8",
-    "model.num_embeddings=16",
-]
+TINY_MODEL = [f"model.{key}={value}" for key, value in asdict(tiny_model_config()).items()]
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:

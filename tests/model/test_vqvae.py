@@ -4,27 +4,17 @@ import torch
 from mri_vqvae.config import ModelConfig
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.layers import level_channels
+from tests.conftest import tiny_model_config
 
 
-def tiny(num_downsamplings: int = 2, **changes) -> VQVAE:
-    values = dict(
-        hidden_channels=16,
-        residual_hidden_channels=8,
-        num_residual_layers=1,
-        num_downsamplings=num_downsamplings,
-        embedding_dim=8,
-        num_embeddings=16,
-    )
-    values.update(changes)
-    return VQVAE(**values)
+def tiny(num_downsamplings: int = 2) -> VQVAE:
+    return VQVAE.from_config(tiny_model_config(num_downsamplings=num_downsamplings))
 
 
 @pytest.mark.parametrize(
-    ("size", "depth"), [((64, 32), 2), ((64, 64), 3), ((32, 16), 1), ((48, 16), 4 - 1)]
+    ("size", "depth"), [((64, 32), 2), ((64, 64), 3), ((32, 16), 1), ((48, 16), 3)]
 )
 def test_shapes(size, depth):
-    if any(side % 2**depth for side in size):
-        pytest.skip("not divisible")
     model = tiny(depth)
     images = torch.randn(3, 1, *size)
     output = model(images)
