@@ -39,10 +39,10 @@ def phantom_root(tmp_path_factory) -> Path:
 
 def tiny_model_config(**changes) -> ModelConfig:
     values = dict(
-        hidden_channels=16,
+        channels=8,
+        channel_multipliers=(1, 2),
         residual_hidden_channels=8,
         num_residual_layers=1,
-        num_downsamplings=2,
         embedding_dim=8,
         num_embeddings=16,
     )

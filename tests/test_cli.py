@@ -12,11 +12,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from mri_vqvae.cli import main
 from tests.conftest import tiny_model_config
 
-TINY_MODEL = [f"model.{key}={value}" for key, value in asdict(tiny_model_config()).items()]
+# JSON is valid YAML, so lists and booleans survive the trip through an override.
+TINY_MODEL = [
+    f"model.{key}={json.dumps(value)}" for key, value in asdict(tiny_model_config()).items()
+]
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -106,6 +110,9 @@ def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
         "ssim_min",
         "ssim_max",
         "psnr_mean",
+        "foreground_ssim_mean",
+        "foreground_psnr_mean",
+        "ssim_seed_protocol_mean",
         "codebook_usage",
         "perplexity",
     ):
@@ -113,7 +120,8 @@ def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
     assert metrics["n_images"] == 8
     assert metrics["best_image"].startswith("case_") and metrics["worst_image"].endswith(".nii.gz")
     rows = (tmp_path / "eval" / "per_image_metrics.csv").read_text().splitlines()
-    assert rows[0] == "file,ssim,psnr" and len(rows) == 9
+    assert rows[0] == "file,ssim,psnr,foreground_ssim,foreground_psnr,ssim_seed_protocol"
+    assert len(rows) == 9
 
     source = sorted((demo / "keras_slices_test").iterdir())[0]
     out = tmp_path / "recon.nii.gz"
@@ -199,3 +207,23 @@ def test_console_script_is_installed():
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     for command in ("demo-data", "train", "evaluate", "reconstruct"):
         assert command in result.stdout
+
+
+def test_seed_preset_trains_the_seeds_recipe_at_a_tiny_size(demo: Path, tmp_path: Path):
+    run = tmp_path / "seed"
+    tiny_seed = [
+        "model.channels=8",
+        "model.channel_multipliers=[1, 2]",
+        "model.residual_hidden_channels=8",
+        "model.embedding_dim=8",
+        "model.num_embeddings=16",
+    ]
+    args = train_args(demo, run, "--preset", "seed", "--epochs", "1")
+    args = [a for a in args if a not in TINY_MODEL] + tiny_seed
+    assert main(args) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["architecture"] == "seed"  # from the preset
+    assert saved["model"]["codebook_update"] == "loss"
+    assert saved["train"]["lr_schedule"] == "constant"
+    assert saved["model"]["channels"] == 8  # an override wins over the preset
+    assert saved["train"]["epochs"] == 1  # and so does a flag

@@ -5,16 +5,51 @@ import pytest
 from mri_vqvae.config import Config, ConfigError, load_config, save_config
 
 
-def test_defaults_are_the_seed_recipe():
-    config = Config()
+def test_seed_preset_is_the_seed_recipe():
+    config = load_config(preset="seed")
     assert config.data.image_size == (256, 128)
     model = config.model
-    assert (model.hidden_channels, model.residual_hidden_channels) == (128, 32)
-    assert (model.num_residual_layers, model.num_downsamplings) == (2, 3)
+    assert (model.architecture, model.channels, model.channel_multipliers) == (
+        "seed",
+        64,
+        (1, 2, 2),
+    )
+    assert (model.num_residual_layers, model.residual_hidden_channels) == (2, 32)
     assert (model.embedding_dim, model.num_embeddings, model.commitment_cost) == (128, 512, 0.25)
-    assert (model.ema_decay, model.ema_epsilon) == (0.99, 1e-5)
+    assert (model.codebook_update, model.codebook_init, model.dead_code_steps) == (
+        "loss",
+        "uniform",
+        0,
+    )
+    assert model.output_activation == "none"
     train = config.train
-    assert (train.epochs, train.batch_size, train.lr) == (20, 32, 1e-3)
+    assert (train.epochs, train.batch_size, train.lr, train.lr_schedule) == (
+        20,
+        32,
+        1e-3,
+        "constant",
+    )
+    assert (train.grad_clip_norm, train.pixel_loss, train.ssim_loss) == (None, "mse", "none")
+
+
+def test_compression_presets():
+    assert Config().model.num_downsamplings == 3
+    assert load_config(preset="8x") == Config()
+    assert load_config(preset="4x").model.num_downsamplings == 2
+
+
+def test_preset_then_file_then_overrides(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  num_embeddings: 64\ntrain:\n  epochs: 3\n")
+    config = load_config(path, ["train.epochs=5"], preset="seed")
+    assert config.model.architecture == "seed"  # from the preset
+    assert config.model.num_embeddings == 64  # the file wins over the preset
+    assert config.train.epochs == 5  # the override wins over the file
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        load_config(preset="fast")
 
 
 def test_yaml_round_trip(tmp_path: Path):
@@ -66,5 +101,8 @@ def test_unreadable_yaml_names_the_file(tmp_path: Path):
 
 def test_shipped_configs_load():
     root = Path(__file__).parent.parent / "configs"
-    assert load_config(root / "seed.yaml").data.image_size == (296, 144)
+    seed = load_config(root / "seed.yaml")
+    assert seed.data.image_size == (296, 144)
+    assert seed.model == load_config(preset="seed").model
+    assert seed.train == load_config(preset="seed").train
     assert load_config(root / "demo.yaml").train.epochs >= 1

@@ -4,7 +4,16 @@ import torch
 from skimage.metrics import structural_similarity
 
 from mri_vqvae.data.phantom import phantom_slice
-from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
+from mri_vqvae.metrics import (
+    codebook_usage,
+    foreground_mask,
+    foreground_ssim_psnr,
+    perplexity,
+    psnr_per_image,
+    ssim_map,
+    ssim_per_image,
+    ssim_seed_protocol,
+)
 
 
 def to_model(unit: np.ndarray) -> torch.Tensor:
@@ -48,3 +57,60 @@ def test_ssim_refuses_mismatched_or_tiny_images():
         ssim_per_image(torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 32))
     with pytest.raises(ValueError, match="11 pixels"):
         ssim_per_image(torch.zeros(1, 1, 8, 32), torch.zeros(1, 1, 8, 32))
+
+
+def degraded_pair(noise: float = 0.1, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels, _ = phantom_slice(0, 0, 0, 0.5, 96, 64)
+    unit = (pixels - pixels.min()) / (pixels.max() - pixels.min())
+    rng = np.random.default_rng(seed)
+    degraded = np.clip(unit + rng.normal(0, noise, unit.shape), 0, 1)
+    return to_model(unit), to_model(degraded)
+
+
+def test_ssim_map_mean_is_the_whole_image_ssim():
+    images, degraded = degraded_pair()
+    unit = ((images + 1) / 2, (degraded + 1) / 2)
+    local = ssim_map(*unit)
+    assert local.shape == (1, 1, 96 - 10, 64 - 10)
+    torch.testing.assert_close(local.mean().reshape(1), ssim_per_image(images, degraded))
+
+
+def test_seed_protocol_matches_scikit_image_defaults_with_the_reconstructions_range():
+    images, degraded = degraded_pair(0.2)
+    degraded = degraded * 1.3  # an unbounded reconstruction, as the seed's decoder gives
+    x, y = images[0, 0].double().numpy(), degraded[0, 0].double().numpy()
+    reference = structural_similarity(x, y, data_range=y.max() - y.min())
+    assert ssim_seed_protocol(images, degraded).item() == pytest.approx(reference, abs=1e-4)
+
+
+def test_foreground_mask_is_the_body_with_its_holes_filled():
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    radius = ((yy - 32) ** 2 + (xx - 32) ** 2).float().sqrt()
+    body = (radius < 20).float() * 0.8
+    body[radius < 5] = 0.0  # a dark hole inside the body, such as air in the rectum
+    mask = foreground_mask((body * 2 - 1)[None, None])[0, 0]
+    torch.testing.assert_close(mask, radius < 20)
+
+
+def test_foreground_scores_ignore_the_background():
+    images, degraded = degraded_pair(0.1)
+    mask = foreground_mask(images)
+    assert 0.2 < mask.float().mean() < 0.9
+    # Painting the background exactly changes whole-image scores but not foreground ones.
+    painted = torch.where(mask, degraded, images)
+    fg_ssim, fg_psnr = foreground_ssim_psnr(images, degraded, mask)
+    fg_ssim_painted, fg_psnr_painted = foreground_ssim_psnr(images, painted, mask)
+    torch.testing.assert_close(fg_psnr_painted, fg_psnr)
+    assert ssim_per_image(images, painted) > ssim_per_image(images, degraded)
+    assert (fg_ssim_painted - fg_ssim).abs() < 0.05
+    # An everywhere-true mask gives back the whole-image figures.
+    everywhere = torch.ones_like(mask)
+    ssim_all, psnr_all = foreground_ssim_psnr(images, degraded, everywhere)
+    torch.testing.assert_close(ssim_all, ssim_per_image(images, degraded))
+    torch.testing.assert_close(psnr_all, psnr_per_image(images, degraded))
+
+
+def test_foreground_of_an_empty_image_is_nan():
+    blank = -torch.ones(1, 1, 32, 32)
+    ssim, psnr = foreground_ssim_psnr(blank, blank)
+    assert torch.isnan(ssim).all() and torch.isnan(psnr).all()

@@ -1,3 +1,4 @@
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -6,10 +7,10 @@ import pytest
 import torch
 
 from mri_vqvae.checkpoint import build_model, load_checkpoint
-from mri_vqvae.config import Config, DataConfig
+from mri_vqvae.config import Config, DataConfig, TrainConfig
 from mri_vqvae.data.dataset import SliceSet, load_splits, resolve_split_files
 from mri_vqvae.model import VQVAE
-from mri_vqvae.training import train_step, train_vqvae
+from mri_vqvae.training import learning_rate, train_step, train_vqvae
 from tests.conftest import TINY_SIZE, tiny_config
 
 
@@ -20,9 +21,13 @@ def splits(root: Path):
 def test_loss_falls_on_one_batch(phantom_root: Path):
     torch.manual_seed(0)
     images = splits(phantom_root)["train"].batch(slice(0, 8))
-    model = VQVAE.from_config(tiny_config().model)
+    config = tiny_config()
+    model = VQVAE.from_config(config.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    losses = [train_step(model, optimizer, images)[0].reconstruction.item() for _ in range(40)]
+    losses = [
+        train_step(model, optimizer, images, config.train)[0].reconstruction.item()
+        for _ in range(40)
+    ]
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -92,3 +97,36 @@ def test_indivisible_slices_are_refused_before_the_run_folder_exists(tmp_path: P
     with pytest.raises(ValueError, match=r"divisible by 4.*data\.image_size"):
         train_vqvae(model, odd, odd, tiny_config(), tmp_path / "run", torch.device("cpu"))
     assert not (tmp_path / "run").exists()
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_its_floor():
+    settings = TrainConfig(lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
+    rates = [learning_rate(settings, step, 110) for step in range(110)]
+    torch.testing.assert_close(rates[0], 1e-4)
+    torch.testing.assert_close(rates[9], 1e-3)  # warm-up ends at the full rate
+    torch.testing.assert_close(rates[60], 1e-4 + 0.9e-3 * 0.5)  # half way down the cosine
+    torch.testing.assert_close(learning_rate(settings, 110, 110), 1e-4)
+    assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
+
+
+def test_learning_rate_anneals_by_the_time_budget_when_that_comes_first():
+    settings = TrainConfig(lr=1e-3, warmup_steps=0, final_lr_fraction=0.0)
+    torch.testing.assert_close(learning_rate(settings, 10, 10_000, time_used=0.5), 0.5e-3)
+    torch.testing.assert_close(learning_rate(settings, 10, 10_000, time_used=1.0), 0.0)
+
+
+def test_constant_schedule():
+    settings = TrainConfig(lr=3e-4, lr_schedule="constant", warmup_steps=50)
+    assert {learning_rate(settings, step, 100, 0.5) for step in range(100)} == {3e-4}
+
+
+def test_bfloat16_training_step_keeps_float32_weights_and_codebook(phantom_root: Path):
+    torch.manual_seed(0)
+    images = splits(phantom_root)["train"].batch(slice(0, 8))
+    config = tiny_config(precision="bfloat16")
+    model = VQVAE.from_config(config.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    loss, output = train_step(model, optimizer, images, config.train)
+    assert output.reconstruction.dtype == torch.bfloat16 and loss.total.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.quantizer.codebook.dtype == torch.float32 and model.quantizer.initialized

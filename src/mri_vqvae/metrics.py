@@ -9,8 +9,11 @@ use_sample_covariance=False, data_range=1)``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from pytorch_msssim import ssim as _ssim
+from scipy import ndimage
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
@@ -49,3 +52,106 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 def codebook_usage(counts: torch.Tensor) -> float:
     """Share of the codebook's codes used at least once in a histogram of ``K`` counts."""
     return float((counts > 0).float().mean())
+
+
+def _window_1d(size: int, sigma: float | None, device: torch.device) -> torch.Tensor:
+    """A normalised 1D window: Gaussian with ``sigma``, or uniform when ``sigma`` is None."""
+    if sigma is None:
+        window = torch.ones(size, device=device)
+    else:
+        offsets = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
+        window = torch.exp(-(offsets**2) / (2 * sigma**2))
+    return window / window.sum()
+
+
+def ssim_map(
+    images: torch.Tensor,
+    reconstructions: torch.Tensor,
+    data_range: torch.Tensor | float = 1.0,
+    win_size: int = 11,
+    sigma: float | None = 1.5,
+    sample_covariance: bool = False,
+) -> torch.Tensor:
+    """Local SSIM at every window position inside the image, ``(B, 1, H - w + 1, W - w + 1)``.
+
+    Wang et al. 2004 with K1 = 0.01, K2 = 0.03 on ``(B, 1, H, W)`` inputs taken as they are.
+    ``sigma=None`` gives a uniform window; ``data_range`` may be one value per image, ``(B,)``.
+    With the defaults its mean over positions equals :func:`ssim_per_image` on [0, 1] inputs.
+    """
+    x, y = images.float(), reconstructions.float()
+    window = _window_1d(win_size, sigma, x.device)
+
+    def smooth(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = F.conv2d(tensor, window.view(1, 1, 1, -1))
+        return F.conv2d(tensor, window.view(1, 1, -1, 1))
+
+    mu_x, mu_y = smooth(x), smooth(y)
+    var_x = smooth(x * x) - mu_x**2
+    var_y = smooth(y * y) - mu_y**2
+    cov = smooth(x * y) - mu_x * mu_y
+    if sample_covariance:  # skimage's default: unbiased estimates over the window's pixels
+        correction = win_size**2 / (win_size**2 - 1)
+        var_x, var_y, cov = var_x * correction, var_y * correction, cov * correction
+    data_range = torch.as_tensor(data_range, dtype=torch.float32, device=x.device).reshape(
+        -1, 1, 1, 1
+    )
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+
+
+def ssim_seed_protocol(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """SSIM as the seed reported it, per image: on the model's [-1, 1] values (reconstructions
+    unclamped), ``data_range`` = each reconstruction's max - min, with scikit-image's default
+    7x7 uniform window and sample covariance. Only for comparison with the seed's figures."""
+    if images.shape != reconstructions.shape:
+        raise ValueError(f"shapes differ: {tuple(images.shape)} vs {tuple(reconstructions.shape)}")
+    flat = reconstructions.float().flatten(1)
+    data_range = (flat.max(1).values - flat.min(1).values).clamp_min(1e-8)
+    scores = ssim_map(
+        images, reconstructions, data_range, win_size=7, sigma=None, sample_covariance=True
+    )
+    return scores.flatten(1).mean(1)
+
+
+def foreground_mask(images: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Boolean ``(B, 1, H, W)`` mask of the anatomy in [-1, 1] images.
+
+    A pixel is foreground when it is brighter than ``threshold`` on the slice's own [0, 1]
+    scale, after closing gaps of a few pixels and filling enclosed holes (dark structures
+    inside the body, such as air in the rectum, belong to the anatomy).
+    """
+    unit = _unit(images).cpu().numpy()
+    masks = np.zeros(unit.shape, dtype=bool)
+    structure = np.ones((5, 5), dtype=bool)
+    for index, image in enumerate(unit[:, 0]):
+        low, high = image.min(), image.max()
+        if high <= low:
+            continue
+        bright = (image - low) / (high - low) > threshold
+        closed = ndimage.binary_closing(bright, structure=structure, border_value=0)
+        masks[index, 0] = ndimage.binary_fill_holes(closed | bright)
+    return torch.from_numpy(masks).to(images.device)
+
+
+def foreground_ssim_psnr(
+    images: torch.Tensor, reconstructions: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSIM and PSNR inside the anatomy, per image, on [0, 1] (standard SSIM window).
+
+    SSIM is the mean of the local SSIM map over window centres inside ``mask`` (by default
+    :func:`foreground_mask` of ``images``); PSNR uses the squared error over mask pixels. An
+    image with no foreground gets NaN for both.
+    """
+    if mask is None:
+        mask = foreground_mask(images)
+    x, y = _unit(images), _unit(reconstructions)
+    local = ssim_map(x, y)
+    margin = (mask.shape[-2] - local.shape[-2]) // 2
+    inside = mask[..., margin : margin + local.shape[-2], margin : margin + local.shape[-1]]
+    inside = inside.float()
+    ssim = (local * inside).flatten(1).sum(1) / inside.flatten(1).sum(1)
+    weights = mask.float()
+    mse = ((x - y) ** 2 * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)
+    return ssim, 10 * torch.log10(1.0 / mse)

@@ -1,7 +1,8 @@
-"""Seeding and device choice."""
+"""Seeding, device choice and mixed precision."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -26,3 +27,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r} asked for CUDA, but torch sees no CUDA device")
     return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for the forward pass: ``"bfloat16"`` autocasts matrix work on
+    ``device`` (the quantiser keeps its distances and codebook update in float32);
+    ``"float32"`` changes nothing."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if precision == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")

@@ -15,11 +15,12 @@ from tqdm import tqdm
 
 from mri_vqvae import plots
 from mri_vqvae.checkpoint import Checkpoint, capture_rng_state, restore_rng_state, save_checkpoint
-from mri_vqvae.config import Config, save_config
+from mri_vqvae.config import Config, TrainConfig, save_config
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.losses import VQVAELoss, vqvae_loss
-from mri_vqvae.metrics import codebook_usage, perplexity, ssim_per_image
+from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
 from mri_vqvae.model import VQVAE, VQVAEOutput
+from mri_vqvae.runtime import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +33,16 @@ METRIC_COLUMNS = (
     "train_ssim",
     "train_codebook_usage",
     "train_perplexity",
+    "train_dead_code_restarts",
+    "lr",
     "val_loss",
     "val_reconstruction_loss",
     "val_ssim",
+    "val_psnr",
     "val_codebook_usage",
     "val_perplexity",
     "epoch_seconds",
+    "elapsed_seconds",
     "stopped_by_time_budget",
 )
 
@@ -53,32 +58,73 @@ class TrainingResult:
     stopped_by_time_budget: bool
 
 
+def learning_rate(
+    settings: TrainConfig, step: int, total_steps: int, time_used: float = 0.0
+) -> float:
+    """The learning rate for optimisation step ``step`` (0-based) of ``total_steps``.
+
+    ``"cosine"``: linear warm-up over ``warmup_steps``, then half a cosine from ``lr`` down to
+    ``lr * final_lr_fraction``. Progress is the larger of the share of steps done and
+    ``time_used``, the share of a time budget spent, so a budgeted run still anneals.
+    """
+    if settings.lr_schedule == "constant":
+        return settings.lr
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    decay_steps = max(total_steps - settings.warmup_steps, 1)
+    progress = min(max((step - settings.warmup_steps) / decay_steps, time_used), 1.0)
+    floor = settings.lr * settings.final_lr_fraction
+    return floor + (settings.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def compute_loss(
+    model_output: VQVAEOutput, images: torch.Tensor, settings: TrainConfig
+) -> VQVAELoss:
+    """The training objective ``settings`` describe, for one forward pass."""
+    return vqvae_loss(
+        images,
+        model_output.reconstruction,
+        model_output.quantization_loss,
+        pixel_loss=settings.pixel_loss,
+        ssim_loss=settings.ssim_loss,
+        ssim_weight=settings.ssim_loss_weight,
+    )
+
+
 def train_step(
-    model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor
+    model: VQVAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, settings: TrainConfig
 ) -> tuple[VQVAELoss, VQVAEOutput]:
-    """One optimisation step on a batch."""
-    output = model(images)
-    loss = vqvae_loss(images, output.reconstruction, output.quantization_loss)
+    """One optimisation step on a batch, in ``settings.precision``, with gradient clipping if
+    ``grad_clip_norm`` is set."""
+    with autocast(images.device, settings.precision):
+        output = model(images)
+    loss = compute_loss(output, images, settings)
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
+    if settings.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
     optimizer.step()
     return loss, output
 
 
 @torch.no_grad()
-def validate(model: VQVAE, slices: SliceSet, batch_size: int, device: torch.device) -> dict:
-    """Mean loss and SSIM and whole-split codebook usage, in eval mode (no codebook update)."""
+def validate(model: VQVAE, slices: SliceSet, settings: TrainConfig, device: torch.device) -> dict:
+    """Mean loss, SSIM and PSNR and whole-split codebook usage, in eval mode (no codebook
+    update)."""
     model.eval()
-    totals = {"loss": 0.0, "reconstruction_loss": 0.0, "ssim": 0.0}
+    batch_size = settings.batch_size
+    totals = {"loss": 0.0, "reconstruction_loss": 0.0, "ssim": 0.0, "psnr": 0.0}
     counts = torch.zeros(model.num_embeddings, dtype=torch.long, device=device)
     for start in range(0, len(slices), batch_size):
         images = slices.batch(slice(start, start + batch_size)).to(device)
         output = model(images)
-        loss = vqvae_loss(images, output.reconstruction, output.quantization_loss)
+        loss = compute_loss(output, images, settings)
         weight = images.shape[0]
         totals["loss"] += loss.total.item() * weight
         totals["reconstruction_loss"] += loss.reconstruction.item() * weight
-        totals["ssim"] += ssim_per_image(images, output.reconstruction).sum().item()
+        reconstruction = output.reconstruction.clamp(-1, 1)
+        totals["ssim"] += ssim_per_image(images, reconstruction).sum().item()
+        totals["psnr"] += psnr_per_image(images, reconstruction).sum().item()
         counts += torch.bincount(output.indices.flatten(), minlength=model.num_embeddings)
     result = {key: value / len(slices) for key, value in totals.items()}
     result["codebook_usage"] = codebook_usage(counts)
@@ -171,11 +217,12 @@ def train_vqvae(
             _preview_indices(settings.num_preview_images, len(val_set), settings.seed)
         ).to(device),
     }
-    deadline = (
-        time.monotonic() + settings.max_minutes * 60 if settings.max_minutes is not None else None
-    )
+    started = time.monotonic()
+    budget_seconds = settings.max_minutes * 60 if settings.max_minutes is not None else None
     out_of_time = False
     steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    elapsed_before = history[-1].get("elapsed_seconds", 0.0) if history else 0.0
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
 
     for epoch in range(start_epoch + 1, settings.epochs + 1):
@@ -189,6 +236,7 @@ def train_vqvae(
         sums = {"loss": 0.0, "reconstruction_loss": 0.0, "ssim": 0.0}
         seen = 0
         counts = torch.zeros(model.num_embeddings, dtype=torch.long, device=device)
+        restarts_before = int(model.quantizer.restart_count)
         progress = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch}/{settings.epochs}",
@@ -199,7 +247,11 @@ def train_vqvae(
         for step in progress:
             indices = order[step * settings.batch_size : (step + 1) * settings.batch_size]
             images = train_set.batch(indices).to(device)
-            loss, output = train_step(model, optimizer, images)
+            time_used = (time.monotonic() - started) / budget_seconds if budget_seconds else 0.0
+            lr = learning_rate(settings, global_step, total_steps, time_used)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, output = train_step(model, optimizer, images, settings)
             global_step += 1
             size = images.shape[0]
             seen += size
@@ -210,12 +262,12 @@ def train_vqvae(
             counts += torch.bincount(output.indices.flatten(), minlength=model.num_embeddings)
             batch_losses.append(loss.reconstruction.item())
             progress.set_postfix(loss=f"{sums['loss'] / seen:.4f}")
-            if deadline is not None and time.monotonic() >= deadline:
+            if budget_seconds is not None and time.monotonic() - started >= budget_seconds:
                 out_of_time = True
                 break
         progress.close()
 
-        val = validate(model, val_set, settings.batch_size, device)
+        val = validate(model, val_set, settings, device)
         images_seen = (history[-1]["images_seen"] if history else 0) + seen
         row = {
             "epoch": epoch,
@@ -226,8 +278,11 @@ def train_vqvae(
             "train_ssim": sums["ssim"] / seen,
             "train_codebook_usage": codebook_usage(counts),
             "train_perplexity": float(perplexity(counts)),
+            "train_dead_code_restarts": int(model.quantizer.restart_count) - restarts_before,
+            "lr": lr,
             **{f"val_{key}": value for key, value in val.items()},
             "epoch_seconds": time.monotonic() - epoch_start,
+            "elapsed_seconds": elapsed_before + time.monotonic() - started,
             "stopped_by_time_budget": out_of_time,
         }
         history.append(row)

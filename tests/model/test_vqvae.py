@@ -1,21 +1,22 @@
 import pytest
 import torch
 
-from mri_vqvae.config import ModelConfig
+from mri_vqvae.config import ModelConfig, load_config
 from mri_vqvae.model import VQVAE
-from mri_vqvae.model.layers import level_channels
 from tests.conftest import tiny_model_config
 
 
-def tiny(num_downsamplings: int = 2) -> VQVAE:
-    return VQVAE.from_config(tiny_model_config(num_downsamplings=num_downsamplings))
+def tiny(num_downsamplings: int = 2, **changes) -> VQVAE:
+    multipliers = (1, 2, 2, 2)[:num_downsamplings]
+    return VQVAE.from_config(tiny_model_config(channel_multipliers=multipliers, **changes))
 
 
+@pytest.mark.parametrize("architecture", ["resnet", "seed"])
 @pytest.mark.parametrize(
     ("size", "depth"), [((64, 32), 2), ((64, 64), 3), ((32, 16), 1), ((48, 16), 3)]
 )
-def test_shapes(size, depth):
-    model = tiny(depth)
+def test_shapes(size, depth, architecture):
+    model = tiny(depth, architecture=architecture)
     images = torch.randn(3, 1, *size)
     output = model(images)
     latent_size = (size[0] // 2**depth, size[1] // 2**depth)
@@ -26,9 +27,8 @@ def test_shapes(size, depth):
     assert 1.0 <= output.perplexity.item() <= 16.0
 
 
-def test_seed_architecture_widths():
-    model = VQVAE()
-    assert level_channels(128, 3) == [64, 128, 128]
+def test_seed_preset_builds_the_seeds_architecture():
+    model = VQVAE.from_config(load_config(preset="seed").model)
     convs = [m for m in model.encoder.convs if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs[:3]] == [
         (1, 64, (4, 4), (2, 2)),
@@ -58,9 +58,7 @@ def test_eval_mode_leaves_the_codebook_alone():
 
 
 def test_from_config_matches_sizes():
-    config = ModelConfig(
-        hidden_channels=32, num_embeddings=64, embedding_dim=4, num_downsamplings=2
-    )
+    config = ModelConfig(channels=8, num_embeddings=64, embedding_dim=4, channel_multipliers=(1, 2))
     model = VQVAE.from_config(config)
     assert model.quantizer.codebook.shape == (64, 4)
     assert model.downsampling_factor == 4
@@ -69,3 +67,27 @@ def test_from_config_matches_sizes():
 def test_indivisible_image_is_refused():
     with pytest.raises(ValueError, match="divisible by 4"):
         tiny().encode(torch.randn(1, 1, 62, 32))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "none"])
+def test_output_bound_follows_the_setting(activation):
+    model = tiny(output_activation=activation)
+    with torch.no_grad():
+        # Scaling the decoder's last layer drives its raw output far outside [-1, 1].
+        model.decoder.levels[-1][-1].weight.mul_(1e3)
+        reconstruction = model(torch.randn(2, 1, 64, 32)).reconstruction
+    if activation == "tanh":
+        assert reconstruction.abs().max() <= 1
+    else:
+        assert reconstruction.abs().max() > 1
+
+
+def test_resnet_levels_follow_the_channel_multipliers():
+    model = VQVAE.from_config(tiny_model_config(channels=4, channel_multipliers=(1, 2, 3)))
+    downsamplings = [level[0] for level in model.encoder.levels]
+    assert [(conv.in_channels, conv.out_channels) for conv in downsamplings] == [
+        (1, 4),
+        (4, 8),
+        (8, 12),
+    ]
+    assert model.encode(torch.randn(1, 1, 64, 32)).shape == (1, 8, 8, 4)

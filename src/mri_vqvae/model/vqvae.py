@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from mri_vqvae.config import ModelConfig
-from mri_vqvae.model.decoder import Decoder
-from mri_vqvae.model.encoder import Encoder
+from mri_vqvae.model.decoder import Decoder, SeedDecoder
+from mri_vqvae.model.encoder import Encoder, SeedEncoder
+from mri_vqvae.model.layers import level_widths
 from mri_vqvae.model.quantizer import QuantizerOutput, VectorQuantizer
 
 
@@ -23,42 +24,73 @@ class VQVAEOutput(NamedTuple):
 
 
 class VQVAE(nn.Module):
-    """Encoder, 1x1 projection to the code space, vector quantiser, decoder."""
+    """Encoder, 1x1 projection to the code space, vector quantiser, decoder.
+
+    Args:
+        architecture: ``"resnet"`` (GroupNorm/SiLU residual blocks at every level) or
+            ``"seed"`` (the seed's strided convolutions with a ReLU residual stack).
+        channels, channel_multipliers: level ``i`` has ``channels * channel_multipliers[i]``
+            channels; there is one stride-2 level per multiplier.
+        num_residual_layers: residual blocks per level (resnet) or at the bottleneck (seed).
+        residual_hidden_channels: the seed's narrow residual width (seed only).
+        output_activation: ``"tanh"`` bounds reconstructions to [-1, 1]; ``"none"`` does not.
+        The rest configure the :class:`VectorQuantizer`.
+    """
 
     def __init__(
         self,
         in_channels: int = 1,
-        hidden_channels: int = 128,
+        architecture: str = "resnet",
+        channels: int = 32,
+        channel_multipliers: tuple[int, ...] = (1, 2, 4),
+        num_residual_layers: int = 1,
         residual_hidden_channels: int = 32,
-        num_residual_layers: int = 2,
-        num_downsamplings: int = 3,
-        embedding_dim: int = 128,
+        embedding_dim: int = 16,
         num_embeddings: int = 512,
         commitment_cost: float = 0.25,
         codebook_update: str = "ema",
         ema_decay: float = 0.99,
         ema_epsilon: float = 1e-5,
+        codebook_init: str = "kmeans",
+        dead_code_steps: int = 5,
+        cosine_codes: bool = False,
+        output_activation: str = "tanh",
     ) -> None:
         super().__init__()
-        self.downsampling_factor = 2**num_downsamplings
-        self.encoder = Encoder(
-            in_channels,
-            hidden_channels,
-            num_downsamplings,
-            num_residual_layers,
-            residual_hidden_channels,
-        )
-        self.pre_quantization = nn.Conv2d(hidden_channels, embedding_dim, kernel_size=1)
+        if architecture not in ("resnet", "seed"):
+            raise ValueError(f"architecture must be 'resnet' or 'seed', got {architecture!r}")
+        if output_activation not in ("tanh", "none"):
+            raise ValueError(
+                f"output_activation must be 'tanh' or 'none', got {output_activation!r}"
+            )
+        if not channel_multipliers:
+            raise ValueError("channel_multipliers needs one entry per downsampling")
+        self.downsampling_factor = 2 ** len(channel_multipliers)
+        self.bounded_output = output_activation == "tanh"
+        widths = level_widths(channels, tuple(channel_multipliers))
+        if architecture == "resnet":
+            self.encoder: nn.Module = Encoder(in_channels, widths, num_residual_layers)
+            self.decoder: nn.Module = Decoder(
+                embedding_dim, widths, in_channels, num_residual_layers
+            )
+        else:
+            self.encoder = SeedEncoder(
+                in_channels, widths, num_residual_layers, residual_hidden_channels
+            )
+            self.decoder = SeedDecoder(
+                embedding_dim, widths, in_channels, num_residual_layers, residual_hidden_channels
+            )
+        self.pre_quantization = nn.Conv2d(widths[-1], embedding_dim, kernel_size=1)
         self.quantizer = VectorQuantizer(
-            num_embeddings, embedding_dim, commitment_cost, codebook_update, ema_decay, ema_epsilon
-        )
-        self.decoder = Decoder(
+            num_embeddings,
             embedding_dim,
-            hidden_channels,
-            in_channels,
-            num_downsamplings,
-            num_residual_layers,
-            residual_hidden_channels,
+            commitment_cost=commitment_cost,
+            codebook_update=codebook_update,
+            ema_decay=ema_decay,
+            ema_epsilon=ema_epsilon,
+            codebook_init=codebook_init,
+            dead_code_steps=dead_code_steps,
+            cosine_codes=cosine_codes,
         )
 
     @classmethod
@@ -66,16 +98,21 @@ class VQVAE(nn.Module):
         """Build the model a :class:`ModelConfig` describes."""
         return cls(
             in_channels=config.in_channels,
-            hidden_channels=config.hidden_channels,
-            residual_hidden_channels=config.residual_hidden_channels,
+            architecture=config.architecture,
+            channels=config.channels,
+            channel_multipliers=config.channel_multipliers,
             num_residual_layers=config.num_residual_layers,
-            num_downsamplings=config.num_downsamplings,
+            residual_hidden_channels=config.residual_hidden_channels,
             embedding_dim=config.embedding_dim,
             num_embeddings=config.num_embeddings,
             commitment_cost=config.commitment_cost,
             codebook_update=config.codebook_update,
             ema_decay=config.ema_decay,
             ema_epsilon=config.ema_epsilon,
+            codebook_init=config.codebook_init,
+            dead_code_steps=config.dead_code_steps,
+            cosine_codes=config.cosine_codes,
+            output_activation=config.output_activation,
         )
 
     @property
@@ -87,7 +124,7 @@ class VQVAE(nn.Module):
         factor = self.downsampling_factor
         if height % factor or width % factor:
             raise ValueError(
-                f"image sides must be divisible by {factor} (2**num_downsamplings), "
+                f"image sides must be divisible by {factor} (2 ** len(channel_multipliers)), "
                 f"got {height}x{width}"
             )
 
@@ -107,7 +144,8 @@ class VQVAE(nn.Module):
 
     def decode(self, quantized: torch.Tensor) -> torch.Tensor:
         """``(B, D, h, w)`` quantized latents to ``(B, C, H, W)`` images."""
-        return self.decoder(quantized)
+        images = self.decoder(quantized)
+        return torch.tanh(images) if self.bounded_output else images
 
     def encode_to_indices(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` images to ``(B, h, w)`` code indices (no codebook update)."""
