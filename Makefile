@@ -9,7 +9,7 @@ DEMO_DATA ?= demo_data
 DEMO_RUN ?= runs/demo
 DEMO_MINUTES ?= 5
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean bench-quality
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(BIN)/pip install --quiet -e ".[bench]"
+	touch $@
+
 demo: $(VENV)/.installed
 	@test -d $(DEMO_DATA)/keras_slices_train || $(BIN)/mri-vqvae demo-data $(DEMO_DATA)
 	rm -rf $(DEMO_RUN)
@@ -35,16 +39,21 @@ demo: $(VENV)/.installed
 	@echo "          $(DEMO_RUN)/batch_losses.png and $(DEMO_RUN)/evaluation/*.png"
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: $(VENV)/.installed-dev
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+# Reconstruction quality at equal time: seed preset vs default vs MONAI (minutes per recipe).
+QUALITY_MINUTES ?= 20
+bench-quality: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/quality.py --minutes $(QUALITY_MINUTES)
 
 clean:
 	rm -rf $(VENV) runs $(DEMO_DATA) .pytest_cache .ruff_cache

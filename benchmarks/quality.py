@@ -1,0 +1,265 @@
+"""Reconstruction quality at an equal wall-clock budget: the seed's recipe, the default recipe
+and MONAI's VQVAE, trained by the same loop on the same data, side by side in one run.
+
+Datasets: the demo phantom, and real MRI: nilearn's bundled MNI152 T1 template (1 mm,
+197x233x189) cut into axial, coronal and sagittal slices, resized to 256x128. Slices are split
+in blocks of 10 neighbours (every 10th block to test, the one 4 later to validation) so test
+slices are mostly not next to training slices.
+
+    python benchmarks/quality.py --minutes 20 --datasets mni phantom --compressions 8 4
+
+Prints a table per dataset and compression and writes ``quality.json`` (and every run's folder)
+under ``--out``. Needs the benchmark extras: ``pip install -e '.[bench]'`` (MONAI, nilearn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import nn
+
+from mri_vqvae.config import Config, DataConfig, load_config
+from mri_vqvae.data.dataset import HIPMRI_SPLIT_FOLDERS, load_splits, resolve_split_files
+from mri_vqvae.data.nifti import write_slice
+from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
+from mri_vqvae.evaluation import evaluate_split
+from mri_vqvae.metrics import perplexity as histogram_perplexity
+from mri_vqvae.model import VQVAEOutput
+from mri_vqvae.runtime import seed_everything
+from mri_vqvae.training import train_vqvae
+
+RECIPES = ("seed", "default", "monai")
+
+
+def mni_template() -> Path:
+    import nilearn
+
+    folder = Path(nilearn.__file__).parent / "datasets" / "data"
+    return folder / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def write_mni_dataset(root: Path, min_foreground: float = 0.15, block: int = 10) -> dict:
+    """Cut the MNI152 T1 template into 2D slices in the HipMRI layout; returns counts."""
+    volume = np.asarray(nib.load(str(mni_template())).dataobj, dtype=np.float32)
+    counts = dict.fromkeys(HIPMRI_SPLIT_FOLDERS, 0)
+    for axis, orientation in enumerate(("sagittal", "coronal", "axial")):
+        for position in range(volume.shape[axis]):
+            pixels = np.take(volume, position, axis=axis)
+            if (pixels > 0).mean() < min_foreground:
+                continue
+            group = (position // block) % 10
+            split = "test" if group == 3 else "val" if group == 7 else "train"
+            # Rows from anterior/superior down, so every orientation stands upright.
+            pixels = np.rot90(pixels)
+            name = f"mni_{orientation}_{position:03d}.nii.gz"
+            write_slice(pixels, root / HIPMRI_SPLIT_FOLDERS[split] / name)
+            counts[split] += 1
+    return counts
+
+
+def write_dataset(name: str, root: Path) -> dict:
+    if name == "mni":
+        return write_mni_dataset(root)
+    if name == "phantom":
+        return write_phantom_dataset(root, PhantomSpec())
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+class MonaiVQVAE(nn.Module):
+    """MONAI's VQVAE behind this project's model interface, so the same loop trains it.
+
+    Configured to the seed's shape: channels 64/128/128 (one level per downsampling), 2
+    residual layers of 32 channels, a 512 x 128 codebook with EMA decay 0.99.
+    """
+
+    def __init__(self, num_downsamplings: int) -> None:
+        super().__init__()
+        from monai.networks.nets import VQVAE
+
+        self.net = VQVAE(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=1,
+            channels=(64, 128, 128)[-num_downsamplings:],
+            num_res_layers=2,
+            num_res_channels=32,
+            downsample_parameters=((2, 4, 1, 1),) * num_downsamplings,
+            upsample_parameters=((2, 4, 1, 1, 0),) * num_downsamplings,
+            num_embeddings=512,
+            embedding_dim=128,
+            commitment_cost=0.25,
+            decay=0.99,
+            ddp_sync=False,
+        )
+        self.downsampling_factor = 2**num_downsamplings
+        self.num_embeddings = 512
+        # The training loop logs restarts; MONAI's quantiser never restarts a code.
+        self.quantizer = nn.Module()
+        self.quantizer.register_buffer("restart_count", torch.zeros((), dtype=torch.long))
+
+    def check_image_size(self, height: int, width: int) -> None:
+        if height % self.downsampling_factor or width % self.downsampling_factor:
+            raise ValueError(f"image sides must divide by {self.downsampling_factor}")
+
+    def forward(self, images: torch.Tensor) -> VQVAEOutput:
+        quantized, loss, indices = self.net.quantizer.quantizer(self.net.encode(images))
+        counts = torch.bincount(indices.flatten(), minlength=self.num_embeddings)
+        return VQVAEOutput(
+            reconstruction=self.net.decode(quantized),
+            quantization_loss=loss,
+            indices=indices,
+            perplexity=histogram_perplexity(counts),
+        )
+
+
+def recipe_config(
+    recipe: str, compression: int, minutes: float, precision: str, extra: list[str]
+) -> Config:
+    """The settings of one recipe; the time budget, not the epoch count, ends training."""
+    preset = {"seed": "seed", "default": f"{compression}x", "monai": f"{compression}x"}[recipe]
+    overrides = [
+        "train.epochs=100000",
+        f"train.max_minutes={minutes}",
+        "train.device=cpu",
+        "data.image_size=[256, 128]",
+        f"train.precision={precision}",
+    ]
+    if recipe == "seed" and compression == 4:
+        overrides.append("model.channel_multipliers=[1, 2]")
+    if recipe == "default":
+        overrides += extra
+    return load_config(None, overrides, preset=preset)
+
+
+def ssim_by_minute(history: list[dict], minutes: float) -> list[float | None]:
+    """Validation SSIM of the last epoch finished by the end of each whole minute."""
+    reached = []
+    for minute in range(1, int(minutes) + 1):
+        done = [row for row in history if row["elapsed_seconds"] <= minute * 60]
+        reached.append(round(done[-1]["val_ssim"], 4) if done else None)
+    return reached
+
+
+def run_recipe(
+    recipe: str, compression: int, minutes: float, data: dict, out: Path, args: argparse.Namespace
+) -> dict:
+    config = recipe_config(recipe, compression, minutes, args.precision, args.default_overrides)
+    seed_everything(config.train.seed)
+    if recipe == "monai":
+        model: nn.Module = MonaiVQVAE(config.model.num_downsamplings)
+    else:
+        from mri_vqvae.model import VQVAE
+
+        model = VQVAE.from_config(config.model)
+    parameters = sum(p.numel() for p in model.parameters())
+    device = torch.device("cpu")
+    started = time.monotonic()
+    result = train_vqvae(model, data["train"], data["val"], config, out / recipe, device)
+    seconds = time.monotonic() - started
+    best = torch.load(result.best_checkpoint, weights_only=True)["model"]
+    model.load_state_dict(best)
+    summary = evaluate_split(model, data["test"], 32, device).summary()
+    history = result.history
+    return {
+        "recipe": recipe,
+        "parameters": parameters,
+        "train_seconds": round(seconds, 1),
+        "epochs": len(history),
+        "images_seen": history[-1]["images_seen"],
+        "images_per_second": round(history[-1]["images_seen"] / seconds, 2),
+        "ssim_by_minute": ssim_by_minute(history, minutes),
+        "test": {k: v for k, v in summary.items() if k != "protocols"},
+    }
+
+
+def table(results: list[dict]) -> str:
+    header = (
+        "| recipe | params | images seen | img/s | SSIM mean | SSIM min | fg SSIM | PSNR dB | "
+        "fg PSNR dB | seed-protocol SSIM | codes used | perplexity |"
+    )
+    lines = [header, "|" + "---|" * 12]
+    for row in results:
+        t = row["test"]
+        lines.append(
+            f"| {row['recipe']} | {row['parameters'] / 1e6:.2f}M | {row['images_seen']} | "
+            f"{row['images_per_second']:.1f} | {t['ssim_mean']:.4f} | {t['ssim_min']:.4f} | "
+            f"{t['foreground_ssim_mean']:.4f} | {t['psnr_mean']:.2f} | "
+            f"{t['foreground_psnr_mean']:.2f} | {t['ssim_seed_protocol_mean']:.4f} | "
+            f"{t['codes_used']}/512 ({100 * t['codebook_usage']:.1f}%) | {t['perplexity']:.1f} |"
+        )
+    lines.append("")
+    lines.append("SSIM (validation) reached after each minute:")
+    for row in results:
+        lines.append(f"  {row['recipe']:8s} {row['ssim_by_minute']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="training budget per recipe")
+    parser.add_argument("--datasets", nargs="+", default=["mni", "phantom"])
+    parser.add_argument("--compressions", nargs="+", type=int, default=[8, 4], choices=[8, 4])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
+    parser.add_argument(
+        "--precision",
+        default="bfloat16",
+        choices=["float32", "bfloat16"],
+        help="training precision, the same for every recipe",
+    )
+    parser.add_argument(
+        "--default-overrides",
+        nargs="*",
+        default=[],
+        metavar="section.key=value",
+        help="settings changed in the default recipe only (to try a variant)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    report = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}",
+        "command": "python benchmarks/quality.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if v is not None
+        ),
+        "minutes_per_recipe": args.minutes,
+        "runs": {},
+    }
+    for dataset in args.datasets:
+        root = args.out / "data" / dataset
+        if not root.exists():
+            print(f"{dataset}: writing slices to {root}: {write_dataset(dataset, root)}")
+        files = resolve_split_files(root)
+        data = load_splits(files, replace(DataConfig(), image_size=(256, 128)))
+        for compression in args.compressions:
+            key = f"{dataset}_{compression}x"
+            results = []
+            for recipe in args.recipes:
+                run_dir = args.out / "runs" / key
+                if (run_dir / recipe).exists():
+                    raise SystemExit(f"{run_dir / recipe} exists; remove it or choose --out")
+                print(f"[{key}] training {recipe} for {args.minutes} min ...", flush=True)
+                results.append(run_recipe(recipe, compression, args.minutes, data, run_dir, args))
+                report["runs"][key] = results
+                (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+            print(f"\n## {key}, {args.minutes} min per recipe\n{table(results)}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
