@@ -21,7 +21,8 @@ from mri_vqvae import __version__
 from mri_vqvae.config import Config, ConfigError, config_from_dict
 from mri_vqvae.model import VQVAE
 
-FORMAT_VERSION = 1
+# 2: model settings became channels + channel_multipliers (architecture, quantiser options).
+FORMAT_VERSION = 2
 
 
 class CheckpointError(Exception):
