@@ -40,6 +40,16 @@ from mri_vqvae.training import train_vqvae
 RECIPES = ("seed", "default", "monai")
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def mni_template() -> Path:
     import nilearn
 
@@ -230,13 +240,12 @@ def main() -> None:
 
     report = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "command": "python benchmarks/quality.py "
         + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items()
-            if v is not None
+            if v not in (None, [])
         ),
         "minutes_per_recipe": args.minutes,
         "runs": {},
