@@ -112,6 +112,7 @@ class MonaiVQVAE(nn.Module):
         )
         self.downsampling_factor = 2**num_downsamplings
         self.num_embeddings = 512
+        self.bounded_output = False  # no output activation
         # The training loop logs restarts; MONAI's quantiser never restarts a code.
         self.quantizer = nn.Module()
         self.quantizer.register_buffer("restart_count", torch.zeros((), dtype=torch.long))

@@ -32,3 +32,13 @@ def test_ms_ssim_fits_its_window_to_128_pixel_sides():
     value = structural_loss(images, noisy, "ms-ssim")
     value.backward()
     assert 0 < value < 1 and torch.isfinite(noisy.grad).all() and noisy.grad.abs().sum() > 0
+
+
+def test_the_ssim_term_reports_the_batch_ssim_it_computed():
+    torch.manual_seed(0)
+    images = torch.rand(3, 1, 32, 32) * 2 - 1
+    reconstructions = torch.tanh(images + 0.2 * torch.randn_like(images))  # in range
+    loss = vqvae_loss(images, reconstructions, torch.tensor(0.0), "mse", "ssim", 0.2)
+    torch.testing.assert_close(loss.ssim, ssim_per_image(images, reconstructions).mean())
+    assert vqvae_loss(images, reconstructions, torch.tensor(0.0)).ssim is None
+    assert vqvae_loss(images, reconstructions, torch.tensor(0.0), "mse", "ssim", 0.0).ssim is None

@@ -16,6 +16,9 @@ class VQVAELoss(NamedTuple):
     reconstruction: torch.Tensor  # the pixel loss (MSE or L1)
     quantization: torch.Tensor
     structural: torch.Tensor  # 1 - (MS-)SSIM, zero when that term is off
+    # The batch's mean SSIM on [0, 1] (unclamped reconstructions) when the "ssim" term
+    # computed it, so a caller logging SSIM need not compute it again; else None.
+    ssim: torch.Tensor | None = None
 
 
 def ms_ssim_window(height: int, width: int) -> int:
@@ -64,4 +67,5 @@ def vqvae_loss(
     else:
         structural = torch.zeros((), device=images.device)
     total = reconstruction + ssim_weight * structural + quantization
-    return VQVAELoss(total, reconstruction, quantization, structural)
+    mean_ssim = (1 - structural).detach() if ssim_loss == "ssim" and ssim_weight > 0 else None
+    return VQVAELoss(total, reconstruction, quantization, structural, mean_ssim)
