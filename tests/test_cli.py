@@ -227,3 +227,61 @@ def test_seed_preset_trains_the_seeds_recipe_at_a_tiny_size(demo: Path, tmp_path
     assert saved["train"]["lr_schedule"] == "constant"
     assert saved["model"]["channels"] == 8  # an override wins over the preset
     assert saved["train"]["epochs"] == 1  # and so does a flag
+
+
+TINY_PRIOR = ["prior.width=32", "prior.num_layers=2", "prior.num_heads=4", "train.batch_size=8"]
+
+
+def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, capsys):
+    run, prior, samples = tmp_path / "run", tmp_path / "prior", tmp_path / "samples"
+    assert main(train_args(demo, run)) == 0
+    vqvae = str(run / "best.pt")
+    prior_args = ["-q", "train-prior", "--vqvae", vqvae, "--data", str(demo), "--device", "cpu"]
+    assert main([*prior_args, "--out", str(prior), "--epochs", "2", *TINY_PRIOR]) == 0
+    for name in ("best.pt", "last.pt", "metrics.csv", "nll_curves.png", "prior_summary.json"):
+        assert (prior / name).is_file(), name
+    assert sorted(p.name for p in (prior / "codes").iterdir()) == ["test.pt", "train.pt", "val.pt"]
+    summary = json.loads((prior / "prior_summary.json").read_text())
+    assert summary["val_unigram_bits"] > 0 and math.isfinite(summary["test_nll_bits"])
+    assert "bits/code" in capsys.readouterr().out
+
+    sample_args = ["-q", "sample", "--vqvae", vqvae, "--prior", str(prior / "best.pt")]
+    assert main([*sample_args, "--n", "8", "--out", str(samples), "--top-k", "8"]) == 0
+    assert len(list(samples.glob("sample_*.nii.gz"))) == 8
+    assert (samples / "samples.png").is_file()
+    # A second sample run never writes over the first.
+    assert main([*sample_args, "--n", "2", "--out", str(samples)]) == 2
+    assert "already holds samples" in capsys.readouterr().err
+
+    judge = ["-q", "evaluate-samples", "--samples", str(samples), "--data", str(demo)]
+    assert main([*judge, "--classifier-epochs", "1", "--folds", "2", "--device", "cpu"]) == 0
+    metrics = json.loads((samples / "evaluation" / "sample_metrics.json").read_text())
+    assert metrics["num_samples"] == 8 and metrics["num_held_out"] == 16
+    for test in ("two_sample_vs_real", "two_sample_vs_reconstructions"):
+        assert 0 <= metrics[test]["accuracy"] <= 1 and metrics[test]["images_per_set"] == 8
+    assert 0 < metrics["nearest_train_ssim_samples"]["max"] <= 1
+    for name in ("closest_to_training.png", "nearest_training_ssim.png", "memorisation.csv"):
+        assert (samples / "evaluation" / name).is_file(), name
+
+    # A prior conditioned on slice position samples at a requested position.
+    conditioned = tmp_path / "conditioned"
+    extra = ["--condition-on-slice-position", "train.sample_every=0"]
+    assert main([*prior_args, "--out", str(conditioned), "--epochs", "1", *extra, *TINY_PRIOR]) == 0
+    conditioned_args = ["-q", "sample", "--vqvae", vqvae, "--prior", str(conditioned / "last.pt")]
+    assert main([*conditioned_args, "--n", "2", "--out", str(tmp_path / "apex")]) == 2
+    assert "give --slice-position" in capsys.readouterr().err
+    at_apex = [*conditioned_args, "--n", "2", "--out", str(tmp_path / "apex")]
+    assert main([*at_apex, "--slice-position", "0.1"]) == 0
+    assert json.loads((tmp_path / "apex" / "samples.json").read_text())["slice_position"] == 0.1
+
+
+def test_train_prior_refuses_an_existing_prior_and_a_bad_vqvae(demo: Path, tmp_path: Path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    args = ["-q", "train-prior", "--vqvae", str(junk), "--data", str(demo), "--out"]
+    assert main([*args, str(tmp_path / "prior")]) == 2
+    assert "junk.pt" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "last.pt").write_bytes(b"")
+    assert main([*args, str(tmp_path / "taken")]) == 2
+    assert "already holds a prior" in capsys.readouterr().err

@@ -7,6 +7,7 @@ tensors, numbers, strings, lists and dicts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
@@ -18,11 +19,19 @@ import numpy as np
 import torch
 
 from mri_vqvae import __version__
-from mri_vqvae.config import Config, ConfigError, config_from_dict
+from mri_vqvae.config import (
+    Config,
+    ConfigError,
+    PriorRunConfig,
+    config_from_dict,
+    prior_config_from_dict,
+)
 from mri_vqvae.model import VQVAE
+from mri_vqvae.model.prior import Prior, build_prior
 
 # 2: model settings became channels + channel_multipliers (architecture, quantiser options).
 FORMAT_VERSION = 2
+PRIOR_FORMAT_VERSION = 1
 
 
 class CheckpointError(Exception):
@@ -82,23 +91,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
-    """Write atomically: a temporary file, flushed and renamed, so a kill leaves the old one."""
-    path = Path(path)
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "package_version": checkpoint.package_version,
-        "torch_version": str(torch.__version__),
-        "config": checkpoint.config.to_dict(),
-        "model": checkpoint.model_state,
-        "optimizer": checkpoint.optimizer_state,
-        "epoch": checkpoint.epoch,
-        "global_step": checkpoint.global_step,
-        "best_val_loss": checkpoint.best_val_loss,
-        "history": checkpoint.history,
-        "batch_losses": checkpoint.batch_losses,
-        "rng_state": checkpoint.rng_state,
-    }
+def write_atomic(payload: dict[str, Any], path: Path) -> None:
+    """A temporary file, flushed and renamed into place, so a kill leaves the old one whole."""
     partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(partial, "wb") as handle:
@@ -111,13 +105,13 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
             partial.unlink()
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`, checking its format and config."""
-    path = Path(path)
+def _read_payload(path: Path, kind: str, format_version: int) -> dict[str, Any]:
+    """A checkpoint's payload, refusing anything but plain values, another kind of checkpoint
+    or another format."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = next(
             (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
@@ -133,12 +127,43 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from err
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise CheckpointError(f"{path}: not an mri-vqvae checkpoint")
-    if payload["format_version"] != FORMAT_VERSION:
+    # VQ-VAE checkpoints written before priors existed carry no kind.
+    found = payload.get("kind", "vqvae")
+    if found != kind:
+        raise CheckpointError(f"{path}: is a {found} checkpoint, not a {kind} checkpoint")
+    if payload["format_version"] != format_version:
         raise CheckpointError(
-            f"{path}: checkpoint format {payload['format_version']} (written by mri-vqvae "
-            f"{payload.get('package_version', '?')}); this mri-vqvae {__version__} reads "
-            f"format {FORMAT_VERSION}"
+            f"{path}: {kind} checkpoint format {payload['format_version']} (written by "
+            f"mri-vqvae {payload.get('package_version', '?')}); this mri-vqvae {__version__} "
+            f"reads format {format_version}"
         )
+    return payload
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
+    """Write a VQ-VAE checkpoint atomically."""
+    payload = {
+        "kind": "vqvae",
+        "format_version": FORMAT_VERSION,
+        "package_version": checkpoint.package_version,
+        "torch_version": str(torch.__version__),
+        "config": checkpoint.config.to_dict(),
+        "model": checkpoint.model_state,
+        "optimizer": checkpoint.optimizer_state,
+        "epoch": checkpoint.epoch,
+        "global_step": checkpoint.global_step,
+        "best_val_loss": checkpoint.best_val_loss,
+        "history": checkpoint.history,
+        "batch_losses": checkpoint.batch_losses,
+        "rng_state": checkpoint.rng_state,
+    }
+    write_atomic(payload, Path(path))
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`, checking its format and config."""
+    path = Path(path)
+    payload = _read_payload(path, "vqvae", FORMAT_VERSION)
     try:
         config = config_from_dict(payload["config"])
     except ConfigError as err:
@@ -175,3 +200,116 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VQ
     model = build_model(checkpoint, path).to(device)
     model.eval()
     return model, checkpoint.config
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, which ties a prior to the exact VQ-VAE it was fit to."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class PriorCheckpoint:
+    """The contents of a prior checkpoint: the prior, and the VQ-VAE whose codes it models."""
+
+    config: PriorRunConfig
+    model_state: dict[str, torch.Tensor]
+    num_embeddings: int
+    grid_shape: tuple[int, int]
+    vqvae_sha256: str
+    vqvae_path: str
+    epoch: int = 0
+    global_step: int = 0
+    optimizer_state: dict[str, Any] | None = None
+    best_val_nll: float = float("inf")
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rng_state: dict[str, Any] | None = None
+    package_version: str = __version__
+
+
+def save_prior_checkpoint(checkpoint: PriorCheckpoint, path: str | Path) -> None:
+    """Write a prior checkpoint atomically."""
+    payload = {
+        "kind": "prior",
+        "format_version": PRIOR_FORMAT_VERSION,
+        "package_version": checkpoint.package_version,
+        "torch_version": str(torch.__version__),
+        "config": checkpoint.config.to_dict(),
+        "model": checkpoint.model_state,
+        "num_embeddings": checkpoint.num_embeddings,
+        "grid_shape": list(checkpoint.grid_shape),
+        "vqvae_sha256": checkpoint.vqvae_sha256,
+        "vqvae_path": checkpoint.vqvae_path,
+        "optimizer": checkpoint.optimizer_state,
+        "epoch": checkpoint.epoch,
+        "global_step": checkpoint.global_step,
+        "best_val_nll": checkpoint.best_val_nll,
+        "history": checkpoint.history,
+        "rng_state": checkpoint.rng_state,
+    }
+    write_atomic(payload, Path(path))
+
+
+def load_prior_checkpoint(path: str | Path) -> PriorCheckpoint:
+    """Read a checkpoint written by :func:`save_prior_checkpoint`."""
+    path = Path(path)
+    payload = _read_payload(path, "prior", PRIOR_FORMAT_VERSION)
+    try:
+        config = prior_config_from_dict(payload["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its configuration is not valid here: {err}") from err
+    return PriorCheckpoint(
+        config=config,
+        model_state=payload["model"],
+        num_embeddings=payload["num_embeddings"],
+        grid_shape=tuple(payload["grid_shape"]),
+        vqvae_sha256=payload["vqvae_sha256"],
+        vqvae_path=payload["vqvae_path"],
+        epoch=payload["epoch"],
+        global_step=payload["global_step"],
+        optimizer_state=payload["optimizer"],
+        best_val_nll=payload["best_val_nll"],
+        history=payload["history"],
+        rng_state=payload["rng_state"],
+        package_version=payload["package_version"],
+    )
+
+
+def build_prior_model(checkpoint: PriorCheckpoint, path: str | Path = "checkpoint") -> Prior:
+    """The prior a checkpoint describes, with its weights loaded."""
+    prior = build_prior(checkpoint.config.prior, checkpoint.num_embeddings, checkpoint.grid_shape)
+    try:
+        prior.load_state_dict(checkpoint.model_state)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: weights do not fit the saved configuration ({err})"
+        ) from err
+    return prior
+
+
+def check_prior_matches(checkpoint: PriorCheckpoint, prior_path: Path, vqvae_path: Path) -> None:
+    """Refuse a VQ-VAE file other than the one the prior was trained on: another codebook
+    gives the prior's codes other meanings."""
+    found = file_sha256(vqvae_path)
+    if found != checkpoint.vqvae_sha256:
+        raise CheckpointError(
+            f"{prior_path}: this prior was trained on the codes of the VQ-VAE "
+            f"{checkpoint.vqvae_path} (sha256 {checkpoint.vqvae_sha256[:12]}...), but "
+            f"{vqvae_path} has sha256 {found[:12]}...; pass the VQ-VAE checkpoint it was "
+            "trained with"
+        )
+
+
+def load_prior(
+    path: str | Path, vqvae_path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Prior, PriorCheckpoint]:
+    """Rebuild a trained prior in eval mode, after checking it belongs to ``vqvae_path``."""
+    path = Path(path)
+    checkpoint = load_prior_checkpoint(path)
+    check_prior_matches(checkpoint, path, Path(vqvae_path))
+    prior = build_prior_model(checkpoint, path).to(device)
+    prior.eval()
+    return prior, checkpoint

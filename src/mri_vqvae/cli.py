@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import replace
@@ -100,6 +101,78 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=Path, required=True)
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.add_argument("--batch-size", type=int, default=32)
+
+    prior = commands.add_parser(
+        "train-prior",
+        parents=[data, device],
+        help="train a prior over a VQ-VAE's codes",
+        description="Encode every split to code maps with a trained VQ-VAE (cached in "
+        "PRIOR_DIR/codes), then train an autoregressive prior over them. Settings: --config "
+        "YAML (sections prior and train), the flags below, then section.key=value overrides "
+        "(e.g. prior.num_layers=8).",
+    )
+    prior.add_argument("--vqvae", type=Path, required=True, help="VQ-VAE checkpoint (best.pt)")
+    prior.add_argument("--out", type=Path, required=True, metavar="PRIOR_DIR")
+    prior.add_argument("--config", type=Path, help="YAML file of prior settings")
+    prior.add_argument(
+        "--architecture",
+        choices=["transformer", "pixelcnn"],
+        help="transformer (the default) or the gated PixelCNN of the VQ-VAE paper",
+    )
+    prior.add_argument(
+        "--condition-on-slice-position",
+        action="store_true",
+        help="condition on each slice's position in its volume (from slice_<S> in the names)",
+    )
+    prior.add_argument("--epochs", type=int)
+    prior.add_argument("--batch-size", type=int)
+    prior.add_argument("--lr", type=float)
+    prior.add_argument("--seed", type=int)
+    prior.add_argument("--max-minutes", type=float, help="wall-clock training budget")
+    prior.add_argument("--resume", action="store_true", help="continue the run in PRIOR_DIR")
+    prior.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+    sample = commands.add_parser(
+        "sample",
+        parents=[device],
+        help="generate new slices with a VQ-VAE and its prior",
+        description="Draw code maps from the prior and decode them: a PNG grid, one NIfTI per "
+        "sample, the codes and samples.json.",
+    )
+    sample.add_argument("--vqvae", type=Path, required=True, help="VQ-VAE checkpoint")
+    sample.add_argument("--prior", type=Path, required=True, help="prior checkpoint")
+    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--out", type=Path, required=True)
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int, help="sample among the k most likely codes")
+    sample.add_argument("--top-p", type=float, help="sample within the top-p nucleus")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--slice-position",
+        type=float,
+        help="position in the volume, 0 to 1 (a prior trained with slice positions only)",
+    )
+    sample.add_argument("--batch-size", type=int, default=64, help="maps sampled together")
+    sample.add_argument(
+        "--no-cache", action="store_true", help="recompute the prefix per code (slow; to compare)"
+    )
+
+    judge = commands.add_parser(
+        "evaluate-samples",
+        parents=[data, device],
+        help="score generated slices against real ones",
+        description="Two-sample classifier tests (against real held-out slices and against "
+        "their VQ-VAE reconstructions), memorisation, diversity and code statistics of a "
+        "folder written by 'sample'; real held-out slices are the val and test splits.",
+    )
+    judge.add_argument("--samples", type=Path, required=True, help="folder written by 'sample'")
+    judge.add_argument(
+        "--vqvae", type=Path, help="VQ-VAE checkpoint (default: the one samples.json names)"
+    )
+    judge.add_argument("--out", type=Path, help="default: SAMPLES/evaluation")
+    judge.add_argument("--seed", type=int, default=0)
+    judge.add_argument("--classifier-epochs", type=int, default=15)
+    judge.add_argument("--folds", type=int, default=4)
 
     reconstruct = commands.add_parser(
         "reconstruct",
@@ -248,11 +321,248 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _prior_flag_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {
+        "epochs": "train.epochs",
+        "batch_size": "train.batch_size",
+        "lr": "train.lr",
+        "seed": "train.seed",
+        "max_minutes": "train.max_minutes",
+        "device": "train.device",
+        "architecture": "prior.architecture",
+    }
+    overrides = [
+        f"{key}={getattr(args, name)}"
+        for name, key in flags.items()
+        if getattr(args, name, None) is not None
+    ]
+    if args.condition_on_slice_position:
+        overrides.append("prior.condition_on_slice_position=true")
+    return overrides
+
+
+def run_train_prior(args: argparse.Namespace) -> None:
+    from mri_vqvae.checkpoint import (
+        check_prior_matches,
+        file_sha256,
+        load_model,
+        load_prior_checkpoint,
+    )
+    from mri_vqvae.code_maps import code_maps_for, require_slice_positions
+    from mri_vqvae.config import apply_overrides, load_prior_config, prior_config_from_dict
+    from mri_vqvae.data.dataset import load_splits, resolve_split_files
+    from mri_vqvae.model.prior import build_prior
+    from mri_vqvae.prior_training import evaluate_prior, train_prior
+    from mri_vqvae.runtime import resolve_device, seed_everything
+
+    overrides = list(args.overrides) + _prior_flag_overrides(args)
+    last = args.out / "last.pt"
+    resume = None
+    if args.resume:
+        resume = load_prior_checkpoint(last)
+        check_prior_matches(resume, last, args.vqvae)
+        config = prior_config_from_dict(apply_overrides(resume.config.to_dict(), overrides))
+        if config.prior != resume.config.prior:
+            raise ValueError(f"--resume cannot change the prior settings of {last}")
+        if args.config:
+            raise ValueError("--resume takes its settings from the run; drop --config")
+    else:
+        if last.exists():
+            raise ValueError(
+                f"{args.out} already holds a prior ({last}); pass --resume to continue it or "
+                "choose another --out"
+            )
+        config = load_prior_config(args.config, overrides)
+    device = resolve_device(config.train.device)
+    vqvae, vqvae_config = load_model(args.vqvae, device)
+    vqvae_sha256 = file_sha256(args.vqvae)
+    data_config = replace(vqvae_config.data, skip_bad_files=args.skip_bad_files)
+    files = resolve_split_files(args.data, args.train, args.val, args.test)
+    splits = load_splits(files, data_config)
+    codes = {
+        split: code_maps_for(
+            vqvae, vqvae_sha256, slices, args.out / "codes" / f"{split}.pt", device
+        )
+        for split, slices in splits.items()
+    }
+    if config.prior.condition_on_slice_position:
+        for split, maps in codes.items():
+            require_slice_positions(maps, f"{split} split")
+    grid = codes["train"].grid_shape
+    logger.info(
+        "prior over %dx%d maps of %d codes: %d train / %d val maps; unigram %.3f bits/code",
+        *grid,
+        vqvae.num_embeddings,
+        len(codes["train"]),
+        len(codes["val"]),
+        codes["val"].unigram_bits(),
+    )
+    seed_everything(config.train.seed)
+    prior = build_prior(config.prior, vqvae.num_embeddings, grid)
+    result = train_prior(
+        prior,
+        codes["train"],
+        codes["val"],
+        config,
+        args.out,
+        device,
+        vqvae,
+        args.vqvae,
+        vqvae_sha256,
+        resume,
+    )
+    best = load_prior_checkpoint(result.best_checkpoint)
+    prior.load_state_dict(best.model_state)
+    test = evaluate_prior(prior, codes["test"], device, config.train.batch_size)
+    summary = {
+        "best_epoch": best.epoch,
+        "val_nll_bits": best.best_val_nll,
+        "val_unigram_bits": codes["val"].unigram_bits(),
+        "test_nll_bits": test["nll_bits"],
+        "test_accuracy": test["accuracy"],
+        "test_unigram_bits": codes["test"].unigram_bits(),
+        "vqvae": str(args.vqvae),
+        "vqvae_sha256": vqvae_sha256,
+    }
+    (args.out / "prior_summary.json").write_text(json.dumps(summary, indent=2))
+    below = 1 - summary["val_nll_bits"] / summary["val_unigram_bits"]
+    print(f"prior folder: {result.run_dir}")
+    print(
+        f"  best epoch {best.epoch}: val NLL {summary['val_nll_bits']:.3f} bits/code, "
+        f"{100 * abs(below):.1f}% {'below' if below >= 0 else 'above'} the unigram "
+        f"{summary['val_unigram_bits']:.3f}; "
+        f"test NLL {summary['test_nll_bits']:.3f} (accuracy {100 * test['accuracy']:.1f}%)"
+    )
+    print(f"  checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
+    print(f"  pictures: {result.run_dir / 'samples'}, {result.run_dir / 'nll_curves.png'}")
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    from mri_vqvae.checkpoint import file_sha256, load_model, load_prior
+    from mri_vqvae.runtime import resolve_device
+    from mri_vqvae.sampling import (
+        SamplingSettings,
+        check_prior_fits,
+        generate_samples,
+        write_samples,
+    )
+
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    if (args.out / "samples.json").exists():
+        raise ValueError(f"{args.out} already holds samples; choose another --out")
+    settings = SamplingSettings(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        use_cache=not args.no_cache,
+        batch_size=args.batch_size,
+    )
+    device = resolve_device(args.device or "auto")
+    vqvae, vqvae_config = load_model(args.vqvae, device)
+    prior, checkpoint = load_prior(args.prior, args.vqvae, device)
+    if vqvae_config.data.image_size is not None:
+        check_prior_fits(vqvae, prior, vqvae_config.data.image_size)
+    run = generate_samples(vqvae, prior, args.n, settings, args.slice_position, args.seed)
+    metadata = {
+        "vqvae": str(args.vqvae),
+        "vqvae_sha256": checkpoint.vqvae_sha256,
+        "prior": str(args.prior),
+        "prior_sha256": file_sha256(args.prior),
+        "prior_architecture": checkpoint.config.prior.architecture,
+        "settings": settings,
+        "seed": args.seed,
+        "slice_position": args.slice_position,
+        "device": str(device),
+    }
+    write_samples(run, args.out, metadata)
+    print(
+        f"{args.n} samples in {run.sampling_seconds:.1f} s of sampling "
+        f"({run.codes.numel() / run.sampling_seconds:.0f} codes/s) and "
+        f"{run.decoding_seconds:.1f} s of decoding"
+    )
+    print(f"wrote {args.out}: samples.png, sample_*.nii.gz, codes.pt, samples.json")
+
+
+def run_evaluate_samples(args: argparse.Namespace) -> None:
+    from mri_vqvae.checkpoint import CheckpointError, file_sha256, load_model
+    from mri_vqvae.data.dataset import (
+        concat_slice_sets,
+        list_slices,
+        load_split,
+        load_splits,
+        resolve_split_files,
+    )
+    from mri_vqvae.runtime import resolve_device
+    from mri_vqvae.sample_evaluation import evaluate_samples
+    from mri_vqvae.sample_metrics import SampleMetricSettings
+    from mri_vqvae.sampling import load_sample_codes
+
+    metadata_file = args.samples / "samples.json"
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    vqvae_path = args.vqvae or (Path(metadata["vqvae"]) if "vqvae" in metadata else None)
+    if vqvae_path is None:
+        raise ValueError(f"{metadata_file} is missing and names no VQ-VAE; pass --vqvae")
+    expected = metadata.get("vqvae_sha256")
+    if expected and file_sha256(vqvae_path) != expected:
+        raise CheckpointError(
+            f"{vqvae_path}: not the VQ-VAE these samples were drawn with ({metadata_file} "
+            f"gives sha256 {expected[:12]}...)"
+        )
+    device = resolve_device(args.device or "auto")
+    vqvae, config = load_model(vqvae_path, device)
+    data_config = replace(config.data, skip_bad_files=args.skip_bad_files)
+    samples = load_split(
+        list_slices(args.samples), replace(data_config, use_cache=False), label="samples"
+    )
+    codes = None
+    codes_file = args.samples / "codes.pt"
+    if codes_file.is_file() and not samples.skipped:
+        codes = load_sample_codes(codes_file)
+        if len(codes) != len(samples):
+            codes = None
+    files = resolve_split_files(args.data, args.train, args.val, args.test)
+    splits = load_splits(files, data_config)
+    held_out = concat_slice_sets([splits["val"], splits["test"]])
+    settings = SampleMetricSettings(
+        folds=args.folds, classifier_epochs=args.classifier_epochs, seed=args.seed
+    )
+    out = args.out or args.samples / "evaluation"
+    summary = evaluate_samples(
+        samples, codes, splits["train"], held_out, vqvae, out, device, settings
+    )
+    real, recon = summary["two_sample_vs_real"], summary["two_sample_vs_reconstructions"]
+    print(
+        f"two-sample accuracy (0.5 = indistinguishable): against real slices "
+        f"{real['accuracy']:.3f} [{real['ci95_low']:.3f}, {real['ci95_high']:.3f}], against "
+        f"reconstructions {recon['accuracy']:.3f} [{recon['ci95_low']:.3f}, "
+        f"{recon['ci95_high']:.3f}] ({recon['images_per_set']} images per set)"
+    )
+    print(
+        f"nearest training slice: median SSIM {summary['nearest_train_ssim_samples']['median']:.3f}"
+        f", {100 * summary['share_samples_above_0.95']:.1f}% of samples above 0.95 (held-out "
+        f"real slices: {100 * summary['share_held_out_above_0.95']:.1f}%)"
+    )
+    print(
+        f"pairwise SSIM: samples {summary['pairwise_ssim_samples']:.3f}, real "
+        f"{summary['pairwise_ssim_held_out']:.3f} (ratio {summary['diversity_ratio']:.2f}); "
+        f"code histogram JS divergence {summary['code_js_divergence_bits']:.4f} bits (train vs "
+        f"held-out: {summary['code_js_divergence_train_vs_held_out_bits']:.4f})"
+    )
+    print(
+        f"results in {out}: sample_metrics.json, memorisation.csv, closest_to_training.png, "
+        "samples_with_nearest_training.png, nearest_training_ssim.png"
+    )
+
+
 COMMANDS = {
     "demo-data": run_demo_data,
     "train": run_train,
     "evaluate": run_evaluate,
     "reconstruct": run_reconstruct,
+    "train-prior": run_train_prior,
+    "sample": run_sample,
+    "evaluate-samples": run_evaluate_samples,
 }
 
 

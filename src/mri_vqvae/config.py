@@ -211,6 +211,92 @@ class Config:
         return _to_plain(dataclasses.asdict(self))
 
 
+PRIOR_ARCHITECTURES = ("transformer", "pixelcnn")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """The autoregressive prior over code-index maps."""
+
+    # "transformer": decoder-only, raster order, learned row and column embeddings;
+    # "pixelcnn": the gated PixelCNN of van den Oord et al. 2016, the VQ-VAE paper's prior.
+    architecture: str = "transformer"
+    # transformer: width, blocks and heads; pixelcnn: channels and gated layers.
+    width: int = 192
+    num_layers: int = 6
+    num_heads: int = 6
+    dropout: float = 0.1
+    # Condition on the slice's position within its volume (from "slice_<S>" in the file
+    # names, scaled to [0, 1]), so sampling can ask for a given position.
+    condition_on_slice_position: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("prior", "architecture", self.architecture, PRIOR_ARCHITECTURES)
+        for name in ("width", "num_layers", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"prior.{name} must be at least 1, got {getattr(self, name)}")
+        if self.architecture == "transformer" and self.width % self.num_heads:
+            raise ConfigError(
+                f"prior.width ({self.width}) must be divisible by prior.num_heads "
+                f"({self.num_heads})"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"prior.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class PriorTrainConfig:
+    """How the prior is trained: AdamW with warm-up and cosine decay, as the VQ-VAE."""
+
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.05
+    grad_clip_norm: float | None = 1.0
+    # "bfloat16" autocasts the training forward pass; evaluation and sampling run in float32.
+    precision: str = "float32"
+    max_minutes: float | None = None
+    # Decode a grid of samples every this many epochs (and after the last); 0 never does.
+    sample_every: int = 5
+    num_preview_samples: int = 16
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "num_preview_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0 or self.sample_every < 0:
+            raise ConfigError("train.warmup_steps and train.sample_every must be >= 0")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ConfigError(
+                f"train.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}"
+            )
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            raise ConfigError(f"train.grad_clip_norm must be > 0, got {self.grad_clip_norm}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
+        _check_choice("train", "precision", self.precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class PriorRunConfig:
+    """A prior's whole run: the network and its training. The VQ-VAE is fixed by its file."""
+
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of YAML/JSON-safe values."""
+        return _to_plain(dataclasses.asdict(self))
+
+
 # Named starting points; a YAML file and then CLI overrides apply on top of one. The defaults
 # are the recommended 8x recipe, so "8x" changes nothing.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -343,6 +429,26 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
+def prior_config_from_dict(values: dict[str, Any]) -> PriorRunConfig:
+    """Build a :class:`PriorRunConfig` from nested plain values; unknown keys are an error."""
+    return _build(PriorRunConfig, values, "")
+
+
+def _read_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return loaded or {}
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -351,22 +457,19 @@ def load_config(
     """The defaults, then a named preset, then a YAML file, then ``section.key=value`` overrides."""
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        values = loaded or {}
+    values = _read_yaml(path)
     if preset is not None:
         values = _merge(PRESETS[preset], values)
     values = apply_overrides(values, overrides or [])
     return config_from_dict(values)
+
+
+def load_prior_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PriorRunConfig:
+    """The prior's defaults, then a YAML file (sections ``prior`` and ``train``), then
+    ``section.key=value`` overrides."""
+    return prior_config_from_dict(apply_overrides(_read_yaml(path), overrides or []))
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -391,6 +494,6 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return result
 
 
-def save_config(config: Config, path: str | Path) -> None:
+def save_config(config: Config | PriorRunConfig, path: str | Path) -> None:
     """Write the configuration as YAML, loadable by :func:`load_config`."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

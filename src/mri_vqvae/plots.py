@@ -26,26 +26,80 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def reconstruction_grid(
-    originals: np.ndarray, reconstructions: np.ndarray, path: str | Path, title: str = ""
+def image_rows(
+    rows: Sequence[np.ndarray],
+    labels: Sequence[str],
+    path: str | Path,
+    title: str = "",
+    column_titles: Sequence[str] | None = None,
 ) -> Path:
-    """Originals in the top row, their reconstructions below; arrays ``(B, 1, H, W)`` in [-1, 1]."""
-    count = len(originals)
-    height, width = np.asarray(originals).shape[-2:]
+    """Rows of images side by side, each row ``(B, 1, H, W)`` in [-1, 1] and labelled."""
+    count = len(rows[0])
+    height, width = np.asarray(rows[0]).shape[-2:]
     fig, axes = plt.subplots(
-        2, count, figsize=(1.4 * count * width / height * 2, 5.6), squeeze=False
+        len(rows),
+        count,
+        figsize=(1.4 * count * width / height * 2, 2.8 * len(rows)),
+        squeeze=False,
     )
-    for column in range(count):
-        for row, images in enumerate((originals, reconstructions)):
+    for row, images in enumerate(rows):
+        for column in range(count):
             axis = axes[row, column]
             axis.imshow(_gray(images[column]), cmap="gray", vmin=0, vmax=1)
             axis.set_xticks([])
             axis.set_yticks([])
-        axes[0, 0].set_ylabel("original")
-        axes[1, 0].set_ylabel("reconstruction")
+            if column_titles is not None and row == 0:
+                axis.set_title(column_titles[column], fontsize=8)
+        axes[row, 0].set_ylabel(labels[row])
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def reconstruction_grid(
+    originals: np.ndarray, reconstructions: np.ndarray, path: str | Path, title: str = ""
+) -> Path:
+    """Originals in the top row, their reconstructions below; arrays ``(B, 1, H, W)`` in [-1, 1]."""
+    return image_rows([originals, reconstructions], ["original", "reconstruction"], path, title)
+
+
+def image_grid(images: np.ndarray, path: str | Path, columns: int = 8, title: str = "") -> Path:
+    """Images ``(B, 1, H, W)`` in [-1, 1] in a grid ``columns`` wide, without gaps."""
+    images = np.asarray(images)
+    count, (height, width) = len(images), images.shape[-2:]
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    canvas = np.ones((rows * height, columns * width), dtype=np.float32)
+    for i, image in enumerate(images):
+        row, column = divmod(i, columns)
+        canvas[row * height : (row + 1) * height, column * width : (column + 1) * width] = _gray(
+            image
+        )
+    scale = 1.6 / 128
+    fig, axis = plt.subplots(figsize=(max(columns * width * scale, 3), rows * height * scale))
+    axis.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axis.set_axis_off()
+    if title:
+        axis.set_title(title)
+    return _save(fig, path)
+
+
+def nll_curves(history: Sequence[dict], path: str | Path) -> Path:
+    """A prior's train and validation negative log-likelihood per epoch, with the unigram
+    baseline."""
+    epochs = [row["epoch"] for row in history]
+    fig, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(epochs, [row["train_nll_bits"] for row in history], "o-", label="train")
+    axis.plot(epochs, [row["val_nll_bits"] for row in history], "s-", label="validation")
+    axis.axhline(
+        history[-1]["val_unigram_bits"], color="gray", ls="--", label="unigram (code histogram)"
+    )
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("bits per code")
+    axis.set_title("Prior negative log-likelihood")
+    axis.grid(alpha=0.3)
+    axis.legend()
     return _save(fig, path)
 
 
@@ -158,6 +212,24 @@ def ssim_scores(scores: Sequence[float], path: str | Path, title: str = "") -> P
     axis.set_xlabel("test image")
     axis.set_ylabel("SSIM")
     axis.set_title(title or f"SSIM of {len(scores)} test images")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(fig, path)
+
+
+def score_histograms(
+    scores: dict[str, np.ndarray], path: str | Path, xlabel: str, threshold: float | None = None
+) -> Path:
+    """Overlaid histograms of scores, one per named set, with an optional threshold line."""
+    fig, axis = plt.subplots(figsize=(7, 4))
+    values = np.concatenate([np.asarray(v, dtype=np.float64) for v in scores.values()])
+    bins = np.linspace(min(values.min(), threshold or 1.0), max(values.max(), threshold or 0), 41)
+    for label, data in scores.items():
+        axis.hist(np.asarray(data), bins=bins, alpha=0.5, density=True, label=label)
+    if threshold is not None:
+        axis.axvline(threshold, color="tab:red", ls="--", label=f"{threshold}")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("density")
     axis.grid(alpha=0.3)
     axis.legend()
     return _save(fig, path)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,3 +262,42 @@ def load_splits(
 ) -> dict[str, SliceSet]:
     """Decode (or load from cache) each requested split."""
     return {split: load_split(files[split], config, label=split) for split in splits}
+
+
+_SLICE_NUMBER = re.compile(r"^(?P<volume>.*)_slice_(?P<number>\d+)(?:\.nii(?:\.gz)?)?$")
+
+
+def slice_positions(names: list[str]) -> np.ndarray:
+    """Each slice's position within its volume in [0, 1], from HipMRI names ``..._slice_<S>``.
+
+    A volume is the name with ``_slice_<S>`` removed; positions are ``S`` scaled from the
+    volume's lowest to highest slice number among ``names`` (0.5 for a volume of one slice).
+    Names without a slice number get NaN.
+    """
+    parsed = [_SLICE_NUMBER.match(name) for name in names]
+    numbers: dict[str, list[int]] = {}
+    for match in parsed:
+        if match:
+            numbers.setdefault(match["volume"], []).append(int(match["number"]))
+    positions = np.full(len(names), np.nan, dtype=np.float32)
+    for i, match in enumerate(parsed):
+        if not match:
+            continue
+        low, high = min(numbers[match["volume"]]), max(numbers[match["volume"]])
+        number = int(match["number"])
+        positions[i] = 0.5 if high == low else (number - low) / (high - low)
+    return positions
+
+
+def concat_slice_sets(sets: list[SliceSet]) -> SliceSet:
+    """One :class:`SliceSet` holding the slices of ``sets`` in order (sizes must agree)."""
+    sizes = {s.image_size for s in sets}
+    if len(sizes) != 1:
+        raise ValueError(f"cannot join slices of different sizes {sorted(sizes)}")
+    return SliceSet(
+        images=torch.cat([s.images for s in sets]),
+        names=[name for s in sets for name in s.names],
+        original_shapes=[shape for s in sets for shape in s.original_shapes],
+        intensity_ranges=torch.cat([s.intensity_ranges for s in sets]),
+        skipped=[bad for s in sets for bad in s.skipped],
+    )

@@ -1,0 +1,133 @@
+"""Splits encoded to code-index maps by a frozen VQ-VAE: the prior's training data.
+
+Each split is encoded once and cached beside the prior, stamped with the SHA-256 of the VQ-VAE
+checkpoint and the list of slice files, so a cache (and a prior) is never paired with another
+codebook or other data.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mri_vqvae.checkpoint import write_atomic
+from mri_vqvae.data.dataset import SliceSet, slice_positions
+from mri_vqvae.model import VQVAE
+
+logger = logging.getLogger(__name__)
+
+# Bump when the cached maps' meaning changes.
+CODE_CACHE_FORMAT = 1
+
+
+@dataclass
+class CodeMaps:
+    """A split as code indices ``(N, h, w)``, with its slice names and slice positions."""
+
+    indices: torch.Tensor  # (N, h, w) int64
+    names: list[str]
+    # (N,) each slice's position in its volume in [0, 1]; NaN where the name has no slice_<S>.
+    slice_positions: torch.Tensor
+    num_embeddings: int
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return (self.indices.shape[1], self.indices.shape[2])
+
+    def code_counts(self) -> torch.Tensor:
+        """How often each code occurs over the whole split, ``(num_embeddings,)``."""
+        return torch.bincount(self.indices.flatten(), minlength=self.num_embeddings)
+
+    def unigram_bits(self) -> float:
+        """Entropy of the split's code histogram in bits per code: the negative log-likelihood
+        of the best model that ignores context, the baseline a prior must beat."""
+        counts = self.code_counts().double()
+        probabilities = counts[counts > 0] / counts.sum()
+        return float(-(probabilities * probabilities.log2()).sum())
+
+
+@torch.no_grad()
+def encode_slices(
+    model: VQVAE, slices: SliceSet, device: torch.device, batch_size: int = 64
+) -> torch.Tensor:
+    """Every image of ``slices`` to its ``(N, h, w)`` code indices, in eval mode."""
+    model.eval()
+    chunks = []
+    steps = range(0, len(slices), batch_size)
+    for start in tqdm(steps, desc="encoding", unit="batch", leave=False, disable=None):
+        images = slices.batch(slice(start, start + batch_size)).to(device)
+        chunks.append(model.encode_to_indices(images).cpu())
+    return torch.cat(chunks)
+
+
+def _fingerprint(slices: SliceSet) -> list[str]:
+    # The names and the decoded pixels' sum identify the data a cache was made from.
+    return [*slices.names, f"{float(slices.images.float().sum()):.6e}", str(len(slices))]
+
+
+def code_maps_for(
+    model: VQVAE,
+    vqvae_sha256: str,
+    slices: SliceSet,
+    cache_file: str | Path,
+    device: torch.device,
+    batch_size: int = 64,
+) -> CodeMaps:
+    """The code maps of ``slices``, read from ``cache_file`` when it was made by the same
+    VQ-VAE file from the same slices, else encoded and cached there."""
+    cache_file = Path(cache_file)
+    fingerprint = _fingerprint(slices)
+    if cache_file.exists():
+        try:
+            stored = torch.load(cache_file, map_location="cpu", weights_only=True)
+            if (
+                stored["format"] == CODE_CACHE_FORMAT
+                and stored["vqvae_sha256"] == vqvae_sha256
+                and list(stored["fingerprint"]) == fingerprint
+            ):
+                return CodeMaps(
+                    stored["indices"].long(),
+                    list(slices.names),
+                    stored["slice_positions"],
+                    model.num_embeddings,
+                )
+            logger.info("%s holds codes of another VQ-VAE or other slices; encoding", cache_file)
+        except Exception as err:  # a damaged cache is rebuilt, never trusted
+            logger.warning("ignoring unreadable code cache %s (%s)", cache_file, err)
+    indices = encode_slices(model, slices, device, batch_size)
+    positions = torch.from_numpy(slice_positions(slices.names))
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    # int16 holds any codebook up to 32768 codes at a quarter of int64's size.
+    dtype = torch.int16 if model.num_embeddings <= 2**15 else torch.int32
+    write_atomic(
+        {
+            "format": CODE_CACHE_FORMAT,
+            "vqvae_sha256": vqvae_sha256,
+            "fingerprint": fingerprint,
+            "indices": indices.to(dtype),
+            "slice_positions": positions,
+        },
+        cache_file,
+    )
+    return CodeMaps(indices, list(slices.names), positions, model.num_embeddings)
+
+
+def require_slice_positions(codes: CodeMaps, label: str) -> None:
+    """Raise ``ValueError`` naming the slices whose names carry no ``slice_<S>``."""
+    missing = [
+        name for name, p in zip(codes.names, codes.slice_positions, strict=True) if math.isnan(p)
+    ]
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ValueError(
+            f"{label}: {len(missing)} slice name(s) carry no '_slice_<S>' number to take a "
+            f"position from ({shown}); train without prior.condition_on_slice_position"
+        )

@@ -1,0 +1,197 @@
+"""Sampling new slices: codes from the prior one position at a time, decoded by the VQ-VAE."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mri_vqvae import plots
+from mri_vqvae.data.dataset import to_unit_range
+from mri_vqvae.data.nifti import write_slice
+from mri_vqvae.model import VQVAE
+from mri_vqvae.model.prior import Prior
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How codes are drawn from the prior's next-code distribution."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep only the k most likely codes
+    top_p: float | None = None  # keep the fewest codes whose probability reaches p (nucleus)
+    use_cache: bool = True  # key/value cache (transformer only)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top-k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """``(B, K)`` logits scaled by ``1 / temperature`` with codes outside the top-k and the
+    top-p nucleus (Holtzman et al. 2020) set to -inf; the most likely code always stays."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a code when the codes more likely than it already reach top_p.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample_codes(
+    prior: Prior,
+    num_samples: int,
+    settings: SamplingSettings | None = None,
+    slice_position: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``num_samples`` code maps ``(N, h, w)`` drawn position by position in raster order.
+
+    With ``settings.use_cache`` and a transformer, each new code costs one single-token
+    forward over the cached keys and values of the prefix, for a whole batch at once; without
+    it, each new code recomputes the whole prefix. Both give the same codes for the same
+    ``generator`` state. ``generator`` must live on the prior's device.
+    """
+    settings = settings or SamplingSettings()
+    prior.eval()
+    device = next(prior.parameters()).device
+    height, width = prior.grid_shape
+    length = height * width
+    maps = []
+    for start in range(0, num_samples, settings.batch_size):
+        batch = min(settings.batch_size, num_samples - start)
+        position = None
+        if slice_position is not None:
+            position = torch.full((batch,), float(slice_position), device=device)
+        codes = torch.zeros(batch, length, dtype=torch.long, device=device)
+        cache = prior.new_cache(batch) if settings.use_cache and prior.supports_cache else None
+        for t in range(length):
+            if cache is not None:
+                logits = prior.step(codes[:, t - 1] if t else None, cache, position)
+            else:
+                logits = prior.next_logits(codes, t, position)
+            logits = filter_logits(logits, settings.temperature, settings.top_k, settings.top_p)
+            codes[:, t] = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+        maps.append(codes.reshape(batch, height, width).cpu())
+    return torch.cat(maps)
+
+
+@torch.no_grad()
+def decode_codes(vqvae: VQVAE, codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Code maps ``(N, h, w)`` to images ``(N, 1, H, W)`` in [-1, 1] (on the CPU)."""
+    vqvae.eval()
+    device = next(vqvae.parameters()).device
+    images = [
+        vqvae.decode_indices(codes[i : i + batch_size].to(device)).clamp(-1, 1).cpu()
+        for i in range(0, len(codes), batch_size)
+    ]
+    return torch.cat(images)
+
+
+def check_prior_fits(vqvae: VQVAE, prior: Prior, image_size: tuple[int, int]) -> None:
+    """Raise ``ValueError`` when the prior's codebook size or map shape is not the VQ-VAE's."""
+    grid = tuple(side // vqvae.downsampling_factor for side in image_size)
+    if prior.num_embeddings != vqvae.num_embeddings or tuple(prior.grid_shape) != grid:
+        raise ValueError(
+            f"the prior models {prior.num_embeddings} codes on {prior.grid_shape} maps, the "
+            f"VQ-VAE has {vqvae.num_embeddings} codes on {grid} maps"
+        )
+
+
+@dataclass
+class SampleRun:
+    """Samples drawn by :func:`generate_samples` and how long drawing them took."""
+
+    codes: torch.Tensor  # (N, h, w)
+    images: torch.Tensor  # (N, 1, H, W) in [-1, 1]
+    sampling_seconds: float
+    decoding_seconds: float
+
+
+def generate_samples(
+    vqvae: VQVAE,
+    prior: Prior,
+    num_samples: int,
+    settings: SamplingSettings | None = None,
+    slice_position: float | None = None,
+    seed: int = 0,
+) -> SampleRun:
+    """Draw ``num_samples`` code maps from ``prior`` and decode them with ``vqvae``."""
+    if prior.conditional and slice_position is None:
+        raise ValueError("this prior is conditioned on slice position; give --slice-position")
+    if not prior.conditional and slice_position is not None:
+        raise ValueError("this prior was trained without slice positions; drop --slice-position")
+    if slice_position is not None and not 0 <= slice_position <= 1:
+        raise ValueError(f"slice position must be in [0, 1], got {slice_position}")
+    settings = settings or SamplingSettings()
+    device = next(prior.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    started = time.perf_counter()
+    codes = sample_codes(prior, num_samples, settings, slice_position, generator)
+    sampled = time.perf_counter()
+    images = decode_codes(vqvae, codes, settings.batch_size)
+    return SampleRun(codes, images, sampled - started, time.perf_counter() - sampled)
+
+
+def write_samples(run: SampleRun, out_dir: str | Path, metadata: dict) -> Path:
+    """Write ``samples.png`` (a grid), one NIfTI per sample (``sample_0000.nii.gz``, pixels in
+    [0, 1]), the codes (``codes.pt``) and ``samples.json`` (``metadata`` plus timings)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unit = to_unit_range(run.images).numpy()
+    for i, image in enumerate(unit):
+        write_slice(image[0], out_dir / f"sample_{i:04d}.nii.gz")
+    torch.save({"codes": run.codes.to(torch.int32)}, out_dir / "codes.pt")
+    shown = run.images[:64].numpy()
+    plots.image_grid(shown, out_dir / "samples.png", title=f"{len(shown)} of {len(unit)} samples")
+    codes_drawn = run.codes.numel()
+    summary = {
+        **metadata,
+        "num_samples": len(unit),
+        "grid_shape": list(run.codes.shape[1:]),
+        "image_size": list(run.images.shape[-2:]),
+        "sampling_seconds": run.sampling_seconds,
+        "decoding_seconds": run.decoding_seconds,
+        "codes_per_second": codes_drawn / max(run.sampling_seconds, 1e-9),
+        "pixel_range": "each sample_*.nii.gz holds the decoded image scaled to [0, 1]",
+    }
+    (out_dir / "samples.json").write_text(json.dumps(summary, indent=2, default=_plain))
+    return out_dir
+
+
+def load_sample_codes(path: str | Path) -> torch.Tensor:
+    """The ``(N, h, w)`` code maps :func:`write_samples` saved."""
+    return torch.load(path, map_location="cpu", weights_only=True)["codes"].long()
+
+
+def _plain(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,0 +1,185 @@
+"""Stage 2: code maps and their cache, the prior's training loop, resume, and the checks that
+keep a prior with the VQ-VAE it was trained on."""
+
+import math
+
+import pytest
+import torch
+
+from mri_vqvae.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    file_sha256,
+    load_checkpoint,
+    load_prior,
+    load_prior_checkpoint,
+    save_checkpoint,
+)
+from mri_vqvae.code_maps import CodeMaps, code_maps_for, require_slice_positions
+from mri_vqvae.config import Config, PriorConfig, PriorRunConfig, PriorTrainConfig
+from mri_vqvae.data.dataset import SliceSet
+from mri_vqvae.model import VQVAE
+from mri_vqvae.model.prior import build_prior
+from mri_vqvae.prior_training import evaluate_prior, train_prior
+from tests.conftest import tiny_model_config
+
+NUM_CODES = 16
+GRID = (16, 8)  # a 64x32 image at 4x
+
+
+def tiny_vqvae(seed: int = 0) -> VQVAE:
+    torch.manual_seed(seed)
+    return VQVAE.from_config(tiny_model_config(num_embeddings=NUM_CODES)).eval()
+
+
+def saved_vqvae(path, seed: int = 0):
+    model = tiny_vqvae(seed)
+    config = Config(model=tiny_model_config(num_embeddings=NUM_CODES))
+    save_checkpoint(Checkpoint(config=config, model_state=model.state_dict()), path)
+    return model
+
+
+def patterned_codes(count: int, seed: int) -> CodeMaps:
+    """Each map is one random code throughout: after the first, every code is predictable."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, NUM_CODES, (count, 1, 1), generator=generator)
+    indices = codes.expand(count, *GRID).clone()
+    names = [f"case_{i}_slice_{i % 4}.nii.gz" for i in range(count)]
+    positions = torch.tensor([(i % 4) / 3 for i in range(count)])
+    return CodeMaps(indices, names, positions, NUM_CODES)
+
+
+def prior_config(**train) -> PriorRunConfig:
+    settings = dict(
+        epochs=3,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=2,
+        final_lr_fraction=1.0,
+        sample_every=2,
+        num_preview_samples=2,
+    )
+    settings.update(train)
+    return PriorRunConfig(
+        prior=PriorConfig(width=32, num_layers=2, num_heads=4, dropout=0.0),
+        train=PriorTrainConfig(device="cpu", **settings),
+    )
+
+
+def test_unigram_bits_is_the_histogram_entropy():
+    codes = CodeMaps(torch.tensor([[[0, 1], [2, 3]]]), ["a"], torch.tensor([0.0]), 8)
+    assert codes.unigram_bits() == pytest.approx(2.0)
+    assert patterned_codes(4, 0).code_counts().sum() == 4 * GRID[0] * GRID[1]
+
+
+def test_code_maps_are_cached_per_vqvae(tmp_path):
+    model = tiny_vqvae()
+    images = torch.rand(5, 1, 64, 32) * 2 - 1
+    names = [f"v_slice_{i}.nii.gz" for i in range(5)]
+    slices = SliceSet(images.half(), names, [(64, 32)] * 5, torch.zeros(5, 2))
+    cache = tmp_path / "codes" / "train.pt"
+    first = code_maps_for(model, "a" * 64, slices, cache, torch.device("cpu"))
+    assert first.indices.shape == (5, *GRID)
+    assert first.indices.dtype == torch.int64
+    torch.testing.assert_close(first.slice_positions, torch.linspace(0, 1, 5))
+    # The cache is used: a different model with the same hash returns the stored codes.
+    other = tiny_vqvae(seed=9)
+    again = code_maps_for(other, "a" * 64, slices, cache, torch.device("cpu"))
+    assert torch.equal(again.indices, first.indices)
+    # Another VQ-VAE hash is encoded afresh.
+    fresh = code_maps_for(other, "b" * 64, slices, cache, torch.device("cpu"))
+    assert torch.equal(fresh.indices, other.encode_to_indices(slices.batch(slice(None))))
+
+
+def test_conditioning_needs_slice_numbers_in_names():
+    codes = CodeMaps(
+        torch.zeros(2, 2, 2, dtype=torch.long),
+        ["a.nii", "b_slice_1.nii"],
+        torch.tensor([math.nan, 0.5]),
+        4,
+    )
+    with pytest.raises(ValueError, match=r"\(a\.nii\)"):
+        require_slice_positions(codes, "train split")
+
+
+def test_prior_learns_patterned_codes_and_writes_its_run(tmp_path):
+    vqvae_path = tmp_path / "vqvae.pt"
+    vqvae = saved_vqvae(vqvae_path)
+    train, val = patterned_codes(48, 1), patterned_codes(16, 2)
+    config = prior_config(epochs=10, sample_every=5)
+    torch.manual_seed(0)
+    prior = build_prior(config.prior, NUM_CODES, GRID)
+    run = tmp_path / "prior"
+    result = train_prior(
+        prior,
+        train,
+        val,
+        config,
+        run,
+        torch.device("cpu"),
+        vqvae,
+        vqvae_path,
+        file_sha256(vqvae_path),
+    )
+    final = result.history[-1]
+    assert final["val_nll_bits"] < 0.7 * final["val_unigram_bits"]
+    assert final["val_nll_bits"] < result.history[0]["val_nll_bits"]
+    for name in ("best.pt", "last.pt", "metrics.csv", "nll_curves.png", "prior_config.yaml"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "epoch_10.png",
+        "epoch_5.png",
+    ]
+    loaded, checkpoint = load_prior(run / "best.pt", vqvae_path)
+    assert checkpoint.grid_shape == GRID
+    best = evaluate_prior(loaded, val, torch.device("cpu"))
+    assert best["nll_bits"] == pytest.approx(checkpoint.best_val_nll, rel=1e-5)
+
+
+def test_resumed_prior_matches_an_uninterrupted_run(tmp_path):
+    vqvae_path = tmp_path / "vqvae.pt"
+    vqvae = saved_vqvae(vqvae_path)
+    sha = file_sha256(vqvae_path)
+    train, val = patterned_codes(24, 1), patterned_codes(8, 2)
+    cpu = torch.device("cpu")
+
+    def run(config, out, resume=None):
+        torch.manual_seed(0)
+        prior = build_prior(config.prior, NUM_CODES, GRID)
+        return train_prior(prior, train, val, config, out, cpu, vqvae, vqvae_path, sha, resume)
+
+    straight = run(prior_config(epochs=2, sample_every=0), tmp_path / "straight")
+    run(prior_config(epochs=1, sample_every=0), tmp_path / "resumed")
+    first_half = load_prior_checkpoint(tmp_path / "resumed" / "last.pt")
+    resumed = run(prior_config(epochs=2, sample_every=0), tmp_path / "resumed", first_half)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    a = load_prior_checkpoint(straight.last_checkpoint).model_state
+    b = load_prior_checkpoint(resumed.last_checkpoint).model_state
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_a_prior_refuses_another_vqvae(tmp_path):
+    vqvae_path, other_path = tmp_path / "vqvae.pt", tmp_path / "other.pt"
+    vqvae = saved_vqvae(vqvae_path)
+    saved_vqvae(other_path, seed=5)
+    config = prior_config(epochs=1, sample_every=0)
+    prior = build_prior(config.prior, NUM_CODES, GRID)
+    train_prior(
+        prior,
+        patterned_codes(8, 1),
+        patterned_codes(8, 2),
+        config,
+        tmp_path / "prior",
+        torch.device("cpu"),
+        vqvae,
+        vqvae_path,
+        file_sha256(vqvae_path),
+    )
+    with pytest.raises(CheckpointError, match="trained on the codes of the VQ-VAE"):
+        load_prior(tmp_path / "prior" / "best.pt", other_path)
+    # Nor can the two kinds of checkpoint be confused.
+    with pytest.raises(CheckpointError, match="is a prior checkpoint"):
+        load_checkpoint(tmp_path / "prior" / "best.pt")
+    with pytest.raises(CheckpointError, match="is a vqvae checkpoint"):
+        load_prior_checkpoint(vqvae_path)
