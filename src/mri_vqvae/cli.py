@@ -545,9 +545,14 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
     )
     print(
         f"pairwise SSIM: samples {summary['pairwise_ssim_samples']:.3f}, real "
-        f"{summary['pairwise_ssim_held_out']:.3f} (ratio {summary['diversity_ratio']:.2f}); "
+        f"{summary['pairwise_ssim_held_out']:.3f} (ratio {summary['diversity_ratio']:.2f}), "
+        f"reconstructions {summary['pairwise_ssim_reconstructions']:.3f} (ratio "
+        f"{summary['diversity_ratio_vs_reconstructions']:.2f})"
+    )
+    print(
         f"code histogram JS divergence {summary['code_js_divergence_bits']:.4f} bits (train vs "
-        f"held-out: {summary['code_js_divergence_train_vs_held_out_bits']:.4f})"
+        f"held-out: {summary['code_js_divergence_train_vs_held_out_bits']:.4f}); codes used: "
+        f"samples {summary['codes_used_by_samples']}, held-out {summary['codes_used_by_held_out']}"
     )
     print(
         f"results in {out}: sample_metrics.json, memorisation.csv, closest_to_training.png, "

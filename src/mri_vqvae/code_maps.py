@@ -69,8 +69,10 @@ def encode_slices(
 
 
 def _fingerprint(slices: SliceSet) -> list[str]:
-    # The names and the decoded pixels' sum identify the data a cache was made from.
-    return [*slices.names, f"{float(slices.images.float().sum()):.6e}", str(len(slices))]
+    # The names, shape and decoded pixels' sum identify the data a cache was made from; the sum
+    # runs in chunks so a HipMRI-sized split is never copied whole to float32.
+    total = sum(float(chunk.double().sum()) for chunk in slices.images.split(1024))
+    return [*slices.names, f"{total:.9e}", str(tuple(slices.images.shape))]
 
 
 def code_maps_for(
