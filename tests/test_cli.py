@@ -254,7 +254,7 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     assert "already holds samples" in capsys.readouterr().err
 
     judge = ["-q", "evaluate-samples", "--samples", str(samples), "--data", str(demo)]
-    assert main([*judge, "--classifier-epochs", "1", "--folds", "2", "--device", "cpu"]) == 0
+    assert main([*judge, "--classifier-steps", "2", "--folds", "2", "--device", "cpu"]) == 0
     metrics = json.loads((samples / "evaluation" / "sample_metrics.json").read_text())
     assert metrics["num_samples"] == 8 and metrics["num_held_out"] == 16
     for test in ("two_sample_vs_real", "two_sample_vs_reconstructions"):

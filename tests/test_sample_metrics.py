@@ -14,7 +14,7 @@ from mri_vqvae.sample_metrics import (
     nearest_by_ssim,
 )
 
-FAST = SampleMetricSettings(folds=2, classifier_epochs=4, classifier_batch_size=16)
+FAST = SampleMetricSettings(folds=2, classifier_steps=8, classifier_batch_size=16)
 
 
 def blobs(count: int, seed: int, size=(32, 16)) -> torch.Tensor:

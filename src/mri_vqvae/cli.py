@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     judge.add_argument("--out", type=Path, help="default: SAMPLES/evaluation")
     judge.add_argument("--seed", type=int, default=0)
-    judge.add_argument("--classifier-epochs", type=int, default=15)
+    judge.add_argument(
+        "--classifier-steps", type=int, default=300, help="training steps per fold (default 300)"
+    )
     judge.add_argument("--folds", type=int, default=4)
 
     reconstruct = commands.add_parser(
@@ -525,7 +527,7 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
     splits = load_splits(files, data_config)
     held_out = concat_slice_sets([splits["val"], splits["test"]])
     settings = SampleMetricSettings(
-        folds=args.folds, classifier_epochs=args.classifier_epochs, seed=args.seed
+        folds=args.folds, classifier_steps=args.classifier_steps, seed=args.seed
     )
     out = args.out or args.samples / "evaluation"
     summary = evaluate_samples(

@@ -145,7 +145,7 @@ def evaluate_samples(
         },
         "settings": {
             "folds": settings.folds,
-            "classifier_epochs": settings.classifier_epochs,
+            "classifier_steps": settings.classifier_steps,
             "neighbour_candidates": settings.neighbour_candidates,
             "diversity_pairs": settings.diversity_pairs,
             "seed": settings.seed,

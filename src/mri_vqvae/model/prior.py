@@ -176,10 +176,11 @@ class TransformerPrior(nn.Module):
     def sequence_length(self) -> int:
         return self.grid_shape[0] * self.grid_shape[1]
 
-    def _position_embeddings(self) -> torch.Tensor:
-        # (h, 1, C) + (1, w, C) -> (h * w, C) in raster order
-        rows, columns = self.row_embedding[:, None], self.column_embedding[None]
-        return (rows + columns).reshape(self.sequence_length, -1)
+    def _position_embeddings(self, start: int, length: int) -> torch.Tensor:
+        """``(length, C)`` embeddings of raster positions ``start .. start + length - 1``."""
+        positions = torch.arange(start, start + length, device=self.row_embedding.device)
+        width = self.grid_shape[1]
+        return self.row_embedding[positions // width] + self.column_embedding[positions % width]
 
     def _logits(
         self,
@@ -192,7 +193,7 @@ class TransformerPrior(nn.Module):
         ``(B, T)`` (each the code before, or the start token)."""
         _check_condition(self.conditional, slice_position)
         length = inputs.shape[1]
-        x = self.code_embedding(inputs) + self._position_embeddings()[start : start + length]
+        x = self.code_embedding(inputs) + self._position_embeddings(start, length)
         if self.condition is not None:
             x = x + self.condition(slice_position)[:, None]
         x = self.input_dropout(x)
