@@ -8,8 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DATA ?= demo_data
 DEMO_RUN ?= runs/demo
 DEMO_MINUTES ?= 5
+DEMO_PRIOR_MINUTES ?= 4
+DEMO_SAMPLES ?= 64
 
-.PHONY: demo test lint format clean bench-quality
+.PHONY: demo test lint format clean bench-quality bench-generation bench-sampling
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +37,14 @@ demo: $(VENV)/.installed
 		--max-minutes $(DEMO_MINUTES)
 	$(BIN)/mri-vqvae evaluate --data $(DEMO_DATA) --checkpoint $(DEMO_RUN)/best.pt \
 		--out $(DEMO_RUN)/evaluation
+	$(BIN)/mri-vqvae train-prior --vqvae $(DEMO_RUN)/best.pt --data $(DEMO_DATA) \
+		--out $(DEMO_RUN)/prior --config configs/demo_prior.yaml --max-minutes $(DEMO_PRIOR_MINUTES)
+	$(BIN)/mri-vqvae sample --vqvae $(DEMO_RUN)/best.pt --prior $(DEMO_RUN)/prior/best.pt \
+		--n $(DEMO_SAMPLES) --out $(DEMO_RUN)/samples
+	$(BIN)/mri-vqvae evaluate-samples --samples $(DEMO_RUN)/samples --data $(DEMO_DATA)
 	@echo "Pictures: $(DEMO_RUN)/reconstructions/, $(DEMO_RUN)/ssim_scores.png,"
-	@echo "          $(DEMO_RUN)/batch_losses.png and $(DEMO_RUN)/evaluation/*.png"
+	@echo "          $(DEMO_RUN)/batch_losses.png and $(DEMO_RUN)/evaluation/*.png;"
+	@echo "          new slices: $(DEMO_RUN)/samples/samples.png, $(DEMO_RUN)/samples/evaluation/*.png"
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
@@ -54,6 +62,15 @@ format: $(VENV)/.installed-dev
 QUALITY_MINUTES ?= 20
 bench-quality: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/quality.py --minutes $(QUALITY_MINUTES)
+
+# Generated slices: prior, 256 samples and their measures on the phantom and MNI slices.
+PRIOR_MINUTES ?= 12
+bench-generation: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/generation.py --prior-minutes $(PRIOR_MINUTES)
+
+# Sampling speed with and without the key/value cache.
+bench-sampling: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/sampling.py
 
 clean:
 	rm -rf $(VENV) runs $(DEMO_DATA) .pytest_cache .ruff_cache

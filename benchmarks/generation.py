@@ -1,0 +1,182 @@
+"""Generation quality: train a prior on a VQ-VAE's codes, draw samples and measure them.
+
+For each dataset: write the data (the phantom with 4 validation and 4 test cases, so 256
+held-out slices; or MNI152 slices as in quality.py), train the default VQ-VAE (or take one
+with --phantom-vqvae / --mni-vqvae), then for each prior architecture: `train-prior` for a time
+budget, `sample` 256 slices at temperature 1 and `evaluate-samples`, all through the real
+command line. Prints one table and writes ``generation.json`` under ``--out``.
+
+    python benchmarks/generation.py --datasets phantom mni --prior-minutes 15
+
+Needs the benchmark extras for MNI (nilearn): ``pip install -e '.[bench]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mri_vqvae.cli import main as cli
+from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
+from quality import cpu_name, write_mni_dataset
+
+
+def write_data(name: str, root: Path) -> None:
+    if (root / "keras_slices_train").is_dir():
+        return
+    if name == "phantom":
+        write_phantom_dataset(root, PhantomSpec(val_cases=4, test_cases=4))
+    else:
+        write_mni_dataset(root)
+
+
+def run(args: list[str]) -> None:
+    print("+ mri-vqvae " + " ".join(args), flush=True)
+    status = cli(args)
+    if status != 0:
+        raise SystemExit(f"mri-vqvae {args[0]} failed with status {status}")
+
+
+def benchmark(dataset: str, vqvae: Path | None, options: argparse.Namespace) -> list[dict]:
+    root = options.out / dataset
+    data = root / "data"
+    write_data(dataset, data)
+    if vqvae is None:
+        vqvae_run = root / "vqvae"
+        if not (vqvae_run / "best.pt").is_file():
+            run(
+                [
+                    "train",
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(vqvae_run),
+                    "--epochs",
+                    "1000",
+                    "--max-minutes",
+                    str(options.vqvae_minutes),
+                    "train.precision=bfloat16",
+                ]
+            )
+        vqvae = vqvae_run / "best.pt"
+    rows = []
+    for architecture in options.architectures:
+        prior = root / f"prior_{architecture}"
+        if not (prior / "prior_summary.json").is_file():
+            started = time.monotonic()
+            run(
+                [
+                    "train-prior",
+                    "--vqvae",
+                    str(vqvae),
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(prior),
+                    "--architecture",
+                    architecture,
+                    "--epochs",
+                    "1000",
+                    "--max-minutes",
+                    str(options.prior_minutes),
+                    "train.precision=bfloat16",
+                    "train.sample_every=10",
+                ]
+            )
+            print(f"prior trained in {time.monotonic() - started:.0f} s")
+        samples = root / f"samples_{architecture}"
+        if not (samples / "samples.json").is_file():
+            run(
+                [
+                    "sample",
+                    "--vqvae",
+                    str(vqvae),
+                    "--prior",
+                    str(prior / "best.pt"),
+                    "--n",
+                    str(options.samples),
+                    "--out",
+                    str(samples),
+                ]
+            )
+        run(["evaluate-samples", "--samples", str(samples), "--data", str(data)])
+        summary = json.loads((prior / "prior_summary.json").read_text())
+        history = [json.loads(line) for line in (prior / "metrics.jsonl").read_text().splitlines()]
+        drawn = json.loads((samples / "samples.json").read_text())
+        metrics = json.loads((samples / "evaluation" / "sample_metrics.json").read_text())
+        rows.append(
+            {
+                "dataset": dataset,
+                "architecture": architecture,
+                "vqvae": str(vqvae),
+                "prior_epochs": len(history),
+                "prior_best_epoch": summary["best_epoch"],
+                "val_nll_bits": summary["val_nll_bits"],
+                "val_unigram_bits": summary["val_unigram_bits"],
+                "nll_below_unigram": 1 - summary["val_nll_bits"] / summary["val_unigram_bits"],
+                "test_nll_bits": summary["test_nll_bits"],
+                "sampling_seconds": drawn["sampling_seconds"],
+                "num_samples": drawn["num_samples"],
+                **{key: value for key, value in metrics.items() if key != "settings"},
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (
+        f"{'dataset':8} {'prior':12} {'val bits':>8} {'unigram':>8} {'below':>6} "
+        f"{'C2ST real':>16} {'C2ST recon':>16} {'>0.95':>6} {'div/real':>8} "
+        f"{'div/recon':>9} {'JSD':>7} {'s/256':>6}"
+    )
+    print(header)
+    for row in rows:
+        real, recon = row["two_sample_vs_real"], row["two_sample_vs_reconstructions"]
+        print(
+            f"{row['dataset']:8} {row['architecture']:12} {row['val_nll_bits']:8.3f} "
+            f"{row['val_unigram_bits']:8.3f} {100 * row['nll_below_unigram']:5.1f}% "
+            f"{real['accuracy']:.3f} [{real['ci95_low']:.2f},{real['ci95_high']:.2f}] "
+            f"{recon['accuracy']:.3f} [{recon['ci95_low']:.2f},{recon['ci95_high']:.2f}] "
+            f"{100 * row['share_samples_above_0.95']:5.1f}% {row['diversity_ratio']:8.2f} "
+            f"{row['diversity_ratio_vs_reconstructions']:9.2f} "
+            f"{row['code_js_divergence_bits']:7.4f} {row['sampling_seconds']:6.1f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["phantom", "mni"])
+    parser.add_argument("--architectures", nargs="+", default=["transformer"])
+    parser.add_argument("--vqvae-minutes", type=float, default=8.0)
+    parser.add_argument("--prior-minutes", type=float, default=15.0)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--phantom-vqvae", type=Path, help="reuse this VQ-VAE for the phantom")
+    parser.add_argument("--mni-vqvae", type=Path, help="reuse this VQ-VAE for MNI slices")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/generation"))
+    options = parser.parse_args()
+    given = {"phantom": options.phantom_vqvae, "mni": options.mni_vqvae}
+    rows = []
+    for dataset in options.datasets:
+        rows += benchmark(dataset, given.get(dataset), options)
+    print_table(rows)
+    options.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "date": date.today().isoformat(),
+        "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
+        "torch": str(torch.__version__),
+        "command": "python " + " ".join(sys.argv),
+        "rows": rows,
+    }
+    (options.out / "generation.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {options.out / 'generation.json'}")
+
+
+if __name__ == "__main__":
+    main()
