@@ -188,24 +188,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    flags = {
-        "epochs": "train.epochs",
-        "batch_size": "train.batch_size",
-        "lr": "train.lr",
-        "seed": "train.seed",
-        "max_minutes": "train.max_minutes",
-        "device": "train.device",
-        "size": "data.image_size",
-    }
-    overrides = [
+# Flags that set a training setting, for both `train` and `train-prior`.
+TRAIN_FLAGS = {
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "seed": "train.seed",
+    "max_minutes": "train.max_minutes",
+    "device": "train.device",
+}
+
+
+def _flag_overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """``section.key=value`` overrides for the ``flags`` (argument name to setting) given."""
+    return [
         f"{key}={getattr(args, name)}"
         for name, key in flags.items()
         if getattr(args, name, None) is not None
     ]
-    if getattr(args, "skip_bad_files", False):
-        overrides.append("data.skip_bad_files=true")
-    return overrides
 
 
 def run_demo_data(args: argparse.Namespace) -> None:
@@ -236,7 +236,11 @@ def run_train(args: argparse.Namespace) -> None:
     from mri_vqvae.runtime import resolve_device, seed_everything
     from mri_vqvae.training import train_vqvae
 
-    overrides = list(args.overrides) + _flag_overrides(args)
+    overrides = list(args.overrides) + _flag_overrides(
+        args, {**TRAIN_FLAGS, "size": "data.image_size"}
+    )
+    if args.skip_bad_files:
+        overrides.append("data.skip_bad_files=true")
     last = args.out / "last.pt"
     resume = None
     if args.resume:
@@ -323,26 +327,6 @@ def run_reconstruct(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-def _prior_flag_overrides(args: argparse.Namespace) -> list[str]:
-    flags = {
-        "epochs": "train.epochs",
-        "batch_size": "train.batch_size",
-        "lr": "train.lr",
-        "seed": "train.seed",
-        "max_minutes": "train.max_minutes",
-        "device": "train.device",
-        "architecture": "prior.architecture",
-    }
-    overrides = [
-        f"{key}={getattr(args, name)}"
-        for name, key in flags.items()
-        if getattr(args, name, None) is not None
-    ]
-    if args.condition_on_slice_position:
-        overrides.append("prior.condition_on_slice_position=true")
-    return overrides
-
-
 def run_train_prior(args: argparse.Namespace) -> None:
     from mri_vqvae.checkpoint import (
         check_prior_matches,
@@ -357,7 +341,11 @@ def run_train_prior(args: argparse.Namespace) -> None:
     from mri_vqvae.prior_training import evaluate_prior, train_prior
     from mri_vqvae.runtime import resolve_device, seed_everything
 
-    overrides = list(args.overrides) + _prior_flag_overrides(args)
+    overrides = list(args.overrides) + _flag_overrides(
+        args, {**TRAIN_FLAGS, "architecture": "prior.architecture"}
+    )
+    if args.condition_on_slice_position:
+        overrides.append("prior.condition_on_slice_position=true")
     last = args.out / "last.pt"
     resume = None
     if args.resume:
