@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import time
@@ -27,7 +25,7 @@ from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior
 from mri_vqvae.runtime import autocast
 from mri_vqvae.sampling import SamplingSettings, generate_samples
-from mri_vqvae.training import warmup_cosine
+from mri_vqvae.training import warmup_cosine, write_metric_logs
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +85,6 @@ def evaluate_prior(
         correct += int(hits)
     count = codes.indices.numel()
     return {"nll_bits": total_nats / count / math.log(2), "accuracy": correct / count}
-
-
-def _write_logs(history: list[dict], run_dir: Path) -> None:
-    with open(run_dir / "metrics.jsonl", "w") as handle:
-        for row in history:
-            handle.write(json.dumps(row) + "\n")
-    with open(run_dir / "metrics.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PRIOR_METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(history)
 
 
 def _preview(vqvae: VQVAE, prior: Prior, config: PriorRunConfig, path: Path, epoch: int) -> None:
@@ -216,7 +204,7 @@ def train_prior(
             "stopped_by_time_budget": out_of_time,
         }
         history.append(row)
-        _write_logs(history, run_dir)
+        write_metric_logs(history, run_dir, PRIOR_METRIC_COLUMNS)
         logger.info(
             "prior epoch %d: train %.3f bits/code | val %.3f bits/code (unigram %.3f), "
             "next-code accuracy %.1f%%",

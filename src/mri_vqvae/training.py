@@ -180,12 +180,15 @@ def save_previews(
             )
 
 
-def _write_logs(history: list[dict], run_dir: Path) -> None:
+def write_metric_logs(
+    history: list[dict], run_dir: Path, columns: tuple[str, ...] = METRIC_COLUMNS
+) -> None:
+    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` (``columns``) with one row per epoch."""
     with open(run_dir / "metrics.jsonl", "w") as handle:
         for row in history:
             handle.write(json.dumps(row) + "\n")
     with open(run_dir / "metrics.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
 
@@ -309,7 +312,7 @@ def train_vqvae(
             "stopped_by_time_budget": out_of_time,
         }
         history.append(row)
-        _write_logs(history, run_dir)
+        write_metric_logs(history, run_dir)
         logger.info(
             "epoch %d: train loss %.4f ssim %.4f | val loss %.4f ssim %.4f | codes used %.1f%% "
             "perplexity %.1f",
