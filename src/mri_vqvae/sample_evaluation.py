@@ -43,14 +43,19 @@ def as_loaded(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruct(vqvae: VQVAE, slices: SliceSet, device: torch.device, batch_size: int = 64):
-    """The VQ-VAE's reconstructions of a split, prepared as loaded slices are."""
+def reconstruct(
+    vqvae: VQVAE, slices: SliceSet, device: torch.device, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VQ-VAE's reconstructions of a split, prepared as loaded slices are, and the code
+    maps ``(N, h, w)`` it chose for them."""
     vqvae.eval()
-    chunks = []
+    images_out, codes = [], []
     for start in range(0, len(slices), batch_size):
         images = slices.batch(slice(start, start + batch_size)).to(device)
-        chunks.append(vqvae(images).reconstruction.clamp(-1, 1).cpu())
-    return as_loaded(torch.cat(chunks))
+        output = vqvae(images)
+        images_out.append(output.reconstruction.clamp(-1, 1).cpu())
+        codes.append(output.indices.cpu())
+    return as_loaded(torch.cat(images_out)), torch.cat(codes)
 
 
 def evaluate_samples(
@@ -82,7 +87,7 @@ def evaluate_samples(
     logger.info("two-sample test: samples against real held-out slices")
     against_real = classifier_two_sample_test(sample_images, real_images, settings)
     logger.info("two-sample test: samples against reconstructions of held-out slices")
-    reconstructions = reconstruct(vqvae, held_out, device)
+    reconstructions, held_out_codes = reconstruct(vqvae, held_out, device)
     against_reconstructions = classifier_two_sample_test(sample_images, reconstructions, settings)
 
     logger.info("nearest training slices")
@@ -103,9 +108,7 @@ def evaluate_samples(
     num_embeddings = vqvae.num_embeddings
     counts = {
         "samples": torch.bincount(sample_codes.flatten().long(), minlength=num_embeddings),
-        "held_out": torch.bincount(
-            encode_slices(vqvae, held_out, device).flatten(), minlength=num_embeddings
-        ),
+        "held_out": torch.bincount(held_out_codes.flatten(), minlength=num_embeddings),
         "train": torch.bincount(
             encode_slices(vqvae, train, device).flatten(), minlength=num_embeddings
         ),
