@@ -23,7 +23,7 @@ from mri_vqvae.code_maps import CodeMaps
 from mri_vqvae.config import PriorRunConfig, save_config
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior
-from mri_vqvae.runtime import autocast
+from mri_vqvae.runtime import autocast, resolve_precision
 from mri_vqvae.sampling import SamplingSettings, generate_samples
 from mri_vqvae.training import warmup_cosine, write_metric_logs
 
@@ -118,6 +118,7 @@ def train_prior(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "prior_config.yaml")
     settings = config.train
+    precision = resolve_precision(settings.precision, device)
     prior.to(device)
     vqvae.to(device).eval()
     optimizer = torch.optim.AdamW(
@@ -170,7 +171,7 @@ def train_prior(
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast(device, settings.precision):
+            with autocast(device, precision):
                 loss, hits = prior_loss(
                     prior, indices, _conditions(prior, train_codes, rows, device)
                 )

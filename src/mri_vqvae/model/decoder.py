@@ -59,7 +59,7 @@ class SeedDecoder(nn.Module):
         for index, width in enumerate(targets):
             layers.append(upsample(channels, width))
             if index < len(targets) - 1:
-                layers.append(nn.ReLU())
+                layers.append(nn.ReLU(inplace=True))
             channels = width
         self.upsamplings = nn.Sequential(*layers)
 

@@ -47,7 +47,7 @@ class SeedEncoder(nn.Module):
         layers: list[nn.Module] = []
         channels = in_channels
         for width in widths:
-            layers += [downsample(channels, width), nn.ReLU()]
+            layers += [downsample(channels, width), nn.ReLU(inplace=True)]
             channels = width
         layers.append(nn.Conv2d(channels, channels, kernel_size=3, padding=1))
         self.convs = nn.Sequential(*layers)

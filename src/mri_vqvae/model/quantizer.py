@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -26,6 +27,37 @@ class QuantizerOutput(NamedTuple):
     commitment_loss: torch.Tensor
     codebook_loss: torch.Tensor  # zero under the EMA update, which needs no loss
     perplexity: torch.Tensor  # exp(entropy) of this batch's code histogram
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the processes of a distributed run (unchanged in a single one)."""
+    if _world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _rows_of_all_processes(rows: torch.Tensor) -> torch.Tensor:
+    """The ``(N_r, D)`` rows of every process of a distributed run, in rank order.
+
+    Training shards each batch in contiguous blocks by rank, so this is the whole batch's
+    latents in the order one process would hold them: k-means and dead-code restarts then
+    see the same data, draw the same random numbers and agree on every rank.
+    """
+    world = _world_size()
+    if world == 1:
+        return rows
+    sizes = [torch.zeros((), dtype=torch.long, device=rows.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(rows.shape[0], device=rows.device))
+    largest = int(max(sizes))
+    padded = rows.new_zeros(largest, rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([block[: int(size)] for block, size in zip(gathered, sizes, strict=True)])
 
 
 def squared_distances(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -144,8 +176,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def kmeans_init(self, flat_latents: torch.Tensor) -> None:
-        """Place every code at a k-means centre of ``(N, D)`` latents."""
-        vectors = self._to_code_space(flat_latents.float())
+        """Place every code at a k-means centre of ``(N, D)`` latents (of every process, in a
+        distributed run)."""
+        vectors = self._to_code_space(_rows_of_all_processes(flat_latents.float()))
         centres, sizes = kmeans(vectors, self.num_embeddings, spherical=self.cosine_codes)
         everything = torch.ones(self.num_embeddings, dtype=torch.bool, device=vectors.device)
         self._set_codes(everything, centres, sizes.clamp_min(1))
@@ -153,10 +186,14 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, flat_latents: torch.Tensor, indices: torch.Tensor) -> None:
-        """One EMA step toward the mean of the latents assigned to each code."""
+        """One EMA step toward the mean of the latents assigned to each code, over the latents
+        of every process in a distributed run, so each keeps the same codebook."""
         vectors = self._to_code_space(flat_latents.float())
         counts = torch.bincount(indices, minlength=self.num_embeddings).float()
         sums = torch.zeros_like(self.ema_embedding_sum).index_add_(0, indices, vectors)  # (K, D)
+        if _world_size() > 1:
+            both = _sum_over_processes(torch.cat([counts[:, None], sums], dim=1))
+            counts, sums = both[:, 0], both[:, 1:]
         decay = self.ema_decay
         self.ema_cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_embedding_sum.mul_(decay).add_(sums, alpha=1 - decay)
@@ -171,14 +208,15 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self, flat_latents: torch.Tensor, counts: torch.Tensor) -> int:
         """Count a step of use and move codes unused for ``dead_code_steps`` steps onto random
-        latents of this batch. Returns how many codes were restarted."""
+        latents of this batch. ``counts`` must be the whole batch's (summed over processes);
+        the latents are gathered from every process. Returns how many codes were restarted."""
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         if self.dead_code_steps == 0:
             return 0
         dead = self.steps_unused >= self.dead_code_steps
         number = int(dead.sum())
         if number:
-            vectors = self._to_code_space(flat_latents.float())
+            vectors = self._to_code_space(_rows_of_all_processes(flat_latents.float()))
             picks = torch.randint(vectors.shape[0], (number,), device=vectors.device)
             self._set_codes(dead, vectors[picks], torch.ones(number, device=vectors.device))
             self.steps_unused.masked_fill_(dead, 0)
@@ -206,7 +244,7 @@ class VectorQuantizer(nn.Module):
         quantized = flat + (quantized - flat).detach()  # straight-through estimator
         counts = torch.bincount(indices, minlength=self.num_embeddings)
         if self.training:
-            self.restart_dead_codes(flat.detach(), counts)
+            self.restart_dead_codes(flat.detach(), _sum_over_processes(counts))
         return QuantizerOutput(
             quantized=quantized.reshape(batch, height, width, dim).permute(0, 3, 1, 2),
             indices=indices.reshape(batch, height, width),

@@ -1,0 +1,99 @@
+"""Several processes, one model: the process group ``torchrun`` describes, and the few
+collective operations training needs.
+
+``torchrun --nproc-per-node N -m mri_vqvae train ...`` starts N copies of the command; each
+reads its rank from the environment. NCCL joins GPU processes, Gloo CPU ones. In a single
+process (no ``torchrun``) every helper here does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from mri_vqvae.runtime import resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place among the processes of a run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes the run folder, logs and pictures."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, indices: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous block of ``indices`` (blocks differ in length by at most
+        one): the ranks' blocks, in rank order, are ``indices`` again."""
+        if not self.enabled:
+            return indices
+        return indices.tensor_split(self.world_size)[self.rank]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over all processes, in place."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``'s largest value over all processes, in place."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def barrier(self) -> None:
+        """Wait until every process reaches this point."""
+        if self.enabled:
+            dist.barrier()
+
+
+SINGLE_PROCESS = ProcessGroup()
+
+
+def join_process_group(device_name: str = "auto") -> tuple[ProcessGroup, torch.device]:
+    """Join the process group ``torchrun`` set up in the environment (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and pick this
+    process's device: GPU ``LOCAL_RANK`` with NCCL when CUDA is used, else the CPU with Gloo.
+    Without those variables it returns a single process and :func:`resolve_device`'s device.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return SINGLE_PROCESS, resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"rank {rank} has LOCAL_RANK {local_rank}, but torch sees only "
+                f"{torch.cuda.device_count()} GPU(s): start at most that many processes per node"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(minutes=60))
+    group = ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank)
+    logger.info("process %d of %d on %s (%s)", rank, world_size, device, backend)
+    return group, device
+
+
+def leave_process_group() -> None:
+    """Tear the process group down, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

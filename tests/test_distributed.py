@@ -1,0 +1,152 @@
+"""Distributed data parallel training on 2 CPU processes (Gloo): the ranks stay identical and
+follow the run one process makes with the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mri_vqvae.checkpoint import load_checkpoint
+from mri_vqvae.config import DataConfig
+from mri_vqvae.data.dataset import load_splits, resolve_split_files
+from mri_vqvae.distributed import ProcessGroup, join_process_group, leave_process_group
+from mri_vqvae.model import VQVAE
+from mri_vqvae.training import train_vqvae
+from tests.conftest import TINY_SIZE, tiny_config
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch build has no torch.distributed"
+)
+
+# 24 training slices in batches of 9: 9, 9 and 6 images, so the shards of the first two
+# batches differ in size (5 and 4) and the loss scaling that evens them out is exercised.
+BATCH_SIZE = 9
+
+
+def distributed_config():
+    # float32 on every machine, and more codes than the data fills with a restart threshold of
+    # 1 step, so dead-code restarts (which gather latents from every rank) happen.
+    config = tiny_config(epochs=2, batch_size=BATCH_SIZE, precision="float32")
+    return replace(config, model=replace(config.model, num_embeddings=256, dead_code_steps=1))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_rank(rank: int, world_size: int, port: int, root: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MRI_VQVAE_CACHE=str(Path(out) / f"cache{rank}"),
+    )
+    torch.set_num_threads(1)
+    processes, device = join_process_group("cpu")
+    try:
+        config = distributed_config()
+        data = load_splits(resolve_split_files(root), config.data, splits=("train", "val"))
+        torch.manual_seed(config.train.seed)
+        model = VQVAE.from_config(config.model)
+        result = train_vqvae(
+            model, data["train"], data["val"], config, Path(out) / "run", device, None, processes
+        )
+        torch.save(
+            {"state": model.state_dict(), "history": result.history},
+            Path(out) / f"rank{rank}.pt",
+        )
+    finally:
+        leave_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(phantom_root: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(
+        train_rank,
+        args=(2, free_port(), str(phantom_root), str(out)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    return out
+
+
+def one_process_run(phantom_root: Path, out: Path):
+    config = distributed_config()
+    data = load_splits(resolve_split_files(phantom_root), DataConfig(image_size=TINY_SIZE))
+    torch.manual_seed(config.train.seed)
+    model = VQVAE.from_config(config.model)
+    result = train_vqvae(model, data["train"], data["val"], config, out, torch.device("cpu"))
+    return model, result
+
+
+def test_ranks_end_with_identical_weights_and_codebooks(two_process_run: Path):
+    first = torch.load(two_process_run / "rank0.pt", weights_only=True)["state"]
+    second = torch.load(two_process_run / "rank1.pt", weights_only=True)["state"]
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert int(first["quantizer.restart_count"]) > 0  # restarts ran, and agreed
+
+
+def test_two_processes_follow_one_process_with_the_whole_batch(
+    two_process_run: Path, phantom_root: Path, tmp_path: Path
+):
+    model, result = one_process_run(phantom_root, tmp_path / "single")
+    distributed = torch.load(two_process_run / "rank0.pt", weights_only=True)
+    single_losses = [row["train_loss"] for row in result.history]
+    ddp_losses = [row["train_loss"] for row in distributed["history"]]
+    assert ddp_losses == pytest.approx(single_losses, rel=1e-4)
+    checkpoint = load_checkpoint(two_process_run / "run" / "last.pt")
+    assert checkpoint.batch_losses == pytest.approx(
+        load_checkpoint(tmp_path / "single" / "last.pt").batch_losses, rel=1e-4
+    )
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(distributed["state"][name], value, rtol=1e-3, atol=1e-4)
+
+
+def test_only_the_main_process_writes_the_run_folder(two_process_run: Path):
+    run = two_process_run / "run"
+    checkpoint = load_checkpoint(run / "last.pt")
+    assert checkpoint.epoch == 2
+    assert (run / "metrics.csv").read_text().count("\n") == 3  # header and two epochs
+    assert (run / "reconstructions" / "val" / "epoch_2.png").is_file()
+    assert checkpoint.config.train.precision == "float32"
+
+
+def test_a_run_resumes_in_one_process_after_two(two_process_run: Path, phantom_root, tmp_path):
+    checkpoint = load_checkpoint(two_process_run / "run" / "last.pt")
+    config = replace(checkpoint.config, train=replace(checkpoint.config.train, epochs=3))
+    checkpoint = replace(checkpoint, config=config)
+    data = load_splits(resolve_split_files(phantom_root), config.data)
+    model = VQVAE.from_config(config.model)
+    model.load_state_dict(checkpoint.model_state)
+    result = train_vqvae(
+        model,
+        data["train"],
+        data["val"],
+        config,
+        tmp_path / "resumed",
+        torch.device("cpu"),
+        checkpoint,
+    )
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert result.history[-1]["global_step"] == 3 * 3
+
+
+def test_shards_are_contiguous_blocks_in_rank_order():
+    indices = torch.arange(9)
+    blocks = [ProcessGroup(rank=r, world_size=2).shard(indices) for r in range(2)]
+    assert [b.tolist() for b in blocks] == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    assert ProcessGroup().shard(indices) is indices
