@@ -11,7 +11,7 @@ DEMO_MINUTES ?= 5
 DEMO_PRIOR_MINUTES ?= 4
 DEMO_SAMPLES ?= 64
 
-.PHONY: demo test lint format clean bench-quality bench-generation bench-sampling
+.PHONY: demo test lint format clean bench-quality bench-generation bench-sampling bench-throughput bench-epoch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,15 @@ bench-generation: $(VENV)/.installed-bench
 # Sampling speed with and without the key/value cache.
 bench-sampling: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/sampling.py
+
+# Training images per second: seed preset, default, MONAI and a plain float32 seed model.
+BENCH_DEVICE ?= cpu
+bench-throughput: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/throughput.py --device $(BENCH_DEVICE)
+
+# One HipMRI-sized epoch end to end (writes a 1.5 GB phantom once).
+bench-epoch: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/epoch_time.py
 
 clean:
 	rm -rf $(VENV) runs $(DEMO_DATA) .pytest_cache .ruff_cache

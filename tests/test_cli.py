@@ -218,10 +218,12 @@ def test_seed_preset_trains_the_seeds_recipe_at_a_tiny_size(demo: Path, tmp_path
         "model.embedding_dim=8",
         "model.num_embeddings=16",
     ]
-    args = train_args(demo, run, "--preset", "seed", "--epochs", "1")
+    args = train_args(demo, run, "--preset", "seed", "--epochs", "1", "--precision", "float32")
     args = [a for a in args if a not in TINY_MODEL] + tiny_seed
-    assert main(args) == 0
+    assert main([*args, "--memory-format", "contiguous"]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["precision"] == "float32"  # flags reach the settings
+    assert saved["train"]["memory_format"] == "contiguous"
     assert saved["model"]["architecture"] == "seed"  # from the preset
     assert saved["model"]["codebook_update"] == "loss"
     assert saved["train"]["lr_schedule"] == "constant"

@@ -78,6 +78,8 @@ def test_overrides_are_typed():
         ("data.image_size=[250, 128]", "data.image_size"),
         ("model.ema_decay=1.5", "model.ema_decay"),
         ("nodots", "section.key=value"),
+        ("train.precision=float16", "train.precision"),
+        ("train.memory_format=nhwc", "train.memory_format"),
     ],
 )
 def test_bad_settings_are_refused_by_name(override: str, named: str):

@@ -42,3 +42,22 @@ def test_the_ssim_term_reports_the_batch_ssim_it_computed():
     torch.testing.assert_close(loss.ssim, ssim_per_image(images, reconstructions).mean())
     assert vqvae_loss(images, reconstructions, torch.tensor(0.0)).ssim is None
     assert vqvae_loss(images, reconstructions, torch.tensor(0.0), "mse", "ssim", 0.0).ssim is None
+
+
+def test_the_ssim_term_has_the_libraries_value_and_gradient():
+    from pytorch_msssim import ssim
+
+    torch.manual_seed(1)
+    images = torch.rand(4, 1, 64, 48) * 2 - 1
+    noisy = (images + 0.3 * torch.randn_like(images)).clamp(-1, 1)
+    ours = noisy.clone().requires_grad_()
+    theirs = noisy.clone().requires_grad_()
+    value = structural_loss(images, ours, "ssim")
+    value.backward()
+    reference = 1 - ssim(
+        (images + 1) / 2, (theirs + 1) / 2, data_range=1.0, win_size=11, win_sigma=1.5
+    )
+    reference.backward()
+    torch.testing.assert_close(value, reference)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-9)
+    assert ours.grad.abs().sum() > 0

@@ -101,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the training step (first step slower; measured no gain on CPU)",
     )
     train.add_argument(
-        "--no-channels-last",
-        action="store_true",
-        help="keep activations NCHW instead of channels-last",
+        "--memory-format",
+        choices=["auto", "channels_last", "contiguous"],
+        help="activation layout; auto (the default) is channels-last on GPUs and for the seed "
+        "architecture",
     )
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
 
@@ -215,6 +216,7 @@ TRAIN_FLAGS = {
     "max_minutes": "train.max_minutes",
     "device": "train.device",
     "precision": "train.precision",
+    "memory_format": "train.memory_format",
 }
 
 
@@ -263,8 +265,6 @@ def run_train(args: argparse.Namespace) -> None:
         overrides.append("data.skip_bad_files=true")
     if args.compile:
         overrides.append("train.compile=true")
-    if args.no_channels_last:
-        overrides.append("train.channels_last=false")
     last = args.out / "last.pt"
     resume = None
     if args.resume:

@@ -46,6 +46,7 @@ LR_SCHEDULES = ("cosine", "constant")
 PIXEL_LOSSES = ("mse", "l1")
 SSIM_LOSSES = ("ssim", "ms-ssim", "none")
 PRECISIONS = ("auto", "float32", "bfloat16")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -157,10 +158,11 @@ class TrainConfig:
     # else float32, and the run's saved config records which. Validation and evaluation always
     # run in float32.
     precision: str = "auto"
-    # Keep activations channels-last (NHWC): oneDNN's and cuDNN's fastest convolutions. At the
-    # seed's shape on 2 CPU cores it trained 1.2x faster; the default model's GroupNorm
-    # blocks gain nothing from it and lose little (docs/benchmarks.md).
-    channels_last: bool = True
+    # "channels_last" (NHWC) or "contiguous" (NCHW) activations. "auto": channels-last on
+    # GPUs and for the seed architecture, whose plain convolutions train 1.2x faster in it on
+    # 2 CPU cores; NCHW for the resnet architecture on a CPU, where GroupNorm made
+    # channels-last 7% slower (docs/benchmarks.md).
+    memory_format: str = "auto"
     # torch.compile the training forward and backward. Off by default: on 2 CPU cores it
     # gained nothing measurable and its first step takes 10-30 s (docs/benchmarks.md).
     compile: bool = False
@@ -181,6 +183,7 @@ class TrainConfig:
         _check_choice("train", "pixel_loss", self.pixel_loss, PIXEL_LOSSES)
         _check_choice("train", "ssim_loss", self.ssim_loss, SSIM_LOSSES)
         _check_choice("train", "precision", self.precision, PRECISIONS)
+        _check_choice("train", "memory_format", self.memory_format, MEMORY_FORMATS)
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.final_lr_fraction <= 1:

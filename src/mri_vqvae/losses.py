@@ -6,7 +6,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pytorch_msssim import ms_ssim, ssim
+from pytorch_msssim import ms_ssim
+
+from mri_vqvae.metrics import ssim_map
 
 
 class VQVAELoss(NamedTuple):
@@ -37,7 +39,10 @@ def structural_loss(images: torch.Tensor, reconstructions: torch.Tensor, kind: s
     x = (images.float() + 1) / 2
     y = (reconstructions.float() + 1) / 2
     if kind == "ssim":
-        return 1 - ssim(x, y, data_range=1.0, win_size=11, win_sigma=1.5)
+        # The same SSIM as pytorch_msssim's (11x11 Gaussian window, sigma 1.5), computed by
+        # banded products: a quarter of the time on a CPU, where the library's cost a quarter
+        # of a training step.
+        return 1 - ssim_map(x, y).mean()
     if kind == "ms-ssim":
         window = ms_ssim_window(*images.shape[-2:])
         return 1 - ms_ssim(x, y, data_range=1.0, win_size=window, win_sigma=1.5)

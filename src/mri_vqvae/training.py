@@ -219,13 +219,21 @@ def write_metric_logs(
         writer.writerows(history)
 
 
+def uses_channels_last(memory_format: str, model: VQVAE, device: torch.device) -> bool:
+    """Whether ``train.memory_format`` means channels-last activations for this model and
+    device (``"auto"``: on GPUs, and for the seed architecture on a CPU)."""
+    if memory_format != "auto":
+        return memory_format == "channels_last"
+    return device.type == "cuda" or model.architecture == "seed"
+
+
 def _prepare_model(
     model: VQVAE, settings: TrainConfig, device: torch.device, processes: ProcessGroup
 ) -> torch.nn.Module:
     """Place ``model`` for training and return what the training step should call: the
     model itself, or it wrapped in DDP and/or ``torch.compile``."""
     model.to(device)
-    if settings.channels_last:
+    if uses_channels_last(settings.memory_format, model, device):
         model.to(memory_format=torch.channels_last)
     trainer: torch.nn.Module = model
     if processes.enabled:
@@ -319,7 +327,7 @@ def train_vqvae(
         logger.info(
             "training in %s%s%s on %d process(es)",
             precision,
-            ", channels-last" if settings.channels_last else "",
+            ", channels-last" if uses_channels_last(settings.memory_format, model, device) else "",
             ", compiled" if settings.compile else "",
             processes.world_size,
         )
@@ -353,7 +361,7 @@ def train_vqvae(
             images = train_images[mine].float()
             time_used = (time.monotonic() - started) / budget_seconds if budget_seconds else 0.0
             if budget_seconds is not None:  # every process follows the slowest one's clock
-                time_used = float(processes.max(torch.tensor([time_used]))[0])
+                time_used = float(processes.max(torch.tensor([time_used], device=device))[0])
             lr = learning_rate(settings, global_step, total_steps, time_used)
             for group in optimizer.param_groups:
                 group["lr"] = lr

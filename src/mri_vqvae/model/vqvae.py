@@ -65,6 +65,7 @@ class VQVAE(nn.Module):
             )
         if not channel_multipliers:
             raise ValueError("channel_multipliers needs one entry per downsampling")
+        self.architecture = architecture
         self.downsampling_factor = 2 ** len(channel_multipliers)
         self.bounded_output = output_activation == "tanh"
         widths = level_widths(channels, tuple(channel_multipliers))

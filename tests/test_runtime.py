@@ -1,0 +1,66 @@
+import platform
+
+import pytest
+import torch
+
+from mri_vqvae import runtime
+from mri_vqvae.model import VQVAE
+from mri_vqvae.runtime import autocast, keep_freed_memory, resolve_precision
+from mri_vqvae.training import train_vqvae, uses_channels_last
+from tests.conftest import tiny_config, tiny_model_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("has_amx, expected", [(True, "bfloat16"), (False, "float32")])
+def test_auto_precision_is_bfloat16_only_on_cpus_with_matrix_units(monkeypatch, has_amx, expected):
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: has_amx)
+    assert resolve_precision("auto", CPU) == expected
+    assert resolve_precision("float32", CPU) == "float32"
+    assert resolve_precision("bfloat16", CPU) == "bfloat16"
+    with pytest.raises(ValueError, match="float16"):
+        resolve_precision("float16", CPU)
+
+
+def test_auto_autocast_follows_the_resolved_precision(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: True)
+    layer = torch.nn.Linear(4, 4)
+    with autocast(CPU, "auto"):
+        assert layer(torch.ones(2, 4)).dtype == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: False)
+    with autocast(CPU, "auto"):
+        assert layer(torch.ones(2, 4)).dtype == torch.float32
+
+
+def test_the_run_records_the_precision_auto_resolved_to(phantom_root, tmp_path, monkeypatch):
+    from mri_vqvae.checkpoint import load_checkpoint
+    from mri_vqvae.config import DataConfig, load_config
+    from mri_vqvae.data.dataset import load_splits, resolve_split_files
+    from tests.conftest import TINY_SIZE
+
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: False)
+    config = tiny_config(epochs=1)
+    assert config.train.precision == "auto"
+    data = load_splits(resolve_split_files(phantom_root), DataConfig(image_size=TINY_SIZE))
+    torch.manual_seed(0)
+    train_vqvae(VQVAE.from_config(config.model), data["train"], data["val"], config, tmp_path, CPU)
+    assert load_config(tmp_path / "config.yaml").train.precision == "float32"
+    assert load_checkpoint(tmp_path / "last.pt").config.train.precision == "float32"
+
+
+def test_memory_format_choice():
+    seed = VQVAE.from_config(tiny_model_config(architecture="seed"))
+    resnet = VQVAE.from_config(tiny_model_config())
+    assert uses_channels_last("auto", seed, CPU)
+    assert not uses_channels_last("auto", resnet, CPU)
+    assert uses_channels_last("auto", resnet, torch.device("cuda"))
+    assert uses_channels_last("channels_last", resnet, CPU)
+    assert not uses_channels_last("contiguous", seed, torch.device("cuda"))
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_the_allocator_setting_takes_on_glibc():
+    assert keep_freed_memory() is True
+    assert keep_freed_memory() is True  # a second call is harmless
