@@ -15,7 +15,7 @@ from mri_vqvae.checkpoint import (
     load_prior_checkpoint,
     save_checkpoint,
 )
-from mri_vqvae.code_maps import CodeMaps, code_maps_for, require_slice_positions
+from mri_vqvae.code_maps import CodeMaps, code_maps_for, encode_slices, require_slice_positions
 from mri_vqvae.config import Config, PriorConfig, PriorRunConfig, PriorTrainConfig
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.model import VQVAE
@@ -88,7 +88,38 @@ def test_code_maps_are_cached_per_vqvae(tmp_path):
     assert torch.equal(again.indices, first.indices)
     # Another VQ-VAE hash is encoded afresh.
     fresh = code_maps_for(other, "b" * 64, slices, cache, torch.device("cpu"))
-    assert torch.equal(fresh.indices, other.encode_to_indices(slices.batch(slice(None))))
+    assert torch.equal(fresh.indices, encode_slices(other, slices, torch.device("cpu")))
+
+
+def test_code_maps_are_encoded_again_in_another_precision(tmp_path, monkeypatch):
+    from mri_vqvae import runtime
+
+    images = torch.rand(3, 1, 64, 32) * 2 - 1
+    slices = SliceSet(images.half(), ["a", "b", "c"], [(64, 32)] * 3, torch.zeros(3, 2))
+    cache = tmp_path / "train.pt"
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: False)
+    code_maps_for(tiny_vqvae(), "a" * 64, slices, cache, torch.device("cpu"))
+    assert torch.load(cache, weights_only=True)["precision"] == "float32"
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: True)
+    other = tiny_vqvae(seed=9)  # same hash: only the precision tells the caches apart
+    again = code_maps_for(other, "a" * 64, slices, cache, torch.device("cpu"))
+    assert torch.load(cache, weights_only=True)["precision"] == "bfloat16"
+    assert torch.equal(again.indices, encode_slices(other, slices, torch.device("cpu")))
+
+
+def test_bfloat16_encoding_mostly_agrees_with_float32():
+    torch.manual_seed(0)
+    model = tiny_vqvae()
+    slices = SliceSet(
+        (torch.rand(8, 1, 64, 32) * 2 - 1).half(),
+        list("abcdefgh"),
+        [(64, 32)] * 8,
+        torch.zeros(8, 2),
+    )
+    exact = encode_slices(model, slices, torch.device("cpu"), precision="float32")
+    fast = encode_slices(model, slices, torch.device("cpu"), precision="bfloat16")
+    assert exact.shape == fast.shape
+    assert (exact == fast).float().mean() > 0.8
 
 
 def test_conditioning_needs_slice_numbers_in_names():
