@@ -383,7 +383,7 @@ def train_vqvae(
                         loss.total.detach().double() * size,
                         loss.reconstruction.detach().double() * size,
                         ssim_sum.detach().double(),
-                        torch.tensor(size, dtype=torch.float64, device=device),
+                        torch.full((), size, dtype=torch.float64, device=device),
                     ]
                 )
             )

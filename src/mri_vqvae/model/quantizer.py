@@ -148,8 +148,15 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))
         self.register_buffer("ema_embedding_sum", initial.clone())
         self.register_buffer("initialized", torch.tensor(codebook_init == "uniform"))
+        # Python's copy of a True ``initialized``: reading the buffer every step would make
+        # a GPU wait for the host each step.
+        self._known_initialized = False
         self.register_buffer("steps_unused", torch.zeros(num_embeddings, dtype=torch.long))
         self.register_buffer("restart_count", torch.zeros((), dtype=torch.long))
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = False  # the loaded buffer decides again
 
     def _to_code_space(self, flat_latents: torch.Tensor) -> torch.Tensor:
         return F.normalize(flat_latents, dim=1) if self.cosine_codes else flat_latents
@@ -228,8 +235,10 @@ class VectorQuantizer(nn.Module):
         if dim != self.embedding_dim:
             raise ValueError(f"latents have {dim} channels, the codebook {self.embedding_dim}")
         flat = latents.permute(0, 2, 3, 1).reshape(-1, dim)  # (B*h*w, D)
-        if self.training and not bool(self.initialized):
-            self.kmeans_init(flat.detach())
+        if self.training and not self._known_initialized:
+            if not bool(self.initialized):
+                self.kmeans_init(flat.detach())
+            self._known_initialized = True
         indices = self.nearest_codes(flat)
         flat = self._to_code_space(flat)
         quantized = F.embedding(indices, self.codes()).to(flat.dtype)
