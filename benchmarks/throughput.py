@@ -249,9 +249,9 @@ def measure_in_subprocess(spec: dict) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], reference: str) -> str:
     header = (
-        "| row | img/s | x plain fp32 | GFLOP/img | GFLOP/s | share of peak | peak memory |\n"
+        f"| row | img/s | x {reference} | GFLOP/img | GFLOP/s | share of peak | peak memory |\n"
         "|---|---|---|---|---|---|---|"
     )
     lines = [header]
@@ -341,7 +341,7 @@ def main() -> None:
     reference = next((r for r in rows if r["name"] == REFERENCE), rows[0])
     for row in rows:
         row["speedup"] = row["images_per_second"] / reference["images_per_second"]
-    print(table(rows))
+    print(table(rows, reference['name']))
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "date": date.today().isoformat(),
