@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,10 @@ def tiny_config(**train_changes) -> Config:
     return Config(
         data=DataConfig(image_size=TINY_SIZE), model=tiny_model_config(), train=TrainConfig(**train)
     )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a test's process group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

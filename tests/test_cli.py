@@ -3,6 +3,7 @@ reconstruct, resume; and bad input answered with a named error and exit status 2
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from mri_vqvae.cli import main
-from tests.conftest import tiny_model_config
+from tests.conftest import free_port, tiny_model_config
 
 # JSON is valid YAML, so lists and booleans survive the trip through an override.
 TINY_MODEL = [
@@ -287,3 +288,35 @@ def test_train_prior_refuses_an_existing_prior_and_a_bad_vqvae(demo: Path, tmp_p
     (tmp_path / "taken" / "last.pt").write_bytes(b"")
     assert main([*args, str(tmp_path / "taken")]) == 2
     assert "already holds a prior" in capsys.readouterr().err
+
+
+def test_torchrun_trains_with_two_cpu_processes(demo: Path, tmp_path: Path):
+    run = tmp_path / "ddp"
+    args = train_args(demo, run, "--precision", "float32")[1:]  # torchrun's own output stays
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MRI_VQVAE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "mri_vqvae",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run folder:") == 1  # only rank 0 reports
+    assert "process 1 of 2" in result.stderr
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3  # header and two epochs, written once
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["precision"] == "float32"
+    assert (run / "best.pt").is_file() and (run / "reconstructions" / "val").is_dir()

@@ -4,7 +4,6 @@ follow the run one process makes with the whole batch."""
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.distributed import ProcessGroup, join_process_group, leave_process_group
 from mri_vqvae.model import VQVAE
 from mri_vqvae.training import train_vqvae
-from tests.conftest import TINY_SIZE, tiny_config
+from tests.conftest import TINY_SIZE, free_port, tiny_config
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this torch build has no torch.distributed"
@@ -34,12 +33,6 @@ def distributed_config():
     # 1 step, so dead-code restarts (which gather latents from every rank) happen.
     config = tiny_config(epochs=2, batch_size=BATCH_SIZE, precision="float32")
     return replace(config, model=replace(config.model, num_embeddings=256, dead_code_steps=1))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def train_rank(rank: int, world_size: int, port: int, root: str, out: str) -> None:
