@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -41,7 +39,7 @@ from mri_vqvae.runtime import keep_freed_memory, resolve_device, seed_everything
 from mri_vqvae.training import train_vqvae
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import device_name
+from throughput import run_facts
 
 # 191 cases x 2 weeks x 30 slices = 11460 train; 11 cases = 660 val; 9 cases = 540 test.
 HIPMRI_SIZE = PhantomSpec(train_cases=191, val_cases=11, test_cases=9, weeks=2, slices=30)
@@ -107,11 +105,7 @@ def main() -> None:
     root = ensure_phantom(args.data)
     files = resolve_split_files(root)
     report = {
-        "date": date.today().isoformat(),
-        "device": device_name(device),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv),
+        **run_facts(device),
         "slices": {split: len(paths) for split, paths in files.items()},
     }
     with tempfile.TemporaryDirectory() as scratch:

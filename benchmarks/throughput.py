@@ -140,6 +140,17 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
+def run_facts(device: torch.device) -> dict:
+    """When, where and how a benchmark ran, for its JSON report."""
+    return {
+        "date": date.today().isoformat(),
+        "device": device_name(device),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+    }
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -341,14 +352,10 @@ def main() -> None:
     reference = next((r for r in rows if r["name"] == REFERENCE), rows[0])
     for row in rows:
         row["speedup"] = row["images_per_second"] / reference["images_per_second"]
-    print(table(rows, reference['name']))
+    print(table(rows, reference["name"]))
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "date": date.today().isoformat(),
-        "device": device_name(device),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv),
+        **run_facts(device),
         "matmul_peak_flops": peaks,
         "reference": reference["name"],
         "rows": rows,
