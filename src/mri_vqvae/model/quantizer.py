@@ -50,8 +50,8 @@ def _rows_of_all_processes(rows: torch.Tensor) -> torch.Tensor:
     world = _world_size()
     if world == 1:
         return rows
-    sizes = [torch.zeros((), dtype=torch.long, device=rows.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor(rows.shape[0], device=rows.device))
+    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([rows.shape[0]], device=rows.device))
     largest = int(max(sizes))
     padded = rows.new_zeros(largest, rows.shape[1])
     padded[: rows.shape[0]] = rows
