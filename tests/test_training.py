@@ -126,7 +126,7 @@ def test_bfloat16_training_step_keeps_float32_weights_and_codebook(phantom_root:
     config = tiny_config(precision="bfloat16")
     model = VQVAE.from_config(config.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    loss, output = train_step(model, optimizer, images, config.train)
+    loss, output, _ = train_step(model, optimizer, images, config.train)
     assert output.reconstruction.dtype == torch.bfloat16 and loss.total.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model.quantizer.codebook.dtype == torch.float32 and model.quantizer.initialized

@@ -52,6 +52,15 @@ class Checkpoint:
     batch_losses: list[float] = field(default_factory=list)
     rng_state: dict[str, Any] | None = None
     package_version: str = __version__
+    # Written inside an epoch: the steps of epoch ``epoch + 1`` already taken (the sampler's
+    # position: the epoch's order is a function of the seed and the epoch), and that partial
+    # epoch's running sums; 0 and None at an epoch's end.
+    step_in_epoch: int = 0
+    epoch_progress: dict[str, Any] | None = None
+
+    @property
+    def mid_epoch(self) -> bool:
+        return self.step_in_epoch > 0
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -156,6 +165,8 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
         "history": checkpoint.history,
         "batch_losses": checkpoint.batch_losses,
         "rng_state": checkpoint.rng_state,
+        "step_in_epoch": checkpoint.step_in_epoch,
+        "epoch_progress": checkpoint.epoch_progress,
     }
     write_atomic(payload, Path(path))
 
@@ -179,6 +190,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         batch_losses=payload["batch_losses"],
         rng_state=payload["rng_state"],
         package_version=payload["package_version"],
+        # Absent from checkpoints written before mid-epoch checkpoints existed.
+        step_in_epoch=payload.get("step_in_epoch", 0),
+        epoch_progress=payload.get("epoch_progress"),
     )
 
 

@@ -89,7 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--size", type=_size, help="HxW to resize slices to, or 'native'")
     train.add_argument("--seed", type=int)
     train.add_argument("--max-minutes", type=float, help="wall-clock training budget")
-    train.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in RUN_DIR from its last.pt (mid-epoch ones included)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in RUN_DIR (its checkpoints, logs and pictures)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="also write last.pt every N steps inside epochs (default: at epoch ends only)",
+    )
     train.add_argument(
         "--precision",
         choices=["auto", "float32", "bfloat16"],
@@ -218,6 +233,7 @@ TRAIN_FLAGS = {
     "device": "train.device",
     "precision": "train.precision",
     "memory_format": "train.memory_format",
+    "checkpoint_every": "train.checkpoint_every",
 }
 
 
@@ -276,13 +292,15 @@ def run_train(args: argparse.Namespace) -> None:
                 raise ValueError(f"--resume cannot change {section} settings of {last}")
         if args.config or args.preset:
             raise ValueError("--resume takes its settings from the run; drop --config/--preset")
+        if args.overwrite:
+            raise ValueError("--resume continues the run in --out; --overwrite would replace it")
     else:
-        if last.exists():
-            raise ValueError(
-                f"{args.out} already holds a run ({last}); pass --resume to continue it or "
-                "choose another --out"
-            )
         config = load_config(args.config, overrides, preset=args.preset)
+        if last.exists() and not args.overwrite:
+            raise ValueError(
+                f"{args.out} already holds a run ({last}); pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --out"
+            )
     processes, device = join_process_group(config.train.device)
     try:
         if not processes.is_main:
@@ -303,6 +321,9 @@ def run_train(args: argparse.Namespace) -> None:
             len(splits["val"]),
             *splits["train"].image_size,
         )
+        if args.overwrite and not resume and processes.is_main and last.exists():
+            # Only now, with the settings and data known good, is the old run let go.
+            remove_training_outputs(args.out)
         result = train_vqvae(
             model, splits["train"], splits["val"], config, args.out, device, resume, processes
         )
@@ -321,6 +342,39 @@ def run_train(args: argparse.Namespace) -> None:
     print(
         f"  pictures: {result.run_dir / 'reconstructions'}, {result.run_dir / 'ssim_scores.png'}, "
         f"{result.run_dir / 'batch_losses.png'}"
+    )
+
+
+# What `train` writes in a run folder; --overwrite removes these and nothing else (a run
+# folder may also hold the user's evaluations, a prior and samples).
+TRAINING_OUTPUTS = (
+    "best.pt",
+    "last.pt",
+    "config.yaml",
+    "metrics.csv",
+    "metrics.jsonl",
+    "ssim_scores.png",
+    "batch_losses.png",
+    "reconstructions",
+)
+
+
+def remove_training_outputs(run_dir: Path) -> None:
+    """Delete a previous training run's outputs from ``run_dir``."""
+    import shutil
+
+    removed = []
+    for name in TRAINING_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    logger.warning(
+        "--overwrite: removed the previous run's %s from %s", ", ".join(removed), run_dir
     )
 
 
@@ -615,11 +669,19 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()
 
+    from mri_vqvae.training import NonFiniteTraining, TrainingInterrupted
+
     try:
         COMMANDS[args.command](args)
     except (DataError, ConfigError, CheckpointError, ValueError) as err:
         print(f"mri-vqvae {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(f"mri-vqvae {args.command}: {stop}", file=sys.stderr)
+        return 128 + stop.signal_number  # the shell's convention for a signal's exit status
+    except NonFiniteTraining as err:
+        print(f"mri-vqvae {args.command}: error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"mri-vqvae {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -170,6 +170,12 @@ class TrainConfig:
     compile: bool = False
     # Wall-clock budget in minutes; None trains for all epochs.
     max_minutes: float | None = None
+    # Also write last.pt every this many optimisation steps inside an epoch, so a killed run
+    # resumes from there (exactly, on a CPU); 0 writes it only at the end of each epoch.
+    checkpoint_every: int = 0
+    # Steps whose loss or gradient is not finite are skipped; this many in a row stop the
+    # run, keeping the last checkpoint written before them.
+    max_nonfinite_steps: int = 5
     num_preview_images: int = 8
     device: str = "auto"
     seed: int = 0
@@ -200,6 +206,12 @@ class TrainConfig:
             raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
         if self.num_preview_images < 1:
             raise ConfigError("train.num_preview_images must be at least 1")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(
+                f"train.max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}"
+            )
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
 import logging
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -37,6 +43,7 @@ METRIC_COLUMNS = (
     "train_codebook_usage",
     "train_perplexity",
     "train_dead_code_restarts",
+    "train_skipped_steps",
     "lr",
     "val_loss",
     "val_reconstruction_loss",
@@ -111,27 +118,44 @@ def compute_loss(
     )
 
 
+class TrainStep(NamedTuple):
+    """One optimisation step: the loss, the forward pass, and whether the update was applied
+    (False when the loss or gradient was not finite and the step was skipped)."""
+
+    loss: VQVAELoss
+    output: VQVAEOutput
+    applied: bool
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     settings: TrainConfig,
     loss_scale: float = 1.0,
-) -> tuple[VQVAELoss, VQVAEOutput]:
+) -> TrainStep:
     """One optimisation step on a batch, in ``settings.precision``, with gradient clipping if
     ``grad_clip_norm`` is set. ``model`` may be wrapped (DDP, ``torch.compile``).
-    ``loss_scale`` multiplies the loss before the backward pass: a distributed run passes
-    its shard's share of the batch times the number of processes, so that the averaged
-    gradients are the whole batch's even when the shards differ in size."""
+
+    A non-finite gradient norm (from a non-finite loss, or an overflow) skips the update: the
+    parameters and optimiser state stay as they were. ``loss_scale`` multiplies the loss
+    before the backward pass: a distributed run passes its shard's share of the batch times
+    the number of processes, so that the averaged gradients are the whole batch's even when
+    the shards differ in size."""
     with autocast(images.device, settings.precision):
         output = model(images)
     loss = compute_loss(output, images, settings)
     optimizer.zero_grad(set_to_none=True)
     (loss.total * loss_scale if loss_scale != 1.0 else loss.total).backward()
-    if settings.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip_norm)
-    optimizer.step()
-    return loss, output
+    max_norm = settings.grad_clip_norm if settings.grad_clip_norm is not None else math.inf
+    # Gradients are averaged over processes before this, so every process decides alike.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    applied = bool(torch.isfinite(norm))
+    if applied:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return TrainStep(loss, output, applied)
 
 
 @torch.no_grad()
@@ -252,6 +276,106 @@ def _prepare_model(
     return trainer
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training; a checkpoint to resume from was written first."""
+
+    def __init__(self, signal_number: int, checkpoint: Path, epoch: int, step: int) -> None:
+        self.signal_number = signal_number
+        self.checkpoint = checkpoint
+        name = signal.Signals(signal_number).name
+        super().__init__(
+            f"{name} received: stopped before step {step + 1} of epoch {epoch}; {checkpoint} "
+            "holds the run so far (resume with --resume)"
+        )
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient; the run stopped."""
+
+
+class _StopRequest:
+    """Turns SIGINT and SIGTERM into a request the training loop honours at its next step.
+    A second signal while one is pending stops at once, as the default would."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signal_number: int, frame: Any) -> None:
+        if self.signal_number is not None:
+            raise KeyboardInterrupt
+        self.signal_number = signal_number
+        logger.warning(
+            "%s received: stopping after this step and writing a checkpoint (send it again to "
+            "stop at once)",
+            signal.Signals(signal_number).name,
+        )
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():  # only there can it listen
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+# best.pt, last.pt and the temporary file of the one being replaced.
+_CHECKPOINTS_KEPT = 3
+
+
+def check_run_folder(run_dir: Path, model: VQVAE) -> None:
+    """Refuse a run folder that cannot be written or lacks room for the checkpoints a run
+    keeps, before any training."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"0")
+    except OSError as err:
+        raise ValueError(
+            f"{run_dir}: cannot write to the run folder ({err.strerror or err})"
+        ) from err
+    finally:
+        with contextlib.suppress(OSError):  # the folder itself may not exist
+            probe.unlink(missing_ok=True)
+    # Weights plus Adam's two moments, float32, and a margin for the rest of a checkpoint.
+    tensors = sum(t.numel() for t in model.parameters()) * 3 + sum(
+        b.numel() for b in model.buffers()
+    )
+    checkpoint_bytes = tensors * 4 * 1.1 + (1 << 20)
+    needed = checkpoint_bytes * _CHECKPOINTS_KEPT + (16 << 20)  # and pictures and logs
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise ValueError(
+            f"{run_dir}: only {free / 2**20:.0f} MiB free; a run needs about "
+            f"{needed / 2**20:.0f} MiB ({_CHECKPOINTS_KEPT} checkpoints of "
+            f"{checkpoint_bytes / 2**20:.0f} MiB, pictures and logs); free some space or "
+            "choose another --out"
+        )
+
+
+def _partial_epoch(
+    step_sums: list[torch.Tensor],
+    counts: torch.Tensor,
+    processes: ProcessGroup,
+    restarts_before: int,
+    seconds: float,
+    skipped: int,
+) -> dict[str, Any]:
+    """An epoch so far, summed over processes, as a mid-epoch checkpoint stores it. Every
+    process must call it (it sums across them)."""
+    sums = torch.stack(step_sums) if step_sums else torch.zeros(0, 4, device=counts.device)
+    return {
+        "step_sums": processes.sum(sums.clone()).cpu(),
+        "counts": processes.sum(counts.clone()).cpu(),
+        "restarts_before": restarts_before,
+        "seconds": seconds,
+        "skipped_steps": skipped,
+    }
+
+
 def train_vqvae(
     model: VQVAE,
     train_set: SliceSet,
@@ -267,6 +391,13 @@ def train_vqvae(
     Each epoch logs train/validation loss, SSIM, codebook usage and perplexity, saves preview
     pictures, ``last.pt`` and, when validation loss improves, ``best.pt``. A time budget ends
     training mid-epoch, after which that epoch is still validated, logged and checkpointed.
+    ``train.checkpoint_every`` also writes ``last.pt`` inside epochs; ``resume`` continues
+    from any checkpoint, mid-epoch ones included, exactly where it was written.
+
+    SIGINT and SIGTERM stop training at the next step after writing ``last.pt``
+    (:class:`TrainingInterrupted`). A step whose loss or gradient is not finite is skipped;
+    ``train.max_nonfinite_steps`` of them in a row raise :class:`NonFiniteTraining`, leaving
+    the last checkpoint as it was.
 
     The training split is moved to ``device`` once, as float16, and batches are drawn from
     it by index. In a distributed run (``processes``, one per ``torchrun`` rank) every
@@ -292,13 +423,15 @@ def train_vqvae(
     main = processes.is_main
     run_dir = Path(run_dir)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_run_folder(run_dir, model)
         save_config(config, run_dir / "config.yaml")
     trainer = _prepare_model(model, settings, device, processes)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     history: list[dict] = []
     batch_losses: list[float] = []
     start_epoch, global_step, best_val_loss = 0, 0, math.inf
+    progress_restored: dict | None = None  # a mid-epoch checkpoint's partial epoch
+    resume_step = 0
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer_state)
         start_epoch, global_step = resume.epoch, resume.global_step
@@ -306,6 +439,8 @@ def train_vqvae(
         batch_losses = list(resume.batch_losses)
         if resume.rng_state is not None:
             restore_rng_state(resume.rng_state)
+        if resume.mid_epoch:
+            resume_step, progress_restored = resume.step_in_epoch, resume.epoch_progress
 
     train_images = train_set.images.to(device)  # float16: half of float32's memory
     previews = {
@@ -322,140 +457,232 @@ def train_vqvae(
     steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     elapsed_before = history[-1].get("elapsed_seconds", 0.0) if history else 0.0
+    if progress_restored is not None:
+        elapsed_before += progress_restored["seconds"]
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     if main:
         logger.info(
-            "training in %s%s%s on %d process(es)",
+            "training in %s%s%s on %d process(es)%s",
             precision,
             ", channels-last" if uses_channels_last(settings.memory_format, model, device) else "",
             ", compiled" if settings.compile else "",
             processes.world_size,
+            f", resuming at step {resume_step + 1} of epoch {start_epoch + 1}"
+            if resume_step
+            else "",
         )
 
-    for epoch in range(start_epoch + 1, settings.epochs + 1):
-        epoch_start = time.monotonic()
-        model.train()
-        # A generator per epoch makes the order depend on (seed, epoch) only, so a run resumed
-        # at an epoch boundary sees the same batches as one that never stopped, whatever the
-        # number of processes.
-        order = torch.randperm(
-            len(train_set), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch)
-        ).to(device)
-        # Per step: loss, reconstruction loss and SSIM summed over the images, and the image
-        # count; kept on the device and read once per epoch, so a GPU never waits on a step.
-        step_sums: list[torch.Tensor] = []
-        counts = torch.zeros(model.num_embeddings, dtype=torch.long, device=device)
-        restarts_before = int(model.quantizer.restart_count)
-        progress = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch}/{settings.epochs}",
-            unit="batch",
-            leave=False,
-            disable=None if main else True,
-        )
-        for step in progress:
-            batch = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            if len(batch) < processes.world_size:
-                continue  # a last batch too small to give every process an image
-            mine = processes.shard(batch)
-            images = train_images[mine].float()
-            time_used = (time.monotonic() - started) / budget_seconds if budget_seconds else 0.0
-            if budget_seconds is not None:  # every process follows the slowest one's clock
-                time_used = float(processes.max(torch.tensor([time_used], device=device))[0])
-            lr = learning_rate(settings, global_step, total_steps, time_used)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_scale = len(mine) * processes.world_size / len(batch)
-            loss, output = train_step(trainer, optimizer, images, settings, loss_scale)
-            global_step += 1
-            size = images.shape[0]
-            if loss.ssim is not None and model.bounded_output:
-                # The loss's SSIM is the logged one: a tanh output lies in the image range, so
-                # the metric's clamping would change nothing. Computing it again cost about a
-                # seventh of a CPU training step.
-                ssim_sum = loss.ssim * size
-            else:
-                with torch.no_grad():
-                    ssim_sum = ssim_per_image(images, output.reconstruction).sum()
-            step_sums.append(
-                torch.stack(
-                    [
-                        loss.total.detach().double() * size,
-                        loss.reconstruction.detach().double() * size,
-                        ssim_sum.detach().double(),
-                        torch.full((), size, dtype=torch.float64, device=device),
-                    ]
-                )
-            )
-            counts += torch.bincount(output.indices.flatten(), minlength=model.num_embeddings)
-            if main and step % 10 == 0:
-                progress.set_postfix(loss=f"{loss.total.item():.4f}")
-            if time_used >= 1:
-                out_of_time = True
-                break
-        progress.close()
-
-        sums = processes.sum(torch.stack(step_sums))  # (steps, 4), whole batches
-        processes.sum(counts)
-        batch_losses.extend((sums[:, 1] / sums[:, 3]).tolist())
-        loss_sum, reconstruction_sum, ssim_sum, seen = sums.sum(0).tolist()
-        val = validate(model, val_set, settings, device, processes)
-        seen = int(seen)
-        images_seen = (history[-1]["images_seen"] if history else 0) + seen
-        row = {
-            "epoch": epoch,
-            "global_step": global_step,
-            "images_seen": images_seen,
-            "train_loss": loss_sum / seen,
-            "train_reconstruction_loss": reconstruction_sum / seen,
-            "train_ssim": ssim_sum / seen,
-            "train_codebook_usage": codebook_usage(counts),
-            "train_perplexity": float(perplexity(counts)),
-            "train_dead_code_restarts": int(model.quantizer.restart_count) - restarts_before,
-            "lr": lr,
-            **{f"val_{key}": value for key, value in val.items()},
-            "epoch_seconds": time.monotonic() - epoch_start,
-            "elapsed_seconds": elapsed_before + time.monotonic() - started,
-            "stopped_by_time_budget": out_of_time,
-        }
-        history.append(row)
-        improved = val["loss"] < best_val_loss
-        best_val_loss = min(best_val_loss, val["loss"])
+    def write_checkpoint(path: Path, epoch_done: int, step_in_epoch: int = 0, partial=None):
         if main:
-            write_metric_logs(history, run_dir)
-            logger.info(
-                "epoch %d: train loss %.4f ssim %.4f | val loss %.4f ssim %.4f | codes used "
-                "%.1f%% perplexity %.1f | %.1f s",
-                epoch,
-                row["train_loss"],
-                row["train_ssim"],
-                row["val_loss"],
-                row["val_ssim"],
-                100 * row["val_codebook_usage"],
-                row["val_perplexity"],
-                row["epoch_seconds"],
+            save_checkpoint(
+                Checkpoint(
+                    config=config,
+                    model_state=model.state_dict(),
+                    epoch=epoch_done,
+                    global_step=global_step,
+                    optimizer_state=optimizer.state_dict(),
+                    best_val_loss=best_val_loss,
+                    history=history,
+                    batch_losses=batch_losses,
+                    rng_state=capture_rng_state(),
+                    step_in_epoch=step_in_epoch,
+                    epoch_progress=partial,
+                ),
+                path,
             )
-            save_previews(model, previews, run_dir, epoch)
-            checkpoint = Checkpoint(
-                config=config,
-                model_state=model.state_dict(),
-                epoch=epoch,
-                global_step=global_step,
-                optimizer_state=optimizer.state_dict(),
-                best_val_loss=best_val_loss,
-                history=history,
-                batch_losses=batch_losses,
-                rng_state=capture_rng_state(),
+
+    with _StopRequest() as stop:
+        for epoch in range(start_epoch + 1, settings.epochs + 1):
+            epoch_start = time.monotonic()
+            model.train()
+            # A generator per epoch makes the order depend on (seed, epoch) only, so a run
+            # resumed anywhere sees the same batches as one that never stopped, whatever the
+            # number of processes.
+            order = torch.randperm(
+                len(train_set),
+                generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch),
+            ).to(device)
+            # Per step: loss, reconstruction loss and SSIM summed over the images, and the
+            # image count; kept on the device and read once per epoch, so a GPU never waits.
+            step_sums: list[torch.Tensor] = []
+            counts = torch.zeros(model.num_embeddings, dtype=torch.long, device=device)
+            restarts_before = int(model.quantizer.restart_count)
+            skipped, skipped_in_a_row, seconds_before = 0, 0, 0.0
+            first_step = 0
+            if progress_restored is not None:
+                first_step, seconds_before = resume_step, progress_restored["seconds"]
+                restarts_before = progress_restored["restarts_before"]
+                skipped = progress_restored["skipped_steps"]
+                if main:  # the saved sums are every process's; the others add theirs to them
+                    step_sums = list(progress_restored["step_sums"].to(device).unbind(0))
+                    counts = progress_restored["counts"].to(device)
+                progress_restored = None
+
+            progress = tqdm(
+                range(first_step, steps_per_epoch),
+                initial=first_step,
+                total=steps_per_epoch,
+                desc=f"epoch {epoch}/{settings.epochs}",
+                unit="batch",
+                leave=False,
+                disable=None if main else True,
             )
-            save_checkpoint(checkpoint, last_path)
-            if improved:
-                save_checkpoint(checkpoint, best_path)
-        if out_of_time:
+            for step in progress:
+                time_used = (time.monotonic() - started) / budget_seconds if budget_seconds else 0.0
+                stop_signal = float(stop.signal_number or 0)
+                if processes.enabled:  # every process follows the slowest clock and any stop
+                    agreed = processes.max(
+                        torch.tensor([time_used, stop_signal], device=device)
+                    ).tolist()
+                    time_used, stop_signal = agreed
+                if stop_signal:
+                    partial = _partial_epoch(
+                        step_sums,
+                        counts,
+                        processes,
+                        restarts_before,
+                        seconds_before + time.monotonic() - epoch_start,
+                        skipped,
+                    )
+                    write_checkpoint(last_path, epoch - 1, step, partial)
+                    progress.close()
+                    raise TrainingInterrupted(int(stop_signal), last_path, epoch, step)
+                batch = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+                if len(batch) < processes.world_size:
+                    continue  # a last batch too small to give every process an image
+                mine = processes.shard(batch)
+                images = train_images[mine].float()
+                lr = learning_rate(settings, global_step, total_steps, time_used)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_scale = len(mine) * processes.world_size / len(batch)
+                loss, output, applied = train_step(trainer, optimizer, images, settings, loss_scale)
+                global_step += 1
+                if not applied:
+                    skipped += 1
+                    skipped_in_a_row += 1
+                    logger.warning(
+                        "epoch %d step %d (global step %d): loss or gradient not finite; "
+                        "step skipped (%d in a row)",
+                        epoch,
+                        step + 1,
+                        global_step,
+                        skipped_in_a_row,
+                    )
+                    if skipped_in_a_row >= settings.max_nonfinite_steps:
+                        progress.close()
+                        kept = (
+                            f"{last_path} is the last checkpoint"
+                            if last_path.exists()
+                            else ("no checkpoint had been written yet")
+                        )
+                        raise NonFiniteTraining(
+                            f"{skipped_in_a_row} steps in a row had a non-finite loss or "
+                            f"gradient, the last at epoch {epoch} step {step + 1} (global step "
+                            f"{global_step}); training stopped and {kept}. Lower train.lr, "
+                            "check the data for corrupt slices, or use train.precision=float32"
+                        )
+                else:
+                    skipped_in_a_row = 0
+                    size = images.shape[0]
+                    if loss.ssim is not None and model.bounded_output:
+                        # The loss's SSIM is the logged one: a tanh output lies in the image
+                        # range, so the metric's clamping would change nothing. Computing it
+                        # again cost about a seventh of a CPU training step.
+                        ssim_sum = loss.ssim * size
+                    else:
+                        with torch.no_grad():
+                            ssim_sum = ssim_per_image(images, output.reconstruction).sum()
+                    step_sums.append(
+                        torch.stack(
+                            [
+                                loss.total.detach().double() * size,
+                                loss.reconstruction.detach().double() * size,
+                                ssim_sum.detach().double(),
+                                torch.full((), size, dtype=torch.float64, device=device),
+                            ]
+                        )
+                    )
+                    counts += torch.bincount(
+                        output.indices.flatten(), minlength=model.num_embeddings
+                    )
+                if main and step % 10 == 0:
+                    progress.set_postfix(loss=f"{loss.total.item():.4f}")
+                if time_used >= 1:
+                    out_of_time = True
+                    break
+                if (
+                    settings.checkpoint_every
+                    and global_step % settings.checkpoint_every == 0
+                    and step + 1 < steps_per_epoch
+                ):
+                    partial = _partial_epoch(
+                        step_sums,
+                        counts,
+                        processes,
+                        restarts_before,
+                        seconds_before + time.monotonic() - epoch_start,
+                        skipped,
+                    )
+                    write_checkpoint(last_path, epoch - 1, step + 1, partial)
+            progress.close()
+
+            stacked = torch.stack(step_sums) if step_sums else torch.zeros(0, 4, device=device)
+            sums = processes.sum(stacked)  # (steps, 4), whole batches
+            processes.sum(counts)
+            batch_losses.extend((sums[:, 1] / sums[:, 3]).tolist())
+            loss_sum, reconstruction_sum, ssim_sum, seen = sums.sum(0).tolist()
+            val = validate(model, val_set, settings, device, processes)
+            seen = int(seen)
+            images_seen = (history[-1]["images_seen"] if history else 0) + seen
+            per_image = 1 / seen if seen else math.nan
+            row = {
+                "epoch": epoch,
+                "global_step": global_step,
+                "images_seen": images_seen,
+                "train_loss": loss_sum * per_image,
+                "train_reconstruction_loss": reconstruction_sum * per_image,
+                "train_ssim": ssim_sum * per_image,
+                "train_codebook_usage": codebook_usage(counts),
+                "train_perplexity": float(perplexity(counts)),
+                "train_dead_code_restarts": int(model.quantizer.restart_count) - restarts_before,
+                "train_skipped_steps": skipped,
+                "lr": lr,
+                **{f"val_{key}": value for key, value in val.items()},
+                "epoch_seconds": seconds_before + time.monotonic() - epoch_start,
+                "elapsed_seconds": elapsed_before + time.monotonic() - started,
+                "stopped_by_time_budget": out_of_time,
+            }
+            history.append(row)
+            improved = val["loss"] < best_val_loss
+            best_val_loss = min(best_val_loss, val["loss"])
             if main:
+                write_metric_logs(history, run_dir)
                 logger.info(
-                    "time budget of %s minutes reached in epoch %d", settings.max_minutes, epoch
+                    "epoch %d: train loss %.4f ssim %.4f | val loss %.4f ssim %.4f | codes used "
+                    "%.1f%% perplexity %.1f | %.1f s%s",
+                    epoch,
+                    row["train_loss"],
+                    row["train_ssim"],
+                    row["val_loss"],
+                    row["val_ssim"],
+                    100 * row["val_codebook_usage"],
+                    row["val_perplexity"],
+                    row["epoch_seconds"],
+                    f" | {skipped} step(s) skipped as non-finite" if skipped else "",
                 )
-            break
+                save_previews(model, previews, run_dir, epoch)
+            write_checkpoint(last_path, epoch)
+            if improved:
+                write_checkpoint(best_path, epoch)
+            if out_of_time:
+                if main:
+                    logger.info(
+                        "time budget of %s minutes reached in epoch %d",
+                        settings.max_minutes,
+                        epoch,
+                    )
+                break
 
     if main and history:
         plots.ssim_curves(history, run_dir / "ssim_scores.png")

@@ -40,6 +40,13 @@ def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _finite_everywhere(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is finite in this process and, in a distributed run, in every
+    other (so all processes take the same branch and their collectives stay matched)."""
+    bad = (~torch.isfinite(tensor)).any().to(torch.float32).reshape(1)
+    return not bool(_sum_over_processes(bad)[0] > 0)
+
+
 def _rows_of_all_processes(rows: torch.Tensor) -> torch.Tensor:
     """The ``(N_r, D)`` rows of every process of a distributed run, in rank order.
 
@@ -235,7 +242,11 @@ class VectorQuantizer(nn.Module):
         if dim != self.embedding_dim:
             raise ValueError(f"latents have {dim} channels, the codebook {self.embedding_dim}")
         flat = latents.permute(0, 2, 3, 1).reshape(-1, dim)  # (B*h*w, D)
-        if self.training and not self._known_initialized:
+        # A batch with non-finite latents (a corrupt image, a diverging step) must not reach
+        # the codebook: its step is skipped by training, and the EMA statistics, restarts and
+        # k-means initialisation here leave the codebook as it was.
+        learning = self.training and _finite_everywhere(flat)
+        if learning and not self._known_initialized:
             if not bool(self.initialized):
                 self.kmeans_init(flat.detach())
             self._known_initialized = True
@@ -245,14 +256,14 @@ class VectorQuantizer(nn.Module):
         commitment_loss = F.mse_loss(flat, quantized.detach())
         if self.use_ema:
             codebook_loss = torch.zeros((), device=latents.device)
-            if self.training:
+            if learning:
                 self.ema_update(flat.detach(), indices)
         else:
             codebook_loss = F.mse_loss(quantized, flat.detach())
         loss = codebook_loss + self.commitment_cost * commitment_loss
         quantized = flat + (quantized - flat).detach()  # straight-through estimator
         counts = torch.bincount(indices, minlength=self.num_embeddings)
-        if self.training:
+        if learning:
             self.restart_dead_codes(flat.detach(), _sum_over_processes(counts))
         return QuantizerOutput(
             quantized=quantized.reshape(batch, height, width, dim).permute(0, 3, 1, 2),

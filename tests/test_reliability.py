@@ -1,0 +1,272 @@
+"""Runs that survive: mid-epoch checkpoints and exact resume (after a crash, SIGKILL or
+SIGINT), non-finite steps, and run folders that must not be lost or cannot be written."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mri_vqvae import training
+from mri_vqvae.checkpoint import load_checkpoint
+from mri_vqvae.cli import main
+from mri_vqvae.config import DataConfig
+from mri_vqvae.data.dataset import load_splits, resolve_split_files
+from mri_vqvae.model import VQVAE
+from mri_vqvae.training import NonFiniteTraining, train_vqvae
+from tests.conftest import TINY_SIZE, tiny_config
+from tests.test_cli import TINY_MODEL
+
+CPU = torch.device("cpu")
+
+
+def splits(root: Path):
+    return load_splits(resolve_split_files(root), DataConfig(image_size=TINY_SIZE))
+
+
+def fresh_run(config, data, out: Path, resume=None):
+    torch.manual_seed(config.train.seed)
+    model = VQVAE.from_config(config.model)
+    if resume is not None:
+        model.load_state_dict(resume.model_state)
+    return train_vqvae(model, data["train"], data["val"], config, out, CPU, resume)
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    a, b = load_checkpoint(first).model_state, load_checkpoint(second).model_state
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_exactly_as_one_never_stopped(
+    phantom_root: Path, tmp_path: Path, monkeypatch
+):
+    data = splits(phantom_root)
+    # batch 5 of 24 slices: 5 steps an epoch, the last of 4 images.
+    config = tiny_config(epochs=2, batch_size=5, checkpoint_every=1)
+    fresh_run(config, data, tmp_path / "straight")
+
+    real_step, calls = training.train_step, []
+
+    def crashing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # the 3rd step of epoch 2: after the checkpoint of step 7
+            raise Crash
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", crashing_step)
+    with pytest.raises(Crash):
+        fresh_run(config, data, tmp_path / "crashed")
+    monkeypatch.setattr(training, "train_step", real_step)
+    checkpoint = load_checkpoint(tmp_path / "crashed" / "last.pt")
+    assert (checkpoint.epoch, checkpoint.step_in_epoch, checkpoint.global_step) == (1, 2, 7)
+    assert checkpoint.epoch_progress["step_sums"].shape == (2, 4)
+
+    resumed = fresh_run(config, data, tmp_path / "crashed", resume=checkpoint)
+    assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "crashed" / "last.pt")
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    # The resumed epoch's logged means include the steps taken before the crash.
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"])
+    assert resumed.history[-1]["images_seen"] == 48
+    assert len(load_checkpoint(tmp_path / "crashed" / "last.pt").batch_losses) == 10
+
+
+def cli_command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "mri_vqvae",
+        "-q",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--size",
+        "64x32",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "1",
+        *extra,
+        *TINY_MODEL,
+    ]
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "2", "MRI_VQVAE_CACHE": str(tmp_path / "cache")}
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(
+    phantom_root: Path, tmp_path: Path
+):
+    env = cli_env(tmp_path)
+    epochs = ["--epochs", "5"]  # 6 steps an epoch, 30 in all, a checkpoint after each
+    straight = subprocess.run(
+        cli_command(phantom_root, tmp_path / "straight", *epochs),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        cli_command(phantom_root, killed_dir, *epochs),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(killed_dir / "last.pt", process)
+    time.sleep(random.Random().uniform(0.0, 0.8))  # somewhere in the run
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    at_kill = load_checkpoint(killed_dir / "last.pt")  # whole, whenever the kill landed
+    assert at_kill.global_step < 30, "the run ended before it could be killed"
+
+    resumed = subprocess.run(
+        cli_command(phantom_root, killed_dir, *epochs, "--resume"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same_weights(tmp_path / "straight" / "last.pt", killed_dir / "last.pt")
+    assert load_checkpoint(killed_dir / "last.pt").global_step == 30
+
+
+def test_sigint_stops_at_the_next_step_with_a_checkpoint_to_resume_from(
+    phantom_root: Path, tmp_path: Path
+):
+    env = cli_env(tmp_path)
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        cli_command(phantom_root, run_dir, "--epochs", "20"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(run_dir / "last.pt", process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "SIGINT received" in err and "--resume" in err
+    stopped = load_checkpoint(run_dir / "last.pt")
+    assert stopped.global_step < 20 * 6
+    # It resumes from there and finishes.
+    finish = str(stopped.epoch + 1)  # the epoch it stopped in
+    resumed = subprocess.run(
+        cli_command(phantom_root, run_dir, "--epochs", finish, "--resume"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not load_checkpoint(run_dir / "last.pt").mid_epoch
+
+
+def poisoned(data, indices):
+    images = data["train"].images.clone()
+    images[indices] = float("nan")
+    return {**data, "train": replace(data["train"], images=images)}
+
+
+def test_a_nan_batch_is_skipped_and_counted(phantom_root: Path, tmp_path: Path):
+    data = splits(phantom_root)
+    config = tiny_config(epochs=2, batch_size=8)  # 3 steps an epoch; one image poisoned
+    result = fresh_run(config, poisoned(data, [5]), tmp_path / "run")
+    skipped = [row["train_skipped_steps"] for row in result.history]
+    assert skipped == [1, 1]  # the batch holding image 5, once an epoch
+    for row in result.history:
+        assert torch.isfinite(torch.tensor(row["train_loss"]))
+        assert row["images_seen"] in (16, 32)
+    state = load_checkpoint(tmp_path / "run" / "last.pt").model_state
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            assert torch.isfinite(tensor).all(), name
+
+
+def test_steps_that_stay_non_finite_stop_the_run_and_keep_the_last_checkpoint(
+    phantom_root: Path, tmp_path: Path
+):
+    data = splits(phantom_root)
+    config = tiny_config(epochs=3, batch_size=8, max_nonfinite_steps=2)
+    run_dir = tmp_path / "run"
+    fresh_run(replace(config, train=replace(config.train, epochs=1)), data, run_dir)
+    before = (run_dir / "last.pt").read_bytes()
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    checkpoint.config = config
+    with pytest.raises(NonFiniteTraining, match=r"2 steps in a row.*epoch 2 step 2"):
+        fresh_run(config, poisoned(data, list(range(24))), run_dir, resume=checkpoint)
+    assert (run_dir / "last.pt").read_bytes() == before
+
+
+def test_train_refuses_an_existing_run_unless_told_to_overwrite(
+    phantom_root: Path, tmp_path: Path, capsys
+):
+    run_dir = tmp_path / "run"
+
+    def args(*extra: str) -> list[str]:
+        return cli_command(phantom_root, run_dir, "--epochs", "1", *extra)[3:]
+
+    assert main(args()) == 0
+    (run_dir / "notes.txt").write_text("mine")
+    before = (run_dir / "last.pt").read_bytes()
+    assert main(args()) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (run_dir / "last.pt").read_bytes() == before
+    # A bad setting is refused before the old run is touched, even with --overwrite.
+    assert main(args("--overwrite", "train.lr=-1")) == 2
+    assert (run_dir / "last.pt").read_bytes() == before
+    assert main(args("--overwrite", "--seed", "7")) == 0
+    assert (run_dir / "last.pt").read_bytes() != before
+    assert (run_dir / "notes.txt").read_text() == "mine"  # only training outputs go
+    assert main(args("--overwrite", "--resume")) == 2
+
+
+def test_a_full_disk_or_unwritable_folder_is_refused_before_training(
+    phantom_root: Path, tmp_path: Path, monkeypatch
+):
+    data = splits(phantom_root)
+    config = tiny_config(epochs=1)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="cannot write to the run folder"):
+        fresh_run(config, data, blocker / "run")
+
+    class Usage:
+        free = 1 << 20
+
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(ValueError, match=r"only 1 MiB free; a run needs about \d+ MiB"):
+        fresh_run(config, data, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
