@@ -147,8 +147,11 @@ def default_cache_dir() -> Path:
 def _cache_key(files: list[Path], config: DataConfig) -> str:
     entries = []
     for path in files:
-        stat = path.stat()
-        entries.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        try:
+            stat = path.stat()
+        except OSError:  # a broken link: decoding it names the problem
+            stat = path.lstat()
+        entries.append([os.path.realpath(path), stat.st_size, stat.st_mtime_ns])
     settings = {
         "format": CACHE_FORMAT,
         "image_size": config.image_size,

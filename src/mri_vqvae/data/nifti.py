@@ -69,6 +69,8 @@ def read_slice(path: str | Path) -> Slice:
     """
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise DataError(path, "is a symbolic link to nothing (broken, or a loop)")
         raise DataError(path, "no such file")
     if path.is_dir():
         raise DataError(path, "is a folder, expected a NIfTI file")
@@ -81,6 +83,10 @@ def read_slice(path: str | Path) -> Slice:
     except (EOFError, OSError, ValueError) as err:
         raise DataError(
             path, f"cannot be read as NIfTI, it may be truncated or corrupt ({err})"
+        ) from err
+    except Exception as err:  # a hostile header fails in many ways deep inside nibabel
+        raise DataError(
+            path, f"has a NIfTI header nibabel cannot use ({type(err).__name__}: {err})"
         ) from err
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(path, f"is a {type(image).__name__}, not a NIfTI image")
@@ -98,6 +104,12 @@ def read_slice(path: str | Path) -> Slice:
     except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as err:
         raise DataError(
             path, f"voxel data cannot be read, the file may be truncated ({err})"
+        ) from err
+    except MemoryError as err:
+        raise DataError(path, f"voxel data of shape {shape} does not fit in memory") from err
+    except Exception as err:  # e.g. a voxel type or scaling the header gets wrong
+        raise DataError(
+            path, f"voxel data cannot be decoded ({type(err).__name__}: {err})"
         ) from err
     pixels = _to_grayscale(np.asarray(raw), path).reshape(kept)
     if min(kept) < MIN_SIDE:
