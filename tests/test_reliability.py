@@ -162,8 +162,9 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(
     assert load_checkpoint(killed_dir / "last.pt").global_step == 30
 
 
-def test_sigint_stops_at_the_next_step_with_a_checkpoint_to_resume_from(
-    phantom_root: Path, tmp_path: Path
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_ends_at_the_next_step_with_a_checkpoint_to_resume_from(
+    phantom_root: Path, tmp_path: Path, stop: signal.Signals
 ):
     env = cli_env(tmp_path)
     run_dir = tmp_path / "run"
@@ -175,10 +176,10 @@ def test_sigint_stops_at_the_next_step_with_a_checkpoint_to_resume_from(
         text=True,
     )
     wait_for(run_dir / "last.pt", process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-2000:]
-    assert "SIGINT received" in err and "--resume" in err
+    assert process.returncode == 128 + stop, err[-2000:]
+    assert f"{stop.name} received" in err and "--resume" in err
     stopped = load_checkpoint(run_dir / "last.pt")
     assert stopped.global_step < 20 * 6
     # It resumes from there and finishes.

@@ -232,6 +232,15 @@ def test_every_command_names_a_bad_slice_and_keeps_what_it_wrote(
             "--out",
             str(tmp_path / "eval"),
         ],
+        "train-prior": [
+            "train-prior",
+            "--vqvae",
+            str(trained),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "prior"),
+        ],
         "reconstruct": [
             "reconstruct",
             str(bad_file),
