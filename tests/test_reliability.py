@@ -23,7 +23,7 @@ from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.model import VQVAE
 from mri_vqvae.training import NonFiniteTraining, train_vqvae
 from tests.conftest import TINY_SIZE, tiny_config
-from tests.test_cli import TINY_MODEL
+from tests.test_cli import train_args
 
 CPU = torch.device("cpu")
 
@@ -85,27 +85,9 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_exactly_as_one_never_sto
 
 
 def cli_command(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mri_vqvae",
-        "-q",
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--size",
-        "64x32",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "4",
-        "--checkpoint-every",
-        "1",
-        *extra,
-        *TINY_MODEL,
-    ]
+    """The tiny CLI run of test_cli, in its own process, 4 images a step, a checkpoint each."""
+    args = train_args(data, out, "--batch-size", "4", "--checkpoint-every", "1", *extra)
+    return [sys.executable, "-m", "mri_vqvae", *args]
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:

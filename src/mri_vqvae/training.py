@@ -356,6 +356,11 @@ def check_run_folder(run_dir: Path, model: VQVAE) -> None:
         )
 
 
+def _stacked(step_sums: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The per-step sums as a new ``(steps, 4)`` tensor (``(0, 4)`` before any step)."""
+    return torch.stack(step_sums) if step_sums else torch.zeros(0, 4, device=device)
+
+
 def _partial_epoch(
     step_sums: list[torch.Tensor],
     counts: torch.Tensor,
@@ -366,9 +371,8 @@ def _partial_epoch(
 ) -> dict[str, Any]:
     """An epoch so far, summed over processes, as a mid-epoch checkpoint stores it. Every
     process must call it (it sums across them)."""
-    sums = torch.stack(step_sums) if step_sums else torch.zeros(0, 4, device=counts.device)
     return {
-        "step_sums": processes.sum(sums.clone()).cpu(),
+        "step_sums": processes.sum(_stacked(step_sums, counts.device)).cpu(),
         "counts": processes.sum(counts.clone()).cpu(),
         "restarts_before": restarts_before,
         "seconds": seconds,
@@ -627,8 +631,7 @@ def train_vqvae(
                     write_checkpoint(last_path, epoch - 1, step + 1, partial)
             progress.close()
 
-            stacked = torch.stack(step_sums) if step_sums else torch.zeros(0, 4, device=device)
-            sums = processes.sum(stacked)  # (steps, 4), whole batches
+            sums = processes.sum(_stacked(step_sums, device))  # (steps, 4), whole batches
             processes.sum(counts)
             batch_losses.extend((sums[:, 1] / sums[:, 3]).tolist())
             loss_sum, reconstruction_sum, ssim_sum, seen = sums.sum(0).tolist()
