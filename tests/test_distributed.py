@@ -4,6 +4,8 @@ follow the run one process makes with the whole batch."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -143,3 +145,28 @@ def test_shards_are_contiguous_blocks_in_rank_order():
     blocks = [ProcessGroup(rank=r, world_size=2).shard(indices) for r in range(2)]
     assert [b.tolist() for b in blocks] == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
     assert ProcessGroup().shard(indices) is indices
+
+
+FINISH = """
+import atexit, sys
+from mri_vqvae import distributed
+atexit.register(lambda: print("interpreter shut down", flush=True))
+distributed._joined_a_group = {joined}
+print("work done")  # a pipe buffers this: finish_process must flush it
+distributed.finish_process(5)
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_a_group_member_ends_without_the_interpreters_shutdown(joined: bool):
+    # DDP's backend threads outlive destroy_process_group; a member of a group of processes
+    # must not leave them to race the interpreter's teardown.
+    result = subprocess.run(
+        [sys.executable, "-c", FINISH.format(joined=joined)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 5, result.stderr
+    assert result.stdout.startswith("work done\n")
+    assert ("interpreter shut down" in result.stdout) is not joined

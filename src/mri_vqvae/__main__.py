@@ -1,3 +1,3 @@
-from mri_vqvae.cli import main
+from mri_vqvae.cli import run
 
-raise SystemExit(main())
+run()

@@ -8,6 +8,7 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 from mri_vqvae import __version__
 
@@ -686,3 +687,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mri-vqvae {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def run() -> NoReturn:
+    """The ``mri-vqvae`` console script and ``python -m mri_vqvae``: :func:`main`, then the
+    process ends the way a worker of a ``torchrun`` group must (see
+    :func:`mri_vqvae.distributed.finish_process`)."""
+    exit_status = main()
+    distributed = sys.modules.get("mri_vqvae.distributed")  # not imported: no group joined
+    if distributed is None:
+        raise SystemExit(exit_status)
+    distributed.finish_process(exit_status)

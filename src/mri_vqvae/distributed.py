@@ -8,10 +8,13 @@ process (no ``torchrun``) every helper here does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -65,6 +68,9 @@ class ProcessGroup:
 
 SINGLE_PROCESS = ProcessGroup()
 
+# Whether this process joined a group of several: see finish_process.
+_joined_a_group = False
+
 
 def join_process_group(device_name: str = "auto") -> tuple[ProcessGroup, torch.device]:
     """Join the process group ``torchrun`` set up in the environment (``RANK``,
@@ -88,6 +94,8 @@ def join_process_group(device_name: str = "auto") -> tuple[ProcessGroup, torch.d
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=60))
+    global _joined_a_group
+    _joined_a_group = True
     group = ProcessGroup(rank=rank, world_size=world_size, local_rank=local_rank)
     logger.info("process %d of %d on %s (%s)", rank, world_size, device, backend)
     return group, device
@@ -97,3 +105,23 @@ def leave_process_group() -> None:
     """Tear the process group down, if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish_process(exit_status: int) -> NoReturn:
+    """End the process with ``exit_status``; the last call of a command-line run.
+
+    A process that joined a group of several leaves without the interpreter's shutdown, as
+    ``multiprocessing`` workers do. DDP keeps its backend alive past
+    ``destroy_process_group`` (torch 2.13), so the backend's threads outlive the run, and one
+    that touches a Python object while the interpreter is being torn down aborts the process
+    ("terminate called without an active exception") after all its work is done; ``torchrun``
+    then reports the whole run as failed. Everything the run wrote is already closed and
+    synced, so only the logs and standard streams need flushing first.
+    """
+    if not _joined_a_group:
+        raise SystemExit(exit_status)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken pipe loses nothing more
+            stream.flush()
+    os._exit(exit_status)

@@ -261,6 +261,7 @@ def _prepare_model(
         model.to(memory_format=torch.channels_last)
     trainer: torch.nn.Module = model
     if processes.enabled:
+        _match_single_channel_weights_to_their_gradients(model)
         # Buffers (the EMA codebook statistics) are kept equal by the quantiser's own
         # collectives, so DDP need not broadcast them every step.
         buffer_option = (
@@ -274,6 +275,22 @@ def _prepare_model(
     if settings.compile:
         trainer = torch.compile(trainer)
     return trainer
+
+
+def _match_single_channel_weights_to_their_gradients(model: torch.nn.Module) -> None:
+    """A convolution weight with one input channel is contiguous in either memory format,
+    and its gradient comes back with channels-last strides whatever the weight's. Autograd
+    accepts that; DDP compares strides exactly and warns on every run that its gradient
+    buckets mismatch. Such weights are given the strides their gradients have."""
+    for parameter in model.parameters():
+        if parameter.dim() != 4 or parameter.shape[1] != 1:
+            continue
+        height, width = parameter.shape[2:]
+        strides = (height * width, 1, width, 1)
+        if parameter.stride() != strides:
+            parameter.data = torch.empty_strided(
+                parameter.shape, strides, dtype=parameter.dtype, device=parameter.device
+            ).copy_(parameter.data)
 
 
 class TrainingInterrupted(Exception):
