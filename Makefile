@@ -11,7 +11,7 @@ DEMO_MINUTES ?= 5
 DEMO_PRIOR_MINUTES ?= 4
 DEMO_SAMPLES ?= 64
 
-.PHONY: demo test lint format clean bench-quality bench-generation bench-sampling bench-throughput bench-epoch
+.PHONY: demo test browser lint format clean bench-quality bench-generation bench-sampling bench-throughput bench-epoch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,13 +42,29 @@ demo: $(VENV)/.installed
 	$(BIN)/mri-vqvae sample --vqvae $(DEMO_RUN)/best.pt --prior $(DEMO_RUN)/prior/best.pt \
 		--n $(DEMO_SAMPLES) --out $(DEMO_RUN)/samples
 	$(BIN)/mri-vqvae evaluate-samples --samples $(DEMO_RUN)/samples --data $(DEMO_DATA)
+	@echo "The whole run on one page: $(DEMO_RUN)/report.html (open it in a browser)."
 	@echo "Pictures: $(DEMO_RUN)/reconstructions/, $(DEMO_RUN)/ssim_scores.png,"
 	@echo "          $(DEMO_RUN)/batch_losses.png and $(DEMO_RUN)/evaluation/*.png;"
 	@echo "          new slices: $(DEMO_RUN)/samples/samples.png, $(DEMO_RUN)/samples/evaluation/*.png"
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# The report's browser test renders it in Debian's headless Chromium, driven through
+# chromedriver. Installed from Debian's packages when missing and this is root (as in CI) or
+# may sudo; otherwise the test says it was skipped and why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo=sudo; \
+	else echo "chromium and chromium-driver are missing and cannot be installed without root:" \
+		"the report's browser test will be skipped"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then echo "no apt-get: install chromium and" \
+		"chromedriver yourself for the report's browser test"; exit 0; fi; \
+	echo "installing Debian's chromium and chromium-driver for the report's browser test"; \
+	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq \
+		--no-install-recommends chromium chromium-driver >/dev/null
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
@@ -82,4 +98,4 @@ bench-epoch: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/epoch_time.py
 
 clean:
-	rm -rf $(VENV) runs $(DEMO_DATA) .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs $(DEMO_DATA) .pytest_cache .ruff_cache test-artifacts

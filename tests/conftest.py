@@ -52,7 +52,10 @@ def tiny_model_config(**changes) -> ModelConfig:
 
 
 def tiny_config(**train_changes) -> Config:
-    train = dict(epochs=2, batch_size=8, lr=2e-3, num_preview_images=4, device="cpu", seed=1)
+    # The end-of-run validation and report are tested on their own (tests/test_report.py).
+    train = dict(
+        epochs=2, batch_size=8, lr=2e-3, num_preview_images=4, device="cpu", seed=1, report=False
+    )
     train.update(train_changes)
     return Config(
         data=DataConfig(image_size=TINY_SIZE), model=tiny_model_config(), train=TrainConfig(**train)

@@ -24,7 +24,8 @@ TINY_MODEL = [
 ]
 
 
-def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+def train_args(data: Path, out: Path, *extra: str, report: bool = False) -> list[str]:
+    """A tiny ``train`` command line; the end-of-run report (a few seconds) only if asked."""
     return [
         "-q",
         "train",
@@ -42,6 +43,7 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
         "cpu",
         *extra,
         *TINY_MODEL,
+        f"train.report={str(report).lower()}",
     ]
 
 
@@ -206,7 +208,7 @@ def test_missing_data_and_checkpoint(tmp_path: Path, capsys):
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "mri-vqvae"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
-    for command in ("demo-data", "train", "evaluate", "reconstruct"):
+    for command in ("demo-data", "train", "evaluate", "reconstruct", "report"):
         assert command in result.stdout
 
 

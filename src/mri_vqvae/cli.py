@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation layout; auto (the default) is channels-last on GPUs and for the seed "
         "architecture",
     )
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log scalars and preview grids for TensorBoard in RUN_DIR/tensorboard",
+    )
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
 
     evaluate = commands.add_parser(
@@ -166,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=["auto", "float32", "bfloat16"], help="training precision"
     )
     prior.add_argument("--resume", action="store_true", help="continue the run in PRIOR_DIR")
+    prior.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log scalars and sample grids for TensorBoard in PRIOR_DIR/tensorboard",
+    )
     prior.add_argument("overrides", nargs="*", metavar="section.key=value")
 
     sample = commands.add_parser(
@@ -211,6 +221,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--classifier-steps", type=int, default=300, help="training steps per fold (default 300)"
     )
     judge.add_argument("--folds", type=int, default=4)
+
+    report = commands.add_parser(
+        "report",
+        help="write a run's self-contained HTML report",
+        description="Write RUN_DIR/report.html, one page with every picture embedded: the "
+        "configuration, training curves, reconstruction metrics and examples, the codebook "
+        "atlas, and the prior and its samples when the run folder holds them. Training writes "
+        "it at its end; evaluate, train-prior, sample and evaluate-samples bring it up to date "
+        "when their outputs lie inside the run folder.",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="folder written by train")
+    report.add_argument(
+        "--evaluation",
+        type=Path,
+        help="evaluation folder (default: the newest test evaluation in RUN_DIR, else "
+        "RUN_DIR/validation)",
+    )
+    report.add_argument("--prior", type=Path, help="prior folder (default: found in RUN_DIR)")
+    report.add_argument("--samples", type=Path, help="sample folder (default: found in RUN_DIR)")
+    report.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/report.html)")
 
     reconstruct = commands.add_parser(
         "reconstruct",
@@ -274,6 +304,7 @@ def run_train(args: argparse.Namespace) -> None:
     from mri_vqvae.distributed import join_process_group, leave_process_group
     from mri_vqvae.model import VQVAE
     from mri_vqvae.runtime import seed_everything
+    from mri_vqvae.tensorboard_log import require_tensorboard
     from mri_vqvae.training import train_vqvae
 
     overrides = list(args.overrides) + _flag_overrides(
@@ -283,6 +314,8 @@ def run_train(args: argparse.Namespace) -> None:
         overrides.append("data.skip_bad_files=true")
     if args.compile:
         overrides.append("train.compile=true")
+    if args.tensorboard:
+        overrides.append("train.tensorboard=true")
     last = args.out / "last.pt"
     resume = None
     if args.resume:
@@ -302,6 +335,8 @@ def run_train(args: argparse.Namespace) -> None:
                 f"{args.out} already holds a run ({last}); pass --resume to continue it, "
                 "--overwrite to replace it, or choose another --out"
             )
+    if config.train.tensorboard:
+        require_tensorboard()
     processes, device = join_process_group(config.train.device)
     try:
         if not processes.is_main:
@@ -344,6 +379,10 @@ def run_train(args: argparse.Namespace) -> None:
         f"  pictures: {result.run_dir / 'reconstructions'}, {result.run_dir / 'ssim_scores.png'}, "
         f"{result.run_dir / 'batch_losses.png'}"
     )
+    if (result.run_dir / "report.html").is_file():
+        print(f"  report: {result.run_dir / 'report.html'}")
+    if config.train.tensorboard:
+        print(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}")
 
 
 # What `train` writes in a run folder; --overwrite removes these and nothing else (a run
@@ -408,6 +447,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         f"results in {args.out}: metrics.json, per_image_metrics.csv, ssim_scores_test_set.png, "
         "best_image.png, worst_image.png, reconstructed_images.png"
     )
+    _refresh_report(args.checkpoint)
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
@@ -434,12 +474,15 @@ def run_train_prior(args: argparse.Namespace) -> None:
     from mri_vqvae.model.prior import build_prior
     from mri_vqvae.prior_training import evaluate_prior, train_prior
     from mri_vqvae.runtime import resolve_device, seed_everything
+    from mri_vqvae.tensorboard_log import require_tensorboard
 
     overrides = list(args.overrides) + _flag_overrides(
         args, {**TRAIN_FLAGS, "architecture": "prior.architecture"}
     )
     if args.condition_on_slice_position:
         overrides.append("prior.condition_on_slice_position=true")
+    if args.tensorboard:
+        overrides.append("train.tensorboard=true")
     last = args.out / "last.pt"
     resume = None
     if args.resume:
@@ -457,6 +500,8 @@ def run_train_prior(args: argparse.Namespace) -> None:
                 "choose another --out"
             )
         config = load_prior_config(args.config, overrides)
+    if config.train.tensorboard:
+        require_tensorboard()
     device = resolve_device(config.train.device)
     vqvae, vqvae_config = load_model(args.vqvae, device)
     vqvae_sha256 = file_sha256(args.vqvae)
@@ -519,6 +564,7 @@ def run_train_prior(args: argparse.Namespace) -> None:
     )
     print(f"  checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
     print(f"  pictures: {result.run_dir / 'samples'}, {result.run_dir / 'nll_curves.png'}")
+    _refresh_report(args.vqvae)
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -566,6 +612,7 @@ def run_sample(args: argparse.Namespace) -> None:
         f"{run.decoding_seconds:.1f} s of decoding"
     )
     print(f"wrote {args.out}: samples.png, sample_*.nii.gz, codes.pt, samples.json")
+    _refresh_report(args.vqvae)
 
 
 def run_evaluate_samples(args: argparse.Namespace) -> None:
@@ -642,6 +689,29 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
         f"results in {out}: sample_metrics.json, memorisation.csv, closest_to_training.png, "
         "samples_with_nearest_training.png, nearest_training_ssim.png"
     )
+    _refresh_report(vqvae_path)
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from mri_vqvae.report import write_report
+
+    path = write_report(args.run_dir, args.evaluation, args.prior, args.samples, args.out)
+    print(f"wrote {path}")
+
+
+def _refresh_report(vqvae_checkpoint: Path) -> None:
+    """Bring the report of the run a VQ-VAE checkpoint belongs to up to date, if that run
+    folder has one. The command's own outputs are written by then, so a report that cannot
+    be written is a warning, not a failure."""
+    from mri_vqvae.report import REPORT_FILE, write_report
+
+    run_dir = Path(vqvae_checkpoint).parent
+    if not (run_dir / REPORT_FILE).is_file():
+        return
+    try:
+        print(f"updated {write_report(run_dir)}")
+    except (OSError, ValueError) as err:
+        logger.warning("could not update %s: %s", run_dir / REPORT_FILE, err)
 
 
 COMMANDS = {
@@ -652,6 +722,7 @@ COMMANDS = {
     "train-prior": run_train_prior,
     "sample": run_sample,
     "evaluate-samples": run_evaluate_samples,
+    "report": run_report,
 }
 
 

@@ -177,6 +177,12 @@ class TrainConfig:
     # run, keeping the last checkpoint written before them.
     max_nonfinite_steps: int = 5
     num_preview_images: int = 8
+    # Also log the per-epoch scalars and preview grids for TensorBoard, in RUN_DIR/tensorboard
+    # (needs the tensorboard package: the `tensorboard` extra).
+    tensorboard: bool = False
+    # At the end of training, evaluate best.pt on the validation split (RUN_DIR/validation)
+    # and write the run's page, RUN_DIR/report.html.
+    report: bool = True
     device: str = "auto"
     seed: int = 0
 
@@ -292,6 +298,8 @@ class PriorTrainConfig:
     # Decode a grid of samples every this many epochs (and after the last); 0 never does.
     sample_every: int = 5
     num_preview_samples: int = 16
+    # Also log the per-epoch scalars and sample grids for TensorBoard, in PRIOR_DIR/tensorboard.
+    tensorboard: bool = False
     device: str = "auto"
     seed: int = 0
 

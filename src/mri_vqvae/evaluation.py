@@ -1,4 +1,5 @@
-"""Per-image reconstruction metrics on a split, their summary and figures; reconstructing a file."""
+"""Per-image reconstruction metrics on a split, their summary, figures and the arrays a run's
+report shows (example reconstructions, the codebook atlas); reconstructing a file."""
 
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ SSIM_PROTOCOLS = {
 }
 
 
+# Beside metrics.json: the arrays a run's report draws (numpy archives, read without pickle).
+EXAMPLES_FILE = "examples.npz"
+CODEBOOK_FILE = "codebook.npz"
+
+
 @dataclass
 class SplitEvaluation:
     """Per-image scores on a split, and its code histogram."""
@@ -46,6 +52,7 @@ class SplitEvaluation:
     foreground_psnr: np.ndarray
     ssim_seed_protocol: np.ndarray
     code_counts: torch.Tensor
+    code_maps: torch.Tensor  # (N, h, w) code indices, on the CPU
 
     def per_image(self) -> dict[str, np.ndarray]:
         """The per-image columns of ``per_image_metrics.csv``."""
@@ -100,6 +107,7 @@ def evaluate_split(
         "ssim_seed_protocol": [],
     }
     counts = torch.zeros(model.num_embeddings, dtype=torch.long)
+    code_maps = []
     for _, images, output in reconstruct_batches(model, slices, batch_size, device):
         reconstruction = output.reconstruction.clamp(-1, 1)
         foreground_ssim, foreground_psnr = foreground_ssim_psnr(images, reconstruction)
@@ -113,8 +121,11 @@ def evaluate_split(
         for name, values in scores.items():
             columns[name].append(values.cpu())
         counts += torch.bincount(output.indices.flatten().cpu(), minlength=model.num_embeddings)
+        code_maps.append(output.indices.cpu())
     arrays = {name: torch.cat(values).double().numpy() for name, values in columns.items()}
-    return SplitEvaluation(names=list(slices.names), code_counts=counts, **arrays)
+    return SplitEvaluation(
+        names=list(slices.names), code_counts=counts, code_maps=torch.cat(code_maps), **arrays
+    )
 
 
 def write_evaluation(
@@ -124,12 +135,14 @@ def write_evaluation(
     device: torch.device,
     batch_size: int = 32,
     seed: int = 0,
+    split: str = "test",
 ) -> dict:
-    """Evaluate a split and write ``per_image_metrics.csv``, ``metrics.json`` and the figures."""
+    """Evaluate a split (named ``split`` in the outputs) and write ``per_image_metrics.csv``,
+    ``metrics.json``, the figures and the arrays of the run's report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = evaluate_split(model, slices, batch_size, device)
-    summary = result.summary()
+    summary = {"split": split, **result.summary()}
     with open(out_dir / "per_image_metrics.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         columns = result.per_image()
@@ -138,30 +151,118 @@ def write_evaluation(
             writer.writerow([name, *(f"{values[index]:.6f}" for values in columns.values())])
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    plots.ssim_scores(result.ssim, out_dir / "ssim_scores_test_set.png")
+    plots.ssim_scores(result.ssim, out_dir / f"ssim_scores_{split}_set.png", split=split)
+    examples = write_examples(model, slices, result, out_dir / EXAMPLES_FILE, device, seed)
+    for label in ("best", "worst"):
+        index = int(np.flatnonzero(examples["kind"] == label)[0])
+        name = examples["names"][index]
+        plots.pair_with_error(
+            examples["images"][index].astype(np.float32),
+            examples["reconstructions"][index].astype(np.float32),
+            out_dir / f"{label}_image.png",
+            title=f"{label}: {name} (SSIM {examples['ssim'][index]:.4f}, "
+            f"PSNR {examples['psnr'][index]:.2f} dB)",
+        )
+    chosen = torch.randperm(len(slices), generator=torch.Generator().manual_seed(seed))[:8]
+    images = slices.batch(chosen.sort().values).to(device)
     model.eval()
     with torch.no_grad():
-        for label, index in (("best", result.ssim.argmax()), ("worst", result.ssim.argmin())):
-            image = slices.batch([int(index)]).to(device)
-            reconstruction = model(image).reconstruction.clamp(-1, 1)
-            plots.pair_with_error(
-                image[0].cpu().numpy(),
-                reconstruction[0].cpu().numpy(),
-                out_dir / f"{label}_image.png",
-                title=f"{label}: {result.names[index]} (SSIM {result.ssim[index]:.4f}, "
-                f"PSNR {result.psnr[index]:.2f} dB)",
-            )
-        chosen = torch.randperm(len(slices), generator=torch.Generator().manual_seed(seed))[:8]
-        images = slices.batch(chosen.sort().values).to(device)
         reconstructions = model(images).reconstruction.clamp(-1, 1)
-        plots.reconstruction_grid(
-            images.cpu().numpy(),
-            reconstructions.cpu().numpy(),
-            out_dir / "reconstructed_images.png",
-            title=f"{len(chosen)} random test images (mean SSIM over the split "
-            f"{summary['ssim_mean']:.4f})",
-        )
+    plots.reconstruction_grid(
+        images.cpu().numpy(),
+        reconstructions.cpu().numpy(),
+        out_dir / "reconstructed_images.png",
+        title=f"{len(chosen)} random {split} images (mean SSIM over the split "
+        f"{summary['ssim_mean']:.4f})",
+    )
+    write_codebook_atlas(slices, result, out_dir / CODEBOOK_FILE, seed)
     return summary
+
+
+@torch.no_grad()
+def write_examples(
+    model: VQVAE,
+    slices: SliceSet,
+    result: SplitEvaluation,
+    path: Path,
+    device: torch.device,
+    seed: int = 0,
+    per_kind: int = 4,
+) -> dict[str, np.ndarray]:
+    """Save the ``per_kind`` best, worst and randomly chosen reconstructions (by SSIM) with
+    their originals, on [-1, 1] as float16, to ``path``; return the arrays saved."""
+    order = np.argsort(result.ssim, kind="stable")
+    count = min(per_kind, len(order))
+    best, worst = order[::-1][:count], order[:count]
+    rest = np.setdiff1d(order, np.concatenate([best, worst]))
+    pool = rest if len(rest) >= count else order
+    random_pick = np.random.default_rng(seed).choice(pool, size=count, replace=False)
+    chosen = np.concatenate([best, worst, np.sort(random_pick)]).astype(np.int64)
+    model.eval()
+    images = slices.batch(torch.from_numpy(chosen)).to(device)
+    reconstructions = model(images).reconstruction.clamp(-1, 1)
+    arrays = {
+        "kind": np.array(["best"] * count + ["worst"] * count + ["random"] * count),
+        "names": np.array([result.names[i] for i in chosen]),
+        "images": images[:, 0].float().cpu().numpy().astype(np.float16),
+        "reconstructions": reconstructions[:, 0].float().cpu().numpy().astype(np.float16),
+        "ssim": result.ssim[chosen],
+        "psnr": result.psnr[chosen],
+    }
+    np.savez_compressed(path, **arrays)
+    return arrays
+
+
+def write_codebook_atlas(
+    slices: SliceSet,
+    result: SplitEvaluation,
+    path: Path,
+    seed: int = 0,
+    top_codes: int = 16,
+    patches_per_code: int = 6,
+) -> dict[str, np.ndarray]:
+    """Save each code's count over the split and, for the ``top_codes`` most used codes, up
+    to ``patches_per_code`` image patches where the code occurs, to ``path``.
+
+    A patch is the code's cell of the image (the downsampling factor on each side) with half
+    a cell of context around it, padded with the background value at the image's edge."""
+    counts = result.code_counts.numpy()
+    maps = result.code_maps.numpy()
+    (height, width), (rows, columns) = slices.image_size, maps.shape[1:]
+    cell_h, cell_w = height // rows, width // columns
+    margin_h, margin_w = cell_h // 2, cell_w // 2
+    ranked = np.argsort(-counts, kind="stable")
+    used = ranked[counts[ranked] > 0][:top_codes]
+    rng = np.random.default_rng(seed)
+    patches = np.full(
+        (len(used), patches_per_code, cell_h + 2 * margin_h, cell_w + 2 * margin_w),
+        np.nan,
+        dtype=np.float16,
+    )
+    sources = np.full((len(used), patches_per_code, 3), -1, dtype=np.int64)
+    padded: dict[int, np.ndarray] = {}
+    for row, code in enumerate(used):
+        where = np.argwhere(maps == code)  # (n, 3): image, grid row, grid column
+        picks = where[rng.choice(len(where), min(patches_per_code, len(where)), replace=False)]
+        for column, (image, grid_row, grid_column) in enumerate(picks):
+            if image not in padded:
+                pixels = slices.batch([int(image)])[0, 0].float().numpy()
+                padded[image] = np.pad(pixels, ((margin_h,), (margin_w,)), constant_values=-1)
+            top, left = grid_row * cell_h, grid_column * cell_w
+            patches[row, column] = padded[image][
+                top : top + cell_h + 2 * margin_h, left : left + cell_w + 2 * margin_w
+            ]
+            sources[row, column] = (image, grid_row, grid_column)
+    arrays = {
+        "counts": counts.astype(np.int64),
+        "top_codes": used.astype(np.int64),
+        "patches": patches,
+        "patch_sources": sources,
+        "cell_size": np.array([cell_h, cell_w]),
+        "grid_shape": np.array([rows, columns]),
+    }
+    np.savez_compressed(path, **arrays)
+    return arrays
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
-"""Figures from arrays: image grids, index maps, training curves and score plots."""
+"""Figures from arrays: image grids, index maps, training curves, score plots and the figures
+of a run's report."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +26,14 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def to_png(fig) -> bytes:
+    """A figure as PNG bytes (for embedding), closing it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def image_rows(
@@ -96,6 +106,11 @@ def image_grid(images: np.ndarray, path: str | Path, columns: int = 8, title: st
 def nll_curves(history: Sequence[dict], path: str | Path) -> Path:
     """A prior's train and validation negative log-likelihood per epoch, with the unigram
     baseline."""
+    return _save(nll_figure(history), path)
+
+
+def nll_figure(history: Sequence[dict]):
+    """The figure of :func:`nll_curves`."""
     epochs = [row["epoch"] for row in history]
     fig, axis = plt.subplots(figsize=(7, 4))
     axis.plot(epochs, [row["train_nll_bits"] for row in history], "o-", label="train")
@@ -108,7 +123,7 @@ def nll_curves(history: Sequence[dict], path: str | Path) -> Path:
     axis.set_title("Prior negative log-likelihood")
     axis.grid(alpha=0.3)
     axis.legend()
-    return _save(fig, path)
+    return fig
 
 
 def _panels(panels: list[dict], path: str | Path, title: str) -> Path:
@@ -211,15 +226,17 @@ def batch_losses(losses: Sequence[float], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def ssim_scores(scores: Sequence[float], path: str | Path, title: str = "") -> Path:
+def ssim_scores(
+    scores: Sequence[float], path: str | Path, title: str = "", split: str = "test"
+) -> Path:
     """SSIM of every image of a split, with its mean."""
     scores = np.asarray(scores, dtype=np.float64)
     fig, axis = plt.subplots(figsize=(8, 4))
     axis.scatter(np.arange(len(scores)), scores, s=8)
     axis.axhline(scores.mean(), color="tab:red", label=f"mean {scores.mean():.4f}")
-    axis.set_xlabel("test image")
+    axis.set_xlabel(f"{split} image")
     axis.set_ylabel("SSIM")
-    axis.set_title(title or f"SSIM of {len(scores)} test images")
+    axis.set_title(title or f"SSIM of {len(scores)} {split} images")
     axis.grid(alpha=0.3)
     axis.legend()
     return _save(fig, path)
@@ -241,3 +258,137 @@ def score_histograms(
     axis.grid(alpha=0.3)
     axis.legend()
     return _save(fig, path)
+
+
+_CURVES = (
+    ("loss", "loss", True),
+    ("ssim", "SSIM", False),
+    ("psnr", "PSNR (dB)", False),
+    ("codebook_usage", "share of codes used", False),
+    ("perplexity", "codebook perplexity", False),
+)
+
+
+def training_curves(history: Sequence[dict]):
+    """Per-epoch training and validation loss, SSIM, PSNR, codebook usage and perplexity
+    (each where the run logged it), and the learning rate."""
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for axis, (key, label, log_scale) in zip(axes.flat, _CURVES, strict=False):
+        for split, label_text, marker in (("train", "train", "o-"), ("val", "validation", "s-")):
+            values = [row.get(f"{split}_{key}") for row in history]
+            if all(v is not None and np.isfinite(v) for v in values):
+                axis.plot(epochs, values, marker, ms=3, label=label_text)
+        if log_scale:
+            axis.set_yscale("log")
+        axis.set_title(label)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    lr_axis = axes.flat[-1]
+    lr_axis.plot(epochs, [row["lr"] for row in history], "-", color="tab:gray")
+    lr_axis.set_title("learning rate at the epoch's end")
+    lr_axis.set_xlabel("epoch")
+    lr_axis.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def ssim_distribution(scores: Sequence[float], split: str):
+    """Histogram of a split's per-image SSIM with its mean and minimum."""
+    scores = np.asarray(scores, dtype=np.float64)
+    fig, axis = plt.subplots(figsize=(7, 3.6))
+    axis.hist(scores, bins=min(40, max(5, len(scores) // 4)), color="tab:blue", alpha=0.8)
+    axis.axvline(scores.mean(), color="tab:red", label=f"mean {scores.mean():.4f}")
+    axis.axvline(scores.min(), color="black", ls="--", label=f"min {scores.min():.4f}")
+    axis.set_xlabel("SSIM")
+    axis.set_ylabel("images")
+    axis.set_title(f"SSIM of the {len(scores)} {split} images")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return fig
+
+
+def code_frequency(counts: np.ndarray):
+    """How often each code was chosen: by code index, and ranked (log scale)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    share = counts / max(counts.sum(), 1)
+    fig, (by_index, ranked) = plt.subplots(1, 2, figsize=(13, 3.6))
+    # One filled outline rather than a bar per code: 512 bar patches take seconds to draw.
+    by_index.stairs(share, np.arange(len(counts) + 1) - 0.5, fill=True, color="tab:blue")
+    unused = np.flatnonzero(counts == 0)
+    if len(unused):
+        by_index.plot(unused, np.zeros(len(unused)), "|", color="tab:red", ms=10, label="unused")
+        by_index.legend()
+    by_index.set_xlabel("code")
+    by_index.set_ylabel("share of positions")
+    by_index.set_title(f"{int((counts > 0).sum())} of {len(counts)} codes used")
+    order = np.sort(share[share > 0])[::-1]
+    ranked.plot(np.arange(1, len(order) + 1), order, "-", color="tab:blue")
+    ranked.axhline(1 / len(counts), color="gray", ls="--", label="uniform")
+    ranked.set_yscale("log")
+    ranked.set_xlabel("rank")
+    ranked.set_ylabel("share of positions")
+    ranked.set_title("codes by frequency")
+    ranked.legend()
+    for axis in (by_index, ranked):
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def image_png(image: np.ndarray, cmap: str = "gray", vmax: float = 1.0, scale: int = 1) -> bytes:
+    """A 2D array (values from 0 to ``vmax`` through ``cmap``) or an RGB array as PNG bytes,
+    pixel for pixel, each pixel repeated ``scale`` times: far quicker than a figure, for
+    pages that show many small images."""
+    array = np.asarray(image)
+    if scale > 1:
+        array = array.repeat(scale, axis=0).repeat(scale, axis=1)
+    buffer = io.BytesIO()
+    plt.imsave(buffer, array, cmap=cmap, vmin=0.0, vmax=vmax, format="png")
+    return buffer.getvalue()
+
+
+def gray_png(image: np.ndarray, scale: int = 1) -> bytes:
+    """An image in [-1, 1] as a grey PNG (see :func:`image_png`)."""
+    return image_png(_gray(image), scale=scale)
+
+
+def error_png(image: np.ndarray, reconstruction: np.ndarray, vmax: float, scale: int = 1) -> bytes:
+    """The per-pixel absolute error on [0, 1] between two images in [-1, 1], through the
+    magma colour map from 0 to ``vmax``."""
+    return image_png(np.abs(_gray(image) - _gray(reconstruction)), "magma", vmax, scale)
+
+
+def colour_scale_png(cmap: str, width: int = 160, height: int = 12) -> bytes:
+    """A horizontal strip of a colour map from its low end (left) to its high end."""
+    return image_png(np.tile(np.linspace(0, 1, width), (height, 1)), cmap)
+
+
+_OUTLINE = np.array([1.0, 0.55, 0.0])  # orange
+
+
+def code_patch_strip(patches: np.ndarray, cell: tuple[int, int], gap: int = 2) -> np.ndarray:
+    """Image patches where one code occurs, ``(P, h, w)`` in [-1, 1] with NaN for missing
+    ones, side by side as one RGB array in [0, 1]. The code's own ``cell`` is centred in each
+    patch with context around it, and outlined in orange just outside, so that none of its
+    pixels is covered."""
+    count, height, width = patches.shape
+    cell_h, cell_w = cell
+    # The outline's rows and columns, one pixel outside the cell on each side.
+    top, left = (height - cell_h) // 2 - 1, (width - cell_w) // 2 - 1
+    bottom, right = top + cell_h + 1, left + cell_w + 1
+    if top < 0 or left < 0:
+        raise ValueError(
+            f"patches of {height}x{width} leave no room around a {cell_h}x{cell_w} cell"
+        )
+    strip = np.ones((height, count * (width + gap) - gap, 3))  # white between patches
+    for index, patch in enumerate(np.asarray(patches, dtype=np.float32)):
+        if np.isnan(patch).all():
+            continue
+        rgb = np.repeat(_gray(np.nan_to_num(patch, nan=-1.0))[..., None], 3, axis=2)
+        rgb[top, left : right + 1] = rgb[bottom, left : right + 1] = _OUTLINE
+        rgb[top : bottom + 1, left] = rgb[top : bottom + 1, right] = _OUTLINE
+        start = index * (width + gap)
+        strip[:, start : start + width] = rgb
+    return strip

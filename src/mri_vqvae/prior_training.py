@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -25,6 +26,7 @@ from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior
 from mri_vqvae.runtime import autocast, resolve_precision
 from mri_vqvae.sampling import SamplingSettings, generate_samples
+from mri_vqvae.tensorboard_log import TensorBoardLog
 from mri_vqvae.training import warmup_cosine, write_metric_logs
 
 logger = logging.getLogger(__name__)
@@ -87,12 +89,16 @@ def evaluate_prior(
     return {"nll_bits": total_nats / count / math.log(2), "accuracy": correct / count}
 
 
-def _preview(vqvae: VQVAE, prior: Prior, config: PriorRunConfig, path: Path, epoch: int) -> None:
+def _preview(
+    vqvae: VQVAE, prior: Prior, config: PriorRunConfig, path: Path, epoch: int
+) -> torch.Tensor:
+    """Decode samples to a grid at ``path``; returns them, ``(N, 1, H, W)`` in [-1, 1]."""
     count = config.train.num_preview_samples
     position = 0.5 if prior.conditional else None
     run = generate_samples(vqvae, prior, count, SamplingSettings(), position, config.train.seed)
     where = " at slice position 0.5" if position is not None else ""
     plots.image_grid(run.images.numpy(), path, title=f"prior samples, epoch {epoch}{where}")
+    return run.images
 
 
 def train_prior(
@@ -141,109 +147,117 @@ def train_prior(
     started = time.monotonic()
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     out_of_time = False
-
-    for epoch in range(start_epoch + 1, settings.epochs + 1):
-        epoch_start = time.monotonic()
-        prior.train()
-        order = torch.randperm(
-            len(train_codes),
-            generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch),
-        )
-        total_nats, correct, predicted = 0.0, 0, 0
-        progress = tqdm(
-            range(steps_per_epoch),
-            desc=f"prior epoch {epoch}/{settings.epochs}",
-            unit="batch",
-            leave=False,
-            disable=None,
-        )
-        for step in progress:
-            rows = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            indices = train_codes.indices[rows].to(device)
-            time_used = (time.monotonic() - started) / budget_seconds if budget_seconds else 0.0
-            lr = warmup_cosine(
-                settings.lr,
-                settings.warmup_steps,
-                settings.final_lr_fraction,
-                global_step,
-                total_steps,
-                time_used,
+    board = TensorBoardLog(run_dir, resume_step=global_step) if settings.tensorboard else None
+    closing_board = contextlib.closing(board) if board is not None else contextlib.nullcontext()
+    with closing_board:
+        for epoch in range(start_epoch + 1, settings.epochs + 1):
+            epoch_start = time.monotonic()
+            prior.train()
+            order = torch.randperm(
+                len(train_codes),
+                generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch),
             )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, precision):
-                loss, hits = prior_loss(
-                    prior, indices, _conditions(prior, train_codes, rows, device)
+            total_nats, correct, predicted = 0.0, 0, 0
+            progress = tqdm(
+                range(steps_per_epoch),
+                desc=f"prior epoch {epoch}/{settings.epochs}",
+                unit="batch",
+                leave=False,
+                disable=None,
+            )
+            for step in progress:
+                rows = order[step * settings.batch_size : (step + 1) * settings.batch_size]
+                indices = train_codes.indices[rows].to(device)
+                time_used = (time.monotonic() - started) / budget_seconds if budget_seconds else 0.0
+                lr = warmup_cosine(
+                    settings.lr,
+                    settings.warmup_steps,
+                    settings.final_lr_fraction,
+                    global_step,
+                    total_steps,
+                    time_used,
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(prior.parameters(), settings.grad_clip_norm)
-            optimizer.step()
-            global_step += 1
-            total_nats += loss.item() * indices.numel()
-            correct += int(hits)
-            predicted += indices.numel()
-            progress.set_postfix(bits=f"{total_nats / predicted / math.log(2):.3f}")
-            if budget_seconds is not None and time.monotonic() - started >= budget_seconds:
-                out_of_time = True
-                break
-        progress.close()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast(device, precision):
+                    loss, hits = prior_loss(
+                        prior, indices, _conditions(prior, train_codes, rows, device)
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if settings.grad_clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(prior.parameters(), settings.grad_clip_norm)
+                optimizer.step()
+                global_step += 1
+                total_nats += loss.item() * indices.numel()
+                correct += int(hits)
+                predicted += indices.numel()
+                progress.set_postfix(bits=f"{total_nats / predicted / math.log(2):.3f}")
+                if budget_seconds is not None and time.monotonic() - started >= budget_seconds:
+                    out_of_time = True
+                    break
+            progress.close()
 
-        val = evaluate_prior(prior, val_codes, device, settings.batch_size)
-        row = {
-            "epoch": epoch,
-            "global_step": global_step,
-            "train_nll_bits": total_nats / predicted / math.log(2),
-            "train_accuracy": correct / predicted,
-            "val_nll_bits": val["nll_bits"],
-            "val_accuracy": val["accuracy"],
-            "val_unigram_bits": unigram_bits,
-            "lr": lr,
-            "epoch_seconds": time.monotonic() - epoch_start,
-            "elapsed_seconds": elapsed_before + time.monotonic() - started,
-            "stopped_by_time_budget": out_of_time,
-        }
-        history.append(row)
-        write_metric_logs(history, run_dir, PRIOR_METRIC_COLUMNS)
-        logger.info(
-            "prior epoch %d: train %.3f bits/code | val %.3f bits/code (unigram %.3f), "
-            "next-code accuracy %.1f%%",
-            epoch,
-            row["train_nll_bits"],
-            row["val_nll_bits"],
-            unigram_bits,
-            100 * row["val_accuracy"],
-        )
-        last_epoch = epoch == settings.epochs or out_of_time
-        if settings.sample_every and (epoch % settings.sample_every == 0 or last_epoch):
-            preview_path = run_dir / "samples" / f"epoch_{epoch}.png"
-            _preview(vqvae, prior, config, preview_path, epoch)
-
-        improved = val["nll_bits"] < best_val_nll
-        best_val_nll = min(best_val_nll, val["nll_bits"])
-        checkpoint = PriorCheckpoint(
-            config=config,
-            model_state=prior.state_dict(),
-            num_embeddings=prior.num_embeddings,
-            grid_shape=prior.grid_shape,
-            vqvae_sha256=vqvae_sha256,
-            vqvae_path=str(vqvae_path),
-            epoch=epoch,
-            global_step=global_step,
-            optimizer_state=optimizer.state_dict(),
-            best_val_nll=best_val_nll,
-            history=history,
-            rng_state=capture_rng_state(),
-        )
-        save_prior_checkpoint(checkpoint, last_path)
-        if improved:
-            save_prior_checkpoint(checkpoint, best_path)
-        if out_of_time:
+            val = evaluate_prior(prior, val_codes, device, settings.batch_size)
+            row = {
+                "epoch": epoch,
+                "global_step": global_step,
+                "train_nll_bits": total_nats / predicted / math.log(2),
+                "train_accuracy": correct / predicted,
+                "val_nll_bits": val["nll_bits"],
+                "val_accuracy": val["accuracy"],
+                "val_unigram_bits": unigram_bits,
+                "lr": lr,
+                "epoch_seconds": time.monotonic() - epoch_start,
+                "elapsed_seconds": elapsed_before + time.monotonic() - started,
+                "stopped_by_time_budget": out_of_time,
+            }
+            history.append(row)
+            write_metric_logs(history, run_dir, PRIOR_METRIC_COLUMNS)
+            if board is not None:
+                board.epoch(row)
             logger.info(
-                "time budget of %s minutes reached in prior epoch %d", settings.max_minutes, epoch
+                "prior epoch %d: train %.3f bits/code | val %.3f bits/code (unigram %.3f), "
+                "next-code accuracy %.1f%%",
+                epoch,
+                row["train_nll_bits"],
+                row["val_nll_bits"],
+                unigram_bits,
+                100 * row["val_accuracy"],
             )
-            break
+            last_epoch = epoch == settings.epochs or out_of_time
+            if settings.sample_every and (epoch % settings.sample_every == 0 or last_epoch):
+                preview_path = run_dir / "samples" / f"epoch_{epoch}.png"
+                samples = _preview(vqvae, prior, config, preview_path, epoch)
+                if board is not None:
+                    board.image_rows("samples", list(samples.split(8)), global_step)
+
+            improved = val["nll_bits"] < best_val_nll
+            best_val_nll = min(best_val_nll, val["nll_bits"])
+            checkpoint = PriorCheckpoint(
+                config=config,
+                model_state=prior.state_dict(),
+                num_embeddings=prior.num_embeddings,
+                grid_shape=prior.grid_shape,
+                vqvae_sha256=vqvae_sha256,
+                vqvae_path=str(vqvae_path),
+                epoch=epoch,
+                global_step=global_step,
+                optimizer_state=optimizer.state_dict(),
+                best_val_nll=best_val_nll,
+                history=history,
+                rng_state=capture_rng_state(),
+            )
+            save_prior_checkpoint(checkpoint, last_path)
+            if improved:
+                save_prior_checkpoint(checkpoint, best_path)
+            if out_of_time:
+                logger.info(
+                    "time budget of %s minutes reached in prior epoch %d",
+                    settings.max_minutes,
+                    epoch,
+                )
+                break
 
     if history:
         plots.nll_curves(history, run_dir / "nll_curves.png")

@@ -22,7 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mri_vqvae import plots
-from mri_vqvae.checkpoint import Checkpoint, capture_rng_state, restore_rng_state, save_checkpoint
+from mri_vqvae.checkpoint import (
+    Checkpoint,
+    capture_rng_state,
+    load_model,
+    restore_rng_state,
+    save_checkpoint,
+)
 from mri_vqvae.config import Config, TrainConfig, save_config
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
@@ -30,6 +36,7 @@ from mri_vqvae.losses import VQVAELoss, vqvae_loss
 from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
 from mri_vqvae.model import VQVAE, VQVAEOutput
 from mri_vqvae.runtime import autocast, resolve_precision
+from mri_vqvae.tensorboard_log import TensorBoardLog
 
 logger = logging.getLogger(__name__)
 
@@ -207,15 +214,18 @@ def _preview_indices(count: int, size: int, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def save_previews(
     model: VQVAE, previews: dict[str, torch.Tensor], run_dir: Path, epoch: int
-) -> None:
-    """The fixed preview batches over their reconstructions, and one input/codes/output view."""
+) -> dict[str, torch.Tensor]:
+    """The fixed preview batches over their reconstructions, and one input/codes/output view;
+    returns each split's reconstructions (clamped to the image range)."""
     model.eval()
+    reconstructions = {}
     for split, images in previews.items():
         output = model(images)
         ssim = ssim_per_image(images, output.reconstruction).mean().item()
+        reconstructions[split] = output.reconstruction.clamp(-1, 1)
         plots.reconstruction_grid(
             images.cpu().numpy(),
-            output.reconstruction.clamp(-1, 1).cpu().numpy(),
+            reconstructions[split].cpu().numpy(),
             run_dir / "reconstructions" / split / f"epoch_{epoch}.png",
             title=f"{split} epoch {epoch} (SSIM {ssim:.4f})",
         )
@@ -228,6 +238,7 @@ def save_previews(
                 num_embeddings=model.num_embeddings,
                 title=f"validation image, epoch {epoch}",
             )
+    return reconstructions
 
 
 def write_metric_logs(
@@ -462,6 +473,9 @@ def train_vqvae(
             restore_rng_state(resume.rng_state)
         if resume.mid_epoch:
             resume_step, progress_restored = resume.step_in_epoch, resume.epoch_progress
+    board = (
+        TensorBoardLog(run_dir, resume_step=global_step) if main and settings.tensorboard else None
+    )
 
     train_images = train_set.images.to(device)  # float16: half of float32's memory
     previews = {
@@ -512,7 +526,8 @@ def train_vqvae(
                 path,
             )
 
-    with _StopRequest() as stop:
+    closing_board = contextlib.closing(board) if board is not None else contextlib.nullcontext()
+    with _StopRequest() as stop, closing_board:
         for epoch in range(start_epoch + 1, settings.epochs + 1):
             epoch_start = time.monotonic()
             model.train()
@@ -650,7 +665,8 @@ def train_vqvae(
 
             sums = processes.sum(_stacked(step_sums, device))  # (steps, 4), whole batches
             processes.sum(counts)
-            batch_losses.extend((sums[:, 1] / sums[:, 3]).tolist())
+            epoch_batch_losses = (sums[:, 1] / sums[:, 3]).tolist()
+            batch_losses.extend(epoch_batch_losses)
             loss_sum, reconstruction_sum, ssim_sum, seen = sums.sum(0).tolist()
             val = validate(model, val_set, settings, device, processes)
             seen = int(seen)
@@ -691,7 +707,19 @@ def train_vqvae(
                     row["epoch_seconds"],
                     f" | {skipped} step(s) skipped as non-finite" if skipped else "",
                 )
-                save_previews(model, previews, run_dir, epoch)
+                shown = save_previews(model, previews, run_dir, epoch)
+                if board is not None:
+                    board.epoch(row)
+                    board.step_values(
+                        "train/batch_reconstruction_loss", epoch_batch_losses, global_step
+                    )
+                    for split, reconstructions in shown.items():
+                        board.image_rows(
+                            f"reconstructions/{split}",
+                            [previews[split], reconstructions],
+                            global_step,
+                        )
+                    board.flush()
             write_checkpoint(last_path, epoch)
             if improved:
                 write_checkpoint(best_path, epoch)
@@ -707,5 +735,47 @@ def train_vqvae(
     if main and history:
         plots.ssim_curves(history, run_dir / "ssim_scores.png")
         plots.batch_losses(batch_losses, run_dir / "batch_losses.png")
+        if settings.report:
+            write_validation_report(run_dir, best_path, val_set, device, settings)
     processes.barrier()  # no process leaves before the main one has written everything
     return TrainingResult(run_dir, history, best_path, last_path, out_of_time)
+
+
+def write_validation_report(
+    run_dir: Path,
+    best_checkpoint: Path,
+    val_set: SliceSet,
+    device: torch.device,
+    settings: TrainConfig,
+) -> Path | None:
+    """Evaluate ``best_checkpoint`` on the validation split into ``RUN_DIR/validation`` and
+    write ``RUN_DIR/report.html``; returns the report's path.
+
+    The run itself is finished and saved by then, so a failure to write these (a full disk,
+    say) is logged and the run still ends as done: ``mri-vqvae report`` writes the page later.
+    """
+    from mri_vqvae.evaluation import write_evaluation
+    from mri_vqvae.report import write_report
+
+    try:
+        model, _ = load_model(best_checkpoint, device)
+        write_evaluation(
+            model,
+            val_set,
+            run_dir / "validation",
+            device,
+            settings.batch_size,
+            settings.seed,
+            split="val",
+        )
+        report = write_report(run_dir)
+    except OSError as err:
+        logger.warning(
+            "could not write the run's report (%s); the run is saved: write the report with "
+            "`mri-vqvae report %s`",
+            err,
+            run_dir,
+        )
+        return None
+    logger.info("report: %s", report)
+    return report

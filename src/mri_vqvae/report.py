@@ -1,0 +1,499 @@
+"""A run at a glance: one self-contained HTML page (``report.html``) with the configuration,
+training curves, reconstruction quality, the codebook atlas, and the prior and its samples
+when the run folder holds them.
+
+The page only reads what the commands wrote (``metrics.jsonl``, ``evaluation/``,
+``prior/``, ``samples/``); it needs no model and no data, and every picture is embedded, so
+it opens from a laptop's disk without a network.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from mri_vqvae import __version__, plots
+from mri_vqvae.evaluation import CODEBOOK_FILE, EXAMPLES_FILE
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+
+
+@dataclass(frozen=True)
+class ReportSources:
+    """The folders a report reads; ``None`` where the run has none yet."""
+
+    run_dir: Path
+    evaluation: Path | None = None
+    prior: Path | None = None
+    samples: Path | None = None
+
+
+def find_sources(
+    run_dir: str | Path,
+    evaluation: str | Path | None = None,
+    prior: str | Path | None = None,
+    samples: str | Path | None = None,
+) -> ReportSources:
+    """The run folder's outputs: those given, else the newest sub-folder holding an
+    evaluation of the test split (``mri-vqvae evaluate --out RUN_DIR/...``), or failing that
+    ``validation/`` (written at the end of training), and the newest sub-folder holding a
+    prior (``prior_summary.json``) or samples (``samples.json``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
+        raise ValueError(
+            f"{run_dir}: not a training run folder (it needs the config.yaml and metrics.jsonl "
+            "that `mri-vqvae train` writes)"
+        )
+    given = {"evaluation": evaluation, "prior": prior, "samples": samples}
+    for kind, folder in given.items():
+        if folder is not None and not (Path(folder) / _MARKERS[kind]).is_file():
+            raise ValueError(f"{folder}: no {_MARKERS[kind]} there, so it holds no {kind}")
+    if evaluation is None:
+        evaluations = _folders_with(run_dir, "evaluation")
+        # An evaluation written before metrics.json named its split was of the test split.
+        tests = [
+            f for f in evaluations if _read_json(f / "metrics.json").get("split") in (None, "test")
+        ]
+        evaluation = next(iter(tests + evaluations), None)
+    if prior is None:
+        prior = next(iter(_folders_with(run_dir, "prior")), None)
+    if samples is None:
+        samples = next(iter(_folders_with(run_dir, "samples")), None)
+    return ReportSources(
+        run_dir=run_dir,
+        evaluation=Path(evaluation) if evaluation else None,
+        prior=Path(prior) if prior else None,
+        samples=Path(samples) if samples else None,
+    )
+
+
+# The file that marks a folder as holding each kind of output.
+_MARKERS = {"evaluation": "metrics.json", "prior": "prior_summary.json", "samples": "samples.json"}
+
+
+def _folders_with(run_dir: Path, kind: str) -> list[Path]:
+    """The run folder's sub-folders holding a ``kind`` of output, newest first."""
+    marker = _MARKERS[kind]
+    found = [path.parent for path in run_dir.glob(f"*/{marker}")]
+    return sorted(found, key=lambda folder: (folder / marker).stat().st_mtime, reverse=True)
+
+
+def write_report(
+    run_dir: str | Path,
+    evaluation: str | Path | None = None,
+    prior: str | Path | None = None,
+    samples: str | Path | None = None,
+    out: str | Path | None = None,
+) -> Path:
+    """Write the run's report (``RUN_DIR/report.html`` unless ``out`` is given) and return
+    its path. The page is written to a temporary file and renamed into place, so a reader
+    never sees half of one."""
+    sources = find_sources(run_dir, evaluation, prior, samples)
+    out = Path(out) if out else sources.run_dir / REPORT_FILE
+    html = render_report(sources)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(html, encoding="utf-8")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def render_report(sources: ReportSources) -> str:
+    """The report's HTML."""
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("mri_vqvae", "templates"),
+        autoescape=True,  # file names and settings come from the user
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    context = {
+        "run_name": sources.run_dir.resolve().name,
+        "run_dir": str(sources.run_dir),
+        "generated": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "version": __version__,
+        **_training_section(sources.run_dir),
+        "evaluation": _evaluation_section(sources.evaluation, sources.run_dir),
+        "prior": _prior_section(sources.prior, sources.run_dir),
+        "samples": _samples_section(sources.samples, sources.run_dir),
+    }
+    context["headline"] = _headline(context)
+    return environment.get_template("report.html.j2").render(**context)
+
+
+def _shown_path(folder: Path, run_dir: Path) -> str:
+    """A folder as the page names it: relative to the run folder when inside it."""
+    try:
+        return str(folder.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(folder)
+
+
+def _image(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure(fig) -> str:
+    return _image(plots.to_png(fig))
+
+
+def _file_image(path: Path) -> str | None:
+    return _image(path.read_bytes()) if path.is_file() else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read it ({err})") from err
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read it ({err})") from err
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read it ({err})") from err
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _config_rows(config: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for section, settings in config.items():
+        if isinstance(settings, dict):
+            for key, value in settings.items():
+                rows.append((section, key, json.dumps(value)))
+        else:
+            rows.append(("", section, json.dumps(settings)))
+    return rows
+
+
+def _training_section(run_dir: Path) -> dict:
+    config_text = (run_dir / "config.yaml").read_text()
+    try:
+        config = yaml.safe_load(config_text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{run_dir / 'config.yaml'}: not valid YAML ({err})") from err
+    history = _read_jsonl(run_dir / "metrics.jsonl")
+    epochs = [
+        {
+            "epoch": row["epoch"],
+            "train_loss": _number(row["train_loss"]),
+            "val_loss": _number(row["val_loss"]),
+            "val_ssim": _number(row["val_ssim"]),
+            "val_psnr": _number(row.get("val_psnr", math.nan), 2),
+            "codes_used": _percent(row["val_codebook_usage"]),
+            "perplexity": _number(row["val_perplexity"], 1),
+            "restarts": _number(row.get("train_dead_code_restarts", 0)),
+            "skipped": _number(row.get("train_skipped_steps", 0)),
+            "seconds": _number(row["epoch_seconds"], 1),
+        }
+        for row in history
+    ]
+    return {
+        "config_rows": _config_rows(config),
+        "config_text": config_text,
+        "epochs": epochs,
+        "history": history,
+        "curves": _figure(plots.training_curves(history)) if history else None,
+        "batch_losses": _file_image(run_dir / "batch_losses.png"),
+    }
+
+
+def _evaluation_section(folder: Path | None, run_dir: Path) -> dict | None:
+    if folder is None:
+        return None
+    summary = _read_json(folder / "metrics.json")
+    split = summary.get("split", "test")
+    per_image = _per_image_ssim(folder / "per_image_metrics.csv")
+    metrics = [
+        ("images", _number(summary["n_images"])),
+        ("SSIM mean", _number(summary["ssim_mean"])),
+        ("SSIM min", _number(summary["ssim_min"])),
+        ("SSIM max", _number(summary.get("ssim_max", math.nan))),
+        ("SSIM standard deviation", _number(summary.get("ssim_std", math.nan))),
+        ("PSNR mean (dB)", _number(summary["psnr_mean"], 2)),
+        ("PSNR min (dB)", _number(summary["psnr_min"], 2)),
+        ("SSIM inside the anatomy", _number(summary.get("foreground_ssim_mean", math.nan))),
+        ("PSNR inside the anatomy (dB)", _number(summary.get("foreground_psnr_mean", math.nan), 2)),
+        ("SSIM, seed's protocol", _number(summary.get("ssim_seed_protocol_mean", math.nan))),
+        ("codes used", f"{summary['codes_used']} ({_percent(summary['codebook_usage'])})"),
+        ("codebook perplexity", _number(summary["perplexity"], 1)),
+    ]
+    section: dict = {
+        "folder": _shown_path(folder, run_dir),
+        "split": split,
+        "metrics": metrics,
+        "protocols": sorted(summary.get("protocols", {}).items()),
+        "distribution": _figure(plots.ssim_distribution(per_image, split))
+        if len(per_image)
+        else None,
+        "examples": [],
+        "pictures": [],
+        "error_scale": _image(plots.colour_scale_png("magma")),
+        "error_scale_max": ERROR_SCALE_MAX,
+        "codebook": None,
+    }
+    examples = _load_npz(folder / EXAMPLES_FILE)
+    if examples is not None:
+        section["examples"] = _example_tables(examples)
+    else:  # an evaluation written before the report existed: its own pictures
+        for name, heading in (
+            ("best_image.png", "Best"),
+            ("worst_image.png", "Worst"),
+            ("reconstructed_images.png", "Random"),
+        ):
+            image = _file_image(folder / name)
+            if image:
+                section["pictures"].append({"heading": heading, "image": image})
+    atlas = _load_npz(folder / CODEBOOK_FILE)
+    if atlas is not None:
+        section["codebook"] = _codebook_section(atlas)
+    return section
+
+
+# The top of the error maps' colour scale, on [0, 1] images: one scale for every run, so
+# reports can be compared by eye.
+ERROR_SCALE_MAX = 0.25
+
+
+def _display_scale(height: int, at_least: int = 128) -> int:
+    """How many times to repeat each pixel so an image is drawn ``at_least`` pixels high."""
+    return max(1, math.ceil(at_least / height))
+
+
+def _example_tables(examples: dict[str, np.ndarray]) -> list[dict]:
+    """The best, worst and random reconstructions: one table row per image, with the
+    original, the reconstruction and the per-pixel error map."""
+    scale = _display_scale(examples["images"].shape[-2])
+    tables = []
+    for kind, heading in (("best", "Best"), ("worst", "Worst"), ("random", "Random")):
+        rows = []
+        for i in np.flatnonzero(examples["kind"] == kind):
+            image = examples["images"][i].astype(np.float32)
+            reconstruction = examples["reconstructions"][i].astype(np.float32)
+            rows.append(
+                {
+                    "name": str(examples["names"][i]),
+                    "ssim": f"{examples['ssim'][i]:.4f}",
+                    "psnr": f"{examples['psnr'][i]:.2f}",
+                    "original": _image(plots.gray_png(image, scale)),
+                    "reconstruction": _image(plots.gray_png(reconstruction, scale)),
+                    "error": _image(plots.error_png(image, reconstruction, ERROR_SCALE_MAX, scale)),
+                }
+            )
+        if rows:
+            tables.append({"heading": heading, "kind": kind, "rows": rows})
+    return tables
+
+
+def _per_image_ssim(path: Path) -> np.ndarray:
+    if not path.is_file():
+        return np.array([])
+    with open(path, newline="") as handle:
+        return np.array([float(row["ssim"]) for row in csv.DictReader(handle)])
+
+
+def _ranges(values: np.ndarray) -> str:
+    """``[1, 2, 3, 7]`` as ``"1-3, 7"``."""
+    parts: list[str] = []
+    start = previous = None
+    for value in (int(v) for v in values):
+        if previous is not None and value == previous + 1:
+            previous = value
+            continue
+        if start is not None:
+            parts.append(f"{start}" if start == previous else f"{start}\u2013{previous}")
+        start = previous = value
+    if start is not None:
+        parts.append(f"{start}" if start == previous else f"{start}\u2013{previous}")
+    return ", ".join(parts)
+
+
+def _codebook_section(atlas: dict[str, np.ndarray]) -> dict:
+    counts = atlas["counts"]
+    total = max(int(counts.sum()), 1)
+    unused = np.flatnonzero(counts == 0)
+    top = atlas["top_codes"]
+    patches, cell = atlas["patches"], tuple(int(c) for c in atlas["cell_size"])
+    scale = _display_scale(patches.shape[-2], at_least=64)
+    return {
+        "size": len(counts),
+        "used": int((counts > 0).sum()),
+        "unused": _ranges(unused) if len(unused) else "",
+        "unused_count": len(unused),
+        "top_share": _percent(float(counts[top].sum() / total)) if len(top) else "0%",
+        "top_count": len(top),
+        "frequency": _figure(plots.code_frequency(counts)),
+        "cell": "x".join(str(c) for c in cell),
+        "top_rows": [
+            {
+                "code": int(code),
+                "count": f"{int(counts[code]):,}",
+                "share": _percent(float(counts[code] / total)),
+                "patches": _image(
+                    plots.image_png(plots.code_patch_strip(patches[row], cell), scale=scale)
+                ),
+            }
+            for row, code in enumerate(top)
+        ],
+    }
+
+
+def _prior_section(folder: Path | None, run_dir: Path) -> dict | None:
+    if folder is None:
+        return None
+    summary = _read_json(folder / "prior_summary.json")
+    rows = [("best epoch", _number(summary.get("best_epoch")))]
+    for key, label, digits in (
+        ("val_nll_bits", "validation NLL (bits per code)", 3),
+        ("val_unigram_bits", "validation unigram (bits per code)", 3),
+        ("test_nll_bits", "test NLL (bits per code)", 3),
+        ("test_unigram_bits", "test unigram (bits per code)", 3),
+        ("test_accuracy", "test next-code accuracy", 3),
+    ):
+        rows.append((label, _number(summary.get(key, math.nan), digits)))
+    rows.append(("VQ-VAE", str(summary.get("vqvae", ""))))
+    history = _read_jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
+    previews = sorted(
+        (path for path in (folder / "samples").glob("epoch_*.png") if path.stem[6:].isdigit()),
+        key=lambda path: int(path.stem[6:]),
+    )
+    return {
+        "folder": _shown_path(folder, run_dir),
+        "rows": rows,
+        "curves": _figure(plots.nll_figure(history)) if history else None,
+        "preview": _file_image(previews[-1]) if previews else None,
+        "preview_epoch": previews[-1].stem[6:] if previews else None,
+    }
+
+
+def _samples_section(folder: Path | None, run_dir: Path) -> dict | None:
+    if folder is None:
+        return None
+    metadata = _read_json(folder / "samples.json")
+    rows = [
+        ("samples", _number(metadata.get("num_samples"))),
+        ("temperature", _number(metadata.get("settings", {}).get("temperature"), 2)),
+        ("top-k", str(metadata.get("settings", {}).get("top_k"))),
+        ("top-p", str(metadata.get("settings", {}).get("top_p"))),
+        ("seed", _number(metadata.get("seed"))),
+        ("sampling time (s)", _number(metadata.get("sampling_seconds", math.nan), 2)),
+        ("prior", str(metadata.get("prior", ""))),
+    ]
+    metrics_rows = []
+    pictures = []
+    metrics_file = folder / "evaluation" / "sample_metrics.json"
+    if metrics_file.is_file():
+        metrics = _read_json(metrics_file)
+        for key, label in (
+            ("two_sample_vs_real", "two-sample accuracy vs real slices (0.5 = indistinguishable)"),
+            ("two_sample_vs_reconstructions", "two-sample accuracy vs reconstructions"),
+        ):
+            if key in metrics:
+                test = metrics[key]
+                metrics_rows.append(
+                    (
+                        label,
+                        f"{test['accuracy']:.3f} [{test['ci95_low']:.3f}, {test['ci95_high']:.3f}]",
+                    )
+                )
+        for key, label, digits in (
+            ("share_samples_above_0.95", "share of samples above 0.95 SSIM to a training slice", 4),
+            ("share_held_out_above_0.95", "the same for held-out real slices", 4),
+            ("pairwise_ssim_samples", "pairwise SSIM among samples", 3),
+            ("pairwise_ssim_held_out", "pairwise SSIM among held-out slices", 3),
+            ("pairwise_ssim_reconstructions", "pairwise SSIM among reconstructions", 3),
+            ("diversity_ratio", "diversity ratio vs real (1 = as diverse)", 3),
+            ("diversity_ratio_vs_reconstructions", "diversity ratio vs reconstructions", 3),
+            ("code_js_divergence_bits", "code histogram JS divergence (bits)", 4),
+            (
+                "code_js_divergence_train_vs_held_out_bits",
+                "the same between training and held-out codes",
+                4,
+            ),
+        ):
+            if key in metrics:
+                metrics_rows.append((label, _number(metrics[key], digits)))
+        for name in ("closest_to_training.png", "nearest_training_ssim.png"):
+            image = _file_image(folder / "evaluation" / name)
+            if image:
+                pictures.append(image)
+    return {
+        "folder": _shown_path(folder, run_dir),
+        "path": str(folder),
+        "rows": rows,
+        "grid": _file_image(folder / "samples.png"),
+        "metrics_rows": metrics_rows,
+        "pictures": pictures,
+    }
+
+
+def _headline(context: dict) -> list[tuple[str, str]]:
+    history = context["history"]
+    rows: list[tuple[str, str]] = [("epochs", _number(len(history)))]
+    if history:
+        best = max(history, key=lambda row: row["val_ssim"])
+        rows.append(("best validation SSIM", f"{best['val_ssim']:.4f} (epoch {best['epoch']})"))
+        rows.append(("training time", f"{history[-1]['elapsed_seconds'] / 60:.1f} min"))
+    evaluation = context["evaluation"]
+    if evaluation:
+        metrics = dict(evaluation["metrics"])
+        rows.append(
+            (
+                f"{evaluation['split']} SSIM mean / min",
+                f"{metrics['SSIM mean']} / {metrics['SSIM min']}",
+            )
+        )
+        rows.append(("codes used", metrics["codes used"]))
+    if context["prior"]:
+        rows.append(
+            (
+                "prior validation NLL",
+                dict(context["prior"]["rows"])["validation NLL (bits per code)"] + " bits per code",
+            )
+        )
+    if context["samples"]:
+        rows.append(("samples", dict(context["samples"]["rows"])["samples"]))
+    return rows
