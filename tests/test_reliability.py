@@ -223,6 +223,12 @@ def test_train_refuses_an_existing_run_unless_told_to_overwrite(
 
     assert main(args()) == 0
     (run_dir / "notes.txt").write_text("mine")
+    (run_dir / "evaluation").mkdir()  # the user's test evaluation stays
+    # What the end of a run (report, validation) and --tensorboard write goes with it.
+    for name in ("validation", "tensorboard"):
+        (run_dir / name).mkdir()
+        (run_dir / name / "old").write_text("")
+    (run_dir / "report.html").write_text("old")
     before = (run_dir / "last.pt").read_bytes()
     assert main(args()) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -233,6 +239,9 @@ def test_train_refuses_an_existing_run_unless_told_to_overwrite(
     assert main(args("--overwrite", "--seed", "7")) == 0
     assert (run_dir / "last.pt").read_bytes() != before
     assert (run_dir / "notes.txt").read_text() == "mine"  # only training outputs go
+    assert (run_dir / "evaluation").is_dir()
+    for name in ("validation", "tensorboard", "report.html"):
+        assert not (run_dir / name).exists(), name
     assert main(args("--overwrite", "--resume")) == 2
 
 

@@ -396,6 +396,9 @@ TRAINING_OUTPUTS = (
     "ssim_scores.png",
     "batch_losses.png",
     "reconstructions",
+    "validation",
+    "report.html",
+    "tensorboard",
 )
 
 
