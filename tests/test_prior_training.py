@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from mri_vqvae import runtime
 from mri_vqvae.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -16,7 +17,13 @@ from mri_vqvae.checkpoint import (
     save_checkpoint,
 )
 from mri_vqvae.code_maps import CodeMaps, code_maps_for, encode_slices, require_slice_positions
-from mri_vqvae.config import Config, PriorConfig, PriorRunConfig, PriorTrainConfig
+from mri_vqvae.config import (
+    Config,
+    PriorConfig,
+    PriorRunConfig,
+    PriorTrainConfig,
+    load_prior_config,
+)
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import build_prior
@@ -133,11 +140,12 @@ def test_conditioning_needs_slice_numbers_in_names():
         require_slice_positions(codes, "train split")
 
 
-def test_prior_learns_patterned_codes_and_writes_its_run(tmp_path):
+def test_prior_learns_patterned_codes_and_writes_its_run(tmp_path, monkeypatch):
     vqvae_path = tmp_path / "vqvae.pt"
     vqvae = saved_vqvae(vqvae_path)
     train, val = patterned_codes(48, 1), patterned_codes(16, 2)
-    config = prior_config(epochs=10, sample_every=5)
+    monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: False)
+    config = prior_config(epochs=10, sample_every=5, precision="auto")
     torch.manual_seed(0)
     prior = build_prior(config.prior, NUM_CODES, GRID)
     run = tmp_path / "prior"
@@ -157,6 +165,8 @@ def test_prior_learns_patterned_codes_and_writes_its_run(tmp_path):
     assert final["val_nll_bits"] < result.history[0]["val_nll_bits"]
     for name in ("best.pt", "last.pt", "metrics.csv", "nll_curves.png", "prior_config.yaml"):
         assert (run / name).is_file(), name
+    # The run records what "auto" became on this machine.
+    assert load_prior_config(run / "prior_config.yaml").train.precision == "float32"
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
         "epoch_10.png",
         "epoch_5.png",

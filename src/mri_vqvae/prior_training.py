@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -122,9 +122,11 @@ def train_prior(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(config.train.precision, device)
+    # The run records what "auto" became here, as the VQ-VAE's does.
+    config = replace(config, train=replace(config.train, precision=precision))
     save_config(config, run_dir / "prior_config.yaml")
     settings = config.train
-    precision = resolve_precision(settings.precision, device)
     prior.to(device)
     vqvae.to(device).eval()
     optimizer = torch.optim.AdamW(
