@@ -398,3 +398,28 @@ def test_image_rows_grid_stacks_rows_and_fills_short_ones():
     torch.testing.assert_close(grid[:, :4], torch.ones(1, 4, 6))
     torch.testing.assert_close(grid[:, 4:], torch.zeros(1, 4, 6))
     assert scalar_tag("val_ssim") == "val/ssim" and scalar_tag("lr") == "run/lr"
+
+
+def test_a_report_that_cannot_be_written_leaves_the_finished_run_whole(
+    phantom_root: Path, tmp_path: Path, monkeypatch, caplog
+):
+    import errno
+
+    from mri_vqvae import report
+    from mri_vqvae.config import DataConfig
+    from mri_vqvae.data.dataset import load_splits, resolve_split_files
+    from mri_vqvae.model import VQVAE
+    from mri_vqvae.training import train_vqvae
+    from tests.conftest import TINY_SIZE, tiny_config
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", disk_full)
+    data = load_splits(resolve_split_files(phantom_root), DataConfig(image_size=TINY_SIZE))
+    config = tiny_config(epochs=1, report=True)
+    model = VQVAE.from_config(config.model)
+    result = train_vqvae(model, data["train"], data["val"], config, tmp_path, torch.device("cpu"))
+    assert len(result.history) == 1 and result.best_checkpoint.is_file()
+    assert "No space left on device" in caplog.text and "mri-vqvae report" in caplog.text
+    assert not (tmp_path / "report.html").exists()
