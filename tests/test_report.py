@@ -162,6 +162,10 @@ def test_the_report_command_escapes_names_and_refuses_what_is_not_a_run(
 
     assert main(["-q", "report", str(tmp_path / "nothing")]) == 2
     assert "not a training run folder" in capsys.readouterr().err
+    (odd / "evaluation" / "metrics.json").write_text("{}")  # not what evaluate writes
+    assert main(["-q", "report", str(odd)]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation" in err and "not what mri-vqvae writes" in err and "Traceback" not in err
     assert main(["-q", "report", str(odd), "--prior", str(tmp_path)]) == 2
     assert "prior_summary.json" in capsys.readouterr().err
 

@@ -129,13 +129,25 @@ def render_report(sources: ReportSources) -> str:
         "run_dir": str(sources.run_dir),
         "generated": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "version": __version__,
-        **_training_section(sources.run_dir),
-        "evaluation": _evaluation_section(sources.evaluation, sources.run_dir),
-        "prior": _prior_section(sources.prior, sources.run_dir),
-        "samples": _samples_section(sources.samples, sources.run_dir),
+        **_section(_training_section, sources.run_dir),
+        "evaluation": _section(_evaluation_section, sources.evaluation, sources.run_dir),
+        "prior": _section(_prior_section, sources.prior, sources.run_dir),
+        "samples": _section(_samples_section, sources.samples, sources.run_dir),
     }
     context["headline"] = _headline(context)
     return environment.get_template("report.html.j2").render(**context)
+
+
+def _section(build, folder: Path | None, *args: Any):
+    """``build(folder, *args)``, with a file that lacks what the page needs (a hand-edited
+    or foreign ``metrics.json``, say) reported as a :class:`ValueError` naming the folder."""
+    try:
+        return build(folder, *args)
+    except (KeyError, TypeError, IndexError, AttributeError) as err:
+        raise ValueError(
+            f"{folder}: its files are not what mri-vqvae writes there ({type(err).__name__}: "
+            f"{err}); pass the folder to use with --evaluation/--prior/--samples"
+        ) from err
 
 
 def _shown_path(folder: Path, run_dir: Path) -> str:
@@ -160,9 +172,12 @@ def _file_image(path: Path) -> str | None:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        loaded = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: cannot read it ({err})") from err
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return loaded
 
 
 def _read_jsonl(path: Path) -> list[dict]:
