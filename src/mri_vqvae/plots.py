@@ -36,6 +36,24 @@ def to_png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def mosaic(rows: Sequence[np.ndarray], gap: int = 0, background: float = 1.0) -> np.ndarray:
+    """Rows of images, each ``(B, 1, H, W)`` in [-1, 1], laid side by side into one 2D array
+    in [0, 1], with ``gap`` pixels between images; cells a short row leaves empty and the
+    gaps are ``background``."""
+    height, width = np.asarray(rows[0]).shape[-2:]
+    columns = max(len(row) for row in rows)
+    canvas = np.full(
+        (len(rows) * (height + gap) - gap, columns * (width + gap) - gap),
+        background,
+        dtype=np.float32,
+    )
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images):
+            top, left = row * (height + gap), column * (width + gap)
+            canvas[top : top + height, left : left + width] = _gray(image)
+    return canvas
+
+
 def image_rows(
     rows: Sequence[np.ndarray],
     labels: Sequence[str],
@@ -50,11 +68,7 @@ def image_rows(
     count = len(rows[0])
     height, width = np.asarray(rows[0]).shape[-2:]
     gap = max(1, width // 32)
-    canvas = np.ones((len(rows) * (height + gap) - gap, count * (width + gap) - gap))
-    for row, images in enumerate(rows):
-        for column in range(count):
-            top, left = row * (height + gap), column * (width + gap)
-            canvas[top : top + height, left : left + width] = _gray(images[column])
+    canvas = mosaic(rows, gap)
     fig, axis = plt.subplots(figsize=(1.4 * count * width / height * 2, 2.8 * len(rows)))
     axis.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     axis.set_yticks([row * (height + gap) + height / 2 for row in range(len(rows))], labels)
@@ -88,12 +102,7 @@ def image_grid(images: np.ndarray, path: str | Path, columns: int = 8, title: st
     count, (height, width) = len(images), images.shape[-2:]
     columns = min(columns, count)
     rows = -(-count // columns)
-    canvas = np.ones((rows * height, columns * width), dtype=np.float32)
-    for i, image in enumerate(images):
-        row, column = divmod(i, columns)
-        canvas[row * height : (row + 1) * height, column * width : (column + 1) * width] = _gray(
-            image
-        )
+    canvas = mosaic([images[start : start + columns] for start in range(0, count, columns)])
     scale = 1.6 / 128
     fig, axis = plt.subplots(figsize=(max(columns * width * scale, 3), rows * height * scale))
     axis.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")

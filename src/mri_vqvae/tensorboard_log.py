@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mri_vqvae import plots
 from mri_vqvae.config import ConfigError
 
 LOG_FOLDER = "tensorboard"
@@ -42,13 +43,8 @@ def image_rows_grid(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """Rows of images, each ``(B, 1, H, W)`` in [-1, 1], as one ``(1, rows*H, B*W)`` image in
     [0, 1]: the layout of the preview PNGs (inputs above their reconstructions). A row shorter
     than the longest is filled out with black."""
-    columns = max(len(row) for row in rows)
-    lines = []
-    for row in rows:
-        row = row.detach().float().cpu()
-        filler = torch.full((columns - len(row), *row.shape[1:]), -1.0)
-        lines.append(torch.cat(list(torch.cat([row, filler])), dim=-1))  # (1, H, B*W)
-    return ((torch.cat(lines, dim=-2) + 1) / 2).clamp(0, 1)
+    arrays = [row.detach().float().cpu().numpy() for row in rows]
+    return torch.from_numpy(plots.mosaic(arrays, background=0.0))[None]
 
 
 class TensorBoardLog:
