@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from mri_vqvae.cli import main
+from mri_vqvae.files import MARKER_FILE
 from tests.conftest import free_port, tiny_model_config
 
 # JSON is valid YAML, so lists and booleans survive the trip through an override.
@@ -174,7 +175,8 @@ def test_a_corrupt_slice_is_named_or_skipped(demo: Path, tmp_path: Path, capsys,
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--epochs", "0"], "train.epochs"),
+        (["--epochs", "0"], "--epochs: must be at least 1"),
+        (["train.epochs=0"], "train.epochs"),
         (["model.num_codes=3"], "num_codes"),
         (["--size", "62x32"], "divisible"),
     ],
@@ -256,7 +258,7 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     assert (samples / "samples.png").is_file()
     # A second sample run never writes over the first.
     assert main([*sample_args, "--n", "2", "--out", str(samples)]) == 2
-    assert "already holds samples" in capsys.readouterr().err
+    assert "already holds a sample folder" in capsys.readouterr().err
 
     judge = ["-q", "evaluate-samples", "--samples", str(samples), "--data", str(demo)]
     assert main([*judge, "--classifier-steps", "2", "--folds", "2", "--device", "cpu"]) == 0
@@ -286,10 +288,15 @@ def test_train_prior_refuses_an_existing_prior_and_a_bad_vqvae(demo: Path, tmp_p
     args = ["-q", "train-prior", "--vqvae", str(junk), "--data", str(demo), "--out"]
     assert main([*args, str(tmp_path / "prior")]) == 2
     assert "junk.pt" in capsys.readouterr().err
+    assert not (tmp_path / "prior").exists()  # a failed command leaves no empty folder
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "last.pt").write_bytes(b"")
     assert main([*args, str(tmp_path / "taken")]) == 2
-    assert "already holds a prior" in capsys.readouterr().err
+    assert "not a folder mri-vqvae wrote" in capsys.readouterr().err
+    (tmp_path / "taken" / MARKER_FILE).write_text('{"kind": "prior"}')
+    assert main([*args, str(tmp_path / "taken")]) == 2
+    assert "already holds a prior run" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "last.pt").read_bytes() == b""
 
 
 def test_torchrun_trains_with_two_cpu_processes(demo: Path, tmp_path: Path):

@@ -11,6 +11,8 @@ import hashlib
 import os
 import pickle
 import random
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from mri_vqvae.config import (
     config_from_dict,
     prior_config_from_dict,
 )
+from mri_vqvae.errors import UserError
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior, build_prior
 
@@ -34,7 +37,7 @@ FORMAT_VERSION = 2
 PRIOR_FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint file cannot be used; the message names the file and the reason."""
 
 
@@ -117,22 +120,42 @@ def write_atomic(payload: dict[str, Any], path: Path) -> None:
 def _read_payload(path: Path, kind: str, format_version: int) -> dict[str, Any]:
     """A checkpoint's payload, refusing anything but plain values, another kind of checkpoint
     or another format."""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.pt"))
+        hint = f" ({', '.join(found[:4])} there)" if found else ""
+        raise CheckpointError(
+            f"{path}: is a folder; pass the checkpoint file inside it, e.g. {path / 'best.pt'}"
+            f"{hint}"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else is not (or no longer) a checkpoint.
+        raise CheckpointError(
+            f"{path}: not an mri-vqvae checkpoint, or a damaged one (not a PyTorch zip archive: "
+            "truncated, corrupt, or another kind of file)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = next(
-            (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
-            str(err).splitlines()[0] if str(err) else "",
-        )
+        if "Unsupported global" not in str(err):
+            raise CheckpointError(
+                f"{path}: not an mri-vqvae checkpoint, or a damaged one (its contents cannot "
+                "be read as one)"
+            ) from err
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))
+        # torch's own message goes on to suggest ways to load it anyway; only the object is
+        # named here.
         raise CheckpointError(
             f"{path}: refused, it holds objects other than plain tensors and values, which "
-            f"could run code when loaded ({reason})"
+            f"could run code when loaded ({named.group(1) if named else 'an unknown object'}); "
+            "mri-vqvae never loads such files"
         ) from err
     except Exception as err:  # corrupt files fail in many ways deep inside torch.load
+        first_line = next(iter(str(err).splitlines()), "")
         raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(err).__name__}: {err})"
+            f"{path}: not an mri-vqvae checkpoint, or a damaged one ({type(err).__name__}: "
+            f"{first_line})"
         ) from err
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise CheckpointError(f"{path}: not an mri-vqvae checkpoint")
@@ -242,6 +265,14 @@ class PriorCheckpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     rng_state: dict[str, Any] | None = None
     package_version: str = __version__
+    # Written when a signal stops training inside an epoch: the steps of epoch ``epoch + 1``
+    # already taken and that partial epoch's sums; 0 and None at an epoch's end.
+    step_in_epoch: int = 0
+    epoch_progress: dict[str, Any] | None = None
+
+    @property
+    def mid_epoch(self) -> bool:
+        return self.step_in_epoch > 0
 
 
 def save_prior_checkpoint(checkpoint: PriorCheckpoint, path: str | Path) -> None:
@@ -263,6 +294,8 @@ def save_prior_checkpoint(checkpoint: PriorCheckpoint, path: str | Path) -> None
         "best_val_nll": checkpoint.best_val_nll,
         "history": checkpoint.history,
         "rng_state": checkpoint.rng_state,
+        "step_in_epoch": checkpoint.step_in_epoch,
+        "epoch_progress": checkpoint.epoch_progress,
     }
     write_atomic(payload, Path(path))
 
@@ -289,6 +322,8 @@ def load_prior_checkpoint(path: str | Path) -> PriorCheckpoint:
         history=payload["history"],
         rng_state=payload["rng_state"],
         package_version=payload["package_version"],
+        step_in_epoch=payload.get("step_in_epoch", 0),
+        epoch_progress=payload.get("epoch_progress"),
     )
 
 

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import os
+import re
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
 from mri_vqvae import __version__
+from mri_vqvae.config import ConfigError
+from mri_vqvae.data.nifti import DataError
+from mri_vqvae.errors import UserError
+from mri_vqvae.files import write_text_atomic
 
 logger = logging.getLogger("mri_vqvae")
+
+
+# The largest slice the loader accepts (64 Mi voxels) and the smallest side it reads.
+_MAX_VOXELS, _MIN_SIDE = 2**26, 8
 
 
 def _size(text: str) -> str:
@@ -22,7 +35,55 @@ def _size(text: str) -> str:
     parts = text.lower().replace(",", "x").split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"size must look like 256x128 or 'native', got {text!r}")
-    return f"[{int(parts[0])}, {int(parts[1])}]"
+    height, width = int(parts[0]), int(parts[1])
+    if min(height, width) < _MIN_SIDE or height * width > _MAX_VOXELS:
+        raise argparse.ArgumentTypeError(
+            f"size {height}x{width}: each side must be at least {_MIN_SIDE} pixels and the "
+            f"slice at most {_MAX_VOXELS} pixels"
+        )
+    return f"[{height}, {width}]"
+
+
+def _whole_number(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = True):
+    """An argparse type: a finite number in ``(low, high]`` (``[low, high]`` if not
+    ``low_open``); nan and inf are refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = value > low if low_open else value >= low
+        if not (math.isfinite(value) and above and value <= high):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            if high == math.inf:
+                bounds = f"{'>' if low_open else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+_count = _whole_number(1)
+_seed = _whole_number(0)
+_positive = _number(0)
 
 
 def _data_options() -> argparse.ArgumentParser:
@@ -59,14 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the synthetic pelvic MRI phantom in the HipMRI layout",
         description="Write a synthetic pelvic MRI phantom dataset in the HipMRI layout.",
     )
-    demo.add_argument("out", type=Path, help="folder to create")
-    demo.add_argument("--train-cases", type=int, default=16)
-    demo.add_argument("--val-cases", type=int, default=2)
-    demo.add_argument("--test-cases", type=int, default=2)
-    demo.add_argument("--weeks", type=int, default=2, help="volumes per case")
-    demo.add_argument("--slices", type=int, default=16, help="slices per volume")
-    demo.add_argument("--size", default="256x128", help="slice array shape (default 256x128)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("out", type=Path, help="folder to create (new or empty)")
+    demo.add_argument("--train-cases", type=_count, default=16)
+    demo.add_argument("--val-cases", type=_count, default=2)
+    demo.add_argument("--test-cases", type=_count, default=2)
+    demo.add_argument("--weeks", type=_count, default=2, help="volumes per case")
+    demo.add_argument("--slices", type=_count, default=16, help="slices per volume")
+    demo.add_argument(
+        "--size", type=_size, default="256x128", help="slice array shape (default 256x128)"
+    )
+    demo.add_argument("--seed", type=_seed, default=0)
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a phantom dataset written earlier in OUT (never a folder of other files)",
+    )
 
     train = commands.add_parser(
         "train",
@@ -84,12 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         "on top",
     )
     train.add_argument("--config", type=Path, help="YAML file of settings")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
+    train.add_argument("--epochs", type=_count)
+    train.add_argument("--batch-size", type=_count)
+    train.add_argument("--lr", type=_positive)
     train.add_argument("--size", type=_size, help="HxW to resize slices to, or 'native'")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--max-minutes", type=float, help="wall-clock training budget")
+    train.add_argument("--seed", type=_seed)
+    train.add_argument("--max-minutes", type=_positive, help="wall-clock training budget")
     train.add_argument(
         "--resume",
         action="store_true",
@@ -98,11 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the run already in RUN_DIR (its checkpoints, logs and pictures)",
+        help="replace the run already in RUN_DIR (its checkpoints, logs and pictures), or "
+        "write into a folder that is not a run (replacing files with the outputs' names)",
     )
     train.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=_count,
         metavar="N",
         help="also write last.pt every N steps inside epochs (default: at epoch ends only)",
     )
@@ -137,8 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-image SSIM/PSNR on the test split, a summary and figures.",
     )
     evaluate.add_argument("--checkpoint", type=Path, required=True)
-    evaluate.add_argument("--out", type=Path, required=True)
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--out", type=Path, required=True, help="folder to write")
+    evaluate.add_argument("--batch-size", type=_count, default=32)
+    evaluate.add_argument(
+        "--overwrite", action="store_true", help="replace an evaluation already in --out"
+    )
 
     prior = commands.add_parser(
         "train-prior",
@@ -162,15 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="condition on each slice's position in its volume (from slice_<S> in the names)",
     )
-    prior.add_argument("--epochs", type=int)
-    prior.add_argument("--batch-size", type=int)
-    prior.add_argument("--lr", type=float)
-    prior.add_argument("--seed", type=int)
-    prior.add_argument("--max-minutes", type=float, help="wall-clock training budget")
+    prior.add_argument("--epochs", type=_count)
+    prior.add_argument("--batch-size", type=_count)
+    prior.add_argument("--lr", type=_positive)
+    prior.add_argument("--seed", type=_seed)
+    prior.add_argument("--max-minutes", type=_positive, help="wall-clock training budget")
     prior.add_argument(
         "--precision", choices=["auto", "float32", "bfloat16"], help="training precision"
     )
     prior.add_argument("--resume", action="store_true", help="continue the run in PRIOR_DIR")
+    prior.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the prior already in PRIOR_DIR (its cached codes are kept)",
+    )
     prior.add_argument(
         "--tensorboard",
         action="store_true",
@@ -187,18 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--vqvae", type=Path, required=True, help="VQ-VAE checkpoint")
     sample.add_argument("--prior", type=Path, required=True, help="prior checkpoint")
-    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    sample.add_argument("--out", type=Path, required=True)
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-k", type=int, help="sample among the k most likely codes")
-    sample.add_argument("--top-p", type=float, help="sample within the top-p nucleus")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--n", type=_count, default=64, help="number of samples (default 64)")
+    sample.add_argument("--out", type=Path, required=True, help="folder to write")
+    sample.add_argument("--temperature", type=_positive, default=1.0)
+    sample.add_argument("--top-k", type=_count, help="sample among the k most likely codes")
+    sample.add_argument(
+        "--top-p", type=_number(0, 1), help="sample within the top-p nucleus, in (0, 1]"
+    )
+    sample.add_argument("--seed", type=_seed, default=0)
     sample.add_argument(
         "--slice-position",
-        type=float,
+        type=_number(0, 1, low_open=False),
         help="position in the volume, 0 to 1 (a prior trained with slice positions only)",
     )
-    sample.add_argument("--batch-size", type=int, default=64, help="maps sampled together")
+    sample.add_argument("--batch-size", type=_count, default=64, help="maps sampled together")
+    sample.add_argument(
+        "--overwrite", action="store_true", help="replace the samples already in --out"
+    )
     sample.add_argument(
         "--no-cache", action="store_true", help="recompute the prefix per code (slow; to compare)"
     )
@@ -215,12 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument(
         "--vqvae", type=Path, help="VQ-VAE checkpoint (default: the one samples.json names)"
     )
-    judge.add_argument("--out", type=Path, help="default: SAMPLES/evaluation")
-    judge.add_argument("--seed", type=int, default=0)
+    judge.add_argument("--out", type=Path, help="folder to write (default: SAMPLES/evaluation)")
+    judge.add_argument("--seed", type=_seed, default=0)
     judge.add_argument(
-        "--classifier-steps", type=int, default=300, help="training steps per fold (default 300)"
+        "--classifier-steps",
+        type=_count,
+        default=300,
+        help="training steps per fold (default 300)",
     )
-    judge.add_argument("--folds", type=int, default=4)
+    judge.add_argument("--folds", type=_whole_number(2), default=4)
+    judge.add_argument(
+        "--overwrite", action="store_true", help="replace a sample evaluation already in --out"
+    )
 
     report = commands.add_parser(
         "report",
@@ -240,7 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--prior", type=Path, help="prior folder (default: found in RUN_DIR)")
     report.add_argument("--samples", type=Path, help="sample folder (default: found in RUN_DIR)")
-    report.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/report.html)")
+    report.add_argument(
+        "--out", type=Path, help="file to write (default: RUN_DIR/report.html, kept up to date)"
+    )
+    report.add_argument(
+        "--overwrite", action="store_true", help="replace an existing file given as --out"
+    )
 
     reconstruct = commands.add_parser(
         "reconstruct",
@@ -250,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconstruct.add_argument("input", type=Path)
     reconstruct.add_argument("--checkpoint", type=Path, required=True)
-    reconstruct.add_argument("--out", type=Path, required=True)
+    reconstruct.add_argument(
+        "--out", type=Path, required=True, help="file to write (.nii or .nii.gz, not the input)"
+    )
+    reconstruct.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (never the input)"
+    )
     return parser
 
 
@@ -268,19 +366,47 @@ TRAIN_FLAGS = {
 }
 
 
-def _flag_overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
-    """``section.key=value`` overrides for the ``flags`` (argument name to setting) given."""
-    return [
+def _settings_overrides(
+    args: argparse.Namespace, flags: dict[str, str], switches: dict[str, str] | None = None
+) -> list[str]:
+    """The ``section.key=value`` overrides a command line gives, in the order ``--help``
+    documents: the flags (argument name to setting) first, the switches (argument name to the
+    setting they turn on) next, then the explicit overrides, which therefore win."""
+    given = [
         f"{key}={getattr(args, name)}"
         for name, key in flags.items()
         if getattr(args, name, None) is not None
     ]
+    given += [f"{key}=true" for name, key in (switches or {}).items() if getattr(args, name)]
+    return given + list(args.overrides)
+
+
+def _changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """``section.key: old -> new`` for every setting that differs between two config dicts."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes
+
+
+def _refuse_changes(before: dict, after: dict, sections: tuple[str, ...], checkpoint: Path):
+    changes = _changed_settings({s: before[s] for s in sections}, {s: after[s] for s in sections})
+    if changes:
+        raise ConfigError(
+            f"--resume cannot change the {'/'.join(sections)} settings of {checkpoint}: "
+            + "; ".join(changes)
+        )
 
 
 def run_demo_data(args: argparse.Namespace) -> None:
     from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
+    from mri_vqvae.files import PHANTOM, OutputFolder
 
-    height, width = (int(v) for v in _size(args.size).strip("[]").split(","))
+    height, width = (int(v) for v in args.size.strip("[]").split(","))
     spec = PhantomSpec(
         train_cases=args.train_cases,
         val_cases=args.val_cases,
@@ -291,52 +417,70 @@ def run_demo_data(args: argparse.Namespace) -> None:
         width=width,
         seed=args.seed,
     )
-    counts = write_phantom_dataset(args.out, spec)
+    with OutputFolder(args.out, PHANTOM, option="OUT", overwrite=args.overwrite) as folder:
+        folder.remove_previous_outputs()
+        counts = write_phantom_dataset(args.out, spec)
     print(
         f"wrote phantom dataset to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
     )
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` group, or a process on its own: the one that writes files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_train(args: argparse.Namespace) -> None:
     from mri_vqvae.checkpoint import build_model, load_checkpoint
     from mri_vqvae.config import apply_overrides, config_from_dict, load_config
+    from mri_vqvae.files import VQVAE_RUN, OutputFolder
+
+    overrides = _settings_overrides(
+        args,
+        {**TRAIN_FLAGS, "size": "data.image_size"},
+        {
+            "skip_bad_files": "data.skip_bad_files",
+            "compile": "train.compile",
+            "tensorboard": "train.tensorboard",
+        },
+    )
+    last = args.out / "last.pt"
+    resume = None
+    if args.resume:
+        if args.config or args.preset:
+            raise ConfigError("--resume takes its settings from the run; drop --config/--preset")
+        if args.overwrite:
+            raise ConfigError("--resume continues the run in --out; --overwrite would replace it")
+    folder = OutputFolder(
+        args.out, VQVAE_RUN, overwrite=args.overwrite, resume=args.resume, lock=_is_main_process()
+    )
+    if args.resume:
+        if not last.exists():
+            raise ConfigError(f"--resume: {args.out} holds no run to continue ({last} missing)")
+        resume = load_checkpoint(last)
+        config = config_from_dict(apply_overrides(resume.config.to_dict(), overrides))
+        _refuse_changes(resume.config.to_dict(), config.to_dict(), ("model", "data"), last)
+    else:
+        config = load_config(args.config, overrides, preset=args.preset)
+    if config.train.tensorboard:
+        from mri_vqvae.tensorboard_log import require_tensorboard
+
+        require_tensorboard()
+    with folder:
+        model = build_model(resume, last) if resume else None
+        result = _train_in(args, folder, config, resume, model)
+    if result is not None:
+        _print_training_result(result, config)
+
+
+def _train_in(args, folder, config, resume, resumed_model):
+    """Train in a checked, locked run folder; returns the result on the main process only."""
     from mri_vqvae.data.dataset import load_splits, resolve_split_files
     from mri_vqvae.distributed import join_process_group, leave_process_group
     from mri_vqvae.model import VQVAE
     from mri_vqvae.runtime import seed_everything
-    from mri_vqvae.tensorboard_log import require_tensorboard
     from mri_vqvae.training import train_vqvae
 
-    overrides = list(args.overrides) + _flag_overrides(
-        args, {**TRAIN_FLAGS, "size": "data.image_size"}
-    )
-    if args.skip_bad_files:
-        overrides.append("data.skip_bad_files=true")
-    if args.compile:
-        overrides.append("train.compile=true")
-    if args.tensorboard:
-        overrides.append("train.tensorboard=true")
-    last = args.out / "last.pt"
-    resume = None
-    if args.resume:
-        resume = load_checkpoint(last)
-        config = config_from_dict(apply_overrides(resume.config.to_dict(), overrides))
-        for section in ("model", "data"):
-            if getattr(config, section) != getattr(resume.config, section):
-                raise ValueError(f"--resume cannot change {section} settings of {last}")
-        if args.config or args.preset:
-            raise ValueError("--resume takes its settings from the run; drop --config/--preset")
-        if args.overwrite:
-            raise ValueError("--resume continues the run in --out; --overwrite would replace it")
-    else:
-        config = load_config(args.config, overrides, preset=args.preset)
-        if last.exists() and not args.overwrite:
-            raise ValueError(
-                f"{args.out} already holds a run ({last}); pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --out"
-            )
-    if config.train.tensorboard:
-        require_tensorboard()
     processes, device = join_process_group(config.train.device)
     try:
         if not processes.is_main:
@@ -349,7 +493,7 @@ def run_train(args: argparse.Namespace) -> None:
         if processes.is_main:
             processes.barrier()
         seed_everything(config.train.seed)
-        model = build_model(resume, last) if resume else VQVAE.from_config(config.model)
+        model = resumed_model if resumed_model is not None else VQVAE.from_config(config.model)
         logger.info(
             "training on %s: %d train / %d val slices at %dx%d",
             device,
@@ -357,16 +501,18 @@ def run_train(args: argparse.Namespace) -> None:
             len(splits["val"]),
             *splits["train"].image_size,
         )
-        if args.overwrite and not resume and processes.is_main and last.exists():
-            # Only now, with the settings and data known good, is the old run let go.
-            remove_training_outputs(args.out)
+        if processes.is_main and resume is None:
+            # Only now, with the settings and data known good, is an old run let go.
+            folder.remove_previous_outputs()
         result = train_vqvae(
-            model, splits["train"], splits["val"], config, args.out, device, resume, processes
+            model, splits["train"], splits["val"], config, folder.path, device, resume, processes
         )
     finally:
         leave_process_group()
-    if not processes.is_main:
-        return
+    return result if processes.is_main else None
+
+
+def _print_training_result(result, config) -> None:
     final = result.history[-1] if result.history else None
     print(f"run folder: {result.run_dir}")
     if final:
@@ -385,48 +531,14 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}")
 
 
-# What `train` writes in a run folder; --overwrite removes these and nothing else (a run
-# folder may also hold the user's evaluations, a prior and samples).
-TRAINING_OUTPUTS = (
-    "best.pt",
-    "last.pt",
-    "config.yaml",
-    "metrics.csv",
-    "metrics.jsonl",
-    "ssim_scores.png",
-    "batch_losses.png",
-    "reconstructions",
-    "validation",
-    "report.html",
-    "tensorboard",
-)
-
-
-def remove_training_outputs(run_dir: Path) -> None:
-    """Delete a previous training run's outputs from ``run_dir``."""
-    import shutil
-
-    removed = []
-    for name in TRAINING_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
-            continue
-        removed.append(name)
-    logger.warning(
-        "--overwrite: removed the previous run's %s from %s", ", ".join(removed), run_dir
-    )
-
-
 def run_evaluate(args: argparse.Namespace) -> None:
     from mri_vqvae.checkpoint import load_model
     from mri_vqvae.data.dataset import list_slices, load_split, resolve_split_files
     from mri_vqvae.evaluation import write_evaluation
+    from mri_vqvae.files import EVALUATION, OutputFolder
     from mri_vqvae.runtime import resolve_device
 
+    folder = OutputFolder(args.out, EVALUATION, overwrite=args.overwrite)
     device = resolve_device(args.device or "auto")
     model, config = load_model(args.checkpoint, device)
     data_config = replace(config.data, skip_bad_files=args.skip_bad_files)
@@ -435,7 +547,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
     else:
         files = resolve_split_files(args.data, args.train, args.val, args.test)["test"]
     slices = load_split(files, data_config, label="test")
-    summary = write_evaluation(model, slices, args.out, device, args.batch_size, config.train.seed)
+    with folder:
+        folder.remove_previous_outputs()
+        summary = write_evaluation(
+            model, slices, args.out, device, args.batch_size, config.train.seed
+        )
     print(
         f"test SSIM {summary['ssim_mean']:.4f} (min {summary['ssim_min']:.4f}), "
         f"PSNR {summary['psnr_mean']:.2f} dB, codes used {100 * summary['codebook_usage']:.1f}%, "
@@ -455,9 +571,14 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 def run_reconstruct(args: argparse.Namespace) -> None:
     from mri_vqvae.checkpoint import load_model
+    from mri_vqvae.data.nifti import NIFTI_SUFFIXES
     from mri_vqvae.evaluation import reconstruct_file
+    from mri_vqvae.files import check_output_file
     from mri_vqvae.runtime import resolve_device
 
+    check_output_file(
+        args.out, "--out", args.overwrite, inputs=(args.input,), suffixes=NIFTI_SUFFIXES
+    )
     device = resolve_device(args.device or "auto")
     model, config = load_model(args.checkpoint, device)
     reconstruct_file(model, args.input, args.out, config.data, device)
@@ -465,46 +586,54 @@ def run_reconstruct(args: argparse.Namespace) -> None:
 
 
 def run_train_prior(args: argparse.Namespace) -> None:
-    from mri_vqvae.checkpoint import (
-        check_prior_matches,
-        file_sha256,
-        load_model,
-        load_prior_checkpoint,
-    )
-    from mri_vqvae.code_maps import code_maps_for, require_slice_positions
+    from mri_vqvae.checkpoint import check_prior_matches, load_prior_checkpoint
     from mri_vqvae.config import apply_overrides, load_prior_config, prior_config_from_dict
+    from mri_vqvae.files import PRIOR_RUN, OutputFolder
+    from mri_vqvae.tensorboard_log import require_tensorboard
+
+    overrides = _settings_overrides(
+        args,
+        {**TRAIN_FLAGS, "architecture": "prior.architecture"},
+        {
+            "condition_on_slice_position": "prior.condition_on_slice_position",
+            "tensorboard": "train.tensorboard",
+        },
+    )
+    last = args.out / "last.pt"
+    resume = None
+    if args.resume and args.config:
+        raise ConfigError("--resume takes its settings from the run; drop --config")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the prior in --out; --overwrite would replace it")
+    folder = OutputFolder(
+        args.out, PRIOR_RUN, option="--out", overwrite=args.overwrite, resume=args.resume
+    )
+    if args.resume:
+        if not last.exists():
+            raise ConfigError(f"--resume: {args.out} holds no prior to continue ({last} missing)")
+        resume = load_prior_checkpoint(last)
+        check_prior_matches(resume, last, args.vqvae)
+        config = prior_config_from_dict(apply_overrides(resume.config.to_dict(), overrides))
+        _refuse_changes(resume.config.to_dict(), config.to_dict(), ("prior",), last)
+    else:
+        config = load_prior_config(args.config, overrides)
+    if config.train.tensorboard:
+        require_tensorboard()
+    with folder:
+        _train_prior_in(args, folder, config, resume)
+    _refresh_report(args.vqvae)
+
+
+def _train_prior_in(args, folder, config, resume) -> None:
+    """Encode the splits, train the prior and score it on the test split, in a checked and
+    locked prior folder."""
+    from mri_vqvae.checkpoint import file_sha256, load_model, load_prior_checkpoint
+    from mri_vqvae.code_maps import code_maps_for, require_slice_positions
     from mri_vqvae.data.dataset import load_splits, resolve_split_files
     from mri_vqvae.model.prior import build_prior
     from mri_vqvae.prior_training import evaluate_prior, train_prior
     from mri_vqvae.runtime import resolve_device, seed_everything
-    from mri_vqvae.tensorboard_log import require_tensorboard
 
-    overrides = list(args.overrides) + _flag_overrides(
-        args, {**TRAIN_FLAGS, "architecture": "prior.architecture"}
-    )
-    if args.condition_on_slice_position:
-        overrides.append("prior.condition_on_slice_position=true")
-    if args.tensorboard:
-        overrides.append("train.tensorboard=true")
-    last = args.out / "last.pt"
-    resume = None
-    if args.resume:
-        resume = load_prior_checkpoint(last)
-        check_prior_matches(resume, last, args.vqvae)
-        config = prior_config_from_dict(apply_overrides(resume.config.to_dict(), overrides))
-        if config.prior != resume.config.prior:
-            raise ValueError(f"--resume cannot change the prior settings of {last}")
-        if args.config:
-            raise ValueError("--resume takes its settings from the run; drop --config")
-    else:
-        if last.exists():
-            raise ValueError(
-                f"{args.out} already holds a prior ({last}); pass --resume to continue it or "
-                "choose another --out"
-            )
-        config = load_prior_config(args.config, overrides)
-    if config.train.tensorboard:
-        require_tensorboard()
     device = resolve_device(config.train.device)
     vqvae, vqvae_config = load_model(args.vqvae, device)
     vqvae_sha256 = file_sha256(args.vqvae)
@@ -520,6 +649,9 @@ def run_train_prior(args: argparse.Namespace) -> None:
     if config.prior.condition_on_slice_position:
         for split, maps in codes.items():
             require_slice_positions(maps, f"{split} split")
+    if resume is None:
+        # Only now, with the settings and data known good, is an old prior let go.
+        folder.remove_previous_outputs()
     grid = codes["train"].grid_shape
     logger.info(
         "prior over %dx%d maps of %d codes: %d train / %d val maps; unigram %.3f bits/code",
@@ -556,7 +688,7 @@ def run_train_prior(args: argparse.Namespace) -> None:
         "vqvae": str(args.vqvae),
         "vqvae_sha256": vqvae_sha256,
     }
-    (args.out / "prior_summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(args.out / "prior_summary.json", json.dumps(summary, indent=2))
     below = 1 - summary["val_nll_bits"] / summary["val_unigram_bits"]
     print(f"prior folder: {result.run_dir}")
     print(
@@ -567,11 +699,11 @@ def run_train_prior(args: argparse.Namespace) -> None:
     )
     print(f"  checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
     print(f"  pictures: {result.run_dir / 'samples'}, {result.run_dir / 'nll_curves.png'}")
-    _refresh_report(args.vqvae)
 
 
 def run_sample(args: argparse.Namespace) -> None:
     from mri_vqvae.checkpoint import file_sha256, load_model, load_prior
+    from mri_vqvae.files import SAMPLES, OutputFolder
     from mri_vqvae.runtime import resolve_device
     from mri_vqvae.sampling import (
         SamplingSettings,
@@ -580,10 +712,7 @@ def run_sample(args: argparse.Namespace) -> None:
         write_samples,
     )
 
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
-    if (args.out / "samples.json").exists():
-        raise ValueError(f"{args.out} already holds samples; choose another --out")
+    folder = OutputFolder(args.out, SAMPLES, overwrite=args.overwrite)
     settings = SamplingSettings(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -608,7 +737,9 @@ def run_sample(args: argparse.Namespace) -> None:
         "slice_position": args.slice_position,
         "device": str(device),
     }
-    write_samples(run, args.out, metadata)
+    with folder:
+        folder.remove_previous_outputs()
+        write_samples(run, args.out, metadata)
     print(
         f"{args.n} samples in {run.sampling_seconds:.1f} s of sampling "
         f"({run.codes.numel() / run.sampling_seconds:.0f} codes/s) and "
@@ -627,18 +758,28 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
         load_splits,
         resolve_split_files,
     )
+    from mri_vqvae.files import SAMPLE_EVALUATION, OutputFolder
     from mri_vqvae.runtime import resolve_device
     from mri_vqvae.sample_evaluation import evaluate_samples
     from mri_vqvae.sample_metrics import SampleMetricSettings
     from mri_vqvae.sampling import load_sample_codes
 
+    if not args.samples.is_dir():
+        raise DataError(args.samples, "--samples: no such folder (give a folder written by sample)")
     metadata_file = args.samples / "samples.json"
-    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    metadata = _read_samples_metadata(metadata_file)
     vqvae_path = args.vqvae or (Path(metadata["vqvae"]) if "vqvae" in metadata else None)
     if vqvae_path is None:
-        raise ValueError(f"{metadata_file} is missing and names no VQ-VAE; pass --vqvae")
+        raise ConfigError(f"{metadata_file} is missing and names no VQ-VAE; pass --vqvae")
+    out = args.out or args.samples / "evaluation"
+    folder = OutputFolder(
+        out,
+        SAMPLE_EVALUATION,
+        option="--out" if args.out else "--samples",
+        overwrite=args.overwrite,
+    )
     expected = metadata.get("vqvae_sha256")
-    if expected and file_sha256(vqvae_path) != expected:
+    if expected and Path(vqvae_path).is_file() and file_sha256(vqvae_path) != expected:
         raise CheckpointError(
             f"{vqvae_path}: not the VQ-VAE these samples were drawn with ({metadata_file} "
             f"gives sha256 {expected[:12]}...)"
@@ -661,10 +802,11 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
     settings = SampleMetricSettings(
         folds=args.folds, classifier_steps=args.classifier_steps, seed=args.seed
     )
-    out = args.out or args.samples / "evaluation"
-    summary = evaluate_samples(
-        samples, codes, splits["train"], held_out, vqvae, out, device, settings
-    )
+    with folder:
+        folder.remove_previous_outputs()
+        summary = evaluate_samples(
+            samples, codes, splits["train"], held_out, vqvae, out, device, settings
+        )
     real, recon = summary["two_sample_vs_real"], summary["two_sample_vs_reconstructions"]
     print(
         f"two-sample accuracy (0.5 = indistinguishable): against real slices "
@@ -695,25 +837,58 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
     _refresh_report(vqvae_path)
 
 
+def _read_samples_metadata(path: Path) -> dict:
+    """``samples.json`` as a dict; {} when absent; a named error when it is not what
+    ``sample`` writes."""
+    if not path.is_file():
+        return {}
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"cannot be read as the JSON that sample writes ({err})") from err
+    if not isinstance(metadata, dict):
+        raise DataError(path, "is not the JSON object that sample writes")
+    return metadata
+
+
 def run_report(args: argparse.Namespace) -> None:
+    from mri_vqvae.files import FolderLock, check_output_file
     from mri_vqvae.report import write_report
 
-    path = write_report(args.run_dir, args.evaluation, args.prior, args.samples, args.out)
+    if args.out is not None:
+        # A page this tool wrote may be replaced; any other existing file needs --overwrite.
+        replace_ok = args.overwrite or _is_report_file(args.out)
+        check_output_file(args.out, "--out", replace_ok, suffixes=(".html", ".htm"))
+        path = write_report(args.run_dir, args.evaluation, args.prior, args.samples, args.out)
+    else:
+        with FolderLock(args.run_dir) if args.run_dir.is_dir() else contextlib.nullcontext():
+            path = write_report(args.run_dir, args.evaluation, args.prior, args.samples)
     print(f"wrote {path}")
+
+
+def _is_report_file(path: Path) -> bool:
+    """Whether ``path`` is a report page this tool wrote (which may be replaced)."""
+    from mri_vqvae.report import is_report_page
+
+    return path.is_file() and is_report_page(path)
 
 
 def _refresh_report(vqvae_checkpoint: Path) -> None:
     """Bring the report of the run a VQ-VAE checkpoint belongs to up to date, if that run
-    folder has one. The command's own outputs are written by then, so a report that cannot
-    be written is a warning, not a failure."""
+    folder has one and no other process is writing the run. The command's own outputs are
+    written by then, so a report that cannot be written is a warning, not a failure."""
+    from mri_vqvae.files import FolderBusy, FolderLock
     from mri_vqvae.report import REPORT_FILE, write_report
 
     run_dir = Path(vqvae_checkpoint).parent
     if not (run_dir / REPORT_FILE).is_file():
         return
     try:
-        print(f"updated {write_report(run_dir)}")
-    except (OSError, ValueError) as err:
+        with FolderLock(run_dir):
+            print(f"updated {write_report(run_dir)}")
+    except FolderBusy as busy:
+        logger.warning("did not update %s: %s", run_dir / REPORT_FILE, busy)
+    except (OSError, ValueError, UserError) as err:
         logger.warning("could not update %s: %s", run_dir / REPORT_FILE, err)
 
 
@@ -729,17 +904,55 @@ COMMANDS = {
 }
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; ``section.key=value`` overrides may stand anywhere in it, before
+    or after flags, and keep their order."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        overrides = [token for token in unknown if _OVERRIDE.match(token)]
+        others = [token for token in unknown if not _OVERRIDE.match(token)]
+        if others or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(others or unknown)}")
+        # Overrides after a flag were left over; the command line's order is kept.
+        args.overrides = [token for token in argv if token in set(args.overrides) | set(overrides)]
+    return args
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same one, without the options
+    that only a new run takes, with ``--resume``."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token in ("--config", "--preset"):
+            skip = True
+            continue
+        if token == "--overwrite" or token.startswith(("--config=", "--preset=")):
+            continue
+        kept.append(token)
+    if "--resume" not in kept:
+        kept.append("--resume")
+    return shlex.join(["mri-vqvae", *kept])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mri-vqvae`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as done:  # argparse's usage errors, --help and --version
+        return done.code if isinstance(done.code, int) else 2
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
-    from mri_vqvae.checkpoint import CheckpointError
-    from mri_vqvae.config import ConfigError
-    from mri_vqvae.data.nifti import DataError
     from mri_vqvae.runtime import keep_freed_memory
 
     keep_freed_memory()
@@ -748,11 +961,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args)
-    except (DataError, ConfigError, CheckpointError, ValueError) as err:
+    except (UserError, ValueError) as err:
         print(f"mri-vqvae {args.command}: error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
         print(f"mri-vqvae {args.command}: {stop}", file=sys.stderr)
+        print(f"resume with: {resume_command(argv)}", file=sys.stderr)
         return 128 + stop.signal_number  # the shell's convention for a signal's exit status
     except NonFiniteTraining as err:
         print(f"mri-vqvae {args.command}: error: {err}", file=sys.stderr)

@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from mri_vqvae.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value or key is invalid; the message names the setting."""
 
 

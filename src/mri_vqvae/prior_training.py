@@ -27,7 +27,12 @@ from mri_vqvae.model.prior import Prior
 from mri_vqvae.runtime import autocast, resolve_precision
 from mri_vqvae.sampling import SamplingSettings, generate_samples
 from mri_vqvae.tensorboard_log import TensorBoardLog
-from mri_vqvae.training import warmup_cosine, write_metric_logs
+from mri_vqvae.training import (
+    StopRequest,
+    TrainingInterrupted,
+    warmup_cosine,
+    write_metric_logs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +139,7 @@ def train_prior(
     )
     history: list[dict] = []
     start_epoch, global_step, best_val_nll = 0, 0, math.inf
+    partial = None  # a mid-epoch checkpoint's partial epoch
     if resume is not None:
         prior.load_state_dict(resume.model_state)
         optimizer.load_state_dict(resume.optimizer_state)
@@ -141,33 +147,75 @@ def train_prior(
         best_val_nll, history = resume.best_val_nll, list(resume.history)
         if resume.rng_state is not None:
             restore_rng_state(resume.rng_state)
+        if resume.mid_epoch:
+            partial = {"step": resume.step_in_epoch, **resume.epoch_progress}
     unigram_bits = val_codes.unigram_bits()
     steps_per_epoch = math.ceil(len(train_codes) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     budget_seconds = settings.max_minutes * 60 if settings.max_minutes is not None else None
     elapsed_before = history[-1]["elapsed_seconds"] if history else 0.0
+    if partial is not None:
+        elapsed_before += partial["seconds"]
     started = time.monotonic()
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     out_of_time = False
     board = TensorBoardLog(run_dir, resume_step=global_step) if settings.tensorboard else None
+    def checkpoint(epoch_done: int, step_in_epoch: int = 0, progress=None) -> PriorCheckpoint:
+        return PriorCheckpoint(
+            config=config,
+            model_state=prior.state_dict(),
+            num_embeddings=prior.num_embeddings,
+            grid_shape=prior.grid_shape,
+            vqvae_sha256=vqvae_sha256,
+            vqvae_path=str(vqvae_path),
+            epoch=epoch_done,
+            global_step=global_step,
+            optimizer_state=optimizer.state_dict(),
+            best_val_nll=best_val_nll,
+            history=history,
+            rng_state=capture_rng_state(),
+            step_in_epoch=step_in_epoch,
+            epoch_progress=progress,
+        )
+
     closing_board = contextlib.closing(board) if board is not None else contextlib.nullcontext()
-    with closing_board:
+    with StopRequest() as stop, closing_board:
         for epoch in range(start_epoch + 1, settings.epochs + 1):
             epoch_start = time.monotonic()
             prior.train()
+            # The order depends on (seed, epoch) only, so a run resumed inside an epoch sees
+            # the batches one that never stopped would.
             order = torch.randperm(
                 len(train_codes),
                 generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch),
             )
-            total_nats, correct, predicted = 0.0, 0, 0
+            total_nats, correct, predicted, seconds_before, first_step = 0.0, 0, 0, 0.0, 0
+            if partial is not None:
+                first_step, seconds_before = partial["step"], partial["seconds"]
+                total_nats, correct, predicted = (
+                    partial["total_nats"],
+                    partial["correct"],
+                    partial["predicted"],
+                )
+                partial = None
             progress = tqdm(
-                range(steps_per_epoch),
+                range(first_step, steps_per_epoch),
+                initial=first_step,
+                total=steps_per_epoch,
                 desc=f"prior epoch {epoch}/{settings.epochs}",
                 unit="batch",
                 leave=False,
                 disable=None,
             )
             for step in progress:
+                if stop.signal_number is not None:
+                    sums = {"total_nats": total_nats, "correct": correct, "predicted": predicted}
+                    seconds = seconds_before + time.monotonic() - epoch_start
+                    save_prior_checkpoint(
+                        checkpoint(epoch - 1, step, {**sums, "seconds": seconds}), last_path
+                    )
+                    progress.close()
+                    raise TrainingInterrupted(stop.signal_number, last_path, epoch, step)
                 rows = order[step * settings.batch_size : (step + 1) * settings.batch_size]
                 indices = train_codes.indices[rows].to(device)
                 time_used = (time.monotonic() - started) / budget_seconds if budget_seconds else 0.0
@@ -210,7 +258,7 @@ def train_prior(
                 "val_accuracy": val["accuracy"],
                 "val_unigram_bits": unigram_bits,
                 "lr": lr,
-                "epoch_seconds": time.monotonic() - epoch_start,
+                "epoch_seconds": seconds_before + time.monotonic() - epoch_start,
                 "elapsed_seconds": elapsed_before + time.monotonic() - started,
                 "stopped_by_time_budget": out_of_time,
             }
@@ -236,23 +284,10 @@ def train_prior(
 
             improved = val["nll_bits"] < best_val_nll
             best_val_nll = min(best_val_nll, val["nll_bits"])
-            checkpoint = PriorCheckpoint(
-                config=config,
-                model_state=prior.state_dict(),
-                num_embeddings=prior.num_embeddings,
-                grid_shape=prior.grid_shape,
-                vqvae_sha256=vqvae_sha256,
-                vqvae_path=str(vqvae_path),
-                epoch=epoch,
-                global_step=global_step,
-                optimizer_state=optimizer.state_dict(),
-                best_val_nll=best_val_nll,
-                history=history,
-                rng_state=capture_rng_state(),
-            )
-            save_prior_checkpoint(checkpoint, last_path)
+            finished = checkpoint(epoch)
+            save_prior_checkpoint(finished, last_path)
             if improved:
-                save_prior_checkpoint(checkpoint, best_path)
+                save_prior_checkpoint(finished, best_path)
             if out_of_time:
                 logger.info(
                     "time budget of %s minutes reached in prior epoch %d",

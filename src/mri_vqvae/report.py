@@ -113,6 +113,17 @@ def write_report(
     return out
 
 
+def is_report_page(path: str | Path) -> bool:
+    """Whether the file at ``path`` is a report page written by :func:`write_report` (its
+    head names mri-vqvae as the generator)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return '<meta name="generator" content="mri-vqvae' in head
+
+
 def render_report(sources: ReportSources) -> str:
     """The report's HTML."""
     import jinja2

@@ -321,7 +321,7 @@ class NonFiniteTraining(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient; the run stopped."""
 
 
-class _StopRequest:
+class StopRequest:
     """Turns SIGINT and SIGTERM into a request the training loop honours at its next step.
     A second signal while one is pending stops at once, as the default would."""
 
@@ -339,7 +339,7 @@ class _StopRequest:
             signal.Signals(signal_number).name,
         )
 
-    def __enter__(self) -> _StopRequest:
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # only there can it listen
             for number in (signal.SIGINT, signal.SIGTERM):
                 self._previous[number] = signal.signal(number, self._handle)
@@ -527,7 +527,7 @@ def train_vqvae(
             )
 
     closing_board = contextlib.closing(board) if board is not None else contextlib.nullcontext()
-    with _StopRequest() as stop, closing_board:
+    with StopRequest() as stop, closing_board:
         for epoch in range(start_epoch + 1, settings.epochs + 1):
             epoch_start = time.monotonic()
             model.train()

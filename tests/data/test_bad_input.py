@@ -113,8 +113,8 @@ BAD_FILES = {
         lambda p: write_raw(p, header_with(dim0=3, dim1=30000, dim2=30000, dim3=30000)),
         "too large",
     ),
-    "3D": (lambda p: good(p, np.random.default_rng(3).random((32, 16, 3))), "3D volume"),
-    "4D": (lambda p: good(p, np.random.default_rng(3).random((32, 16, 2, 2))), "4D volume"),
+    "3D": (lambda p: good(p, np.random.default_rng(3).random((32, 16, 3))), "3D image"),
+    "4D": (lambda p: good(p, np.random.default_rng(3).random((32, 16, 2, 2))), "4D image"),
     "NaN": (lambda p: good(p, np.full((32, 16), np.nan, np.float32)), "NaN"),
     "Inf": (lambda p: good(p, np.where(np.eye(32, 16) > 0, np.inf, 1.0)), "infinite"),
     "constant": (lambda p: good(p, np.ones((32, 16))), "constant"),
@@ -232,6 +232,7 @@ def test_every_command_names_a_bad_slice_and_keeps_what_it_wrote(
             str(trained),
             "--out",
             str(tmp_path / "eval"),
+            "--overwrite",  # even so, nothing is removed before the data has loaded
         ],
         "train-prior": [
             "train-prior",

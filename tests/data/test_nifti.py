@@ -46,8 +46,8 @@ def test_rgb_becomes_luma(tmp_path: Path):
 @pytest.mark.parametrize(
     ("make", "problem"),
     [
-        (lambda p: save(np.ones((32, 16, 4), np.float32) * np.arange(4), p), "3D volume"),
-        (lambda p: save(ramp()[..., None, None] * np.ones((1, 1, 2, 2)), p), "4D volume"),
+        (lambda p: save(np.ones((32, 16, 4), np.float32) * np.arange(4), p), "3D image"),
+        (lambda p: save(ramp()[..., None, None] * np.ones((1, 1, 2, 2)), p), "4D image"),
         (lambda p: save(np.where(ramp() > 5, ramp(), np.nan).astype(np.float32), p), "NaN"),
         (lambda p: save(np.where(ramp() > 5, ramp(), np.inf).astype(np.float32), p), "infinite"),
         (lambda p: save(np.full((32, 16), 7.0, np.float32), p), "constant"),

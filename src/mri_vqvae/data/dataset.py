@@ -1,8 +1,9 @@
 """Split discovery, preprocessing, and the in-memory split tensor with its disk cache.
 
 Every NIfTI file is decoded once: a split lives in memory as one ``(N, 1, H, W)`` tensor of
-images in [-1, 1], and is cached on disk keyed by its file list and the preprocessing settings,
-so a second run starts at once.
+images in [-1, 1], and is cached on disk keyed by the files' contents (a hash of their bytes,
+so a changed slice is never served stale) and the preprocessing settings, so a second run
+starts at once.
 """
 
 from __future__ import annotations
@@ -144,19 +145,25 @@ def default_cache_dir() -> Path:
     return Path(base) / "mri-vqvae"
 
 
+def _content_digest(path: Path) -> str:
+    """A fast hash of a file's bytes: a slice rewritten with the same size and modification
+    time (a copy that keeps times, an edit that restores them) still gets a new cache key."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError:  # missing or unreadable: decoding it names the problem
+        return "unreadable"
+    return digest.hexdigest()
+
+
 def _cache_key(files: list[Path], config: DataConfig) -> str:
-    entries = []
-    for path in files:
-        try:
-            stat = path.stat()
-        except OSError:  # a broken link: decoding it names the problem
-            stat = path.lstat()
-        entries.append([os.path.realpath(path), stat.st_size, stat.st_mtime_ns])
     settings = {
         "format": CACHE_FORMAT,
         "image_size": config.image_size,
         "skip_bad_files": config.skip_bad_files,
-        "files": entries,
+        "files": [[os.path.realpath(path), _content_digest(path)] for path in files],
     }
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24]
 

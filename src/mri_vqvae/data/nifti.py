@@ -7,6 +7,7 @@ so a user never sees a traceback from deep inside nibabel or gzip.
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -14,13 +15,15 @@ from typing import NamedTuple
 import nibabel as nib
 import numpy as np
 
+from mri_vqvae.errors import UserError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # A 2D slice this large (64 Mi voxels, 256 MiB as float32) is certainly a corrupt header.
 MAX_VOXELS = 2**26
 MIN_SIDE = 8
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A data file or folder cannot be used; ``path`` and ``problem`` say which and why."""
 
     def __init__(self, path: str | Path, problem: str) -> None:
@@ -97,8 +100,15 @@ def read_slice(path: str | Path) -> Slice:
         raise DataError(path, f"header gives shape {shape}, too large for a 2D slice")
     kept = tuple(s for s in shape if s != 1)
     if len(kept) != 2:
-        kind = {0: "a single voxel", 1: "a 1D line"}.get(len(kept), f"a {len(kept)}D volume")
-        raise DataError(path, f"has shape {shape}, {kind}; expected a 2D slice")
+        if len(kept) < 2:
+            what = {0: "a single voxel", 1: "a 1D line"}[len(kept)]
+        else:
+            what = f"a {len(shape)}D image" + (
+                f" with {len(kept)} axes longer than 1" if len(kept) != len(shape) else ""
+            )
+        raise DataError(path, f"has shape {shape}, {what}; expected a 2D slice")
+    if path.name.endswith(".gz"):
+        _check_gzip(path, _expected_bytes(image))
     try:
         raw = np.asanyarray(image.dataobj)
     except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as err:
@@ -123,6 +133,43 @@ def read_slice(path: str | Path) -> Slice:
     return Slice(np.ascontiguousarray(pixels), image.affine, image.header)
 
 
+def _expected_bytes(image: nib.Nifti1Image) -> int:
+    """The bytes a NIfTI file of this header holds: the header, extensions and voxels."""
+    try:
+        itemsize = image.header.get_data_dtype().itemsize
+        offset = int(image.header.get_data_offset())
+    except Exception:  # a hostile header: its voxel read names the problem later
+        itemsize, offset = 16, 0
+    return offset + int(np.prod(image.shape, dtype=np.int64)) * itemsize
+
+
+def _check_gzip(path: Path, expected_bytes: int) -> None:
+    """Decompress every gzip member to its end, so its CRC-32 and length are checked.
+
+    nibabel stops reading once it has the voxels it needs, before the gzip trailer, so damaged
+    compressed data would otherwise be decoded into wrong voxels without a word. Reading stops
+    early for a file that inflates far past what its header describes (a decompression bomb).
+    """
+    limit = max(2 * expected_bytes, expected_bytes + (16 << 20))
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while block := stream.read(1 << 20):
+                total += len(block)
+                if total > limit:
+                    raise DataError(
+                        path,
+                        f"decompresses to more than {limit} bytes, but its header describes "
+                        f"{expected_bytes}; it is corrupt",
+                    )
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise DataError(path, f"compressed data is damaged ({err})") from err
+    except EOFError as err:
+        raise DataError(path, f"compressed data is truncated ({err})") from err
+    except OSError as err:
+        raise DataError(path, f"cannot be read ({err.strerror or err})") from err
+
+
 def write_slice(
     pixels: np.ndarray,
     path: str | Path,
@@ -144,4 +191,12 @@ def write_slice(
     image_type = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     image = image_type(pixels, affine if affine is not None else np.eye(4), header)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
+    # Written beside the target and renamed into place, so a crash leaves no half a file and
+    # an existing file is replaced only by a whole new one. The suffix tells nibabel to gzip.
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    partial = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+    try:
+        nib.save(image, str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

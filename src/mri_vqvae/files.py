@@ -1,0 +1,538 @@
+"""What a command may write, and where: output folders of a known kind, their lock, and the
+rules that keep every file a user owns from being overwritten without ``--overwrite``.
+
+A folder this tool writes carries a small marker (``.mri-vqvae.json``) naming its kind, so a
+later command can tell its own outputs from a user's files. While a command writes a folder it
+holds ``.mri-vqvae.lock``: created atomically (``O_CREAT | O_EXCL``), holding the host, the
+process id and its start time, so a second process is refused and a lock left by a killed
+process is recognised as stale and taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mri_vqvae import __version__
+from mri_vqvae.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+MARKER_FILE = ".mri-vqvae.json"
+LOCK_FILE = ".mri-vqvae.lock"
+# A lock file still empty after this long was left by a process killed while creating it.
+_EMPTY_LOCK_GRACE_SECONDS = 30.0
+
+
+class OutputError(UserError):
+    """An output path cannot be used as asked: it is a file where a folder is needed, holds
+    results or a user's files that would be overwritten, or is an input."""
+
+
+class FolderBusy(OutputError):
+    """Another live process holds the folder's lock."""
+
+
+@dataclass(frozen=True)
+class FolderKind:
+    """A kind of output folder: its name in messages, the names it writes (files, folders or
+    ``fnmatch`` patterns; ``--overwrite`` removes these and nothing else) and the file whose
+    presence means it already holds results."""
+
+    key: str
+    title: str
+    outputs: tuple[str, ...]
+    results_file: str
+    # Whether --resume can continue the results already there.
+    resumable: bool = False
+    # Whether --overwrite may write into a non-empty folder that this tool did not write.
+    may_write_into_foreign: bool = True
+
+
+VQVAE_RUN = FolderKind(
+    "vqvae",
+    "VQ-VAE run",
+    (
+        "best.pt",
+        "last.pt",
+        "config.yaml",
+        "metrics.csv",
+        "metrics.jsonl",
+        "ssim_scores.png",
+        "batch_losses.png",
+        "reconstructions",
+        "validation",
+        "report.html",
+        "tensorboard",
+    ),
+    "last.pt",
+    resumable=True,
+)
+PRIOR_RUN = FolderKind(
+    "prior",
+    "prior run",
+    (
+        "best.pt",
+        "last.pt",
+        "prior_config.yaml",
+        "metrics.csv",
+        "metrics.jsonl",
+        "nll_curves.png",
+        "prior_summary.json",
+        "samples",
+        "tensorboard",
+    ),
+    "last.pt",
+    resumable=True,
+)
+EVALUATION = FolderKind(
+    "evaluation",
+    "evaluation",
+    (
+        "metrics.json",
+        "per_image_metrics.csv",
+        "ssim_scores_*_set.png",
+        "best_image.png",
+        "worst_image.png",
+        "reconstructed_images.png",
+        "examples.npz",
+        "codebook.npz",
+    ),
+    "metrics.json",
+)
+SAMPLES = FolderKind(
+    "samples",
+    "sample folder",
+    ("samples.json", "samples.png", "sample_*.nii.gz", "codes.pt", "evaluation"),
+    "samples.json",
+)
+SAMPLE_EVALUATION = FolderKind(
+    "sample-evaluation",
+    "sample evaluation",
+    (
+        "sample_metrics.json",
+        "memorisation.csv",
+        "closest_to_training.png",
+        "samples_with_nearest_training.png",
+        "nearest_training_ssim.png",
+    ),
+    "sample_metrics.json",
+)
+PHANTOM = FolderKind(
+    "phantom",
+    "phantom dataset",
+    (
+        "keras_slices_train",
+        "keras_slices_seg_train",
+        "keras_slices_validate",
+        "keras_slices_seg_validate",
+        "keras_slices_test",
+        "keras_slices_seg_test",
+    ),
+    "keras_slices_train",
+    # Phantoms are never written among a user's own files, whatever the flags: the HipMRI
+    # layout they share would put synthetic slices beside (or over) real scans.
+    may_write_into_foreign=False,
+)
+KINDS = {
+    kind.key: kind
+    for kind in (VQVAE_RUN, PRIOR_RUN, EVALUATION, SAMPLES, SAMPLE_EVALUATION, PHANTOM)
+}
+_OWN_FILES = (MARKER_FILE, LOCK_FILE)
+
+
+def folder_kind(folder: Path) -> FolderKind | None:
+    """The kind of output folder its marker names; None for a folder this tool did not mark."""
+    try:
+        marker = json.loads((folder / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return KINDS.get(marker.get("kind")) if isinstance(marker, dict) else None
+
+
+def _user_entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.name not in _OWN_FILES)
+    except OSError as err:
+        raise OutputError(f"{folder}: cannot be listed ({err.strerror or err})") from err
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+class OutputFolder:
+    """An output folder a command is about to write: checked when made (before any work),
+    then, inside ``with``, created, locked and marked with its kind.
+
+    Rules: a missing or empty folder is fine. A folder of the same kind that already holds
+    results (``kind.results_file``) needs ``overwrite`` (or ``resume``, which the caller
+    checks against its checkpoint). A non-empty folder this tool did not write, or wrote as
+    another kind, needs ``overwrite`` (never allowed for a phantom). A path that is a file is
+    refused. If the command fails before writing anything, a folder it created is removed.
+
+    Args:
+        path: the folder.
+        kind: what the command writes there.
+        option: the command-line option that named it, for messages (``--out``).
+        overwrite: replace earlier results (:meth:`remove_previous_outputs`) and write among
+            foreign files.
+        resume: the command continues the results already there.
+        lock: take the folder's lock (False on the non-main processes of a distributed run).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        kind: FolderKind,
+        option: str = "--out",
+        overwrite: bool = False,
+        resume: bool = False,
+        lock: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.kind = kind
+        self.option = option
+        self.overwrite = overwrite
+        self.resume = resume
+        self._lock = FolderLock(self.path) if lock else None
+        self._created = False
+        self.check()
+
+    @property
+    def holds_results(self) -> bool:
+        return (self.path / self.kind.results_file).exists()
+
+    def describe(self) -> str:
+        return f"{self.option} {self.path}"
+
+    def check(self) -> None:
+        """Raise :class:`OutputError` if the command may not write this folder as asked."""
+        path = self.path
+        if path.is_symlink() and not path.exists():
+            raise OutputError(f"{self.describe()}: is a symbolic link to nothing")
+        if path.exists() and not path.is_dir():
+            raise OutputError(
+                f"{self.describe()}: is a file; {self.option} names the folder to write "
+                f"the {self.kind.title} into"
+            )
+        if not path.exists() or self.resume:
+            return
+        entries = _user_entries(path)
+        if not entries:
+            return
+        found = folder_kind(path)
+        if found is not self.kind:
+            if self.overwrite and self.kind.may_write_into_foreign:
+                return
+            what = f"a {found.title} of mri-vqvae" if found else "not a folder mri-vqvae wrote"
+            shown = ", ".join(p.name for p in entries[:4]) + (" ..." if len(entries) > 4 else "")
+            advice = (
+                "choose a new or empty folder, or pass --overwrite to write into it (its files "
+                "named like the outputs are then replaced)"
+                if self.kind.may_write_into_foreign
+                else f"a {self.kind.title} is only written into a new or empty folder"
+            )
+            raise OutputError(
+                f"{self.describe()}: holds {len(entries)} entries ({shown}) and is {what}; {advice}"
+            )
+        if self.holds_results and not self.overwrite:
+            resume = "--resume to continue it, " if self.kind.resumable else ""
+            raise OutputError(
+                f"{self.describe()}: already holds a {self.kind.title} "
+                f"({self.path / self.kind.results_file}); pass {resume}--overwrite to replace "
+                f"it, or choose another {self.option}"
+            )
+
+    def __enter__(self) -> OutputFolder:
+        if not self.path.exists():
+            try:
+                self.path.mkdir(parents=True)
+            except OSError as err:
+                raise OutputError(
+                    f"{self.describe()}: cannot create the folder ({err.strerror or err})"
+                ) from err
+            self._created = True
+        if self._lock is not None:
+            self._lock.acquire()
+            try:
+                self.check()  # again: another process may have written it since
+                self._write_marker()
+            except BaseException:
+                self._lock.release()
+                raise
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self._lock is not None:
+            self._lock.release()
+        if exc_type is not None and self._created:
+            # Nothing of the user's was in a folder this command created: leave no empty one.
+            try:
+                if not _user_entries(self.path):
+                    shutil.rmtree(self.path)
+            except OSError:
+                pass
+
+    def _write_marker(self) -> None:
+        marker = self.path / MARKER_FILE
+        if folder_kind(self.path) is self.kind:
+            return
+        content = {
+            "kind": self.kind.key,
+            "written_by": f"mri-vqvae {__version__}",
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        try:
+            write_text_atomic(marker, json.dumps(content, indent=2) + "\n")
+        except OSError as err:
+            raise OutputError(
+                f"{self.describe()}: cannot write to the folder ({err.strerror or err})"
+            ) from err
+
+    def remove_previous_outputs(self) -> list[str]:
+        """With ``overwrite``: delete what an earlier command of this kind wrote here (the
+        kind's output names only, never other files); returns the names removed."""
+        if not self.overwrite or not self.path.is_dir():
+            return []
+        removed = []
+        for entry in _user_entries(self.path):
+            if not _matches(entry.name, self.kind.outputs):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry.name)
+        if removed:
+            logger.warning(
+                "--overwrite: removed the previous %s's %s from %s",
+                self.kind.title,
+                ", ".join(removed),
+                self.path,
+            )
+        return removed
+
+
+def check_output_file(
+    path: str | Path,
+    option: str,
+    overwrite: bool = False,
+    inputs: tuple[Path, ...] = (),
+    suffixes: tuple[str, ...] = (),
+) -> Path:
+    """Refuse an output file that is a folder, has the wrong suffix, is one of ``inputs``
+    (always, whatever ``overwrite``), or exists without ``overwrite``; returns the path."""
+    path = Path(path)
+    if suffixes and not path.name.endswith(suffixes):
+        raise OutputError(f"{option} {path}: the name must end in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise OutputError(f"{option} {path}: is a folder; {option} names the file to write")
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise OutputError(
+                f"{option} {path}: is the input {source}; an input is never written over, "
+                "choose another output name"
+            )
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OutputError(
+            f"{option} {path}: already exists; pass --overwrite to replace it or choose "
+            "another name"
+        )
+    if not path.parent.exists() and path.parent.is_symlink():
+        raise OutputError(f"{option} {path}: its folder is a symbolic link to nothing")
+    return path
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """The same file by path (after resolving links) or by inode (hard links)."""
+    try:
+        if os.path.realpath(first) == os.path.realpath(second):
+            return True
+        return first.exists() and second.exists() and os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it and rename it into place,
+    so a reader (or a crash) never meets half of it."""
+    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(partial, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _process_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux), which tells a reused process
+    id from the process that took a lock; None where /proc cannot say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces; fields follow it.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if len(fields) < 20 or fields[0] == "Z":  # a zombie has ended; only its entry remains
+        return "ended"
+    return fields[19]
+
+
+def _process_alive(owner: dict[str, Any]) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # a process on another machine cannot be checked: assume it runs
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user's process
+    started = _process_start(pid)
+    if started == "ended":
+        return False
+    return started is None or owner.get("process_start") in (None, started)
+
+
+# Locks this process holds, by path: taking one again (a command refreshing the report of the
+# run it writes) nests instead of refusing itself.
+_HELD: dict[Path, int] = {}
+
+
+class FolderLock:
+    """``FOLDER/.mri-vqvae.lock``: one process writes a folder at a time."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self.token = uuid.uuid4().hex
+        self._held = False
+
+    def _owner(self) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "process_start": _process_start(os.getpid()),
+            "command": " ".join(["mri-vqvae", *sys.argv[1:]])[:500],
+            "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "token": self.token,
+        }
+
+    def _read(self, path: Path | None = None) -> dict[str, Any] | None:
+        try:
+            owner = json.loads((path or self.path).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) else None
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one; :class:`FolderBusy` if a live process
+        holds it."""
+        key = Path(os.path.realpath(self.path))
+        if key in _HELD:
+            _HELD[key] += 1
+            self._held = True
+            return
+        for _ in range(5):
+            try:
+                descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            except OSError as err:
+                raise OutputError(
+                    f"{self.folder}: cannot write its lock file ({err.strerror or err})"
+                ) from err
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(self._owner(), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _HELD[key] = 1
+            self._held = True
+            return
+        raise FolderBusy(f"{self.folder}: could not take its lock {self.path}; try again")
+
+    def _take_over_if_stale(self) -> None:
+        owner = self._read()
+        if owner == {}:
+            return  # released meanwhile: try again
+        if owner is None:  # empty or half-written: being created now, or left by a kill
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return
+            if age < _EMPTY_LOCK_GRACE_SECONDS:
+                raise FolderBusy(
+                    f"{self.folder}: another process is taking its lock ({self.path}); try "
+                    "again in a moment"
+                )
+        elif _process_alive(owner):
+            raise FolderBusy(
+                f"{self.folder}: in use by another mri-vqvae process (pid {owner.get('pid')} "
+                f"on {owner.get('host')}, since {owner.get('since')}: {owner.get('command')}); "
+                f"wait for it to end or choose another folder. If no such process runs, "
+                f"delete {self.path}"
+            )
+        # Stale. Move it aside first, so of two processes breaking it only one succeeds, and
+        # put it back if what was moved is not the lock that was judged stale.
+        aside = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}-{self.token[:8]}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        moved = self._read(aside)
+        if moved != owner:
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+            aside.unlink(missing_ok=True)
+            return
+        aside.unlink(missing_ok=True)
+        logger.warning(
+            "%s: took over a stale lock (pid %s on %s, since %s, no longer runs)",
+            self.folder,
+            (owner or {}).get("pid"),
+            (owner or {}).get("host"),
+            (owner or {}).get("since"),
+        )
+
+    def release(self) -> None:
+        """Give the lock up (only if this process holds it)."""
+        if not self._held:
+            return
+        self._held = False
+        key = Path(os.path.realpath(self.path))
+        _HELD[key] = _HELD.get(key, 1) - 1
+        if _HELD[key] > 0:
+            return
+        del _HELD[key]
+        owner = self._read()
+        if owner and owner.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
