@@ -2,11 +2,13 @@
 keep a prior with the VQ-VAE it was trained on."""
 
 import math
+import signal
+from dataclasses import replace
 
 import pytest
 import torch
 
-from mri_vqvae import runtime
+from mri_vqvae import prior_training, runtime
 from mri_vqvae.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -28,6 +30,7 @@ from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import build_prior
 from mri_vqvae.prior_training import evaluate_prior, train_prior
+from mri_vqvae.training import TrainingInterrupted
 from tests.conftest import tiny_model_config
 
 NUM_CODES = 16
@@ -224,3 +227,48 @@ def test_a_prior_refuses_another_vqvae(tmp_path):
         load_checkpoint(tmp_path / "prior" / "best.pt")
     with pytest.raises(CheckpointError, match="is a vqvae checkpoint"):
         load_prior_checkpoint(vqvae_path)
+
+
+def test_a_prior_stopped_by_a_signal_inside_an_epoch_resumes_to_the_uninterrupted_weights(
+    tmp_path, monkeypatch
+):
+    vqvae_path = tmp_path / "vqvae.pt"
+    vqvae = saved_vqvae(vqvae_path)
+    sha = file_sha256(vqvae_path)
+    train, val = patterned_codes(24, 1), patterned_codes(8, 2)
+    cpu = torch.device("cpu")
+    base = prior_config(epochs=2, sample_every=0)
+    # Dropout on, so the restored random state matters.
+    config = replace(base, prior=replace(base.prior, dropout=0.2))
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        prior = build_prior(config.prior, NUM_CODES, GRID)
+        return train_prior(prior, train, val, config, out, cpu, vqvae, vqvae_path, sha, resume)
+
+    straight = run(tmp_path / "straight")
+    real_loss, training_calls = prior_training.prior_loss, []
+
+    def loss_then_signal(prior, *args):
+        if prior.training:
+            training_calls.append(1)
+            if len(training_calls) == 5:  # the 2nd of 3 steps of epoch 2, as Ctrl-C would
+                signal.raise_signal(signal.SIGINT)
+        return real_loss(prior, *args)
+
+    monkeypatch.setattr(prior_training, "prior_loss", loss_then_signal)
+    with pytest.raises(TrainingInterrupted, match="SIGINT received: stopped before step 3"):
+        run(tmp_path / "stopped")
+    monkeypatch.setattr(prior_training, "prior_loss", real_loss)
+    stopped = load_prior_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert (stopped.epoch, stopped.step_in_epoch, stopped.global_step) == (1, 2, 5)
+    resumed = run(tmp_path / "stopped", stopped)
+    a = load_prior_checkpoint(straight.last_checkpoint)
+    b = load_prior_checkpoint(resumed.last_checkpoint)
+    assert not b.mid_epoch and b.global_step == a.global_step == 6
+    for key in a.model_state:
+        torch.testing.assert_close(a.model_state[key], b.model_state[key], rtol=0, atol=0)
+    for column in ("train_nll_bits", "val_nll_bits"):  # the partial epoch's sums carried over
+        assert [r[column] for r in resumed.history] == pytest.approx(
+            [r[column] for r in straight.history], rel=1e-9
+        )

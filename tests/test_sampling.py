@@ -87,3 +87,9 @@ def test_bad_sampling_settings_are_refused():
         SamplingSettings(temperature=0)
     with pytest.raises(ValueError, match="top-p"):
         SamplingSettings(top_p=1.5)
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), 0.0, -1.0])
+def test_a_temperature_that_is_not_a_finite_positive_number_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        SamplingSettings(temperature=temperature)

@@ -337,10 +337,10 @@ def check_output_file(
     """Refuse an output file that is a folder, has the wrong suffix, is one of ``inputs``
     (always, whatever ``overwrite``), or exists without ``overwrite``; returns the path."""
     path = Path(path)
-    if suffixes and not path.name.endswith(suffixes):
-        raise OutputError(f"{option} {path}: the name must end in {' or '.join(suffixes)}")
     if path.is_dir():
         raise OutputError(f"{option} {path}: is a folder; {option} names the file to write")
+    if suffixes and not path.name.endswith(suffixes):
+        raise OutputError(f"{option} {path}: the name must end in {' or '.join(suffixes)}")
     for source in inputs:
         if _same_file(path, Path(source)):
             raise OutputError(

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -84,6 +85,22 @@ def test_second_load_comes_from_cache(tmp_path: Path, monkeypatch):
     # A changed setting is a different cache entry, so it must decode (and here, refuse).
     with pytest.raises(AssertionError, match="decoded"):
         load_split(files, DataConfig(image_size=(48, 16)))
+
+
+def test_a_slice_rewritten_with_the_same_size_and_time_is_decoded_again(tmp_path: Path):
+    files = [write(tmp_path, f"s{i}.nii", noise(i)) for i in range(2)]  # .nii: a fixed size
+    config = DataConfig(image_size=None)
+    first = load_split(files, config)
+    stat = files[0].stat()
+    write(tmp_path, "s0.nii", noise(7))  # new pixels, same shape and type
+    os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` or rsync leave it
+    assert (files[0].stat().st_size, files[0].stat().st_mtime_ns) == (
+        stat.st_size,
+        stat.st_mtime_ns,
+    )
+    second = load_split(files, config)
+    assert not torch.equal(first.images[0], second.images[0])
+    torch.testing.assert_close(first.images[1], second.images[1])
 
 
 def test_bad_file_is_named_or_skipped(tmp_path: Path):
