@@ -160,6 +160,7 @@ def train_prior(
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     out_of_time = False
     board = TensorBoardLog(run_dir, resume_step=global_step) if settings.tensorboard else None
+
     def checkpoint(epoch_done: int, step_in_epoch: int = 0, progress=None) -> PriorCheckpoint:
         return PriorCheckpoint(
             config=config,
