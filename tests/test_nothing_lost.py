@@ -87,19 +87,13 @@ def test_demo_data_never_writes_phantoms_over_a_folder_of_slices(tmp_path: Path,
     real.write_bytes(b"a real scan")
     phantom = ["--slices", "2", "--size", "32x16", *SMALL_PHANTOM]
     assert_refused(cli(tmp_path, "demo-data", str(data), *phantom), "not a folder mri-vqvae")
-    # Not even when told to overwrite: a phantom never goes among a user's files.
-    assert main(["demo-data", str(data), *phantom, "--overwrite"]) == 2
-    assert "only written into a new or empty folder" in capsys.readouterr().err
     assert real.read_bytes() == b"a real scan"
     assert sorted(p.name for p in data.rglob("*")) == [real.name, "keras_slices_train"]
-
-    # A phantom this tool wrote is replaced only with --overwrite.
+    # Not even over a phantom it wrote itself, where a user may have added a real scan.
     ours = tmp_path / "phantom"
     assert main(["-q", "demo-data", str(ours), *phantom]) == 0
     assert main(["-q", "demo-data", str(ours), *phantom]) == 2
-    assert "already holds a phantom dataset" in capsys.readouterr().err
-    assert main(["-q", "demo-data", str(ours), *phantom, "--slices", "3", "--overwrite"]) == 0
-    assert len(list((ours / "keras_slices_train").iterdir())) == 3
+    assert "only written into a new or empty folder" in capsys.readouterr().err
 
 
 def test_a_second_training_into_a_folder_in_use_is_refused(phantom_root: Path, tmp_path: Path):
@@ -307,3 +301,58 @@ def test_a_stopped_prior_says_how_to_resume_and_resumes(
     assert main(["-q", *resume]) == 0
     finished = load_prior_checkpoint(prior_dir / "last.pt")
     assert (finished.epoch, finished.mid_epoch) == (stopped.epoch + 1, False)
+
+
+def test_overwrite_in_a_folder_it_did_not_write_deletes_nothing(
+    trained: Path, phantom_root: Path, tmp_path: Path, capsys
+):
+    folder = tmp_path / "mine"
+    (folder / "validation").mkdir(parents=True)
+    (folder / "validation" / "notes.txt").write_text("kept")
+    (folder / "sample_patient01.nii.gz").write_text("a scan")
+    (folder / "report.html").write_text("my page")
+    assert main(train_args(phantom_root, folder, "--epochs", "1", "--overwrite")) == 0
+    assert (folder / "validation" / "notes.txt").read_text() == "kept"
+    assert (folder / "sample_patient01.nii.gz").read_text() == "a scan"
+    assert (folder / "report.html").read_text() == "my page"  # train.report=false here
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "sample_patient01.nii.gz").write_text("a scan")
+    assert main(["-q", "demo-data", str(samples), "--slices", "2"]) == 2  # not empty
+    capsys.readouterr()
+
+
+def test_a_folder_is_judged_by_every_output_it_holds_not_one_file(
+    trained: Path, phantom_root: Path, tmp_path: Path, capsys
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.parent, run_dir)
+    (run_dir / "last.pt").unlink()  # a user tidying up, keeping best.pt
+    before = (run_dir / "best.pt").read_bytes()
+    assert main(train_args(phantom_root, run_dir, "--epochs", "1")) == 2
+    assert "already holds a VQ-VAE run" in capsys.readouterr().err
+    assert (run_dir / "best.pt").read_bytes() == before
+
+
+def test_no_command_writes_over_its_own_inputs_or_another_kind_of_folder(
+    trained: Path, phantom_root: Path, tmp_path: Path, capsys
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.parent, run_dir)
+    before = (run_dir / "best.pt").read_bytes()
+    prior = ["-q", "train-prior", "--vqvae", str(run_dir / "best.pt"), "--data", str(phantom_root)]
+    assert main([*prior, "--out", str(run_dir), "--overwrite"]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    # Nor without its marker (a folder written by an older version): the input still guards.
+    marker = (run_dir / MARKER_FILE).read_text()
+    (run_dir / MARKER_FILE).unlink()
+    assert main([*prior, "--out", str(run_dir), "--overwrite"]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert (run_dir / "best.pt").read_bytes() == before
+    # Another kind's folder of this tool is never written into, whatever the flags.
+    (run_dir / MARKER_FILE).write_text(marker)
+    evaluate = ["evaluate", "--checkpoint", str(run_dir / "best.pt"), "--data", str(phantom_root)]
+    assert main([*evaluate, "--out", str(run_dir), "--overwrite"]) == 2
+    assert "is a VQ-VAE run of mri-vqvae; an evaluation goes in a folder of its own" in (
+        capsys.readouterr().err
+    )

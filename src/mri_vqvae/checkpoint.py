@@ -172,6 +172,15 @@ def _read_payload(path: Path, kind: str, format_version: int) -> dict[str, Any]:
     return payload
 
 
+def _require_keys(payload: dict[str, Any], path: Path, keys: tuple[str, ...]) -> None:
+    missing = [key for key in keys if key not in payload]
+    if missing:
+        raise CheckpointError(
+            f"{path}: lacks {', '.join(missing)}; not a whole mri-vqvae checkpoint (damaged or "
+            "edited)"
+        )
+
+
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
     """Write a VQ-VAE checkpoint atomically."""
     payload = {
@@ -198,6 +207,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`, checking its format and config."""
     path = Path(path)
     payload = _read_payload(path, "vqvae", FORMAT_VERSION)
+    _require_keys(payload, path, ("config", "model", "epoch", "global_step", "optimizer"))
     try:
         config = config_from_dict(payload["config"])
     except ConfigError as err:
@@ -208,11 +218,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         epoch=payload["epoch"],
         global_step=payload["global_step"],
         optimizer_state=payload["optimizer"],
-        best_val_loss=payload["best_val_loss"],
-        history=payload["history"],
-        batch_losses=payload["batch_losses"],
-        rng_state=payload["rng_state"],
-        package_version=payload["package_version"],
+        best_val_loss=payload.get("best_val_loss", float("inf")),
+        history=payload.get("history", []),
+        batch_losses=payload.get("batch_losses", []),
+        rng_state=payload.get("rng_state", None),
+        package_version=payload.get("package_version", "?"),
         # Absent from checkpoints written before mid-epoch checkpoints existed.
         step_in_epoch=payload.get("step_in_epoch", 0),
         epoch_progress=payload.get("epoch_progress"),
@@ -304,6 +314,11 @@ def load_prior_checkpoint(path: str | Path) -> PriorCheckpoint:
     """Read a checkpoint written by :func:`save_prior_checkpoint`."""
     path = Path(path)
     payload = _read_payload(path, "prior", PRIOR_FORMAT_VERSION)
+    _require_keys(
+        payload,
+        path,
+        ("config", "model", "num_embeddings", "grid_shape", "vqvae_sha256", "epoch", "optimizer"),
+    )
     try:
         config = prior_config_from_dict(payload["config"])
     except ConfigError as err:
@@ -314,14 +329,14 @@ def load_prior_checkpoint(path: str | Path) -> PriorCheckpoint:
         num_embeddings=payload["num_embeddings"],
         grid_shape=tuple(payload["grid_shape"]),
         vqvae_sha256=payload["vqvae_sha256"],
-        vqvae_path=payload["vqvae_path"],
+        vqvae_path=payload.get("vqvae_path", "?"),
         epoch=payload["epoch"],
-        global_step=payload["global_step"],
+        global_step=payload.get("global_step", 0),
         optimizer_state=payload["optimizer"],
-        best_val_nll=payload["best_val_nll"],
-        history=payload["history"],
-        rng_state=payload["rng_state"],
-        package_version=payload["package_version"],
+        best_val_nll=payload.get("best_val_nll", float("inf")),
+        history=payload.get("history", []),
+        rng_state=payload.get("rng_state", None),
+        package_version=payload.get("package_version", "?"),
         step_in_epoch=payload.get("step_in_epoch", 0),
         epoch_progress=payload.get("epoch_progress"),
     )

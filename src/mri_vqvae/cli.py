@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -44,8 +45,8 @@ def _size(text: str) -> str:
     return f"[{height}, {width}]"
 
 
-def _whole_number(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
+def _whole_number(minimum: int, maximum: int = 2**63 - 1):
+    """An argparse type: an integer from ``minimum`` to ``maximum``."""
 
     def parse(text: str) -> int:
         try:
@@ -54,6 +55,8 @@ def _whole_number(minimum: int):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     parse.__name__ = f"integer >= {minimum}"
@@ -82,7 +85,7 @@ def _number(low: float, high: float = math.inf, low_open: bool = True):
 
 
 _count = _whole_number(1)
-_seed = _whole_number(0)
+_seed = _whole_number(0, 2**32 - 1)  # NumPy's seeds stop there
 _positive = _number(0)
 
 
@@ -130,11 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=_size, default="256x128", help="slice array shape (default 256x128)"
     )
     demo.add_argument("--seed", type=_seed, default=0)
-    demo.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a phantom dataset written earlier in OUT (never a folder of other files)",
-    )
 
     train = commands.add_parser(
         "train",
@@ -417,8 +415,8 @@ def run_demo_data(args: argparse.Namespace) -> None:
         width=width,
         seed=args.seed,
     )
-    with OutputFolder(args.out, PHANTOM, option="OUT", overwrite=args.overwrite) as folder:
-        folder.remove_previous_outputs()
+    # Only ever into a new or empty folder: a phantom never lands among real slices.
+    with OutputFolder(args.out, PHANTOM, option="OUT"):
         counts = write_phantom_dataset(args.out, spec)
     print(
         f"wrote phantom dataset to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -520,7 +518,13 @@ def _print_training_result(result, config) -> None:
             f"  epochs done {final['epoch']}, val SSIM {final['val_ssim']:.4f}, "
             f"codes used {100 * final['val_codebook_usage']:.1f}%"
         )
-    print(f"  checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
+    if result.best_checkpoint.is_file():
+        print(f"  checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
+    else:  # no epoch's validation loss was finite
+        logger.warning(
+            "no best.pt: no epoch had a finite validation loss; %s is the last state",
+            result.last_checkpoint,
+        )
     print(
         f"  pictures: {result.run_dir / 'reconstructions'}, {result.run_dir / 'ssim_scores.png'}, "
         f"{result.run_dir / 'batch_losses.png'}"
@@ -538,7 +542,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from mri_vqvae.files import EVALUATION, OutputFolder
     from mri_vqvae.runtime import resolve_device
 
-    folder = OutputFolder(args.out, EVALUATION, overwrite=args.overwrite)
+    folder = OutputFolder(args.out, EVALUATION, overwrite=args.overwrite, inputs=(args.checkpoint,))
     device = resolve_device(args.device or "auto")
     model, config = load_model(args.checkpoint, device)
     data_config = replace(config.data, skip_bad_files=args.skip_bad_files)
@@ -606,7 +610,7 @@ def run_train_prior(args: argparse.Namespace) -> None:
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues the prior in --out; --overwrite would replace it")
     folder = OutputFolder(
-        args.out, PRIOR_RUN, option="--out", overwrite=args.overwrite, resume=args.resume
+        args.out, PRIOR_RUN, overwrite=args.overwrite, resume=args.resume, inputs=(args.vqvae,)
     )
     if args.resume:
         if not last.exists():
@@ -712,7 +716,9 @@ def run_sample(args: argparse.Namespace) -> None:
         write_samples,
     )
 
-    folder = OutputFolder(args.out, SAMPLES, overwrite=args.overwrite)
+    folder = OutputFolder(
+        args.out, SAMPLES, overwrite=args.overwrite, inputs=(args.vqvae, args.prior)
+    )
     settings = SamplingSettings(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -727,9 +733,10 @@ def run_sample(args: argparse.Namespace) -> None:
         check_prior_fits(vqvae, prior, vqvae_config.data.image_size)
     run = generate_samples(vqvae, prior, args.n, settings, args.slice_position, args.seed)
     metadata = {
-        "vqvae": str(args.vqvae),
+        # Absolute, so evaluate-samples finds them from any working folder.
+        "vqvae": str(args.vqvae.resolve()),
         "vqvae_sha256": checkpoint.vqvae_sha256,
-        "prior": str(args.prior),
+        "prior": str(args.prior.resolve()),
         "prior_sha256": file_sha256(args.prior),
         "prior_architecture": checkpoint.config.prior.architecture,
         "settings": settings,
@@ -768,17 +775,21 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
         raise DataError(args.samples, "--samples: no such folder (give a folder written by sample)")
     metadata_file = args.samples / "samples.json"
     metadata = _read_samples_metadata(metadata_file)
-    vqvae_path = args.vqvae or (Path(metadata["vqvae"]) if "vqvae" in metadata else None)
+    named = metadata.get("vqvae")
+    vqvae_path = args.vqvae or (Path(named) if isinstance(named, str) and named else None)
     if vqvae_path is None:
-        raise ConfigError(f"{metadata_file} is missing and names no VQ-VAE; pass --vqvae")
+        raise ConfigError(f"{metadata_file} is missing or names no VQ-VAE; pass --vqvae")
     out = args.out or args.samples / "evaluation"
     folder = OutputFolder(
         out,
         SAMPLE_EVALUATION,
         option="--out" if args.out else "--samples",
         overwrite=args.overwrite,
+        inputs=(vqvae_path,),
     )
     expected = metadata.get("vqvae_sha256")
+    if expected is not None and not isinstance(expected, str):
+        raise DataError(metadata_file, "its vqvae_sha256 is not the text that sample writes")
     if expected and Path(vqvae_path).is_file() and file_sha256(vqvae_path) != expected:
         raise CheckpointError(
             f"{vqvae_path}: not the VQ-VAE these samples were drawn with ({metadata_file} "
@@ -974,7 +985,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mri-vqvae {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in _STORAGE_ERRORS:
+            raise  # anything else is a bug, and keeps its traceback
+        message = _storage_message(err, args.command, argv)
+        print(f"mri-vqvae {args.command}: error: {message}", file=sys.stderr)
+        return 1
     return 0
+
+
+# Faults of the disk or the file system rather than of the tool: a line, not a traceback.
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG}
+
+
+def _storage_message(err: OSError, command: str, argv: list[str]) -> str:
+    where = f" {err.filename}" if err.filename else ""
+    message = f"cannot write{where}: {err.strerror or err}"
+    if command in ("train", "train-prior"):
+        message += (
+            "; checkpoints are replaced whole, so the last one written is intact: make room, "
+            f"then continue from it with {resume_command(argv)}"
+        )
+    return message
 
 
 def run() -> NoReturn:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from typing import Any
 import yaml
 
 from mri_vqvae.errors import UserError
+
+# A codebook larger than this is a typo: its distance table alone would not fit in memory.
+MAX_CODES = 2**16
 
 
 class ConfigError(UserError, ValueError):
@@ -105,6 +109,10 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_embeddings > MAX_CODES:
+            raise ConfigError(
+                f"model.num_embeddings must be at most {MAX_CODES}, got {self.num_embeddings}"
+            )
         if not self.channel_multipliers or any(m < 1 for m in self.channel_multipliers):
             raise ConfigError(
                 "model.channel_multipliers must be one or more positive integers (one per "
@@ -432,6 +440,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -443,6 +453,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+    not_names = [key for key in values if not isinstance(key, str)]
+    if not_names:
+        raise ConfigError(
+            f"{prefix or 'config'}: setting names must be words, got {not_names[0]!r}"
+        )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
@@ -483,6 +498,8 @@ def _read_yaml(path: str | Path | None) -> dict[str, Any]:
         loaded = yaml.safe_load(path.read_text())
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not a text file ({err.reason})") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if loaded is not None and not isinstance(loaded, dict):

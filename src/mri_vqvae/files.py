@@ -46,14 +46,13 @@ class FolderBusy(OutputError):
 
 @dataclass(frozen=True)
 class FolderKind:
-    """A kind of output folder: its name in messages, the names it writes (files, folders or
-    ``fnmatch`` patterns; ``--overwrite`` removes these and nothing else) and the file whose
-    presence means it already holds results."""
+    """A kind of output folder: its name in messages and the names it writes (files, folders
+    or ``fnmatch`` patterns): any of them present means the folder holds results, and
+    ``--overwrite`` in a folder of this kind removes these and nothing else."""
 
     key: str
     title: str
     outputs: tuple[str, ...]
-    results_file: str
     # Whether --resume can continue the results already there.
     resumable: bool = False
     # Whether --overwrite may write into a non-empty folder that this tool did not write.
@@ -76,7 +75,6 @@ VQVAE_RUN = FolderKind(
         "report.html",
         "tensorboard",
     ),
-    "last.pt",
     resumable=True,
 )
 PRIOR_RUN = FolderKind(
@@ -93,7 +91,6 @@ PRIOR_RUN = FolderKind(
         "samples",
         "tensorboard",
     ),
-    "last.pt",
     resumable=True,
 )
 EVALUATION = FolderKind(
@@ -109,13 +106,11 @@ EVALUATION = FolderKind(
         "examples.npz",
         "codebook.npz",
     ),
-    "metrics.json",
 )
 SAMPLES = FolderKind(
     "samples",
     "sample folder",
     ("samples.json", "samples.png", "sample_*.nii.gz", "codes.pt", "evaluation"),
-    "samples.json",
 )
 SAMPLE_EVALUATION = FolderKind(
     "sample-evaluation",
@@ -127,7 +122,6 @@ SAMPLE_EVALUATION = FolderKind(
         "samples_with_nearest_training.png",
         "nearest_training_ssim.png",
     ),
-    "sample_metrics.json",
 )
 PHANTOM = FolderKind(
     "phantom",
@@ -140,7 +134,6 @@ PHANTOM = FolderKind(
         "keras_slices_test",
         "keras_slices_seg_test",
     ),
-    "keras_slices_train",
     # Phantoms are never written among a user's own files, whatever the flags: the HipMRI
     # layout they share would put synthetic slices beside (or over) real scans.
     may_write_into_foreign=False,
@@ -150,6 +143,10 @@ KINDS = {
     for kind in (VQVAE_RUN, PRIOR_RUN, EVALUATION, SAMPLES, SAMPLE_EVALUATION, PHANTOM)
 }
 _OWN_FILES = (MARKER_FILE, LOCK_FILE)
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def folder_kind(folder: Path) -> FolderKind | None:
@@ -179,10 +176,12 @@ class OutputFolder:
     then, inside ``with``, created, locked and marked with its kind.
 
     Rules: a missing or empty folder is fine. A folder of the same kind that already holds
-    results (``kind.results_file``) needs ``overwrite`` (or ``resume``, which the caller
-    checks against its checkpoint). A non-empty folder this tool did not write, or wrote as
-    another kind, needs ``overwrite`` (never allowed for a phantom). A path that is a file is
-    refused. If the command fails before writing anything, a folder it created is removed.
+    results (any of ``kind.outputs``) needs ``overwrite`` (or ``resume``, which the caller
+    checks against its checkpoint). A non-empty folder this tool did not write needs
+    ``overwrite``, and then nothing in it is deleted, only files with the outputs' names
+    replaced; a folder it wrote as another kind, a folder holding an input the outputs would
+    replace, and a path that is a file are refused. A phantom goes only into a new or empty
+    folder. If the command fails before writing anything, a folder it created is removed.
 
     Args:
         path: the folder.
@@ -192,6 +191,7 @@ class OutputFolder:
             foreign files.
         resume: the command continues the results already there.
         lock: take the folder's lock (False on the non-main processes of a distributed run).
+        inputs: files the command reads; a folder where an output would replace one is refused.
     """
 
     def __init__(
@@ -202,19 +202,25 @@ class OutputFolder:
         overwrite: bool = False,
         resume: bool = False,
         lock: bool = True,
+        inputs: tuple[Path, ...] = (),
     ) -> None:
         self.path = Path(path)
+        self.inputs = tuple(inputs)
         self.kind = kind
         self.option = option
         self.overwrite = overwrite
         self.resume = resume
         self._lock = FolderLock(self.path) if lock else None
         self._created = False
+        # Whether earlier outputs here are this tool's (known before the marker is written).
+        self._was_this_kind = self.path.is_dir() and folder_kind(self.path) is kind
         self.check()
 
-    @property
-    def holds_results(self) -> bool:
-        return (self.path / self.kind.results_file).exists()
+    def _previous_outputs(self) -> list[Path]:
+        """What an earlier command of this kind left here: entries named like its outputs."""
+        if not self.path.is_dir():
+            return []
+        return [p for p in _user_entries(self.path) if _matches(p.name, self.kind.outputs)]
 
     def describe(self) -> str:
         return f"{self.option} {self.path}"
@@ -234,38 +240,71 @@ class OutputFolder:
         entries = _user_entries(path)
         if not entries:
             return
+        self._check_inputs()
         found = folder_kind(path)
-        if found is not self.kind:
+        if found is not None and found is not self.kind:
+            # The tool's own outputs of another kind (a VQ-VAE run, say) are never written
+            # over by this command, whatever the flags.
+            raise OutputError(
+                f"{self.describe()}: is {_a(found.title)} of mri-vqvae; {_a(self.kind.title)} "
+                f"goes in a folder of its own (for example {path / self.kind.key})"
+            )
+        if found is None:
             if self.overwrite and self.kind.may_write_into_foreign:
+                logger.warning(
+                    "--overwrite: writing the %s into %s, which mri-vqvae did not write; its "
+                    "files named like the outputs will be replaced",
+                    self.kind.title,
+                    path,
+                )
                 return
-            what = f"a {found.title} of mri-vqvae" if found else "not a folder mri-vqvae wrote"
+            what = f"{_a(found.title)} of mri-vqvae" if found else "not a folder mri-vqvae wrote"
             shown = ", ".join(p.name for p in entries[:4]) + (" ..." if len(entries) > 4 else "")
             advice = (
                 "choose a new or empty folder, or pass --overwrite to write into it (its files "
                 "named like the outputs are then replaced)"
                 if self.kind.may_write_into_foreign
-                else f"a {self.kind.title} is only written into a new or empty folder"
+                else f"{_a(self.kind.title)} is only written into a new or empty folder"
             )
             raise OutputError(
                 f"{self.describe()}: holds {len(entries)} entries ({shown}) and is {what}; {advice}"
             )
-        if self.holds_results and not self.overwrite:
+        previous = self._previous_outputs()
+        if previous and not (self.overwrite and self.kind.may_write_into_foreign):
             resume = "--resume to continue it, " if self.kind.resumable else ""
-            raise OutputError(
-                f"{self.describe()}: already holds a {self.kind.title} "
-                f"({self.path / self.kind.results_file}); pass {resume}--overwrite to replace "
-                f"it, or choose another {self.option}"
+            replace = (
+                f"pass {resume}--overwrite to replace it, or choose another {self.option}"
+                if self.kind.may_write_into_foreign
+                else f"{_a(self.kind.title)} is only written into a new or empty folder"
             )
+            shown = ", ".join(p.name for p in previous[:4]) + (" ..." if len(previous) > 4 else "")
+            raise OutputError(
+                f"{self.describe()}: already holds {_a(self.kind.title)} ({shown}); {replace}"
+            )
+
+    def _check_inputs(self) -> None:
+        """Refuse a folder where writing this kind's outputs would replace an input."""
+        for source in self.inputs:
+            source = Path(source)
+            if _matches(source.name, self.kind.outputs) and _same_file(
+                self.path / source.name, source
+            ):
+                raise OutputError(
+                    f"{self.describe()}: holds the input {source}, which this command would "
+                    f"write over; choose another {self.option}"
+                )
 
     def __enter__(self) -> OutputFolder:
         if not self.path.exists():
             try:
                 self.path.mkdir(parents=True)
+                self._created = True
+            except FileExistsError:  # another process of a distributed run made it first
+                pass
             except OSError as err:
                 raise OutputError(
                     f"{self.describe()}: cannot create the folder ({err.strerror or err})"
                 ) from err
-            self._created = True
         if self._lock is not None:
             self._lock.acquire()
             try:
@@ -289,7 +328,9 @@ class OutputFolder:
 
     def _write_marker(self) -> None:
         marker = self.path / MARKER_FILE
-        if folder_kind(self.path) is self.kind:
+        if folder_kind(self.path) is not None:
+            # Ours already, or written into with --overwrite as another kind of folder (an
+            # evaluation inside a run folder, say): the folder keeps the kind it had.
             return
         content = {
             "kind": self.kind.key,
@@ -306,12 +347,12 @@ class OutputFolder:
     def remove_previous_outputs(self) -> list[str]:
         """With ``overwrite``: delete what an earlier command of this kind wrote here (the
         kind's output names only, never other files); returns the names removed."""
-        if not self.overwrite or not self.path.is_dir():
+        if not self.overwrite or not self._was_this_kind:
+            # In a folder this tool did not write, nothing is deleted: only the files the
+            # command writes replace those with the same names.
             return []
         removed = []
-        for entry in _user_entries(self.path):
-            if not _matches(entry.name, self.kind.outputs):
-                continue
+        for entry in self._previous_outputs():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
@@ -352,8 +393,11 @@ def check_output_file(
             f"{option} {path}: already exists; pass --overwrite to replace it or choose "
             "another name"
         )
-    if not path.parent.exists() and path.parent.is_symlink():
-        raise OutputError(f"{option} {path}: its folder is a symbolic link to nothing")
+    folder = next((p for p in path.absolute().parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise OutputError(f"{option} {path}: {folder} is a file, not a folder")
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: {folder} cannot be written (read-only?)")
     return path
 
 

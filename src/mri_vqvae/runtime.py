@@ -34,8 +34,13 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"--device {name!r} is not a device torch knows: {err}") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: mri-vqvae runs on cpu or cuda devices only")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r} asked for CUDA, but torch sees no CUDA device")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name!r}: torch sees {count} CUDA device(s)")
     return device
 
 

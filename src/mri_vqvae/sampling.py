@@ -13,7 +13,7 @@ import torch
 
 from mri_vqvae import plots
 from mri_vqvae.data.dataset import to_unit_range
-from mri_vqvae.data.nifti import write_slice
+from mri_vqvae.data.nifti import DataError, write_slice
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior
 
@@ -186,7 +186,12 @@ def write_samples(run: SampleRun, out_dir: str | Path, metadata: dict) -> Path:
 
 def load_sample_codes(path: str | Path) -> torch.Tensor:
     """The ``(N, h, w)`` code maps :func:`write_samples` saved."""
-    return torch.load(path, map_location="cpu", weights_only=True)["codes"].long()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["codes"].long()
+    except Exception as err:  # damaged or foreign: fail in many ways inside torch.load
+        raise DataError(
+            path, f"is not the codes file that sample writes, or is damaged ({type(err).__name__})"
+        ) from err
 
 
 def _plain(value):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import inspect
+import io
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from mri_vqvae.checkpoint import (
 from mri_vqvae.config import Config, TrainConfig, save_config
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
+from mri_vqvae.files import write_text_atomic
 from mri_vqvae.losses import VQVAELoss, vqvae_loss
 from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
 from mri_vqvae.model import VQVAE, VQVAEOutput
@@ -244,14 +246,14 @@ def save_previews(
 def write_metric_logs(
     history: list[dict], run_dir: Path, columns: tuple[str, ...] = METRIC_COLUMNS
 ) -> None:
-    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` (``columns``) with one row per epoch."""
-    with open(run_dir / "metrics.jsonl", "w") as handle:
-        for row in history:
-            handle.write(json.dumps(row) + "\n")
-    with open(run_dir / "metrics.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
+    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` (``columns``) with one row per epoch,
+    each replaced whole (a full disk leaves the previous logs, not an empty file)."""
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(run_dir / "metrics.csv", table.getvalue())
 
 
 def uses_channels_last(memory_format: str, model: VQVAE, device: torch.device) -> bool:

@@ -76,7 +76,9 @@ def list_slices(folder: str | Path) -> list[Path]:
 def normalise(pixels: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Min-max scale a slice to [0, 1]; returns the scaled slice and the (min, max) it used."""
     low, high = float(pixels.min()), float(pixels.max())
-    return (pixels - low) / (high - low), low, high
+    # In float64: for values near float32's limits, high - low overflows in float32.
+    unit = (pixels.astype(np.float64) - low) / (high - low)
+    return unit.astype(np.float32), low, high
 
 
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -108,7 +110,8 @@ def preprocess(pixels: np.ndarray, size: tuple[int, int] | None) -> torch.Tensor
 def postprocess(image: torch.Tensor, shape: tuple[int, int], low: float, high: float) -> np.ndarray:
     """A ``(1, H, W)`` model image back to a slice of ``shape`` in the input's intensity range."""
     unit = resize(to_unit_range(image.float())[None], shape)[0, 0]
-    return (unit.cpu().numpy() * (high - low) + low).astype(np.float32)
+    # In float64, as normalise: the range of values near float32's limits overflows it.
+    return (unit.cpu().numpy().astype(np.float64) * (high - low) + low).astype(np.float32)
 
 
 @dataclass
@@ -149,6 +152,8 @@ def _content_digest(path: Path) -> str:
     """A fast hash of a file's bytes: a slice rewritten with the same size and modification
     time (a copy that keeps times, an edit that restores them) still gets a new cache key."""
     digest = hashlib.blake2b(digest_size=16)
+    if not path.is_file():  # a FIFO would block; decoding it names the problem
+        return "not-a-file"
     try:
         with open(path, "rb") as handle:
             while block := handle.read(1 << 20):

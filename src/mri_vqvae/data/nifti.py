@@ -42,7 +42,7 @@ class Slice(NamedTuple):
 
 def is_nifti(path: Path) -> bool:
     """True when the file name ends in ``.nii`` or ``.nii.gz``."""
-    return path.name.endswith(NIFTI_SUFFIXES)
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def _to_grayscale(data: np.ndarray, path: Path) -> np.ndarray:
@@ -60,7 +60,14 @@ def _to_grayscale(data: np.ndarray, path: Path) -> np.ndarray:
         raise DataError(path, "holds complex-valued voxels; expected a real magnitude image")
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
         raise DataError(path, f"has a non-numeric voxel type {data.dtype}")
-    return data.astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        pixels = data.astype(np.float32, copy=False)
+    if not np.isfinite(pixels).all() and np.isfinite(data).all():
+        largest = float(np.abs(data.astype(np.float64)).max())
+        raise DataError(
+            path, f"holds values up to {largest:.3g}, beyond the range of 32-bit floats"
+        )
+    return pixels
 
 
 def read_slice(path: str | Path) -> Slice:
@@ -77,6 +84,8 @@ def read_slice(path: str | Path) -> Slice:
         raise DataError(path, "no such file")
     if path.is_dir():
         raise DataError(path, "is a folder, expected a NIfTI file")
+    if not path.is_file():  # reading a FIFO would wait for a writer forever
+        raise DataError(path, "is not a regular file (a pipe, socket or device)")
     try:
         image = nib.load(str(path))
     except PermissionError as err:
@@ -107,7 +116,7 @@ def read_slice(path: str | Path) -> Slice:
                 f" with {len(kept)} axes longer than 1" if len(kept) != len(shape) else ""
             )
         raise DataError(path, f"has shape {shape}, {what}; expected a 2D slice")
-    if path.name.endswith(".gz"):
+    if path.name.lower().endswith(".gz"):
         _check_gzip(path, _expected_bytes(image))
     try:
         raw = np.asanyarray(image.dataobj)
