@@ -122,3 +122,17 @@ def test_outputs_under_a_file_or_on_a_full_disk_end_in_one_line(
     assert "cannot write" in err and "No space left on device" in err and "--resume" in err
     assert "Traceback" not in err
     assert load_checkpoint(run / "last.pt").epoch == 1  # the last checkpoint, whole
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ('{"vqvae": null}', "names no VQ-VAE; pass --vqvae"),
+        ('{"vqvae": "v.pt", "vqvae_sha256": 7}', "vqvae_sha256 is not the text"),
+        ("[1, 2]", "is not the JSON object that sample writes"),
+    ],
+)
+def test_a_hand_edited_samples_json_is_named(metadata: str, message: str, tmp_path, capsys):
+    (tmp_path / "samples.json").write_text(metadata)
+    assert main(["evaluate-samples", "--samples", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
