@@ -17,7 +17,7 @@ from mri_vqvae.checkpoint import CheckpointError, load_checkpoint
 from mri_vqvae.cli import main
 from mri_vqvae.config import ConfigError, ModelConfig, load_config
 from mri_vqvae.data.dataset import list_slices, postprocess, preprocess
-from mri_vqvae.data.nifti import DataError, read_slice
+from mri_vqvae.data.nifti import DataError, read_slice, write_slice
 from mri_vqvae.runtime import resolve_device
 from mri_vqvae.sampling import load_sample_codes
 from tests.test_cli import train_args
@@ -37,6 +37,9 @@ def test_upper_case_suffixes_are_slices_too(tmp_path: Path):
     nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "A.NII.GZ"))
     assert [p.name for p in list_slices(tmp_path)] == ["A.NII.GZ"]
     np.testing.assert_array_equal(read_slice(tmp_path / "A.NII.GZ").pixels, image)
+    write_slice(image, tmp_path / "B.NII.GZ")  # gzipped, as the name says, and readable
+    assert (tmp_path / "B.NII.GZ").read_bytes()[:2] == b"\x1f\x8b"
+    np.testing.assert_array_equal(read_slice(tmp_path / "B.NII.GZ").pixels, image)
 
 
 def test_values_near_the_float32_limit_survive_and_beyond_it_are_named(tmp_path: Path):

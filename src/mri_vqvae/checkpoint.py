@@ -29,6 +29,7 @@ from mri_vqvae.config import (
     prior_config_from_dict,
 )
 from mri_vqvae.errors import UserError
+from mri_vqvae.files import replaced_atomically
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior, build_prior
 
@@ -105,16 +106,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def write_atomic(payload: dict[str, Any], path: Path) -> None:
     """A temporary file, flushed and renamed into place, so a kill leaves the old one whole."""
-    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(partial, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        if partial.exists():
-            partial.unlink()
+    with replaced_atomically(path) as partial, open(partial, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _read_payload(path: Path, kind: str, format_version: int) -> dict[str, Any]:

@@ -864,24 +864,17 @@ def _read_samples_metadata(path: Path) -> dict:
 
 def run_report(args: argparse.Namespace) -> None:
     from mri_vqvae.files import FolderLock, check_output_file
-    from mri_vqvae.report import write_report
+    from mri_vqvae.report import is_report_page, write_report
 
     if args.out is not None:
         # A page this tool wrote may be replaced; any other existing file needs --overwrite.
-        replace_ok = args.overwrite or _is_report_file(args.out)
+        replace_ok = args.overwrite or is_report_page(args.out)
         check_output_file(args.out, "--out", replace_ok, suffixes=(".html", ".htm"))
         path = write_report(args.run_dir, args.evaluation, args.prior, args.samples, args.out)
     else:
         with FolderLock(args.run_dir) if args.run_dir.is_dir() else contextlib.nullcontext():
             path = write_report(args.run_dir, args.evaluation, args.prior, args.samples)
     print(f"wrote {path}")
-
-
-def _is_report_file(path: Path) -> bool:
-    """Whether ``path`` is a report page this tool wrote (which may be replaced)."""
-    from mri_vqvae.report import is_report_page
-
-    return path.is_file() and is_report_page(path)
 
 
 def _refresh_report(vqvae_checkpoint: Path) -> None:

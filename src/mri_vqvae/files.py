@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -380,7 +381,7 @@ def check_output_file(
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{option} {path}: is a folder; {option} names the file to write")
-    if suffixes and not path.name.endswith(suffixes):
+    if suffixes and not path.name.lower().endswith(suffixes):
         raise OutputError(f"{option} {path}: the name must end in {' or '.join(suffixes)}")
     for source in inputs:
         if _same_file(path, Path(source)):
@@ -411,18 +412,26 @@ def _same_file(first: Path, second: Path) -> bool:
         return False
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, flush it and rename it into place,
-    so a reader (or a crash) never meets half of it."""
-    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")
+@contextlib.contextmanager
+def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; when the block ends without an error it is
+    renamed over ``path``, so a reader or a crash never meets half a file and an existing file
+    is replaced only by a whole new one. ``suffix`` ends the temporary name (nibabel chooses
+    compression by it)."""
+    partial = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
     try:
-        with open(partial, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield partial
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all, flushed to disk before the rename."""
+    with replaced_atomically(path) as partial, open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _process_start(pid: int) -> str | None:

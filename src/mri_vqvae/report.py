@@ -15,7 +15,6 @@ import datetime
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import yaml
 
 from mri_vqvae import __version__, plots
 from mri_vqvae.evaluation import CODEBOOK_FILE, EXAMPLES_FILE
+from mri_vqvae.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +104,7 @@ def write_report(
     sources = find_sources(run_dir, evaluation, prior, samples)
     out = Path(out) if out else sources.run_dir / REPORT_FILE
     html = render_report(sources)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        partial.write_text(html, encoding="utf-8")
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_text_atomic(out, html)
     return out
 
 

@@ -7,7 +7,6 @@ so a user never sees a traceback from deep inside nibabel or gzip.
 from __future__ import annotations
 
 import gzip
-import os
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -16,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from mri_vqvae.errors import UserError
+from mri_vqvae.files import replaced_atomically
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # A 2D slice this large (64 Mi voxels, 256 MiB as float32) is certainly a corrupt header.
@@ -202,10 +202,6 @@ def write_slice(
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place, so a crash leaves no half a file and
     # an existing file is replaced only by a whole new one. The suffix tells nibabel to gzip.
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    partial = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
-    try:
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
+    with replaced_atomically(path, suffix) as partial:
         nib.save(image, str(partial))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
