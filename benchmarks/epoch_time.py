@@ -36,7 +36,7 @@ from mri_vqvae.data.nifti import read_slice
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
 from mri_vqvae.model import VQVAE
 from mri_vqvae.runtime import keep_freed_memory, resolve_device, seed_everything
-from mri_vqvae.training import train_vqvae
+from mri_vqvae.train.vqvae import train_vqvae
 
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import run_facts

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mri_vqvae.cli import main as cli
+from mri_vqvae.cli.main import main as cli
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
 from quality import cpu_name, write_mni_dataset
 

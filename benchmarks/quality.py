@@ -31,11 +31,11 @@ from mri_vqvae.config import Config, DataConfig, load_config
 from mri_vqvae.data.dataset import HIPMRI_SPLIT_FOLDERS, load_splits, resolve_split_files
 from mri_vqvae.data.nifti import write_slice
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
-from mri_vqvae.evaluation import evaluate_split
+from mri_vqvae.evaluate.reconstruction import evaluate_split
 from mri_vqvae.metrics import perplexity as histogram_perplexity
 from mri_vqvae.model import VQVAEOutput
 from mri_vqvae.runtime import seed_everything
-from mri_vqvae.training import train_vqvae
+from mri_vqvae.train.vqvae import train_vqvae
 
 RECIPES = ("seed", "default", "monai")
 

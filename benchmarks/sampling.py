@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from mri_vqvae.checkpoint import load_prior_checkpoint
 from mri_vqvae.config import PriorConfig
+from mri_vqvae.generate.sampling import SamplingSettings, sample_codes
 from mri_vqvae.model.prior import build_prior
-from mri_vqvae.sampling import SamplingSettings, sample_codes
 from quality import cpu_name
 
 

@@ -197,7 +197,7 @@ def measure(spec: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from mri_vqvae.runtime import keep_freed_memory
-    from mri_vqvae.training import train_step
+    from mri_vqvae.train.vqvae import train_step
 
     if spec["tuned_allocator"]:
         keep_freed_memory()
@@ -207,7 +207,7 @@ def measure(spec: dict) -> dict:
     model.to(device)
     memory_format = spec["memory_format"]
     if memory_format == "auto":  # the training loop's own choice for this model and device
-        from mri_vqvae.training import uses_channels_last
+        from mri_vqvae.train.vqvae import uses_channels_last
 
         channels_last = uses_channels_last("auto", model, device)
     else:

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from mri_vqvae import training
 from mri_vqvae.checkpoint import CheckpointError, load_checkpoint
-from mri_vqvae.cli import main
+from mri_vqvae.cli.main import main
 from mri_vqvae.config import ConfigError, ModelConfig, load_config
 from mri_vqvae.data.dataset import list_slices, postprocess, preprocess
 from mri_vqvae.data.nifti import DataError, read_slice, write_slice
+from mri_vqvae.generate.sampling import load_sample_codes
 from mri_vqvae.runtime import resolve_device
-from mri_vqvae.sampling import load_sample_codes
+from mri_vqvae.train import vqvae as training
 from tests.test_cli import train_args
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from mri_vqvae.cli import main
+from mri_vqvae.cli.main import main
 from mri_vqvae.files import MARKER_FILE
 from tests.conftest import free_port, tiny_model_config
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mri_vqvae.cli import TRAIN_FLAGS, _settings_overrides, main, parse_args, resume_command
+from mri_vqvae.cli.main import TRAIN_FLAGS, _settings_overrides, main, parse_args, resume_command
 from mri_vqvae.config import load_config
 from tests.test_cli import train_args
 

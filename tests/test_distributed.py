@@ -18,7 +18,7 @@ from mri_vqvae.config import DataConfig
 from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.distributed import ProcessGroup, join_process_group, leave_process_group
 from mri_vqvae.model import VQVAE
-from mri_vqvae.training import train_vqvae
+from mri_vqvae.train.vqvae import train_vqvae
 from tests.conftest import TINY_SIZE, free_port, tiny_config
 
 pytestmark = pytest.mark.skipif(

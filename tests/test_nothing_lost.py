@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from mri_vqvae.checkpoint import load_checkpoint, load_prior_checkpoint
-from mri_vqvae.cli import main
+from mri_vqvae.cli.main import main
 from mri_vqvae.data.nifti import DataError, read_slice
 from mri_vqvae.files import LOCK_FILE, MARKER_FILE, FolderBusy, FolderLock
 from tests.test_cli import train_args

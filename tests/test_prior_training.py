@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mri_vqvae import prior_training, runtime
+from mri_vqvae import runtime
 from mri_vqvae.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -29,8 +29,9 @@ from mri_vqvae.config import (
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import build_prior
-from mri_vqvae.prior_training import evaluate_prior, train_prior
-from mri_vqvae.training import TrainingInterrupted
+from mri_vqvae.train import prior as prior_training
+from mri_vqvae.train.prior import evaluate_prior, train_prior
+from mri_vqvae.train.vqvae import TrainingInterrupted
 from tests.conftest import tiny_model_config
 
 NUM_CODES = 16

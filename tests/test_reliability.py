@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mri_vqvae import training
 from mri_vqvae.checkpoint import load_checkpoint
-from mri_vqvae.cli import main
+from mri_vqvae.cli.main import main
 from mri_vqvae.config import DataConfig
 from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.model import VQVAE
-from mri_vqvae.training import NonFiniteTraining, train_vqvae
+from mri_vqvae.train import vqvae as training
+from mri_vqvae.train.vqvae import NonFiniteTraining, train_vqvae
 from tests.conftest import TINY_SIZE, tiny_config
 from tests.test_cli import train_args
 

@@ -20,10 +20,10 @@ import torch
 import yaml
 
 from mri_vqvae.checkpoint import load_model
-from mri_vqvae.cli import main
+from mri_vqvae.cli.main import main
 from mri_vqvae.data.dataset import list_slices, load_split
 from mri_vqvae.plots import code_patch_strip
-from mri_vqvae.tensorboard_log import image_rows_grid, scalar_tag
+from mri_vqvae.train.tensorboard import image_rows_grid, scalar_tag
 from tests.test_cli import TINY_PRIOR, train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -409,11 +409,11 @@ def test_a_report_that_cannot_be_written_leaves_the_finished_run_whole(
 ):
     import errno
 
-    from mri_vqvae import report
     from mri_vqvae.config import DataConfig
     from mri_vqvae.data.dataset import load_splits, resolve_split_files
     from mri_vqvae.model import VQVAE
-    from mri_vqvae.training import train_vqvae
+    from mri_vqvae.report import page as report
+    from mri_vqvae.train.vqvae import train_vqvae
     from tests.conftest import TINY_SIZE, tiny_config
 
     def disk_full(*args, **kwargs):

@@ -6,7 +6,7 @@ import torch
 from mri_vqvae import runtime
 from mri_vqvae.model import VQVAE
 from mri_vqvae.runtime import autocast, keep_freed_memory, resolve_precision
-from mri_vqvae.training import train_vqvae, uses_channels_last
+from mri_vqvae.train.vqvae import train_vqvae, uses_channels_last
 from tests.conftest import tiny_config, tiny_model_config
 
 CPU = torch.device("cpu")

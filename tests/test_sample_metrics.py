@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mri_vqvae.sample_metrics import (
+from mri_vqvae.evaluate.sample_metrics import (
     SampleMetricSettings,
     classifier_two_sample_test,
     clopper_pearson,

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from mri_vqvae.data.nifti import read_slice
-from mri_vqvae.model import VQVAE
-from mri_vqvae.sampling import (
+from mri_vqvae.generate.sampling import (
     SamplingSettings,
     filter_logits,
     generate_samples,
@@ -16,6 +15,7 @@ from mri_vqvae.sampling import (
     sample_codes,
     write_samples,
 )
+from mri_vqvae.model import VQVAE
 from tests.conftest import tiny_model_config
 from tests.model.test_prior import NUM_CODES, tiny_prior
 

@@ -10,7 +10,7 @@ from mri_vqvae.checkpoint import build_model, load_checkpoint
 from mri_vqvae.config import Config, DataConfig, TrainConfig
 from mri_vqvae.data.dataset import SliceSet, load_splits, resolve_split_files
 from mri_vqvae.model import VQVAE
-from mri_vqvae.training import learning_rate, train_step, train_vqvae
+from mri_vqvae.train.vqvae import learning_rate, train_step, train_vqvae
 from tests.conftest import TINY_SIZE, tiny_config
 
 

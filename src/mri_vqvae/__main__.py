@@ -1,3 +1,3 @@
-from mri_vqvae.cli import run
+from mri_vqvae.cli.main import run
 
 run()

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mri_vqvae.cli import main
+from mri_vqvae.cli.main import main
 from mri_vqvae.data.dataset import list_slices
 from mri_vqvae.data.nifti import DataError, read_slice
 

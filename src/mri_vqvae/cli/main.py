@@ -461,7 +461,7 @@ def run_train(args: argparse.Namespace) -> None:
     else:
         config = load_config(args.config, overrides, preset=args.preset)
     if config.train.tensorboard:
-        from mri_vqvae.tensorboard_log import require_tensorboard
+        from mri_vqvae.train.tensorboard import require_tensorboard
 
         require_tensorboard()
     with folder:
@@ -477,7 +477,7 @@ def _train_in(args, folder, config, resume, resumed_model):
     from mri_vqvae.distributed import join_process_group, leave_process_group
     from mri_vqvae.model import VQVAE
     from mri_vqvae.runtime import seed_everything
-    from mri_vqvae.training import train_vqvae
+    from mri_vqvae.train.vqvae import train_vqvae
 
     processes, device = join_process_group(config.train.device)
     try:
@@ -538,7 +538,7 @@ def _print_training_result(result, config) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     from mri_vqvae.checkpoint import load_model
     from mri_vqvae.data.dataset import list_slices, load_split, resolve_split_files
-    from mri_vqvae.evaluation import write_evaluation
+    from mri_vqvae.evaluate.reconstruction import write_evaluation
     from mri_vqvae.files import EVALUATION, OutputFolder
     from mri_vqvae.runtime import resolve_device
 
@@ -576,7 +576,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 def run_reconstruct(args: argparse.Namespace) -> None:
     from mri_vqvae.checkpoint import load_model
     from mri_vqvae.data.nifti import NIFTI_SUFFIXES
-    from mri_vqvae.evaluation import reconstruct_file
+    from mri_vqvae.evaluate.reconstruction import reconstruct_file
     from mri_vqvae.files import check_output_file
     from mri_vqvae.runtime import resolve_device
 
@@ -593,7 +593,7 @@ def run_train_prior(args: argparse.Namespace) -> None:
     from mri_vqvae.checkpoint import check_prior_matches, load_prior_checkpoint
     from mri_vqvae.config import apply_overrides, load_prior_config, prior_config_from_dict
     from mri_vqvae.files import PRIOR_RUN, OutputFolder
-    from mri_vqvae.tensorboard_log import require_tensorboard
+    from mri_vqvae.train.tensorboard import require_tensorboard
 
     overrides = _settings_overrides(
         args,
@@ -635,8 +635,8 @@ def _train_prior_in(args, folder, config, resume) -> None:
     from mri_vqvae.code_maps import code_maps_for, require_slice_positions
     from mri_vqvae.data.dataset import load_splits, resolve_split_files
     from mri_vqvae.model.prior import build_prior
-    from mri_vqvae.prior_training import evaluate_prior, train_prior
     from mri_vqvae.runtime import resolve_device, seed_everything
+    from mri_vqvae.train.prior import evaluate_prior, train_prior
 
     device = resolve_device(config.train.device)
     vqvae, vqvae_config = load_model(args.vqvae, device)
@@ -708,13 +708,13 @@ def _train_prior_in(args, folder, config, resume) -> None:
 def run_sample(args: argparse.Namespace) -> None:
     from mri_vqvae.checkpoint import file_sha256, load_model, load_prior
     from mri_vqvae.files import SAMPLES, OutputFolder
-    from mri_vqvae.runtime import resolve_device
-    from mri_vqvae.sampling import (
+    from mri_vqvae.generate.sampling import (
         SamplingSettings,
         check_prior_fits,
         generate_samples,
         write_samples,
     )
+    from mri_vqvae.runtime import resolve_device
 
     folder = OutputFolder(
         args.out, SAMPLES, overwrite=args.overwrite, inputs=(args.vqvae, args.prior)
@@ -765,11 +765,11 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
         load_splits,
         resolve_split_files,
     )
+    from mri_vqvae.evaluate.sample_metrics import SampleMetricSettings
+    from mri_vqvae.evaluate.samples import evaluate_samples
     from mri_vqvae.files import SAMPLE_EVALUATION, OutputFolder
+    from mri_vqvae.generate.sampling import load_sample_codes
     from mri_vqvae.runtime import resolve_device
-    from mri_vqvae.sample_evaluation import evaluate_samples
-    from mri_vqvae.sample_metrics import SampleMetricSettings
-    from mri_vqvae.sampling import load_sample_codes
 
     if not args.samples.is_dir():
         raise DataError(args.samples, "--samples: no such folder (give a folder written by sample)")
@@ -864,7 +864,7 @@ def _read_samples_metadata(path: Path) -> dict:
 
 def run_report(args: argparse.Namespace) -> None:
     from mri_vqvae.files import FolderLock, check_output_file
-    from mri_vqvae.report import is_report_page, write_report
+    from mri_vqvae.report.page import is_report_page, write_report
 
     if args.out is not None:
         # A page this tool wrote may be replaced; any other existing file needs --overwrite.
@@ -882,7 +882,7 @@ def _refresh_report(vqvae_checkpoint: Path) -> None:
     folder has one and no other process is writing the run. The command's own outputs are
     written by then, so a report that cannot be written is a warning, not a failure."""
     from mri_vqvae.files import FolderBusy, FolderLock
-    from mri_vqvae.report import REPORT_FILE, write_report
+    from mri_vqvae.report.page import REPORT_FILE, write_report
 
     run_dir = Path(vqvae_checkpoint).parent
     if not (run_dir / REPORT_FILE).is_file():
@@ -961,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()
 
-    from mri_vqvae.training import NonFiniteTraining, TrainingInterrupted
+    from mri_vqvae.train.vqvae import NonFiniteTraining, TrainingInterrupted
 
     try:
         COMMANDS[args.command](args)

@@ -38,7 +38,7 @@ from mri_vqvae.losses import VQVAELoss, vqvae_loss
 from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
 from mri_vqvae.model import VQVAE, VQVAEOutput
 from mri_vqvae.runtime import autocast, resolve_precision
-from mri_vqvae.tensorboard_log import TensorBoardLog
+from mri_vqvae.train.tensorboard import TensorBoardLog
 
 logger = logging.getLogger(__name__)
 
@@ -756,8 +756,8 @@ def write_validation_report(
     The run itself is finished and saved by then, so a failure to write these (a full disk,
     say) is logged and the run still ends as done: ``mri-vqvae report`` writes the page later.
     """
-    from mri_vqvae.evaluation import write_evaluation
-    from mri_vqvae.report import write_report
+    from mri_vqvae.evaluate.reconstruction import write_evaluation
+    from mri_vqvae.report.page import write_report
 
     try:
         model, _ = load_model(best_checkpoint, device)

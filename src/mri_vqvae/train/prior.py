@@ -22,12 +22,12 @@ from mri_vqvae.checkpoint import (
 )
 from mri_vqvae.code_maps import CodeMaps
 from mri_vqvae.config import PriorRunConfig, save_config
+from mri_vqvae.generate.sampling import SamplingSettings, generate_samples
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior
 from mri_vqvae.runtime import autocast, resolve_precision
-from mri_vqvae.sampling import SamplingSettings, generate_samples
-from mri_vqvae.tensorboard_log import TensorBoardLog
-from mri_vqvae.training import (
+from mri_vqvae.train.tensorboard import TensorBoardLog
+from mri_vqvae.train.vqvae import (
     StopRequest,
     TrainingInterrupted,
     warmup_cosine,

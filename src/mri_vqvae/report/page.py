@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from mri_vqvae import __version__, plots
-from mri_vqvae.evaluation import CODEBOOK_FILE, EXAMPLES_FILE
+from mri_vqvae.evaluate.reconstruction import CODEBOOK_FILE, EXAMPLES_FILE
 from mri_vqvae.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def render_report(sources: ReportSources) -> str:
     import jinja2
 
     environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("mri_vqvae", "templates"),
+        loader=jinja2.PackageLoader("mri_vqvae.report", "templates"),
         autoescape=True,  # file names and settings come from the user
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

@@ -12,8 +12,7 @@ import torch
 from mri_vqvae import plots
 from mri_vqvae.code_maps import encode_slices
 from mri_vqvae.data.dataset import SliceSet
-from mri_vqvae.model import VQVAE
-from mri_vqvae.sample_metrics import (
+from mri_vqvae.evaluate.sample_metrics import (
     SampleMetricSettings,
     classifier_two_sample_test,
     distribution,
@@ -23,6 +22,7 @@ from mri_vqvae.sample_metrics import (
     share_above,
     within,
 )
+from mri_vqvae.model import VQVAE
 
 logger = logging.getLogger(__name__)
 
