@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from mri_vqvae.config import Config, DataConfig, ModelConfig, TrainConfig
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
-
-TINY_SIZE = (64, 32)
 
 
 @pytest.fixture(autouse=True)
@@ -36,34 +32,3 @@ def phantom_root(tmp_path_factory) -> Path:
     )
     write_phantom_dataset(root, spec)
     return root
-
-
-def tiny_model_config(**changes) -> ModelConfig:
-    values = dict(
-        channels=8,
-        channel_multipliers=(1, 2),
-        residual_hidden_channels=8,
-        num_residual_layers=1,
-        embedding_dim=8,
-        num_embeddings=16,
-    )
-    values.update(changes)
-    return ModelConfig(**values)
-
-
-def tiny_config(**train_changes) -> Config:
-    # The end-of-run validation and report are tested on their own (tests/test_report.py).
-    train = dict(
-        epochs=2, batch_size=8, lr=2e-3, num_preview_images=4, device="cpu", seed=1, report=False
-    )
-    train.update(train_changes)
-    return Config(
-        data=DataConfig(image_size=TINY_SIZE), model=tiny_model_config(), train=TrainConfig(**train)
-    )
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, for a test's process group."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

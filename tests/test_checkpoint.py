@@ -16,7 +16,7 @@ from mri_vqvae.checkpoint import (
     save_checkpoint,
 )
 from mri_vqvae.model import VQVAE
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def saved(tmp_path: Path) -> tuple[Path, VQVAE]:

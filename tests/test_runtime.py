@@ -7,7 +7,7 @@ from mri_vqvae import runtime
 from mri_vqvae.model import VQVAE
 from mri_vqvae.runtime import autocast, keep_freed_memory, resolve_precision
 from mri_vqvae.train.vqvae import train_vqvae, uses_channels_last
-from tests.conftest import tiny_config, tiny_model_config
+from tests.helpers import tiny_config, tiny_model_config
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,7 @@ def test_the_run_records_the_precision_auto_resolved_to(phantom_root, tmp_path, 
     from mri_vqvae.checkpoint import load_checkpoint
     from mri_vqvae.config import DataConfig, load_config
     from mri_vqvae.data.dataset import load_splits, resolve_split_files
-    from tests.conftest import TINY_SIZE
+    from tests.helpers import TINY_SIZE
 
     monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: False)
     config = tiny_config(epochs=1)

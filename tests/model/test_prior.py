@@ -4,23 +4,8 @@ key/value cache's agreement with a full forward, and conditioning."""
 import pytest
 import torch
 
-from mri_vqvae.config import PriorConfig
-from mri_vqvae.model.prior import GatedPixelCNN, TransformerPrior, build_prior
-
-NUM_CODES = 16
-
-
-def tiny_prior(architecture: str, grid=(4, 3), conditional=False):
-    torch.manual_seed(0)
-    config = PriorConfig(
-        architecture=architecture,
-        width=32 if architecture == "transformer" else 16,
-        num_layers=2 if architecture == "transformer" else 3,
-        num_heads=4,
-        dropout=0.0,
-        condition_on_slice_position=conditional,
-    )
-    return build_prior(config, NUM_CODES, grid).eval()
+from mri_vqvae.model.prior import GatedPixelCNN, TransformerPrior
+from tests.helpers import NUM_CODES, tiny_prior
 
 
 @pytest.mark.parametrize("architecture", ["transformer", "pixelcnn"])

@@ -3,7 +3,7 @@ import torch
 
 from mri_vqvae.config import ModelConfig, load_config
 from mri_vqvae.model import VQVAE
-from tests.conftest import tiny_model_config
+from tests.helpers import tiny_model_config
 
 
 def tiny(num_downsamplings: int = 2, **changes) -> VQVAE:

@@ -24,7 +24,7 @@ from mri_vqvae.cli.main import main
 from mri_vqvae.data.dataset import list_slices, load_split
 from mri_vqvae.plots import code_patch_strip
 from mri_vqvae.train.tensorboard import image_rows_grid, scalar_tag
-from tests.test_cli import TINY_PRIOR, train_args
+from tests.helpers import TINY_PRIOR, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu"]
@@ -414,7 +414,7 @@ def test_a_report_that_cannot_be_written_leaves_the_finished_run_whole(
     from mri_vqvae.model import VQVAE
     from mri_vqvae.report import page as report
     from mri_vqvae.train.vqvae import train_vqvae
-    from tests.conftest import TINY_SIZE, tiny_config
+    from tests.helpers import TINY_SIZE, tiny_config
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -19,7 +19,7 @@ from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.distributed import ProcessGroup, join_process_group, leave_process_group
 from mri_vqvae.model import VQVAE
 from mri_vqvae.train.vqvae import train_vqvae
-from tests.conftest import TINY_SIZE, free_port, tiny_config
+from tests.helpers import TINY_SIZE, free_port, tiny_config
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this torch build has no torch.distributed"

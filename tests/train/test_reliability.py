@@ -3,11 +3,9 @@ SIGINT), non-finite steps, and run folders that must not be lost or cannot be wr
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,8 +20,7 @@ from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.model import VQVAE
 from mri_vqvae.train import vqvae as training
 from mri_vqvae.train.vqvae import NonFiniteTraining, train_vqvae
-from tests.conftest import TINY_SIZE, tiny_config
-from tests.test_cli import train_args
+from tests.helpers import TINY_SIZE, cli_command, cli_env, tiny_config, wait_for
 
 CPU = torch.device("cpu")
 
@@ -82,24 +79,6 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_exactly_as_one_never_sto
     assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"])
     assert resumed.history[-1]["images_seen"] == 48
     assert len(load_checkpoint(tmp_path / "crashed" / "last.pt").batch_losses) == 10
-
-
-def cli_command(data: Path, out: Path, *extra: str) -> list[str]:
-    """The tiny CLI run of test_cli, in its own process, 4 images a step, a checkpoint each."""
-    args = train_args(data, out, "--batch-size", "4", "--checkpoint-every", "1", *extra)
-    return [sys.executable, "-m", "mri_vqvae", *args]
-
-
-def cli_env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "2", "MRI_VQVAE_CACHE": str(tmp_path / "cache")}
-
-
-def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert process.poll() is None, process.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
 
 
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(

@@ -11,7 +11,7 @@ import yaml
 
 from mri_vqvae.cli.main import TRAIN_FLAGS, _settings_overrides, main, parse_args, resume_command
 from mri_vqvae.config import load_config
-from tests.test_cli import train_args
+from tests.helpers import train_args
 
 BAD_NUMBERS = [
     ("train", "--epochs", "0"),

@@ -11,7 +11,7 @@ from mri_vqvae.config import Config, DataConfig, TrainConfig
 from mri_vqvae.data.dataset import SliceSet, load_splits, resolve_split_files
 from mri_vqvae.model import VQVAE
 from mri_vqvae.train.vqvae import learning_rate, train_step, train_vqvae
-from tests.conftest import TINY_SIZE, tiny_config
+from tests.helpers import TINY_SIZE, tiny_config
 
 
 def splits(root: Path):

@@ -16,8 +16,7 @@ from mri_vqvae.generate.sampling import (
     write_samples,
 )
 from mri_vqvae.model import VQVAE
-from tests.conftest import tiny_model_config
-from tests.model.test_prior import NUM_CODES, tiny_prior
+from tests.helpers import NUM_CODES, tiny_model_config, tiny_prior
 
 
 def test_top_k_keeps_the_k_most_likely_codes():

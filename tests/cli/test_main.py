@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -17,35 +16,7 @@ import yaml
 
 from mri_vqvae.cli.main import main
 from mri_vqvae.files import MARKER_FILE
-from tests.conftest import free_port, tiny_model_config
-
-# JSON is valid YAML, so lists and booleans survive the trip through an override.
-TINY_MODEL = [
-    f"model.{key}={json.dumps(value)}" for key, value in asdict(tiny_model_config()).items()
-]
-
-
-def train_args(data: Path, out: Path, *extra: str, report: bool = False) -> list[str]:
-    """A tiny ``train`` command line; the end-of-run report (a few seconds) only if asked."""
-    return [
-        "-q",
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--size",
-        "64x32",
-        "--device",
-        "cpu",
-        *extra,
-        *TINY_MODEL,
-        f"train.report={str(report).lower()}",
-    ]
+from tests.helpers import TINY_MODEL, TINY_PRIOR, free_port, train_args
 
 
 @pytest.fixture(scope="module")
@@ -234,9 +205,6 @@ def test_seed_preset_trains_the_seeds_recipe_at_a_tiny_size(demo: Path, tmp_path
     assert saved["train"]["lr_schedule"] == "constant"
     assert saved["model"]["channels"] == 8  # an override wins over the preset
     assert saved["train"]["epochs"] == 1  # and so does a flag
-
-
-TINY_PRIOR = ["prior.width=32", "prior.num_layers=2", "prior.num_heads=4", "train.batch_size=8"]
 
 
 def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, capsys):

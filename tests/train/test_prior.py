@@ -32,7 +32,7 @@ from mri_vqvae.model.prior import build_prior
 from mri_vqvae.train import prior as prior_training
 from mri_vqvae.train.prior import evaluate_prior, train_prior
 from mri_vqvae.train.vqvae import TrainingInterrupted
-from tests.conftest import tiny_model_config
+from tests.helpers import tiny_model_config
 
 NUM_CODES = 16
 GRID = (16, 8)  # a 64x32 image at 4x

@@ -21,8 +21,7 @@ from mri_vqvae.checkpoint import load_checkpoint, load_prior_checkpoint
 from mri_vqvae.cli.main import main
 from mri_vqvae.data.nifti import DataError, read_slice
 from mri_vqvae.files import LOCK_FILE, MARKER_FILE, FolderBusy, FolderLock
-from tests.test_cli import train_args
-from tests.test_reliability import cli_command, wait_for
+from tests.helpers import cli_command, train_args, wait_for
 
 SMALL_PHANTOM = ["--train-cases", "1", "--val-cases", "1", "--test-cases", "1", "--weeks", "1"]
 

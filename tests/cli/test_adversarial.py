@@ -20,7 +20,7 @@ from mri_vqvae.data.nifti import DataError, read_slice, write_slice
 from mri_vqvae.generate.sampling import load_sample_codes
 from mri_vqvae.runtime import resolve_device
 from mri_vqvae.train import vqvae as training
-from tests.test_cli import train_args
+from tests.helpers import train_args
 
 
 def test_a_fifo_among_the_slices_is_named_not_waited_on(tmp_path: Path):

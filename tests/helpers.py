@@ -1,0 +1,117 @@
+"""What many tests share: tiny configurations, command lines and waits. Fixtures live in
+conftest.py; plain helpers live here, so tests import them from one place."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mri_vqvae.config import Config, DataConfig, ModelConfig, PriorConfig, TrainConfig
+from mri_vqvae.model.prior import build_prior
+
+TINY_SIZE = (64, 32)
+
+
+def tiny_model_config(**changes) -> ModelConfig:
+    values = dict(
+        channels=8,
+        channel_multipliers=(1, 2),
+        residual_hidden_channels=8,
+        num_residual_layers=1,
+        embedding_dim=8,
+        num_embeddings=16,
+    )
+    values.update(changes)
+    return ModelConfig(**values)
+
+
+def tiny_config(**train_changes) -> Config:
+    # The end-of-run validation and report are tested on their own (tests/report/test_page.py).
+    train = dict(
+        epochs=2, batch_size=8, lr=2e-3, num_preview_images=4, device="cpu", seed=1, report=False
+    )
+    train.update(train_changes)
+    return Config(
+        data=DataConfig(image_size=TINY_SIZE), model=tiny_model_config(), train=TrainConfig(**train)
+    )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a test's process group."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# JSON is valid YAML, so lists and booleans survive the trip through an override.
+TINY_MODEL = [
+    f"model.{key}={json.dumps(value)}" for key, value in asdict(tiny_model_config()).items()
+]
+
+
+def train_args(data: Path, out: Path, *extra: str, report: bool = False) -> list[str]:
+    """A tiny ``train`` command line; the end-of-run report (a few seconds) only if asked."""
+    return [
+        "-q",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--size",
+        "64x32",
+        "--device",
+        "cpu",
+        *extra,
+        *TINY_MODEL,
+        f"train.report={str(report).lower()}",
+    ]
+
+
+TINY_PRIOR = ["prior.width=32", "prior.num_layers=2", "prior.num_heads=4", "train.batch_size=8"]
+
+
+def cli_command(data: Path, out: Path, *extra: str) -> list[str]:
+    """The tiny CLI run of tests/cli/test_main.py, in its own process, 4 images a step, a checkpoint each."""
+    args = train_args(data, out, "--batch-size", "4", "--checkpoint-every", "1", *extra)
+    return [sys.executable, "-m", "mri_vqvae", *args]
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "2", "MRI_VQVAE_CACHE": str(tmp_path / "cache")}
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+NUM_CODES = 16
+
+
+def tiny_prior(architecture: str, grid=(4, 3), conditional=False):
+    torch.manual_seed(0)
+    config = PriorConfig(
+        architecture=architecture,
+        width=32 if architecture == "transformer" else 16,
+        num_layers=2 if architecture == "transformer" else 3,
+        num_heads=4,
+        dropout=0.0,
+        condition_on_slice_position=conditional,
+    )
+    return build_prior(config, NUM_CODES, grid).eval()
