@@ -62,7 +62,7 @@ def benchmark(dataset: str, vqvae: Path | None, options: argparse.Namespace) -> 
                     "1000",
                     "--max-minutes",
                     str(options.vqvae_minutes),
-                    "train.precision=bfloat16",
+                    "prior_train.precision=bfloat16",
                 ]
             )
         vqvae = vqvae_run / "best.pt"
@@ -86,8 +86,8 @@ def benchmark(dataset: str, vqvae: Path | None, options: argparse.Namespace) -> 
                     "1000",
                     "--max-minutes",
                     str(options.prior_minutes),
-                    "train.precision=bfloat16",
-                    "train.sample_every=10",
+                    "prior_train.precision=bfloat16",
+                    "prior_train.sample_every=10",
                 ]
             )
             print(f"prior trained in {time.monotonic() - started:.0f} s")

@@ -24,13 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from mri_vqvae.checkpoint import load_prior_checkpoint
 from mri_vqvae.config import PriorConfig
-from mri_vqvae.generate.sampling import SamplingSettings, sample_codes
+from mri_vqvae.generate.sampling import SampleConfig, sample_codes
 from mri_vqvae.model.prior import build_prior
 from quality import cpu_name
 
 
 def time_sampling(prior, count: int, use_cache: bool) -> float:
-    settings = SamplingSettings(use_cache=use_cache, batch_size=count)
+    settings = SampleConfig(use_cache=use_cache, batch_size=count)
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     sample_codes(prior, count, settings, generator=generator)

@@ -9,6 +9,7 @@ import torch
 from mri_vqvae.checkpoint import (
     Checkpoint,
     CheckpointError,
+    Progress,
     capture_rng_state,
     load_checkpoint,
     load_model,
@@ -23,7 +24,8 @@ def saved(tmp_path: Path) -> tuple[Path, VQVAE]:
     config = tiny_config()
     model = VQVAE.from_config(config.model)
     path = tmp_path / "model.pt"
-    save_checkpoint(Checkpoint(config=config, model_state=model.state_dict(), epoch=3), path)
+    checkpoint = Checkpoint("vqvae", config, model.state_dict(), progress=Progress(epoch=3))
+    save_checkpoint(checkpoint, path)
     return path, model
 
 
@@ -36,7 +38,7 @@ def test_model_rebuilds_from_the_file_alone(tmp_path: Path):
         torch.testing.assert_close(
             loaded(images).reconstruction, model.eval()(images).reconstruction
         )
-    assert load_checkpoint(path).epoch == 3
+    assert load_checkpoint(path).progress.epoch == 3
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
 
 
@@ -96,3 +98,29 @@ def test_rng_state_round_trip():
     second = (torch.rand(3), np.random.rand(), random.random())
     torch.testing.assert_close(first[0], second[0])
     assert first[1:] == second[1:]
+
+
+def test_one_format_for_both_kinds_and_the_kind_is_checked(tmp_path: Path):
+    path, _ = saved(tmp_path)
+    assert load_checkpoint(path).kind == "vqvae"
+    with pytest.raises(CheckpointError, match="is a vqvae checkpoint, not a prior checkpoint"):
+        load_checkpoint(path, "prior")
+
+
+def test_a_checkpoint_of_the_previous_format_gets_a_version_error(tmp_path: Path):
+    # Format 2 wrote the VQ-VAE's progress at the top level and had no kind.
+    path, _ = saved(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    old = {key: payload[key] for key in ("config", "model", "optimizer")}
+    torch.save({**old, "format_version": 2, "epoch": 3, "package_version": "0.1.0"}, path)
+    with pytest.raises(CheckpointError, match=r"format 2 .*reads format 3: retrain"):
+        load_model(path)
+
+
+def test_an_edited_progress_record_is_named(tmp_path: Path):
+    path, _ = saved(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    del payload["progress"]["global_step"]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="progress record is incomplete"):
+        load_checkpoint(path)

@@ -21,21 +21,17 @@ import numpy as np
 import torch
 
 from mri_vqvae import __version__
-from mri_vqvae.config import (
-    Config,
-    ConfigError,
-    PriorRunConfig,
-    config_from_dict,
-    prior_config_from_dict,
-)
+from mri_vqvae.config import Config, ConfigError, config_from_dict
 from mri_vqvae.errors import UserError
 from mri_vqvae.files import replaced_atomically
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior, build_prior
 
-# 2: model settings became channels + channel_multipliers (architecture, quantiser options).
-FORMAT_VERSION = 2
-PRIOR_FORMAT_VERSION = 1
+# 3: one format for both kinds (kind, config tree, weights, progress, extras). Files of
+# earlier formats are refused with their version named; retrain, or use the release that
+# wrote them.
+FORMAT_VERSION = 3
+KINDS = ("vqvae", "prior")
 
 
 class CheckpointError(UserError):
@@ -43,19 +39,15 @@ class CheckpointError(UserError):
 
 
 @dataclass
-class Checkpoint:
-    """The contents of a checkpoint file."""
+class Progress:
+    """Where a run stands: what the loop needs to continue it exactly."""
 
-    config: Config
-    model_state: dict[str, torch.Tensor]
     epoch: int = 0  # epochs completed
     global_step: int = 0
-    optimizer_state: dict[str, Any] | None = None
-    best_val_loss: float = float("inf")
+    # The best validation score so far (lower is better: loss, or bits per code).
+    best_score: float = float("inf")
     history: list[dict[str, Any]] = field(default_factory=list)
-    batch_losses: list[float] = field(default_factory=list)
     rng_state: dict[str, Any] | None = None
-    package_version: str = __version__
     # Written inside an epoch: the steps of epoch ``epoch + 1`` already taken (the sampler's
     # position: the epoch's order is a function of the seed and the epoch), and that partial
     # epoch's running sums; 0 and None at an epoch's end.
@@ -65,6 +57,21 @@ class Checkpoint:
     @property
     def mid_epoch(self) -> bool:
         return self.step_in_epoch > 0
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file's contents, for either stage. ``kind`` is ``"vqvae"`` or
+    ``"prior"``; ``extras`` holds what only that kind needs (a prior: its grid, codebook size
+    and the VQ-VAE file it models; a VQ-VAE: its per-step losses)."""
+
+    kind: str
+    config: Config
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any] | None = None
+    progress: Progress = field(default_factory=Progress)
+    extras: dict[str, Any] = field(default_factory=dict)
+    package_version: str = __version__
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -112,7 +119,7 @@ def write_atomic(payload: dict[str, Any], path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _read_payload(path: Path, kind: str, format_version: int) -> dict[str, Any]:
+def _read_payload(path: Path, kind: str | None, format_version: int) -> dict[str, Any]:
     """A checkpoint's payload, refusing anything but plain values, another kind of checkpoint
     or another format."""
     if path.is_dir():
@@ -154,16 +161,15 @@ def _read_payload(path: Path, kind: str, format_version: int) -> dict[str, Any]:
         ) from err
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise CheckpointError(f"{path}: not an mri-vqvae checkpoint")
-    # VQ-VAE checkpoints written before priors existed carry no kind.
-    found = payload.get("kind", "vqvae")
-    if found != kind:
-        raise CheckpointError(f"{path}: is a {found} checkpoint, not a {kind} checkpoint")
     if payload["format_version"] != format_version:
         raise CheckpointError(
-            f"{path}: {kind} checkpoint format {payload['format_version']} (written by "
-            f"mri-vqvae {payload.get('package_version', '?')}); this mri-vqvae {__version__} "
-            f"reads format {format_version}"
+            f"{path}: checkpoint format {payload['format_version']} (written by mri-vqvae "
+            f"{payload.get('package_version', '?')}); this mri-vqvae {__version__} reads format "
+            f"{format_version}: retrain, or use the release that wrote it"
         )
+    found = payload.get("kind")
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{path}: is a {found} checkpoint, not a {kind} checkpoint")
     return payload
 
 
@@ -177,50 +183,54 @@ def _require_keys(payload: dict[str, Any], path: Path, keys: tuple[str, ...]) ->
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
-    """Write a VQ-VAE checkpoint atomically."""
+    """Write a checkpoint atomically (a kill leaves the previous file whole)."""
+    progress = checkpoint.progress
     payload = {
-        "kind": "vqvae",
+        "kind": checkpoint.kind,
         "format_version": FORMAT_VERSION,
         "package_version": checkpoint.package_version,
         "torch_version": str(torch.__version__),
         "config": checkpoint.config.to_dict(),
         "model": checkpoint.model_state,
         "optimizer": checkpoint.optimizer_state,
-        "epoch": checkpoint.epoch,
-        "global_step": checkpoint.global_step,
-        "best_val_loss": checkpoint.best_val_loss,
-        "history": checkpoint.history,
-        "batch_losses": checkpoint.batch_losses,
-        "rng_state": checkpoint.rng_state,
-        "step_in_epoch": checkpoint.step_in_epoch,
-        "epoch_progress": checkpoint.epoch_progress,
+        "progress": {
+            "epoch": progress.epoch,
+            "global_step": progress.global_step,
+            "best_score": progress.best_score,
+            "history": progress.history,
+            "rng_state": progress.rng_state,
+            "step_in_epoch": progress.step_in_epoch,
+            "epoch_progress": progress.epoch_progress,
+        },
+        "extras": checkpoint.extras,
     }
     write_atomic(payload, Path(path))
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`, checking its format and config."""
+_PROGRESS_KEYS = ("epoch", "global_step", "best_score", "history", "rng_state", "step_in_epoch")
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`, checking its format, its kind
+    (when ``kind`` is given) and its configuration."""
     path = Path(path)
-    payload = _read_payload(path, "vqvae", FORMAT_VERSION)
-    _require_keys(payload, path, ("config", "model", "epoch", "global_step", "optimizer"))
+    payload = _read_payload(path, kind, FORMAT_VERSION)
+    _require_keys(payload, path, ("kind", "config", "model", "optimizer", "progress", "extras"))
+    progress = payload["progress"]
+    if not isinstance(progress, dict) or any(key not in progress for key in _PROGRESS_KEYS):
+        raise CheckpointError(f"{path}: its progress record is incomplete (damaged or edited)")
     try:
         config = config_from_dict(payload["config"])
     except ConfigError as err:
         raise CheckpointError(f"{path}: its configuration is not valid here: {err}") from err
     return Checkpoint(
+        kind=payload["kind"],
         config=config,
         model_state=payload["model"],
-        epoch=payload["epoch"],
-        global_step=payload["global_step"],
         optimizer_state=payload["optimizer"],
-        best_val_loss=payload.get("best_val_loss", float("inf")),
-        history=payload.get("history", []),
-        batch_losses=payload.get("batch_losses", []),
-        rng_state=payload.get("rng_state", None),
-        package_version=payload.get("package_version", "?"),
-        # Absent from checkpoints written before mid-epoch checkpoints existed.
-        step_in_epoch=payload.get("step_in_epoch", 0),
-        epoch_progress=payload.get("epoch_progress"),
+        progress=Progress(**{**progress, "epoch_progress": progress.get("epoch_progress")}),
+        extras=payload["extras"],
+        package_version=payload["package_version"],
     )
 
 
@@ -238,7 +248,7 @@ def build_model(checkpoint: Checkpoint, path: str | Path = "checkpoint") -> VQVA
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VQVAE, Config]:
     """Rebuild the trained model from a checkpoint file alone, in eval mode."""
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, "vqvae")
     model = build_model(checkpoint, path).to(device)
     model.eval()
     return model, checkpoint.config
@@ -253,93 +263,25 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class PriorCheckpoint:
-    """The contents of a prior checkpoint: the prior, and the VQ-VAE whose codes it models."""
-
-    config: PriorRunConfig
-    model_state: dict[str, torch.Tensor]
-    num_embeddings: int
-    grid_shape: tuple[int, int]
-    vqvae_sha256: str
-    vqvae_path: str
-    epoch: int = 0
-    global_step: int = 0
-    optimizer_state: dict[str, Any] | None = None
-    best_val_nll: float = float("inf")
-    history: list[dict[str, Any]] = field(default_factory=list)
-    rng_state: dict[str, Any] | None = None
-    package_version: str = __version__
-    # Written when a signal stops training inside an epoch: the steps of epoch ``epoch + 1``
-    # already taken and that partial epoch's sums; 0 and None at an epoch's end.
-    step_in_epoch: int = 0
-    epoch_progress: dict[str, Any] | None = None
-
-    @property
-    def mid_epoch(self) -> bool:
-        return self.step_in_epoch > 0
+def load_prior_checkpoint(path: str | Path) -> Checkpoint:
+    """A prior's checkpoint, checking that it names its codebook, grid and VQ-VAE."""
+    checkpoint = load_checkpoint(path, "prior")
+    missing = [key for key in PRIOR_EXTRAS if key not in checkpoint.extras]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; not a whole prior checkpoint")
+    return checkpoint
 
 
-def save_prior_checkpoint(checkpoint: PriorCheckpoint, path: str | Path) -> None:
-    """Write a prior checkpoint atomically."""
-    payload = {
-        "kind": "prior",
-        "format_version": PRIOR_FORMAT_VERSION,
-        "package_version": checkpoint.package_version,
-        "torch_version": str(torch.__version__),
-        "config": checkpoint.config.to_dict(),
-        "model": checkpoint.model_state,
-        "num_embeddings": checkpoint.num_embeddings,
-        "grid_shape": list(checkpoint.grid_shape),
-        "vqvae_sha256": checkpoint.vqvae_sha256,
-        "vqvae_path": checkpoint.vqvae_path,
-        "optimizer": checkpoint.optimizer_state,
-        "epoch": checkpoint.epoch,
-        "global_step": checkpoint.global_step,
-        "best_val_nll": checkpoint.best_val_nll,
-        "history": checkpoint.history,
-        "rng_state": checkpoint.rng_state,
-        "step_in_epoch": checkpoint.step_in_epoch,
-        "epoch_progress": checkpoint.epoch_progress,
-    }
-    write_atomic(payload, Path(path))
+# What a prior's checkpoint records beside its weights: the maps it models and their VQ-VAE.
+PRIOR_EXTRAS = ("num_embeddings", "grid_shape", "vqvae_sha256", "vqvae_path")
 
 
-def load_prior_checkpoint(path: str | Path) -> PriorCheckpoint:
-    """Read a checkpoint written by :func:`save_prior_checkpoint`."""
-    path = Path(path)
-    payload = _read_payload(path, "prior", PRIOR_FORMAT_VERSION)
-    _require_keys(
-        payload,
-        path,
-        ("config", "model", "num_embeddings", "grid_shape", "vqvae_sha256", "epoch", "optimizer"),
-    )
-    try:
-        config = prior_config_from_dict(payload["config"])
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: its configuration is not valid here: {err}") from err
-    return PriorCheckpoint(
-        config=config,
-        model_state=payload["model"],
-        num_embeddings=payload["num_embeddings"],
-        grid_shape=tuple(payload["grid_shape"]),
-        vqvae_sha256=payload["vqvae_sha256"],
-        vqvae_path=payload.get("vqvae_path", "?"),
-        epoch=payload["epoch"],
-        global_step=payload.get("global_step", 0),
-        optimizer_state=payload["optimizer"],
-        best_val_nll=payload.get("best_val_nll", float("inf")),
-        history=payload.get("history", []),
-        rng_state=payload.get("rng_state", None),
-        package_version=payload.get("package_version", "?"),
-        step_in_epoch=payload.get("step_in_epoch", 0),
-        epoch_progress=payload.get("epoch_progress"),
-    )
-
-
-def build_prior_model(checkpoint: PriorCheckpoint, path: str | Path = "checkpoint") -> Prior:
+def build_prior_model(checkpoint: Checkpoint, path: str | Path = "checkpoint") -> Prior:
     """The prior a checkpoint describes, with its weights loaded."""
-    prior = build_prior(checkpoint.config.prior, checkpoint.num_embeddings, checkpoint.grid_shape)
+    extras = checkpoint.extras
+    prior = build_prior(
+        checkpoint.config.prior, extras["num_embeddings"], tuple(extras["grid_shape"])
+    )
     try:
         prior.load_state_dict(checkpoint.model_state)
     except RuntimeError as err:
@@ -349,14 +291,15 @@ def build_prior_model(checkpoint: PriorCheckpoint, path: str | Path = "checkpoin
     return prior
 
 
-def check_prior_matches(checkpoint: PriorCheckpoint, prior_path: Path, vqvae_path: Path) -> None:
+def check_prior_matches(checkpoint: Checkpoint, prior_path: Path, vqvae_path: Path) -> None:
     """Refuse a VQ-VAE file other than the one the prior was trained on: another codebook
     gives the prior's codes other meanings."""
     found = file_sha256(vqvae_path)
-    if found != checkpoint.vqvae_sha256:
+    expected = checkpoint.extras["vqvae_sha256"]
+    if found != expected:
         raise CheckpointError(
             f"{prior_path}: this prior was trained on the codes of the VQ-VAE "
-            f"{checkpoint.vqvae_path} (sha256 {checkpoint.vqvae_sha256[:12]}...), but "
+            f"{checkpoint.extras['vqvae_path']} (sha256 {expected[:12]}...), but "
             f"{vqvae_path} has sha256 {found[:12]}...; pass the VQ-VAE checkpoint it was "
             "trained with"
         )
@@ -364,7 +307,7 @@ def check_prior_matches(checkpoint: PriorCheckpoint, prior_path: Path, vqvae_pat
 
 def load_prior(
     path: str | Path, vqvae_path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[Prior, PriorCheckpoint]:
+) -> tuple[Prior, Checkpoint]:
     """Rebuild a trained prior in eval mode, after checking it belongs to ``vqvae_path``."""
     path = Path(path)
     checkpoint = load_prior_checkpoint(path)

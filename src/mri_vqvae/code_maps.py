@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mri_vqvae.checkpoint import write_atomic
 from mri_vqvae.data.dataset import SliceSet, slice_positions
+from mri_vqvae.errors import ConfigError
+from mri_vqvae.files import replaced_atomically
 from mri_vqvae.model import VQVAE
 from mri_vqvae.runtime import autocast, resolve_precision
 
@@ -126,7 +127,7 @@ def code_maps_for(
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     # int16 holds any codebook up to 32768 codes at a quarter of int64's size.
     dtype = torch.int16 if model.num_embeddings <= 2**15 else torch.int32
-    write_atomic(
+    _save_atomic(
         {
             "format": CODE_CACHE_FORMAT,
             "vqvae_sha256": vqvae_sha256,
@@ -147,7 +148,13 @@ def require_slice_positions(codes: CodeMaps, label: str) -> None:
     ]
     if missing:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-        raise ValueError(
+        raise ConfigError(
             f"{label}: {len(missing)} slice name(s) carry no '_slice_<S>' number to take a "
             f"position from ({shown}); train without prior.condition_on_slice_position"
         )
+
+
+def _save_atomic(payload: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed into place, so a kill leaves no half cache."""
+    with replaced_atomically(path) as partial:
+        torch.save(payload, partial)

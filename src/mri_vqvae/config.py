@@ -13,18 +13,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from mri_vqvae.errors import UserError
+from mri_vqvae.errors import ConfigError
+from mri_vqvae.files import write_text_atomic
 
 # A codebook larger than this is a typo: its distance table alone would not fit in memory.
 MAX_CODES = 2**16
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value or key is invalid; the message names the setting."""
 
 
 @dataclass(frozen=True)
@@ -141,10 +138,19 @@ class ModelConfig:
         return len(self.channel_multipliers)
 
 
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
 @dataclass(frozen=True)
-class TrainConfig:
-    """The optimisation recipe. The defaults are the recommended one; ``--preset seed`` is the
-    seed's (Adam 1e-3 constant, batch 32, 20 epochs, MSE only)."""
+class LoopConfig:
+    """What the one training loop reads, for either stage: epochs, batch, the learning-rate
+    schedule, precision, budget, checkpoints, guards and logs. Its defaults are the VQ-VAE's
+    recipe; :class:`PriorTrainConfig` changes those the prior trains better with."""
+
+    # The config section this class is read from, for messages.
+    SECTION: ClassVar[str] = "train"
 
     epochs: int = 20
     batch_size: int = 32
@@ -156,6 +162,55 @@ class TrainConfig:
     final_lr_fraction: float = 0.02
     # Largest gradient norm before clipping; None never clips.
     grad_clip_norm: float | None = 1.0
+    # "bfloat16" autocasts the training forward pass (2.5-3x faster on CPUs with AMX, at equal
+    # test SSIM on the phantom); "auto" picks it on GPUs that support it and on CPUs with AMX,
+    # else float32, and the run's saved config records which. Validation, evaluation and
+    # sampling always run in float32.
+    precision: str = "auto"
+    # Wall-clock budget in minutes; None trains for all epochs.
+    max_minutes: float | None = None
+    # Also write last.pt every this many optimisation steps inside an epoch, so a killed run
+    # resumes from there (exactly, on a CPU); 0 writes it only at the end of each epoch.
+    checkpoint_every: int = 0
+    # Steps whose loss or gradient is not finite are skipped; this many in a row stop the
+    # run, keeping the last checkpoint written before them.
+    max_nonfinite_steps: int = 5
+    # Also log the per-epoch scalars and preview grids for TensorBoard, in RUN_DIR/tensorboard
+    # (needs the tensorboard package: the `tensorboard` extra).
+    tensorboard: bool = False
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        for name in ("epochs", "batch_size", "max_nonfinite_steps"):
+            value = getattr(self, name)
+            _require(value >= 1, f"{s}.{name} must be at least 1, got {value}")
+        for name in ("warmup_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            _require(value >= 0, f"{s}.{name} must be >= 0, got {value}")
+        _require(self.lr > 0, f"{s}.lr must be > 0, got {self.lr}")
+        _check_choice(s, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice(s, "precision", self.precision, PRECISIONS)
+        _require(
+            0 <= self.final_lr_fraction <= 1,
+            f"{s}.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}",
+        )
+        _require(
+            self.grad_clip_norm is None or self.grad_clip_norm > 0,
+            f"{s}.grad_clip_norm must be > 0, got {self.grad_clip_norm}",
+        )
+        _require(
+            self.max_minutes is None or self.max_minutes > 0,
+            f"{s}.max_minutes must be > 0, got {self.max_minutes}",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig(LoopConfig):
+    """The VQ-VAE's optimisation recipe. The defaults are the recommended one; ``--preset
+    seed`` is the seed's (Adam 1e-3 constant, batch 32, 20 epochs, MSE only)."""
+
     pixel_loss: str = "mse"
     # An extra (1 - SSIM) term on [0, 1] images, weighted by ssim_loss_weight. "ms-ssim" uses
     # a 7-pixel window, so images need sides over 96 pixels. It costs a third of the training
@@ -163,11 +218,6 @@ class TrainConfig:
     # MNI slices at 8x with the same PSNR (docs/benchmarks.md).
     ssim_loss: str = "ssim"
     ssim_loss_weight: float = 0.2
-    # "bfloat16" autocasts the training forward pass (2.5-3x faster on CPUs with AMX, at equal
-    # test SSIM on the phantom); "auto" picks it on GPUs that support it and on CPUs with AMX,
-    # else float32, and the run's saved config records which. Validation and evaluation always
-    # run in float32.
-    precision: str = "auto"
     # "channels_last" (NHWC) or "contiguous" (NCHW) activations. "auto": channels-last on
     # GPUs and for the seed architecture, whose plain convolutions train 1.2x faster in it on
     # 2 CPU cores; NCHW for the resnet architecture on a CPU, where GroupNorm made
@@ -178,79 +228,21 @@ class TrainConfig:
     # slower (docs/benchmarks.md). Off by default: it needs a C++ compiler at run time and
     # the first epoch pays 20-60 s of compilation.
     compile: bool = False
-    # Wall-clock budget in minutes; None trains for all epochs.
-    max_minutes: float | None = None
-    # Also write last.pt every this many optimisation steps inside an epoch, so a killed run
-    # resumes from there (exactly, on a CPU); 0 writes it only at the end of each epoch.
-    checkpoint_every: int = 0
-    # Steps whose loss or gradient is not finite are skipped; this many in a row stop the
-    # run, keeping the last checkpoint written before them.
-    max_nonfinite_steps: int = 5
     num_preview_images: int = 8
-    # Also log the per-epoch scalars and preview grids for TensorBoard, in RUN_DIR/tensorboard
-    # (needs the tensorboard package: the `tensorboard` extra).
-    tensorboard: bool = False
     # At the end of training, evaluate best.pt on the validation split (RUN_DIR/validation)
     # and write the run's page, RUN_DIR/report.html.
     report: bool = True
-    device: str = "auto"
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"train.epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"train.batch_size must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        _check_choice("train", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        super().__post_init__()
         _check_choice("train", "pixel_loss", self.pixel_loss, PIXEL_LOSSES)
         _check_choice("train", "ssim_loss", self.ssim_loss, SSIM_LOSSES)
-        _check_choice("train", "precision", self.precision, PRECISIONS)
         _check_choice("train", "memory_format", self.memory_format, MEMORY_FORMATS)
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.final_lr_fraction <= 1:
-            raise ConfigError(
-                f"train.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}"
-            )
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise ConfigError(f"train.grad_clip_norm must be > 0, got {self.grad_clip_norm}")
-        if self.ssim_loss_weight < 0:
-            raise ConfigError(f"train.ssim_loss_weight must be >= 0, got {self.ssim_loss_weight}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
-        if self.num_preview_images < 1:
-            raise ConfigError("train.num_preview_images must be at least 1")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if self.max_nonfinite_steps < 1:
-            raise ConfigError(
-                f"train.max_nonfinite_steps must be at least 1, got {self.max_nonfinite_steps}"
-            )
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole run: data, model and training settings."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        if self.data.image_size is not None:
-            factor = 2**self.model.num_downsamplings
-            for side in self.data.image_size:
-                if side % factor:
-                    raise ConfigError(
-                        f"data.image_size {tuple(self.data.image_size)} is not divisible by "
-                        f"2**len(model.channel_multipliers) = {factor}"
-                    )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict of YAML/JSON-safe values."""
-        return _to_plain(dataclasses.asdict(self))
+        _require(
+            self.ssim_loss_weight >= 0,
+            f"train.ssim_loss_weight must be >= 0, got {self.ssim_loss_weight}",
+        )
+        _require(self.num_preview_images >= 1, "train.num_preview_images must be at least 1")
 
 
 PRIOR_ARCHITECTURES = ("transformer", "pixelcnn")
@@ -275,20 +267,20 @@ class PriorConfig:
     def __post_init__(self) -> None:
         _check_choice("prior", "architecture", self.architecture, PRIOR_ARCHITECTURES)
         for name in ("width", "num_layers", "num_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"prior.{name} must be at least 1, got {getattr(self, name)}")
-        if self.architecture == "transformer" and self.width % self.num_heads:
-            raise ConfigError(
-                f"prior.width ({self.width}) must be divisible by prior.num_heads "
-                f"({self.num_heads})"
-            )
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"prior.dropout must be in [0, 1), got {self.dropout}")
+            value = getattr(self, name)
+            _require(value >= 1, f"prior.{name} must be at least 1, got {value}")
+        _require(
+            self.architecture != "transformer" or self.width % self.num_heads == 0,
+            f"prior.width ({self.width}) must be divisible by prior.num_heads ({self.num_heads})",
+        )
+        _require(0 <= self.dropout < 1, f"prior.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(frozen=True)
-class PriorTrainConfig:
-    """How the prior is trained: AdamW with warm-up and cosine decay, as the VQ-VAE."""
+class PriorTrainConfig(LoopConfig):
+    """How the prior is trained: AdamW with warm-up and cosine decay, by the same loop."""
+
+    SECTION: ClassVar[str] = "prior_train"
 
     epochs: int = 40
     # Small batches, a high rate and a short warm-up: on the demo phantom, batch 16 at 2e-3
@@ -296,54 +288,121 @@ class PriorTrainConfig:
     # warm-up steps had 3.62 after 4 minutes (docs/benchmarks.md).
     batch_size: int = 16
     lr: float = 2e-3
-    weight_decay: float = 0.01
     warmup_steps: int = 20
     final_lr_fraction: float = 0.05
-    grad_clip_norm: float | None = 1.0
-    # "bfloat16" autocasts the training forward pass ("auto": where supported, as the
-    # VQ-VAE); evaluation and sampling run in float32. The prior's speed in bfloat16 is not
-    # measured yet, so float32 stays its default.
+    # The prior's speed in bfloat16 is not measured on every CPU, so float32 stays its default.
     precision: str = "float32"
-    max_minutes: float | None = None
+    weight_decay: float = 0.01
     # Decode a grid of samples every this many epochs (and after the last); 0 never does.
     sample_every: int = 5
     num_preview_samples: int = 16
-    # Also log the per-epoch scalars and sample grids for TensorBoard, in PRIOR_DIR/tensorboard.
-    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(
+            self.weight_decay >= 0,
+            f"prior_train.weight_decay must be >= 0, got {self.weight_decay}",
+        )
+        _require(self.sample_every >= 0, "prior_train.sample_every must be >= 0")
+        _require(self.num_preview_samples >= 1, "prior_train.num_preview_samples must be >= 1")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How new slices are drawn from the prior's next-code distribution."""
+
+    num_samples: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None  # keep only the k most likely codes
+    top_p: float | None = None  # keep the fewest codes whose probability reaches p (nucleus)
+    use_cache: bool = True  # key/value cache (transformer only)
+    batch_size: int = 64  # maps sampled together
+    # Position in the volume, 0 to 1, for a prior trained with slice positions.
+    slice_position: float | None = None
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "num_preview_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0 or self.sample_every < 0:
-            raise ConfigError("train.warmup_steps and train.sample_every must be >= 0")
-        if not 0 <= self.final_lr_fraction <= 1:
-            raise ConfigError(
-                f"train.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}"
-            )
-        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
-            raise ConfigError(f"train.grad_clip_norm must be > 0, got {self.grad_clip_norm}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ConfigError(f"train.max_minutes must be > 0, got {self.max_minutes}")
-        _check_choice("train", "precision", self.precision, PRECISIONS)
+        for name in ("num_samples", "batch_size"):
+            value = getattr(self, name)
+            _require(value >= 1, f"sample.{name} must be at least 1, got {value}")
+        # inf would flatten every distribution to uniform noise; nan is no number.
+        _require(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            f"sample.temperature must be a finite number > 0, got {self.temperature}",
+        )
+        _require(
+            self.top_k is None or self.top_k >= 1, f"sample.top_k must be >= 1, got {self.top_k}"
+        )
+        _require(
+            self.top_p is None or 0 < self.top_p <= 1,
+            f"sample.top_p must be in (0, 1], got {self.top_p}",
+        )
+        _require(
+            self.slice_position is None or 0 <= self.slice_position <= 1,
+            f"sample.slice_position must be in [0, 1], got {self.slice_position}",
+        )
 
 
 @dataclass(frozen=True)
-class PriorRunConfig:
-    """A prior's whole run: the network and its training. The VQ-VAE is fixed by its file."""
+class SampleMetricsConfig:
+    """Sizes and seeds of the measures of generated slices."""
 
+    folds: int = 4  # cross-validation folds of the two-sample classifier
+    # Optimisation steps per fold, whatever the set sizes: counting epochs gave 80 held-out
+    # MNI slices a quarter of the training the phantom's 256 had.
+    classifier_steps: int = 300
+    classifier_batch_size: int = 32
+    # Nearest training slice: SSIM is computed for the candidates nearest in mean squared
+    # distance at a quarter of the resolution, since SSIM against every slice costs too much.
+    neighbour_candidates: int = 32
+    diversity_pairs: int = 2000
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.folds >= 2, f"sample_metrics.folds must be at least 2, got {self.folds}")
+        for name in (
+            "classifier_steps",
+            "classifier_batch_size",
+            "neighbour_candidates",
+            "diversity_pairs",
+        ):
+            value = getattr(self, name)
+            _require(value >= 1, f"sample_metrics.{name} must be at least 1, got {value}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of every command, one section per part: the slices, the VQ-VAE and its
+    training, the prior and its training, sampling and the sample measures. A run saves the
+    whole tree; a prior's run takes ``data`` and ``model`` from its VQ-VAE."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
-    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+    prior_train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    sample_metrics: SampleMetricsConfig = field(default_factory=SampleMetricsConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.image_size is not None:
+            factor = 2**self.model.num_downsamplings
+            for side in self.data.image_size:
+                if side % factor:
+                    raise ConfigError(
+                        f"data.image_size {tuple(self.data.image_size)} is not divisible by "
+                        f"2**len(model.channel_multipliers) = {factor}"
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of YAML/JSON-safe values."""
         return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        """The settings as YAML, loadable by :func:`load_config`."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 # Named starting points; a YAML file and then CLI overrides apply on top of one. The defaults
@@ -485,11 +544,6 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
-def prior_config_from_dict(values: dict[str, Any]) -> PriorRunConfig:
-    """Build a :class:`PriorRunConfig` from nested plain values; unknown keys are an error."""
-    return _build(PriorRunConfig, values, "")
-
-
 def _read_yaml(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
@@ -522,14 +576,6 @@ def load_config(
     return config_from_dict(values)
 
 
-def load_prior_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
-) -> PriorRunConfig:
-    """The prior's defaults, then a YAML file (sections ``prior`` and ``train``), then
-    ``section.key=value`` overrides."""
-    return prior_config_from_dict(apply_overrides(_read_yaml(path), overrides or []))
-
-
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """A copy of nested ``values`` with each ``a.b=value`` override set (values read as YAML)."""
     result = _to_plain(values)
@@ -552,6 +598,6 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return result
 
 
-def save_config(config: Config | PriorRunConfig, path: str | Path) -> None:
-    """Write the configuration as YAML, loadable by :func:`load_config`."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the configuration as YAML, loadable by :func:`load_config`, replaced whole."""
+    write_text_atomic(Path(path), config.to_yaml())

@@ -60,65 +60,113 @@ class FolderKind:
     may_write_into_foreign: bool = True
 
 
+# Every name the tool writes, defined once: the folder kinds below list them for the
+# overwrite rules, RunFolder hands them out as paths, and the report reads them.
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+CONFIG_FILE = "config.yaml"
+METRICS_CSV = "metrics.csv"
+METRICS_JSONL = "metrics.jsonl"
+TENSORBOARD_FOLDER = "tensorboard"
+SSIM_CURVES = "ssim_scores.png"
+BATCH_LOSSES = "batch_losses.png"
+RECONSTRUCTIONS_FOLDER = "reconstructions"
+VALIDATION_FOLDER = "validation"
+REPORT_FILE = "report.html"
+NLL_CURVES = "nll_curves.png"
+PRIOR_SUMMARY = "prior_summary.json"
+PRIOR_SAMPLES_FOLDER = "samples"
+CODES_FOLDER = "codes"
+EVALUATION_SUMMARY = "metrics.json"
+PER_IMAGE_METRICS = "per_image_metrics.csv"
+EXAMPLES_FILE = "examples.npz"
+CODEBOOK_FILE = "codebook.npz"
+SAMPLES_SUMMARY = "samples.json"
+SAMPLES_GRID = "samples.png"
+SAMPLE_CODES = "codes.pt"
+SAMPLE_EVALUATION_FOLDER = "evaluation"
+SAMPLE_METRICS = "sample_metrics.json"
+MEMORISATION_TABLE = "memorisation.csv"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A training run's folder (either stage) and the paths of what it holds."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    best_checkpoint = property(lambda self: self.path / BEST_CHECKPOINT)
+    last_checkpoint = property(lambda self: self.path / LAST_CHECKPOINT)
+    config_file = property(lambda self: self.path / CONFIG_FILE)
+    metrics_csv = property(lambda self: self.path / METRICS_CSV)
+    metrics_jsonl = property(lambda self: self.path / METRICS_JSONL)
+    tensorboard = property(lambda self: self.path / TENSORBOARD_FOLDER)
+    ssim_curves = property(lambda self: self.path / SSIM_CURVES)
+    batch_losses = property(lambda self: self.path / BATCH_LOSSES)
+    reconstructions = property(lambda self: self.path / RECONSTRUCTIONS_FOLDER)
+    validation = property(lambda self: self.path / VALIDATION_FOLDER)
+    report = property(lambda self: self.path / REPORT_FILE)
+    nll_curves = property(lambda self: self.path / NLL_CURVES)
+    prior_summary = property(lambda self: self.path / PRIOR_SUMMARY)
+    prior_samples = property(lambda self: self.path / PRIOR_SAMPLES_FOLDER)
+    codes = property(lambda self: self.path / CODES_FOLDER)
+
+
+_TRAINING_OUTPUTS = (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    CONFIG_FILE,
+    METRICS_CSV,
+    METRICS_JSONL,
+    TENSORBOARD_FOLDER,
+)
 VQVAE_RUN = FolderKind(
     "vqvae",
     "VQ-VAE run",
     (
-        "best.pt",
-        "last.pt",
-        "config.yaml",
-        "metrics.csv",
-        "metrics.jsonl",
-        "ssim_scores.png",
-        "batch_losses.png",
-        "reconstructions",
-        "validation",
-        "report.html",
-        "tensorboard",
+        *_TRAINING_OUTPUTS,
+        SSIM_CURVES,
+        BATCH_LOSSES,
+        RECONSTRUCTIONS_FOLDER,
+        VALIDATION_FOLDER,
+        REPORT_FILE,
     ),
     resumable=True,
 )
 PRIOR_RUN = FolderKind(
     "prior",
     "prior run",
-    (
-        "best.pt",
-        "last.pt",
-        "prior_config.yaml",
-        "metrics.csv",
-        "metrics.jsonl",
-        "nll_curves.png",
-        "prior_summary.json",
-        "samples",
-        "tensorboard",
-    ),
+    (*_TRAINING_OUTPUTS, NLL_CURVES, PRIOR_SUMMARY, PRIOR_SAMPLES_FOLDER),
     resumable=True,
 )
 EVALUATION = FolderKind(
     "evaluation",
     "evaluation",
     (
-        "metrics.json",
-        "per_image_metrics.csv",
+        EVALUATION_SUMMARY,
+        PER_IMAGE_METRICS,
         "ssim_scores_*_set.png",
         "best_image.png",
         "worst_image.png",
         "reconstructed_images.png",
-        "examples.npz",
-        "codebook.npz",
+        EXAMPLES_FILE,
+        CODEBOOK_FILE,
     ),
 )
 SAMPLES = FolderKind(
     "samples",
     "sample folder",
-    ("samples.json", "samples.png", "sample_*.nii.gz", "codes.pt", "evaluation"),
+    (SAMPLES_SUMMARY, SAMPLES_GRID, "sample_*.nii.gz", SAMPLE_CODES, SAMPLE_EVALUATION_FOLDER),
 )
 SAMPLE_EVALUATION = FolderKind(
     "sample-evaluation",
     "sample evaluation",
     (
-        "sample_metrics.json",
-        "memorisation.csv",
+        SAMPLE_METRICS,
+        MEMORISATION_TABLE,
         "closest_to_training.png",
         "samples_with_nearest_training.png",
         "nearest_training_ssim.png",

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mri_vqvae.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 PRECISION_CHOICES = ("auto", "float32", "bfloat16")
@@ -33,14 +35,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a device torch knows: {err}") from err
+        raise ConfigError(f"--device {name!r} is not a device torch knows: {err}") from err
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: mri-vqvae runs on cpu or cuda devices only")
+        raise ConfigError(f"--device {name!r}: mri-vqvae runs on cpu or cuda devices only")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r} asked for CUDA, but torch sees no CUDA device")
+        raise ConfigError(f"--device {name!r} asked for CUDA, but torch sees no CUDA device")
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda" and device.index is not None and device.index >= count:
-        raise ValueError(f"--device {name!r}: torch sees {count} CUDA device(s)")
+        raise ConfigError(f"--device {name!r}: torch sees {count} CUDA device(s)")
     return device
 
 

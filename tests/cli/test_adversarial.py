@@ -19,7 +19,7 @@ from mri_vqvae.data.dataset import list_slices, postprocess, preprocess
 from mri_vqvae.data.nifti import DataError, read_slice, write_slice
 from mri_vqvae.generate.sampling import load_sample_codes
 from mri_vqvae.runtime import resolve_device
-from mri_vqvae.train import vqvae as training
+from mri_vqvae.train import loop
 from tests.helpers import train_args
 
 
@@ -119,12 +119,12 @@ def test_outputs_under_a_file_or_on_a_full_disk_end_in_one_line(
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(run / "metrics.csv"))
 
-    monkeypatch.setattr(training, "write_metric_logs", disk_full)
+    monkeypatch.setattr(loop, "write_metric_logs", disk_full)
     assert main(train_args(phantom_root, run, "--epochs", "2", "--resume")) == 1
     err = capsys.readouterr().err
     assert "cannot write" in err and "No space left on device" in err and "--resume" in err
     assert "Traceback" not in err
-    assert load_checkpoint(run / "last.pt").epoch == 1  # the last checkpoint, whole
+    assert load_checkpoint(run / "last.pt").progress.epoch == 1  # the last checkpoint, whole
 
 
 @pytest.mark.parametrize(

@@ -240,7 +240,7 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
 
     # A prior conditioned on slice position samples at a requested position.
     conditioned = tmp_path / "conditioned"
-    extra = ["--condition-on-slice-position", "train.sample_every=0"]
+    extra = ["--condition-on-slice-position", "prior_train.sample_every=0"]
     assert main([*prior_args, "--out", str(conditioned), "--epochs", "1", *extra, *TINY_PRIOR]) == 0
     conditioned_args = ["-q", "sample", "--vqvae", vqvae, "--prior", str(conditioned / "last.pt")]
     assert main([*conditioned_args, "--n", "2", "--out", str(tmp_path / "apex")]) == 2

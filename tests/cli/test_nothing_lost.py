@@ -279,7 +279,7 @@ def test_a_stopped_prior_says_how_to_resume_and_resumes(
         "prior.width=16",
         "prior.num_layers=1",
         "prior.num_heads=2",
-        "train.sample_every=0",
+        "prior_train.sample_every=0",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MRI_VQVAE_CACHE": str(tmp_path / "cache")}
     process = subprocess.Popen(
@@ -296,10 +296,13 @@ def test_a_stopped_prior_says_how_to_resume_and_resumes(
     assert not (prior_dir / LOCK_FILE).exists()
     # The printed command continues it (here for one more epoch, to end the test).
     resume = shlex.split(resume_line.removeprefix("resume with: "))[1:]
-    resume[resume.index("--epochs") + 1] = str(stopped.epoch + 1)
+    resume[resume.index("--epochs") + 1] = str(stopped.progress.epoch + 1)
     assert main(["-q", *resume]) == 0
     finished = load_prior_checkpoint(prior_dir / "last.pt")
-    assert (finished.epoch, finished.mid_epoch) == (stopped.epoch + 1, False)
+    assert (finished.progress.epoch, finished.progress.mid_epoch) == (
+        stopped.progress.epoch + 1,
+        False,
+    )
 
 
 def test_overwrite_in_a_folder_it_did_not_write_deletes_nothing(

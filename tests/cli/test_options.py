@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mri_vqvae.cli.main import TRAIN_FLAGS, _settings_overrides, main, parse_args, resume_command
+from mri_vqvae.cli.main import _loop_flags, _settings_overrides, main, parse_args, resume_command
 from mri_vqvae.config import load_config
 from tests.helpers import train_args
 
@@ -79,7 +79,7 @@ def test_explicit_overrides_win_over_flags_wherever_they_stand():
             "train.epochs=5",
         ]
     )
-    overrides = _settings_overrides(args, {**TRAIN_FLAGS, "size": "data.image_size"})
+    overrides = _settings_overrides(args, {**_loop_flags("train"), "size": "data.image_size"})
     config = load_config(None, overrides)
     assert tuple(config.data.image_size) == (64, 32)
     assert config.train.epochs == 5 and config.model.channels == 16

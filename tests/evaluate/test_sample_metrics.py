@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mri_vqvae.evaluate.sample_metrics import (
-    SampleMetricSettings,
+    SampleMetricsConfig,
     classifier_two_sample_test,
     clopper_pearson,
     jensen_shannon_bits,
@@ -14,7 +14,7 @@ from mri_vqvae.evaluate.sample_metrics import (
     nearest_by_ssim,
 )
 
-FAST = SampleMetricSettings(folds=2, classifier_steps=8, classifier_batch_size=16)
+FAST = SampleMetricsConfig(folds=2, classifier_steps=8, classifier_batch_size=16)
 
 
 def blobs(count: int, seed: int, size=(32, 16)) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from mri_vqvae.data.nifti import read_slice
 from mri_vqvae.generate.sampling import (
-    SamplingSettings,
+    SampleConfig,
     filter_logits,
     generate_samples,
     load_sample_codes,
@@ -41,12 +41,12 @@ def test_temperature_scales_logits():
 def test_cached_and_uncached_sampling_draw_identical_codes():
     prior = tiny_prior("transformer", (4, 3))
     cached = sample_codes(
-        prior, 5, SamplingSettings(batch_size=3), generator=torch.Generator().manual_seed(7)
+        prior, 5, SampleConfig(batch_size=3), generator=torch.Generator().manual_seed(7)
     )
     uncached = sample_codes(
         prior,
         5,
-        SamplingSettings(batch_size=3, use_cache=False),
+        SampleConfig(batch_size=3, use_cache=False),
         generator=torch.Generator().manual_seed(7),
     )
     assert cached.shape == (5, 4, 3)
@@ -56,7 +56,7 @@ def test_cached_and_uncached_sampling_draw_identical_codes():
 
 def test_pixelcnn_samples_and_top_k_one_is_greedy():
     prior = tiny_prior("pixelcnn", (4, 3))
-    greedy = sample_codes(prior, 2, SamplingSettings(top_k=1))
+    greedy = sample_codes(prior, 2, SampleConfig(top_k=1))
     # Greedy decoding: every code is the argmax given the codes before it.
     logits = prior(greedy)
     assert torch.equal(logits.argmax(dim=1), greedy)
@@ -83,12 +83,12 @@ def test_generate_and_write_samples(tmp_path):
 
 def test_bad_sampling_settings_are_refused():
     with pytest.raises(ValueError, match="temperature"):
-        SamplingSettings(temperature=0)
-    with pytest.raises(ValueError, match="top-p"):
-        SamplingSettings(top_p=1.5)
+        SampleConfig(temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SampleConfig(top_p=1.5)
 
 
 @pytest.mark.parametrize("temperature", [float("inf"), float("nan"), 0.0, -1.0])
 def test_a_temperature_that_is_not_a_finite_positive_number_is_refused(temperature):
-    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
-        SamplingSettings(temperature=temperature)
+    with pytest.raises(ValueError, match=r"sample\.temperature must be a finite number > 0"):
+        SampleConfig(temperature=temperature)

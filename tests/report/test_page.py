@@ -409,21 +409,23 @@ def test_a_report_that_cannot_be_written_leaves_the_finished_run_whole(
 ):
     import errno
 
+    from mri_vqvae import workflows
     from mri_vqvae.config import DataConfig
     from mri_vqvae.data.dataset import load_splits, resolve_split_files
     from mri_vqvae.model import VQVAE
-    from mri_vqvae.report import page as report
     from mri_vqvae.train.vqvae import train_vqvae
     from tests.helpers import TINY_SIZE, tiny_config
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(report, "write_report", disk_full)
+    monkeypatch.setattr(workflows, "write_report", disk_full)
     data = load_splits(resolve_split_files(phantom_root), DataConfig(image_size=TINY_SIZE))
     config = tiny_config(epochs=1, report=True)
     model = VQVAE.from_config(config.model)
-    result = train_vqvae(model, data["train"], data["val"], config, tmp_path, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    result = train_vqvae(model, data["train"], data["val"], config, tmp_path, cpu)
+    assert workflows.write_validation_report(tmp_path, data["val"], cpu, config) is None
     assert len(result.history) == 1 and result.best_checkpoint.is_file()
     assert "No space left on device" in caplog.text and "mri-vqvae report" in caplog.text
     assert not (tmp_path / "report.html").exists()

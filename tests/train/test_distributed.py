@@ -104,8 +104,8 @@ def test_two_processes_follow_one_process_with_the_whole_batch(
     ddp_losses = [row["train_loss"] for row in distributed["history"]]
     assert ddp_losses == pytest.approx(single_losses, rel=1e-4)
     checkpoint = load_checkpoint(two_process_run / "run" / "last.pt")
-    assert checkpoint.batch_losses == pytest.approx(
-        load_checkpoint(tmp_path / "single" / "last.pt").batch_losses, rel=1e-4
+    assert checkpoint.extras["batch_losses"] == pytest.approx(
+        load_checkpoint(tmp_path / "single" / "last.pt").extras["batch_losses"], rel=1e-4
     )
     for name, value in model.state_dict().items():
         torch.testing.assert_close(distributed["state"][name], value, rtol=1e-3, atol=1e-4)
@@ -114,7 +114,7 @@ def test_two_processes_follow_one_process_with_the_whole_batch(
 def test_only_the_main_process_writes_the_run_folder(two_process_run: Path):
     run = two_process_run / "run"
     checkpoint = load_checkpoint(run / "last.pt")
-    assert checkpoint.epoch == 2
+    assert checkpoint.progress.epoch == 2
     assert (run / "metrics.csv").read_text().count("\n") == 3  # header and two epochs
     assert (run / "reconstructions" / "val" / "epoch_2.png").is_file()
     assert checkpoint.config.train.precision == "float32"

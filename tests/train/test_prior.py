@@ -19,19 +19,13 @@ from mri_vqvae.checkpoint import (
     save_checkpoint,
 )
 from mri_vqvae.code_maps import CodeMaps, code_maps_for, encode_slices, require_slice_positions
-from mri_vqvae.config import (
-    Config,
-    PriorConfig,
-    PriorRunConfig,
-    PriorTrainConfig,
-    load_prior_config,
-)
+from mri_vqvae.config import Config, PriorConfig, PriorTrainConfig, load_config
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import build_prior
 from mri_vqvae.train import prior as prior_training
+from mri_vqvae.train.loop import TrainingInterrupted
 from mri_vqvae.train.prior import evaluate_prior, train_prior
-from mri_vqvae.train.vqvae import TrainingInterrupted
 from tests.helpers import tiny_model_config
 
 NUM_CODES = 16
@@ -46,7 +40,7 @@ def tiny_vqvae(seed: int = 0) -> VQVAE:
 def saved_vqvae(path, seed: int = 0):
     model = tiny_vqvae(seed)
     config = Config(model=tiny_model_config(num_embeddings=NUM_CODES))
-    save_checkpoint(Checkpoint(config=config, model_state=model.state_dict()), path)
+    save_checkpoint(Checkpoint("vqvae", config, model.state_dict()), path)
     return model
 
 
@@ -60,7 +54,7 @@ def patterned_codes(count: int, seed: int) -> CodeMaps:
     return CodeMaps(indices, names, positions, NUM_CODES)
 
 
-def prior_config(**train) -> PriorRunConfig:
+def prior_config(**train) -> Config:
     settings = dict(
         epochs=3,
         batch_size=8,
@@ -71,9 +65,9 @@ def prior_config(**train) -> PriorRunConfig:
         num_preview_samples=2,
     )
     settings.update(train)
-    return PriorRunConfig(
+    return Config(
         prior=PriorConfig(width=32, num_layers=2, num_heads=4, dropout=0.0),
-        train=PriorTrainConfig(device="cpu", **settings),
+        prior_train=PriorTrainConfig(device="cpu", **settings),
     )
 
 
@@ -167,18 +161,18 @@ def test_prior_learns_patterned_codes_and_writes_its_run(tmp_path, monkeypatch):
     final = result.history[-1]
     assert final["val_nll_bits"] < 0.7 * final["val_unigram_bits"]
     assert final["val_nll_bits"] < result.history[0]["val_nll_bits"]
-    for name in ("best.pt", "last.pt", "metrics.csv", "nll_curves.png", "prior_config.yaml"):
+    for name in ("best.pt", "last.pt", "metrics.csv", "nll_curves.png", "config.yaml"):
         assert (run / name).is_file(), name
     # The run records what "auto" became on this machine.
-    assert load_prior_config(run / "prior_config.yaml").train.precision == "float32"
+    assert load_config(run / "config.yaml").prior_train.precision == "float32"
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
         "epoch_10.png",
         "epoch_5.png",
     ]
     loaded, checkpoint = load_prior(run / "best.pt", vqvae_path)
-    assert checkpoint.grid_shape == GRID
+    assert tuple(checkpoint.extras["grid_shape"]) == GRID
     best = evaluate_prior(loaded, val, torch.device("cpu"))
-    assert best["nll_bits"] == pytest.approx(checkpoint.best_val_nll, rel=1e-5)
+    assert best["nll_bits"] == pytest.approx(checkpoint.progress.best_score, rel=1e-5)
 
 
 def test_resumed_prior_matches_an_uninterrupted_run(tmp_path):
@@ -225,7 +219,7 @@ def test_a_prior_refuses_another_vqvae(tmp_path):
         load_prior(tmp_path / "prior" / "best.pt", other_path)
     # Nor can the two kinds of checkpoint be confused.
     with pytest.raises(CheckpointError, match="is a prior checkpoint"):
-        load_checkpoint(tmp_path / "prior" / "best.pt")
+        load_checkpoint(tmp_path / "prior" / "best.pt", "vqvae")
     with pytest.raises(CheckpointError, match="is a vqvae checkpoint"):
         load_prior_checkpoint(vqvae_path)
 
@@ -262,11 +256,15 @@ def test_a_prior_stopped_by_a_signal_inside_an_epoch_resumes_to_the_uninterrupte
         run(tmp_path / "stopped")
     monkeypatch.setattr(prior_training, "prior_loss", real_loss)
     stopped = load_prior_checkpoint(tmp_path / "stopped" / "last.pt")
-    assert (stopped.epoch, stopped.step_in_epoch, stopped.global_step) == (1, 2, 5)
+    assert (
+        stopped.progress.epoch,
+        stopped.progress.step_in_epoch,
+        stopped.progress.global_step,
+    ) == (1, 2, 5)
     resumed = run(tmp_path / "stopped", stopped)
     a = load_prior_checkpoint(straight.last_checkpoint)
     b = load_prior_checkpoint(resumed.last_checkpoint)
-    assert not b.mid_epoch and b.global_step == a.global_step == 6
+    assert not b.progress.mid_epoch and b.progress.global_step == a.progress.global_step == 6
     for key in a.model_state:
         torch.testing.assert_close(a.model_state[key], b.model_state[key], rtol=0, atol=0)
     for column in ("train_nll_bits", "val_nll_bits"):  # the partial epoch's sums carried over

@@ -17,9 +17,12 @@ from mri_vqvae.checkpoint import load_checkpoint
 from mri_vqvae.cli.main import main
 from mri_vqvae.config import DataConfig
 from mri_vqvae.data.dataset import load_splits, resolve_split_files
+from mri_vqvae.errors import UserError
 from mri_vqvae.model import VQVAE
+from mri_vqvae.train import loop
 from mri_vqvae.train import vqvae as training
-from mri_vqvae.train.vqvae import NonFiniteTraining, train_vqvae
+from mri_vqvae.train.loop import NonFiniteTraining
+from mri_vqvae.train.vqvae import train_vqvae
 from tests.helpers import TINY_SIZE, cli_command, cli_env, tiny_config, wait_for
 
 CPU = torch.device("cpu")
@@ -56,29 +59,35 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_exactly_as_one_never_sto
     config = tiny_config(epochs=2, batch_size=5, checkpoint_every=1)
     fresh_run(config, data, tmp_path / "straight")
 
-    real_step, calls = training.train_step, []
+    real_loss, calls = training.VQVAETask.loss, []
 
-    def crashing_step(*args, **kwargs):
+    def crashing_loss(*args, **kwargs):
         calls.append(1)
         if len(calls) == 8:  # the 3rd step of epoch 2: after the checkpoint of step 7
             raise Crash
-        return real_step(*args, **kwargs)
+        return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_step", crashing_step)
+    monkeypatch.setattr(training.VQVAETask, "loss", crashing_loss)
     with pytest.raises(Crash):
         fresh_run(config, data, tmp_path / "crashed")
-    monkeypatch.setattr(training, "train_step", real_step)
+    monkeypatch.setattr(training.VQVAETask, "loss", real_loss)
     checkpoint = load_checkpoint(tmp_path / "crashed" / "last.pt")
-    assert (checkpoint.epoch, checkpoint.step_in_epoch, checkpoint.global_step) == (1, 2, 7)
-    assert checkpoint.epoch_progress["step_sums"].shape == (2, 4)
+    assert (
+        checkpoint.progress.epoch,
+        checkpoint.progress.step_in_epoch,
+        checkpoint.progress.global_step,
+    ) == (1, 2, 7)
+    assert checkpoint.progress.epoch_progress["step_sums"].shape == (2, 4)
 
     resumed = fresh_run(config, data, tmp_path / "crashed", resume=checkpoint)
     assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "crashed" / "last.pt")
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     # The resumed epoch's logged means include the steps taken before the crash.
-    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"])
+    assert resumed.history[-1]["train_loss"] == pytest.approx(
+        straight.progress.history[-1]["train_loss"]
+    )
     assert resumed.history[-1]["images_seen"] == 48
-    assert len(load_checkpoint(tmp_path / "crashed" / "last.pt").batch_losses) == 10
+    assert len(load_checkpoint(tmp_path / "crashed" / "last.pt").extras["batch_losses"]) == 10
 
 
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(
@@ -109,7 +118,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     at_kill = load_checkpoint(killed_dir / "last.pt")  # whole, whenever the kill landed
-    assert at_kill.global_step < 30, "the run ended before it could be killed"
+    assert at_kill.progress.global_step < 30, "the run ended before it could be killed"
 
     resumed = subprocess.run(
         cli_command(phantom_root, killed_dir, *epochs, "--resume"),
@@ -120,7 +129,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_weights(tmp_path / "straight" / "last.pt", killed_dir / "last.pt")
-    assert load_checkpoint(killed_dir / "last.pt").global_step == 30
+    assert load_checkpoint(killed_dir / "last.pt").progress.global_step == 30
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -142,9 +151,9 @@ def test_a_stop_signal_ends_at_the_next_step_with_a_checkpoint_to_resume_from(
     assert process.returncode == 128 + stop, err[-2000:]
     assert f"{stop.name} received" in err and "--resume" in err
     stopped = load_checkpoint(run_dir / "last.pt")
-    assert stopped.global_step < 20 * 6
+    assert stopped.progress.global_step < 20 * 6
     # It resumes from there and finishes.
-    finish = str(stopped.epoch + 1)  # the epoch it stopped in
+    finish = str(stopped.progress.epoch + 1)  # the epoch it stopped in
     resumed = subprocess.run(
         cli_command(phantom_root, run_dir, "--epochs", finish, "--resume"),
         env=env,
@@ -153,7 +162,7 @@ def test_a_stop_signal_ends_at_the_next_step_with_a_checkpoint_to_resume_from(
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert not load_checkpoint(run_dir / "last.pt").mid_epoch
+    assert not load_checkpoint(run_dir / "last.pt").progress.mid_epoch
 
 
 def poisoned(data, indices):
@@ -231,13 +240,13 @@ def test_a_full_disk_or_unwritable_folder_is_refused_before_training(
     config = tiny_config(epochs=1)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(ValueError, match="cannot write to the run folder"):
+    with pytest.raises(UserError, match="cannot write to the run folder"):
         fresh_run(config, data, blocker / "run")
 
     class Usage:
         free = 1 << 20
 
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: Usage)
-    with pytest.raises(ValueError, match=r"only 1 MiB free; a run needs about \d+ MiB"):
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(UserError, match=r"only 1 MiB free; a run needs about \d+ MiB"):
         fresh_run(config, data, tmp_path / "run")
     assert not (tmp_path / "run" / "config.yaml").exists()

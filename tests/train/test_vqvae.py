@@ -9,8 +9,10 @@ import torch
 from mri_vqvae.checkpoint import build_model, load_checkpoint
 from mri_vqvae.config import Config, DataConfig, TrainConfig
 from mri_vqvae.data.dataset import SliceSet, load_splits, resolve_split_files
+from mri_vqvae.errors import UserError
 from mri_vqvae.model import VQVAE
-from mri_vqvae.train.vqvae import learning_rate, train_step, train_vqvae
+from mri_vqvae.train.schedule import learning_rate
+from mri_vqvae.train.vqvae import train_step, train_vqvae
 from tests.helpers import TINY_SIZE, tiny_config
 
 
@@ -59,7 +61,7 @@ def test_run_folder_contents(phantom_root: Path, tmp_path: Path):
         assert 0 < row["val_codebook_usage"] <= 1 and row["val_perplexity"] >= 1
         assert -1 <= row["val_ssim"] <= 1 and row["train_loss"] > 0
     assert rows[-1]["images_seen"] == 2 * 24
-    assert len(load_checkpoint(run_dir / "last.pt").batch_losses) == 2 * 3
+    assert len(load_checkpoint(run_dir / "last.pt").extras["batch_losses"]) == 2 * 3
 
 
 def test_time_budget_stops_and_still_writes_everything(phantom_root: Path, tmp_path: Path):
@@ -94,7 +96,7 @@ def test_indivisible_slices_are_refused_before_the_run_folder_exists(tmp_path: P
         torch.zeros(2, 2, dtype=torch.float64),
     )
     model = VQVAE.from_config(tiny_config().model)
-    with pytest.raises(ValueError, match=r"divisible by 4.*data\.image_size"):
+    with pytest.raises(UserError, match=r"divisible by 4.*data\.image_size"):
         train_vqvae(model, odd, odd, tiny_config(), tmp_path / "run", torch.device("cpu"))
     assert not (tmp_path / "run").exists()
 

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
-import json
 import logging
 import math
-import os
 import re
 import shlex
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from mri_vqvae import __version__
-from mri_vqvae.config import ConfigError
-from mri_vqvae.data.nifti import DataError
+from mri_vqvae import __version__, workflows
+from mri_vqvae.config import PRESETS, Config, ConfigError, load_config
+from mri_vqvae.data.phantom import PhantomSpec
 from mri_vqvae.errors import UserError
-from mri_vqvae.files import write_text_atomic
+from mri_vqvae.files import RunFolder
+from mri_vqvae.train.loop import NonFiniteTraining, TrainingInterrupted
 
 logger = logging.getLogger("mri_vqvae")
 
@@ -108,16 +105,9 @@ def _device_option() -> argparse.ArgumentParser:
     return parent
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="mri-vqvae", description="A discrete generative model of 2D MRI slices (VQ-VAE)."
-    )
-    parser.add_argument("--version", action="version", version=f"mri-vqvae {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    data, device = _data_options(), _device_option()
-
+def _add_demo_data(
+    commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser
+) -> None:
     demo = commands.add_parser(
         "demo-data",
         help="write the synthetic pelvic MRI phantom in the HipMRI layout",
@@ -134,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=_seed, default=0)
 
+
+def _add_config(commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser) -> None:
+    show = commands.add_parser(
+        "config",
+        help="print the resolved settings as YAML",
+        description="Print every setting (data, model, train, prior, prior_train, sample, "
+        "sample_metrics) as YAML: the defaults, then --preset, --config and "
+        "section.key=value overrides. The output is a valid --config file.",
+    )
+    show.add_argument("--preset", choices=sorted(PRESETS), help="starting recipe")
+    show.add_argument("--config", type=Path, help="YAML file of settings")
+    show.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+def _add_train(commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser) -> None:
     train = commands.add_parser(
         "train",
         parents=[data, device],
@@ -197,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
 
+
+def _add_evaluate(commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         parents=[data, device],
@@ -210,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an evaluation already in --out"
     )
 
+
+def _add_train_prior(
+    commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser
+) -> None:
     prior = commands.add_parser(
         "train-prior",
         parents=[data, device],
@@ -240,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     prior.add_argument(
         "--precision", choices=["auto", "float32", "bfloat16"], help="training precision"
     )
+    prior.add_argument(
+        "--checkpoint-every",
+        type=_count,
+        metavar="N",
+        help="also write last.pt every N steps inside epochs (default: at epoch ends only)",
+    )
     prior.add_argument("--resume", action="store_true", help="continue the run in PRIOR_DIR")
     prior.add_argument(
         "--overwrite",
@@ -253,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prior.add_argument("overrides", nargs="*", metavar="section.key=value")
 
+
+def _add_sample(commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser) -> None:
     sample = commands.add_parser(
         "sample",
         parents=[device],
@@ -262,27 +281,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--vqvae", type=Path, required=True, help="VQ-VAE checkpoint")
     sample.add_argument("--prior", type=Path, required=True, help="prior checkpoint")
-    sample.add_argument("--n", type=_count, default=64, help="number of samples (default 64)")
+    sample.add_argument("--config", type=Path, help="YAML file of settings (section sample)")
+    sample.add_argument("--n", type=_count, help="number of samples (default 64)")
     sample.add_argument("--out", type=Path, required=True, help="folder to write")
-    sample.add_argument("--temperature", type=_positive, default=1.0)
+    sample.add_argument("--temperature", type=_positive, help="default 1")
     sample.add_argument("--top-k", type=_count, help="sample among the k most likely codes")
     sample.add_argument(
         "--top-p", type=_number(0, 1), help="sample within the top-p nucleus, in (0, 1]"
     )
-    sample.add_argument("--seed", type=_seed, default=0)
+    sample.add_argument("--seed", type=_seed)
     sample.add_argument(
         "--slice-position",
         type=_number(0, 1, low_open=False),
         help="position in the volume, 0 to 1 (a prior trained with slice positions only)",
     )
-    sample.add_argument("--batch-size", type=_count, default=64, help="maps sampled together")
+    sample.add_argument("--batch-size", type=_count, help="maps sampled together (default 64)")
     sample.add_argument(
         "--overwrite", action="store_true", help="replace the samples already in --out"
     )
     sample.add_argument(
         "--no-cache", action="store_true", help="recompute the prefix per code (slow; to compare)"
     )
+    sample.add_argument("overrides", nargs="*", metavar="section.key=value")
 
+
+def _add_evaluate_samples(
+    commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser
+) -> None:
     judge = commands.add_parser(
         "evaluate-samples",
         parents=[data, device],
@@ -296,18 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--vqvae", type=Path, help="VQ-VAE checkpoint (default: the one samples.json names)"
     )
     judge.add_argument("--out", type=Path, help="folder to write (default: SAMPLES/evaluation)")
-    judge.add_argument("--seed", type=_seed, default=0)
+    judge.add_argument("--config", type=Path, help="YAML file of settings (sample_metrics)")
+    judge.add_argument("--seed", type=_seed)
     judge.add_argument(
-        "--classifier-steps",
-        type=_count,
-        default=300,
-        help="training steps per fold (default 300)",
+        "--classifier-steps", type=_count, help="training steps per fold (default 300)"
     )
-    judge.add_argument("--folds", type=_whole_number(2), default=4)
+    judge.add_argument("--folds", type=_whole_number(2), help="default 4")
     judge.add_argument(
         "--overwrite", action="store_true", help="replace a sample evaluation already in --out"
     )
+    judge.add_argument("overrides", nargs="*", metavar="section.key=value")
 
+
+def _add_report(commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser) -> None:
     report = commands.add_parser(
         "report",
         help="write a run's self-contained HTML report",
@@ -333,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing file given as --out"
     )
 
+
+def _add_reconstruct(
+    commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser
+) -> None:
     reconstruct = commands.add_parser(
         "reconstruct",
         parents=[device],
@@ -347,21 +377,34 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument(
         "--overwrite", action="store_true", help="replace --out if it exists (never the input)"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="mri-vqvae", description="A discrete generative model of 2D MRI slices (VQ-VAE)."
+    )
+    parser.add_argument("--version", action="version", version=f"mri-vqvae {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data, device = _data_options(), _device_option()
+    _add_demo_data(commands, data, device)
+    _add_config(commands, data, device)
+    _add_train(commands, data, device)
+    _add_evaluate(commands, data, device)
+    _add_train_prior(commands, data, device)
+    _add_sample(commands, data, device)
+    _add_evaluate_samples(commands, data, device)
+    _add_report(commands, data, device)
+    _add_reconstruct(commands, data, device)
     return parser
 
 
-# Flags that set a training setting, for both `train` and `train-prior`.
-TRAIN_FLAGS = {
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "lr": "train.lr",
-    "seed": "train.seed",
-    "max_minutes": "train.max_minutes",
-    "device": "train.device",
-    "precision": "train.precision",
-    "memory_format": "train.memory_format",
-    "checkpoint_every": "train.checkpoint_every",
-}
+def _loop_flags(section: str) -> dict[str, str]:
+    """Flags that set a setting of the training loop, for `train` and `train-prior`."""
+    names = ("epochs", "batch_size", "lr", "seed", "max_minutes", "device", "precision")
+    names += ("memory_format", "checkpoint_every")
+    return {name: f"{section}.{name}" for name in names}
 
 
 def _settings_overrides(
@@ -369,41 +412,26 @@ def _settings_overrides(
 ) -> list[str]:
     """The ``section.key=value`` overrides a command line gives, in the order ``--help``
     documents: the flags (argument name to setting) first, the switches (argument name to the
-    setting they turn on) next, then the explicit overrides, which therefore win."""
+    setting they set) next, then the explicit overrides, which therefore win."""
     given = [
         f"{key}={getattr(args, name)}"
         for name, key in flags.items()
         if getattr(args, name, None) is not None
     ]
-    given += [f"{key}=true" for name, key in (switches or {}).items() if getattr(args, name)]
-    return given + list(args.overrides)
+    given += [key for name, key in (switches or {}).items() if getattr(args, name, False)]
+    return given + list(getattr(args, "overrides", []))
 
 
-def _changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
-    """``section.key: old -> new`` for every setting that differs between two config dicts."""
-    changes = []
-    for key in sorted(set(before) | set(after)):
-        old, new = before.get(key), after.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += _changed_settings(old, new, f"{prefix}{key}.")
-        elif old != new:
-            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
-    return changes
+def _sources(args: argparse.Namespace) -> workflows.DataSources:
+    return workflows.DataSources(args.data, args.train, args.val, args.test)
 
 
-def _refuse_changes(before: dict, after: dict, sections: tuple[str, ...], checkpoint: Path):
-    changes = _changed_settings({s: before[s] for s in sections}, {s: after[s] for s in sections})
-    if changes:
-        raise ConfigError(
-            f"--resume cannot change the {'/'.join(sections)} settings of {checkpoint}: "
-            + "; ".join(changes)
-        )
+def _settings(args: argparse.Namespace, overrides: list[str]) -> Config:
+    """The defaults, a preset, ``--config``, then the command line's settings."""
+    return load_config(args.config, overrides, preset=getattr(args, "preset", None))
 
 
 def run_demo_data(args: argparse.Namespace) -> None:
-    from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
-    from mri_vqvae.files import PHANTOM, OutputFolder
-
     height, width = (int(v) for v in args.size.strip("[]").split(","))
     spec = PhantomSpec(
         train_cases=args.train_cases,
@@ -415,102 +443,42 @@ def run_demo_data(args: argparse.Namespace) -> None:
         width=width,
         seed=args.seed,
     )
-    # Only ever into a new or empty folder: a phantom never lands among real slices.
-    with OutputFolder(args.out, PHANTOM, option="OUT"):
-        counts = write_phantom_dataset(args.out, spec)
+    counts = workflows.make_phantom(args.out, spec)
     print(
         f"wrote phantom dataset to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
     )
 
 
-def _is_main_process() -> bool:
-    """Rank 0 of a ``torchrun`` group, or a process on its own: the one that writes files."""
-    return os.environ.get("RANK", "0") == "0"
+def run_config(args: argparse.Namespace) -> None:
+    print(_settings(args, list(args.overrides)).to_yaml(), end="")
+
+
+_TRAIN_SWITCHES = {
+    "skip_bad_files": "data.skip_bad_files=true",
+    "compile": "train.compile=true",
+    "tensorboard": "train.tensorboard=true",
+}
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from mri_vqvae.checkpoint import build_model, load_checkpoint
-    from mri_vqvae.config import apply_overrides, config_from_dict, load_config
-    from mri_vqvae.files import VQVAE_RUN, OutputFolder
-
-    overrides = _settings_overrides(
-        args,
-        {**TRAIN_FLAGS, "size": "data.image_size"},
-        {
-            "skip_bad_files": "data.skip_bad_files",
-            "compile": "train.compile",
-            "tensorboard": "train.tensorboard",
-        },
+    flags = {**_loop_flags("train"), "size": "data.image_size"}
+    overrides = _settings_overrides(args, flags, _TRAIN_SWITCHES)
+    if args.resume and (args.config or args.preset):
+        raise ConfigError("--resume takes its settings from the run; drop --config/--preset")
+    config = None if args.resume else _settings(args, overrides)
+    result = workflows.train_vqvae_run(
+        args.out,
+        _sources(args),
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        overrides=overrides,
     )
-    last = args.out / "last.pt"
-    resume = None
-    if args.resume:
-        if args.config or args.preset:
-            raise ConfigError("--resume takes its settings from the run; drop --config/--preset")
-        if args.overwrite:
-            raise ConfigError("--resume continues the run in --out; --overwrite would replace it")
-    folder = OutputFolder(
-        args.out, VQVAE_RUN, overwrite=args.overwrite, resume=args.resume, lock=_is_main_process()
-    )
-    if args.resume:
-        if not last.exists():
-            raise ConfigError(f"--resume: {args.out} holds no run to continue ({last} missing)")
-        resume = load_checkpoint(last)
-        config = config_from_dict(apply_overrides(resume.config.to_dict(), overrides))
-        _refuse_changes(resume.config.to_dict(), config.to_dict(), ("model", "data"), last)
-    else:
-        config = load_config(args.config, overrides, preset=args.preset)
-    if config.train.tensorboard:
-        from mri_vqvae.train.tensorboard import require_tensorboard
-
-        require_tensorboard()
-    with folder:
-        model = build_model(resume, last) if resume else None
-        result = _train_in(args, folder, config, resume, model)
     if result is not None:
-        _print_training_result(result, config)
+        _print_training_result(result)
 
 
-def _train_in(args, folder, config, resume, resumed_model):
-    """Train in a checked, locked run folder; returns the result on the main process only."""
-    from mri_vqvae.data.dataset import load_splits, resolve_split_files
-    from mri_vqvae.distributed import join_process_group, leave_process_group
-    from mri_vqvae.model import VQVAE
-    from mri_vqvae.runtime import seed_everything
-    from mri_vqvae.train.vqvae import train_vqvae
-
-    processes, device = join_process_group(config.train.device)
-    try:
-        if not processes.is_main:
-            logging.getLogger("mri_vqvae").setLevel(logging.WARNING)
-        files = resolve_split_files(args.data, args.train, args.val, args.test)
-        # The main process decodes and caches the splits; the others then read its cache.
-        if not processes.is_main:
-            processes.barrier()
-        splits = load_splits(files, config.data, splits=("train", "val"))
-        if processes.is_main:
-            processes.barrier()
-        seed_everything(config.train.seed)
-        model = resumed_model if resumed_model is not None else VQVAE.from_config(config.model)
-        logger.info(
-            "training on %s: %d train / %d val slices at %dx%d",
-            device,
-            len(splits["train"]),
-            len(splits["val"]),
-            *splits["train"].image_size,
-        )
-        if processes.is_main and resume is None:
-            # Only now, with the settings and data known good, is an old run let go.
-            folder.remove_previous_outputs()
-        result = train_vqvae(
-            model, splits["train"], splits["val"], config, folder.path, device, resume, processes
-        )
-    finally:
-        leave_process_group()
-    return result if processes.is_main else None
-
-
-def _print_training_result(result, config) -> None:
+def _print_training_result(result) -> None:
     final = result.history[-1] if result.history else None
     print(f"run folder: {result.run_dir}")
     if final:
@@ -525,299 +493,136 @@ def _print_training_result(result, config) -> None:
             "no best.pt: no epoch had a finite validation loss; %s is the last state",
             result.last_checkpoint,
         )
-    print(
-        f"  pictures: {result.run_dir / 'reconstructions'}, {result.run_dir / 'ssim_scores.png'}, "
-        f"{result.run_dir / 'batch_losses.png'}"
-    )
-    if (result.run_dir / "report.html").is_file():
-        print(f"  report: {result.run_dir / 'report.html'}")
-    if config.train.tensorboard:
-        print(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}")
+    run = RunFolder(result.run_dir)
+    print(f"  pictures: {run.reconstructions}, {run.ssim_curves}, {run.batch_losses}")
+    if run.report.is_file():
+        print(f"  report: {run.report}")
+    if run.tensorboard.is_dir():
+        print(f"  TensorBoard: tensorboard --logdir {run.tensorboard}")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from mri_vqvae.checkpoint import load_model
-    from mri_vqvae.data.dataset import list_slices, load_split, resolve_split_files
-    from mri_vqvae.evaluate.reconstruction import write_evaluation
-    from mri_vqvae.files import EVALUATION, OutputFolder
-    from mri_vqvae.runtime import resolve_device
-
-    folder = OutputFolder(args.out, EVALUATION, overwrite=args.overwrite, inputs=(args.checkpoint,))
-    device = resolve_device(args.device or "auto")
-    model, config = load_model(args.checkpoint, device)
-    data_config = replace(config.data, skip_bad_files=args.skip_bad_files)
-    if args.test is not None:
-        files = list_slices(args.test)
-    else:
-        files = resolve_split_files(args.data, args.train, args.val, args.test)["test"]
-    slices = load_split(files, data_config, label="test")
-    with folder:
-        folder.remove_previous_outputs()
-        summary = write_evaluation(
-            model, slices, args.out, device, args.batch_size, config.train.seed
-        )
+    summary = workflows.evaluate_checkpoint(
+        args.checkpoint,
+        _sources(args),
+        args.out,
+        batch_size=args.batch_size,
+        skip_bad_files=args.skip_bad_files,
+        device=args.device or "auto",
+        overwrite=args.overwrite,
+    )
+    s = summary
     print(
-        f"test SSIM {summary['ssim_mean']:.4f} (min {summary['ssim_min']:.4f}), "
-        f"PSNR {summary['psnr_mean']:.2f} dB, codes used {100 * summary['codebook_usage']:.1f}%, "
-        f"perplexity {summary['perplexity']:.1f} over {summary['n_images']} images"
+        f"test SSIM {s['ssim_mean']:.4f} (min {s['ssim_min']:.4f}), PSNR {s['psnr_mean']:.2f} "
+        f"dB, codes used {100 * s['codebook_usage']:.1f}%, perplexity {s['perplexity']:.1f} "
+        f"over {s['n_images']} images"
     )
     print(
-        f"inside the anatomy: SSIM {summary['foreground_ssim_mean']:.4f}, PSNR "
-        f"{summary['foreground_psnr_mean']:.2f} dB; SSIM under the seed's protocol "
-        f"{summary['ssim_seed_protocol_mean']:.4f} (to compare with its 0.799 only)"
+        f"inside the anatomy: SSIM {s['foreground_ssim_mean']:.4f}, PSNR "
+        f"{s['foreground_psnr_mean']:.2f} dB; SSIM under the seed's protocol "
+        f"{s['ssim_seed_protocol_mean']:.4f} (to compare with its 0.799 only)"
     )
     print(
         f"results in {args.out}: metrics.json, per_image_metrics.csv, ssim_scores_test_set.png, "
         "best_image.png, worst_image.png, reconstructed_images.png"
     )
-    _refresh_report(args.checkpoint)
 
 
 def run_reconstruct(args: argparse.Namespace) -> None:
-    from mri_vqvae.checkpoint import load_model
-    from mri_vqvae.data.nifti import NIFTI_SUFFIXES
-    from mri_vqvae.evaluate.reconstruction import reconstruct_file
-    from mri_vqvae.files import check_output_file
-    from mri_vqvae.runtime import resolve_device
-
-    check_output_file(
-        args.out, "--out", args.overwrite, inputs=(args.input,), suffixes=NIFTI_SUFFIXES
+    workflows.reconstruct_slice(
+        args.checkpoint,
+        args.input,
+        args.out,
+        device=args.device or "auto",
+        overwrite=args.overwrite,
     )
-    device = resolve_device(args.device or "auto")
-    model, config = load_model(args.checkpoint, device)
-    reconstruct_file(model, args.input, args.out, config.data, device)
     print(f"wrote {args.out}")
 
 
-def run_train_prior(args: argparse.Namespace) -> None:
-    from mri_vqvae.checkpoint import check_prior_matches, load_prior_checkpoint
-    from mri_vqvae.config import apply_overrides, load_prior_config, prior_config_from_dict
-    from mri_vqvae.files import PRIOR_RUN, OutputFolder
-    from mri_vqvae.train.tensorboard import require_tensorboard
+_PRIOR_SWITCHES = {
+    "skip_bad_files": "data.skip_bad_files=true",
+    "condition_on_slice_position": "prior.condition_on_slice_position=true",
+    "tensorboard": "prior_train.tensorboard=true",
+}
 
-    overrides = _settings_overrides(
-        args,
-        {**TRAIN_FLAGS, "architecture": "prior.architecture"},
-        {
-            "condition_on_slice_position": "prior.condition_on_slice_position",
-            "tensorboard": "train.tensorboard",
-        },
-    )
-    last = args.out / "last.pt"
-    resume = None
+
+def run_train_prior(args: argparse.Namespace) -> None:
+    flags = {**_loop_flags("prior_train"), "architecture": "prior.architecture"}
+    overrides = _settings_overrides(args, flags, _PRIOR_SWITCHES)
     if args.resume and args.config:
         raise ConfigError("--resume takes its settings from the run; drop --config")
-    if args.resume and args.overwrite:
-        raise ConfigError("--resume continues the prior in --out; --overwrite would replace it")
-    folder = OutputFolder(
-        args.out, PRIOR_RUN, overwrite=args.overwrite, resume=args.resume, inputs=(args.vqvae,)
-    )
-    if args.resume:
-        if not last.exists():
-            raise ConfigError(f"--resume: {args.out} holds no prior to continue ({last} missing)")
-        resume = load_prior_checkpoint(last)
-        check_prior_matches(resume, last, args.vqvae)
-        config = prior_config_from_dict(apply_overrides(resume.config.to_dict(), overrides))
-        _refuse_changes(resume.config.to_dict(), config.to_dict(), ("prior",), last)
-    else:
-        config = load_prior_config(args.config, overrides)
-    if config.train.tensorboard:
-        require_tensorboard()
-    with folder:
-        _train_prior_in(args, folder, config, resume)
-    _refresh_report(args.vqvae)
-
-
-def _train_prior_in(args, folder, config, resume) -> None:
-    """Encode the splits, train the prior and score it on the test split, in a checked and
-    locked prior folder."""
-    from mri_vqvae.checkpoint import file_sha256, load_model, load_prior_checkpoint
-    from mri_vqvae.code_maps import code_maps_for, require_slice_positions
-    from mri_vqvae.data.dataset import load_splits, resolve_split_files
-    from mri_vqvae.model.prior import build_prior
-    from mri_vqvae.runtime import resolve_device, seed_everything
-    from mri_vqvae.train.prior import evaluate_prior, train_prior
-
-    device = resolve_device(config.train.device)
-    vqvae, vqvae_config = load_model(args.vqvae, device)
-    vqvae_sha256 = file_sha256(args.vqvae)
-    data_config = replace(vqvae_config.data, skip_bad_files=args.skip_bad_files)
-    files = resolve_split_files(args.data, args.train, args.val, args.test)
-    splits = load_splits(files, data_config)
-    codes = {
-        split: code_maps_for(
-            vqvae, vqvae_sha256, slices, args.out / "codes" / f"{split}.pt", device
-        )
-        for split, slices in splits.items()
-    }
-    if config.prior.condition_on_slice_position:
-        for split, maps in codes.items():
-            require_slice_positions(maps, f"{split} split")
-    if resume is None:
-        # Only now, with the settings and data known good, is an old prior let go.
-        folder.remove_previous_outputs()
-    grid = codes["train"].grid_shape
-    logger.info(
-        "prior over %dx%d maps of %d codes: %d train / %d val maps; unigram %.3f bits/code",
-        *grid,
-        vqvae.num_embeddings,
-        len(codes["train"]),
-        len(codes["val"]),
-        codes["val"].unigram_bits(),
-    )
-    seed_everything(config.train.seed)
-    prior = build_prior(config.prior, vqvae.num_embeddings, grid)
-    result = train_prior(
-        prior,
-        codes["train"],
-        codes["val"],
-        config,
+    config = None if args.resume else _settings(args, overrides)
+    result = workflows.train_prior_run(
         args.out,
-        device,
-        vqvae,
         args.vqvae,
-        vqvae_sha256,
-        resume,
+        _sources(args),
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        overrides=overrides,
     )
-    best = load_prior_checkpoint(result.best_checkpoint)
-    prior.load_state_dict(best.model_state)
-    test = evaluate_prior(prior, codes["test"], device, config.train.batch_size)
-    summary = {
-        "best_epoch": best.epoch,
-        "val_nll_bits": best.best_val_nll,
-        "val_unigram_bits": codes["val"].unigram_bits(),
-        "test_nll_bits": test["nll_bits"],
-        "test_accuracy": test["accuracy"],
-        "test_unigram_bits": codes["test"].unigram_bits(),
-        "vqvae": str(args.vqvae),
-        "vqvae_sha256": vqvae_sha256,
-    }
-    write_text_atomic(args.out / "prior_summary.json", json.dumps(summary, indent=2))
-    below = 1 - summary["val_nll_bits"] / summary["val_unigram_bits"]
-    print(f"prior folder: {result.run_dir}")
+    s, fit = result.summary, result.fit
+    below = 1 - s["val_nll_bits"] / s["val_unigram_bits"]
+    print(f"prior folder: {fit.run_dir}")
     print(
-        f"  best epoch {best.epoch}: val NLL {summary['val_nll_bits']:.3f} bits/code, "
+        f"  best epoch {s['best_epoch']}: val NLL {s['val_nll_bits']:.3f} bits/code, "
         f"{100 * abs(below):.1f}% {'below' if below >= 0 else 'above'} the unigram "
-        f"{summary['val_unigram_bits']:.3f}; "
-        f"test NLL {summary['test_nll_bits']:.3f} (accuracy {100 * test['accuracy']:.1f}%)"
+        f"{s['val_unigram_bits']:.3f}; test NLL {s['test_nll_bits']:.3f} (accuracy "
+        f"{100 * s['test_accuracy']:.1f}%)"
     )
-    print(f"  checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
-    print(f"  pictures: {result.run_dir / 'samples'}, {result.run_dir / 'nll_curves.png'}")
+    print(f"  checkpoints: {fit.best_checkpoint} (best), {fit.last_checkpoint} (last)")
+    run = RunFolder(fit.run_dir)
+    print(f"  pictures: {run.prior_samples}, {run.nll_curves}")
+
+
+_SAMPLE_FLAGS = {
+    "n": "sample.num_samples",
+    "temperature": "sample.temperature",
+    "top_k": "sample.top_k",
+    "top_p": "sample.top_p",
+    "seed": "sample.seed",
+    "slice_position": "sample.slice_position",
+    "batch_size": "sample.batch_size",
+    "device": "sample.device",
+}
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from mri_vqvae.checkpoint import file_sha256, load_model, load_prior
-    from mri_vqvae.files import SAMPLES, OutputFolder
-    from mri_vqvae.generate.sampling import (
-        SamplingSettings,
-        check_prior_fits,
-        generate_samples,
-        write_samples,
-    )
-    from mri_vqvae.runtime import resolve_device
-
-    folder = OutputFolder(
-        args.out, SAMPLES, overwrite=args.overwrite, inputs=(args.vqvae, args.prior)
-    )
-    settings = SamplingSettings(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        use_cache=not args.no_cache,
-        batch_size=args.batch_size,
-    )
-    device = resolve_device(args.device or "auto")
-    vqvae, vqvae_config = load_model(args.vqvae, device)
-    prior, checkpoint = load_prior(args.prior, args.vqvae, device)
-    if vqvae_config.data.image_size is not None:
-        check_prior_fits(vqvae, prior, vqvae_config.data.image_size)
-    run = generate_samples(vqvae, prior, args.n, settings, args.slice_position, args.seed)
-    metadata = {
-        # Absolute, so evaluate-samples finds them from any working folder.
-        "vqvae": str(args.vqvae.resolve()),
-        "vqvae_sha256": checkpoint.vqvae_sha256,
-        "prior": str(args.prior.resolve()),
-        "prior_sha256": file_sha256(args.prior),
-        "prior_architecture": checkpoint.config.prior.architecture,
-        "settings": settings,
-        "seed": args.seed,
-        "slice_position": args.slice_position,
-        "device": str(device),
-    }
-    with folder:
-        folder.remove_previous_outputs()
-        write_samples(run, args.out, metadata)
+    switches = {"no_cache": "sample.use_cache=false"}
+    config = _settings(args, _settings_overrides(args, _SAMPLE_FLAGS, switches))
+    run = workflows.sample(args.vqvae, args.prior, args.out, config, overwrite=args.overwrite)
+    count = run.codes.shape[0]
     print(
-        f"{args.n} samples in {run.sampling_seconds:.1f} s of sampling "
+        f"{count} samples in {run.sampling_seconds:.1f} s of sampling "
         f"({run.codes.numel() / run.sampling_seconds:.0f} codes/s) and "
         f"{run.decoding_seconds:.1f} s of decoding"
     )
     print(f"wrote {args.out}: samples.png, sample_*.nii.gz, codes.pt, samples.json")
-    _refresh_report(args.vqvae)
+
+
+_SAMPLE_METRIC_FLAGS = {
+    "seed": "sample_metrics.seed",
+    "classifier_steps": "sample_metrics.classifier_steps",
+    "folds": "sample_metrics.folds",
+    "device": "sample_metrics.device",
+}
 
 
 def run_evaluate_samples(args: argparse.Namespace) -> None:
-    from mri_vqvae.checkpoint import CheckpointError, file_sha256, load_model
-    from mri_vqvae.data.dataset import (
-        concat_slice_sets,
-        list_slices,
-        load_split,
-        load_splits,
-        resolve_split_files,
-    )
-    from mri_vqvae.evaluate.sample_metrics import SampleMetricSettings
-    from mri_vqvae.evaluate.samples import evaluate_samples
-    from mri_vqvae.files import SAMPLE_EVALUATION, OutputFolder
-    from mri_vqvae.generate.sampling import load_sample_codes
-    from mri_vqvae.runtime import resolve_device
-
-    if not args.samples.is_dir():
-        raise DataError(args.samples, "--samples: no such folder (give a folder written by sample)")
-    metadata_file = args.samples / "samples.json"
-    metadata = _read_samples_metadata(metadata_file)
-    named = metadata.get("vqvae")
-    vqvae_path = args.vqvae or (Path(named) if isinstance(named, str) and named else None)
-    if vqvae_path is None:
-        raise ConfigError(f"{metadata_file} is missing or names no VQ-VAE; pass --vqvae")
-    out = args.out or args.samples / "evaluation"
-    folder = OutputFolder(
-        out,
-        SAMPLE_EVALUATION,
-        option="--out" if args.out else "--samples",
+    switches = {"skip_bad_files": "data.skip_bad_files=true"}
+    config = _settings(args, _settings_overrides(args, _SAMPLE_METRIC_FLAGS, switches))
+    summary = workflows.evaluate_samples(
+        args.samples,
+        _sources(args),
+        config,
+        vqvae_path=args.vqvae,
+        out=args.out,
         overwrite=args.overwrite,
-        inputs=(vqvae_path,),
     )
-    expected = metadata.get("vqvae_sha256")
-    if expected is not None and not isinstance(expected, str):
-        raise DataError(metadata_file, "its vqvae_sha256 is not the text that sample writes")
-    if expected and Path(vqvae_path).is_file() and file_sha256(vqvae_path) != expected:
-        raise CheckpointError(
-            f"{vqvae_path}: not the VQ-VAE these samples were drawn with ({metadata_file} "
-            f"gives sha256 {expected[:12]}...)"
-        )
-    device = resolve_device(args.device or "auto")
-    vqvae, config = load_model(vqvae_path, device)
-    data_config = replace(config.data, skip_bad_files=args.skip_bad_files)
-    samples = load_split(
-        list_slices(args.samples), replace(data_config, use_cache=False), label="samples"
-    )
-    codes = None
-    codes_file = args.samples / "codes.pt"
-    if codes_file.is_file() and not samples.skipped:
-        codes = load_sample_codes(codes_file)
-        if len(codes) != len(samples):
-            codes = None
-    files = resolve_split_files(args.data, args.train, args.val, args.test)
-    splits = load_splits(files, data_config)
-    held_out = concat_slice_sets([splits["val"], splits["test"]])
-    settings = SampleMetricSettings(
-        folds=args.folds, classifier_steps=args.classifier_steps, seed=args.seed
-    )
-    with folder:
-        folder.remove_previous_outputs()
-        summary = evaluate_samples(
-            samples, codes, splits["train"], held_out, vqvae, out, device, settings
-        )
+    _print_sample_measures(summary, args.out or args.samples / "evaluation")
+
+
+def _print_sample_measures(summary: dict, out: Path) -> None:
     real, recon = summary["two_sample_vs_real"], summary["two_sample_vs_reconstructions"]
     print(
         f"two-sample accuracy (0.5 = indistinguishable): against real slices "
@@ -845,59 +650,23 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
         f"results in {out}: sample_metrics.json, memorisation.csv, closest_to_training.png, "
         "samples_with_nearest_training.png, nearest_training_ssim.png"
     )
-    _refresh_report(vqvae_path)
-
-
-def _read_samples_metadata(path: Path) -> dict:
-    """``samples.json`` as a dict; {} when absent; a named error when it is not what
-    ``sample`` writes."""
-    if not path.is_file():
-        return {}
-    try:
-        metadata = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(path, f"cannot be read as the JSON that sample writes ({err})") from err
-    if not isinstance(metadata, dict):
-        raise DataError(path, "is not the JSON object that sample writes")
-    return metadata
 
 
 def run_report(args: argparse.Namespace) -> None:
-    from mri_vqvae.files import FolderLock, check_output_file
-    from mri_vqvae.report.page import is_report_page, write_report
-
-    if args.out is not None:
-        # A page this tool wrote may be replaced; any other existing file needs --overwrite.
-        replace_ok = args.overwrite or is_report_page(args.out)
-        check_output_file(args.out, "--out", replace_ok, suffixes=(".html", ".htm"))
-        path = write_report(args.run_dir, args.evaluation, args.prior, args.samples, args.out)
-    else:
-        with FolderLock(args.run_dir) if args.run_dir.is_dir() else contextlib.nullcontext():
-            path = write_report(args.run_dir, args.evaluation, args.prior, args.samples)
+    path = workflows.write_run_report(
+        args.run_dir,
+        args.evaluation,
+        args.prior,
+        args.samples,
+        args.out,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {path}")
-
-
-def _refresh_report(vqvae_checkpoint: Path) -> None:
-    """Bring the report of the run a VQ-VAE checkpoint belongs to up to date, if that run
-    folder has one and no other process is writing the run. The command's own outputs are
-    written by then, so a report that cannot be written is a warning, not a failure."""
-    from mri_vqvae.files import FolderBusy, FolderLock
-    from mri_vqvae.report.page import REPORT_FILE, write_report
-
-    run_dir = Path(vqvae_checkpoint).parent
-    if not (run_dir / REPORT_FILE).is_file():
-        return
-    try:
-        with FolderLock(run_dir):
-            print(f"updated {write_report(run_dir)}")
-    except FolderBusy as busy:
-        logger.warning("did not update %s: %s", run_dir / REPORT_FILE, busy)
-    except (OSError, ValueError, UserError) as err:
-        logger.warning("could not update %s: %s", run_dir / REPORT_FILE, err)
 
 
 COMMANDS = {
     "demo-data": run_demo_data,
+    "config": run_config,
     "train": run_train,
     "evaluate": run_evaluate,
     "reconstruct": run_reconstruct,
@@ -960,21 +729,18 @@ def main(argv: list[str] | None = None) -> int:
     from mri_vqvae.runtime import keep_freed_memory
 
     keep_freed_memory()
-
-    from mri_vqvae.train.vqvae import NonFiniteTraining, TrainingInterrupted
-
     try:
         COMMANDS[args.command](args)
-    except (UserError, ValueError) as err:
+    except NonFiniteTraining as err:
+        print(f"mri-vqvae {args.command}: error: {err}", file=sys.stderr)
+        return 3
+    except UserError as err:  # bad input, named; anything else is a bug with its traceback
         print(f"mri-vqvae {args.command}: error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
         print(f"mri-vqvae {args.command}: {stop}", file=sys.stderr)
         print(f"resume with: {resume_command(argv)}", file=sys.stderr)
         return 128 + stop.signal_number  # the shell's convention for a signal's exit status
-    except NonFiniteTraining as err:
-        print(f"mri-vqvae {args.command}: error: {err}", file=sys.stderr)
-        return 3
     except KeyboardInterrupt:
         print(f"mri-vqvae {args.command}: interrupted", file=sys.stderr)
         return 130

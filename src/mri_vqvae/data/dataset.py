@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from mri_vqvae.config import DataConfig
 from mri_vqvae.data.nifti import DataError, is_nifti, read_slice
+from mri_vqvae.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ def resolve_split_files(
             dirs[split] = Path(folder)
     missing = [s for s in SPLITS if s not in dirs]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"no folder for split(s) {', '.join(missing)}: give --data ROOT in the HipMRI "
             "layout, or --train, --val and --test folders"
         )

@@ -37,8 +37,7 @@ SSIM_PROTOCOLS = {
 
 
 # Beside metrics.json: the arrays a run's report draws (numpy archives, read without pickle).
-EXAMPLES_FILE = "examples.npz"
-CODEBOOK_FILE = "codebook.npz"
+from mri_vqvae.files import CODEBOOK_FILE, EXAMPLES_FILE  # noqa: E402
 
 
 @dataclass

@@ -11,39 +11,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from scipy.stats import beta
 from torch import nn
 
+from mri_vqvae.config import SampleMetricsConfig
 from mri_vqvae.metrics import ssim_per_image
-
-
-@dataclass(frozen=True)
-class SampleMetricSettings:
-    """Sizes and seeds of the sample measures."""
-
-    folds: int = 4  # cross-validation folds of the two-sample classifier
-    # Optimisation steps per fold, whatever the set sizes: counting epochs gave 80 held-out
-    # MNI slices a quarter of the training the phantom's 256 had.
-    classifier_steps: int = 300
-    classifier_batch_size: int = 32
-    # Nearest training slice: SSIM is computed for the candidates nearest in mean squared
-    # distance at a quarter of the resolution, since SSIM against every slice costs too much.
-    neighbour_candidates: int = 32
-    diversity_pairs: int = 2000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.folds < 2:
-            raise ValueError(f"folds must be at least 2, got {self.folds}")
-        for name in ("classifier_steps", "classifier_batch_size", "neighbour_candidates"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.diversity_pairs < 1:
-            raise ValueError(f"diversity_pairs must be at least 1, got {self.diversity_pairs}")
 
 
 class SliceClassifier(nn.Module):
@@ -78,7 +53,7 @@ def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[f
 
 
 def _fit_classifier(
-    images: torch.Tensor, labels: torch.Tensor, settings: SampleMetricSettings, seed: int
+    images: torch.Tensor, labels: torch.Tensor, settings: SampleMetricsConfig, seed: int
 ) -> SliceClassifier:
     torch.manual_seed(seed)
     classifier = SliceClassifier().to(images.device)
@@ -109,14 +84,14 @@ def _predict(classifier: SliceClassifier, images: torch.Tensor, batch_size: int)
 
 
 def classifier_two_sample_test(
-    first: torch.Tensor, second: torch.Tensor, settings: SampleMetricSettings | None = None
+    first: torch.Tensor, second: torch.Tensor, settings: SampleMetricsConfig | None = None
 ) -> dict[str, float]:
     """Cross-validated accuracy of a CNN telling ``first`` from ``second`` (``(N, 1, H, W)``).
 
     The larger set is subsampled to the smaller's size, so chance is exactly 0.5. Every image
     is classified once, by the classifier of the fold that held it out.
     """
-    settings = settings or SampleMetricSettings()
+    settings = settings or SampleMetricsConfig()
     generator = torch.Generator().manual_seed(settings.seed)
     count = min(len(first), len(second))
     if count < settings.folds:

@@ -12,8 +12,9 @@ import torch
 from mri_vqvae import plots
 from mri_vqvae.code_maps import encode_slices
 from mri_vqvae.data.dataset import SliceSet
+from mri_vqvae.errors import InputError
 from mri_vqvae.evaluate.sample_metrics import (
-    SampleMetricSettings,
+    SampleMetricsConfig,
     classifier_two_sample_test,
     distribution,
     jensen_shannon_bits,
@@ -66,7 +67,7 @@ def evaluate_samples(
     vqvae: VQVAE,
     out_dir: str | Path,
     device: torch.device,
-    settings: SampleMetricSettings | None = None,
+    settings: SampleMetricsConfig | None = None,
 ) -> dict:
     """Two-sample tests, memorisation, diversity and code statistics of ``samples``; writes
     ``sample_metrics.json``, ``memorisation.csv`` and figures to ``out_dir``.
@@ -74,13 +75,13 @@ def evaluate_samples(
     ``held_out`` are real slices the VQ-VAE and prior never trained on; ``sample_codes`` are
     the drawn code maps (encoded from the images when ``None``).
     """
-    settings = settings or SampleMetricSettings()
+    settings = settings or SampleMetricsConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sample_images, real_images = samples.images.float(), held_out.images.float()
     train_images = train.images  # float16; converted a chunk at a time
     if sample_images.shape[-2:] != real_images.shape[-2:]:
-        raise ValueError(
+        raise InputError(
             f"samples are {tuple(sample_images.shape[-2:])} but real slices are "
             f"{tuple(real_images.shape[-2:])}; load both at the VQ-VAE's image size"
         )
@@ -173,7 +174,7 @@ def _figures(
     nearest_index: torch.Tensor,
     real_nearest: torch.Tensor,
     out_dir: Path,
-    settings: SampleMetricSettings,
+    settings: SampleMetricsConfig,
 ) -> None:
     shown = min(8, len(samples))
     closest = nearest.argsort(descending=True)[:shown]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,32 +11,12 @@ import numpy as np
 import torch
 
 from mri_vqvae import plots
+from mri_vqvae.config import SampleConfig
 from mri_vqvae.data.dataset import to_unit_range
 from mri_vqvae.data.nifti import DataError, write_slice
+from mri_vqvae.errors import ConfigError
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How codes are drawn from the prior's next-code distribution."""
-
-    temperature: float = 1.0
-    top_k: int | None = None  # keep only the k most likely codes
-    top_p: float | None = None  # keep the fewest codes whose probability reaches p (nucleus)
-    use_cache: bool = True  # key/value cache (transformer only)
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            # inf would flatten every distribution to uniform noise; nan is no number.
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top-k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
 
 
 def filter_logits(
@@ -66,7 +45,7 @@ def filter_logits(
 def sample_codes(
     prior: Prior,
     num_samples: int,
-    settings: SamplingSettings | None = None,
+    settings: SampleConfig | None = None,
     slice_position: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -77,7 +56,7 @@ def sample_codes(
     it, each new code recomputes the whole prefix. Both give the same codes for the same
     ``generator`` state. ``generator`` must live on the prior's device.
     """
-    settings = settings or SamplingSettings()
+    settings = settings or SampleConfig()
     prior.eval()
     device = next(prior.parameters()).device
     height, width = prior.grid_shape
@@ -117,7 +96,7 @@ def check_prior_fits(vqvae: VQVAE, prior: Prior, image_size: tuple[int, int]) ->
     """Raise ``ValueError`` when the prior's codebook size or map shape is not the VQ-VAE's."""
     grid = tuple(side // vqvae.downsampling_factor for side in image_size)
     if prior.num_embeddings != vqvae.num_embeddings or tuple(prior.grid_shape) != grid:
-        raise ValueError(
+        raise ConfigError(
             f"the prior models {prior.num_embeddings} codes on {prior.grid_shape} maps, the "
             f"VQ-VAE has {vqvae.num_embeddings} codes on {grid} maps"
         )
@@ -137,18 +116,18 @@ def generate_samples(
     vqvae: VQVAE,
     prior: Prior,
     num_samples: int,
-    settings: SamplingSettings | None = None,
+    settings: SampleConfig | None = None,
     slice_position: float | None = None,
     seed: int = 0,
 ) -> SampleRun:
     """Draw ``num_samples`` code maps from ``prior`` and decode them with ``vqvae``."""
     if prior.conditional and slice_position is None:
-        raise ValueError("this prior is conditioned on slice position; give --slice-position")
+        raise ConfigError("this prior is conditioned on slice position; give --slice-position")
     if not prior.conditional and slice_position is not None:
-        raise ValueError("this prior was trained without slice positions; drop --slice-position")
+        raise ConfigError("this prior was trained without slice positions; drop --slice-position")
     if slice_position is not None and not 0 <= slice_position <= 1:
-        raise ValueError(f"slice position must be in [0, 1], got {slice_position}")
-    settings = settings or SamplingSettings()
+        raise ConfigError(f"slice position must be in [0, 1], got {slice_position}")
+    settings = settings or SampleConfig()
     device = next(prior.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     started = time.perf_counter()

@@ -15,7 +15,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mri_vqvae.config import ModelConfig
 from mri_vqvae.metrics import perplexity as histogram_perplexity
+
+# The defaults are the configuration's, so a quantiser built by hand matches one built from it.
+_DEFAULTS = ModelConfig()
 
 
 class QuantizerOutput(NamedTuple):
@@ -123,13 +127,13 @@ class VectorQuantizer(nn.Module):
         self,
         num_embeddings: int,
         embedding_dim: int,
-        commitment_cost: float = 0.25,
-        codebook_update: str = "ema",
-        ema_decay: float = 0.99,
-        ema_epsilon: float = 1e-5,
-        codebook_init: str = "kmeans",
-        dead_code_steps: int = 0,
-        cosine_codes: bool = False,
+        commitment_cost: float = _DEFAULTS.commitment_cost,
+        codebook_update: str = _DEFAULTS.codebook_update,
+        ema_decay: float = _DEFAULTS.ema_decay,
+        ema_epsilon: float = _DEFAULTS.ema_epsilon,
+        codebook_init: str = _DEFAULTS.codebook_init,
+        dead_code_steps: int = _DEFAULTS.dead_code_steps,
+        cosine_codes: bool = _DEFAULTS.cosine_codes,
     ) -> None:
         super().__init__()
         if codebook_update not in ("ema", "loss"):

@@ -23,8 +23,8 @@ import numpy as np
 import yaml
 
 from mri_vqvae import __version__, plots
-from mri_vqvae.evaluate.reconstruction import CODEBOOK_FILE, EXAMPLES_FILE
-from mri_vqvae.files import write_text_atomic
+from mri_vqvae.errors import InputError
+from mri_vqvae.files import CODEBOOK_FILE, EXAMPLES_FILE, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +53,14 @@ def find_sources(
     prior (``prior_summary.json``) or samples (``samples.json``)."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
-        raise ValueError(
+        raise InputError(
             f"{run_dir}: not a training run folder (it needs the config.yaml and metrics.jsonl "
             "that `mri-vqvae train` writes)"
         )
     given = {"evaluation": evaluation, "prior": prior, "samples": samples}
     for kind, folder in given.items():
         if folder is not None and not (Path(folder) / _MARKERS[kind]).is_file():
-            raise ValueError(f"{folder}: no {_MARKERS[kind]} there, so it holds no {kind}")
+            raise InputError(f"{folder}: no {_MARKERS[kind]} there, so it holds no {kind}")
     if evaluation is None:
         evaluations = _folders_with(run_dir, "evaluation")
         # An evaluation written before metrics.json named its split was of the test split.
@@ -150,7 +150,7 @@ def _section(build, folder: Path | None, *args: Any):
     try:
         return build(folder, *args)
     except (KeyError, TypeError, IndexError, AttributeError) as err:
-        raise ValueError(
+        raise InputError(
             f"{folder}: its files are not what mri-vqvae writes there ({type(err).__name__}: "
             f"{err}); pass the folder to use with --evaluation/--prior/--samples"
         ) from err
@@ -180,9 +180,9 @@ def _read_json(path: Path) -> dict:
     try:
         loaded = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read it ({err})") from err
+        raise InputError(f"{path}: cannot read it ({err})") from err
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: not a JSON object")
+        raise InputError(f"{path}: not a JSON object")
     return loaded
 
 
@@ -190,7 +190,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read it ({err})") from err
+        raise InputError(f"{path}: cannot read it ({err})") from err
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
@@ -200,7 +200,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read it ({err})") from err
+        raise InputError(f"{path}: cannot read it ({err})") from err
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -235,7 +235,7 @@ def _training_section(run_dir: Path) -> dict:
     try:
         config = yaml.safe_load(config_text) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{run_dir / 'config.yaml'}: not valid YAML ({err})") from err
+        raise InputError(f"{run_dir / 'config.yaml'}: not valid YAML ({err})") from err
     history = _read_jsonl(run_dir / "metrics.jsonl")
     epochs = [
         {

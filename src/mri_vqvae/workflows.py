@@ -1,0 +1,555 @@
+"""Whole commands as functions: what the command line, the benchmarks and a notebook call
+alike. Each checks its outputs before any work, holds its output folder's lock while it
+writes, and raises a :class:`~mri_vqvae.errors.UserError` for bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mri_vqvae.checkpoint import (
+    Checkpoint,
+    build_model,
+    check_prior_matches,
+    file_sha256,
+    load_checkpoint,
+    load_model,
+    load_prior,
+    load_prior_checkpoint,
+)
+from mri_vqvae.code_maps import CodeMaps, code_maps_for, require_slice_positions
+from mri_vqvae.config import Config, ConfigError, apply_overrides, config_from_dict
+from mri_vqvae.data.dataset import (
+    SliceSet,
+    concat_slice_sets,
+    list_slices,
+    load_split,
+    load_splits,
+    resolve_split_files,
+)
+from mri_vqvae.data.nifti import NIFTI_SUFFIXES, DataError
+from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
+from mri_vqvae.distributed import join_process_group, leave_process_group
+from mri_vqvae.errors import UserError
+from mri_vqvae.evaluate.reconstruction import reconstruct_file, write_evaluation
+from mri_vqvae.evaluate.samples import evaluate_samples as measure_samples
+from mri_vqvae.files import (
+    EVALUATION,
+    PHANTOM,
+    PRIOR_RUN,
+    REPORT_FILE,
+    SAMPLE_CODES,
+    SAMPLE_EVALUATION,
+    SAMPLE_EVALUATION_FOLDER,
+    SAMPLES,
+    SAMPLES_SUMMARY,
+    VQVAE_RUN,
+    FolderBusy,
+    FolderLock,
+    OutputFolder,
+    RunFolder,
+    check_output_file,
+    write_text_atomic,
+)
+from mri_vqvae.generate.sampling import (
+    SampleRun,
+    check_prior_fits,
+    generate_samples,
+    load_sample_codes,
+    write_samples,
+)
+from mri_vqvae.model import VQVAE
+from mri_vqvae.model.prior import build_prior
+from mri_vqvae.report.page import is_report_page, write_report
+from mri_vqvae.runtime import resolve_device, seed_everything
+from mri_vqvae.train.loop import FitResult
+from mri_vqvae.train.prior import evaluate_prior, train_prior
+from mri_vqvae.train.tensorboard import require_tensorboard
+from mri_vqvae.train.vqvae import train_vqvae
+
+logger = logging.getLogger("mri_vqvae")
+
+
+@dataclass(frozen=True)
+class DataSources:
+    """Where the slices are: a HipMRI-layout root, and/or a folder per split."""
+
+    root: Path | None = None
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+
+    def files(self) -> dict[str, list[Path]]:
+        """Every split's slice files."""
+        return resolve_split_files(self.root, self.train, self.val, self.test)
+
+    def test_files(self) -> list[Path]:
+        """The test split's files (``test`` alone is enough)."""
+        return list_slices(self.test) if self.test is not None else self.files()["test"]
+
+
+def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """``section.key: old -> new`` for every setting that differs between two config dicts."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes
+
+
+def resumed_config(
+    checkpoint: Checkpoint, path: Path, overrides: list[str], fixed: tuple[str, ...]
+) -> Config:
+    """The settings of a resumed run: its checkpoint's, with ``overrides`` applied; the
+    ``fixed`` sections may not change."""
+    before = checkpoint.config.to_dict()
+    config = config_from_dict(apply_overrides(before, overrides))
+    after = config.to_dict()
+    changes = changed_settings({s: before[s] for s in fixed}, {s: after[s] for s in fixed})
+    if changes:
+        raise ConfigError(
+            f"--resume cannot change the {'/'.join(fixed)} settings of {path}: "
+            + "; ".join(changes)
+        )
+    return config
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` group, or a process on its own: the one that writes files."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _open_run(
+    out: Path, kind, resume: bool, overwrite: bool, inputs=(), lock: bool = True
+) -> OutputFolder:
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out; --overwrite would replace it")
+    folder = OutputFolder(out, kind, overwrite=overwrite, resume=resume, lock=lock, inputs=inputs)
+    if resume and not RunFolder(out).last_checkpoint.exists():
+        raise ConfigError(f"--resume: {out} holds no run to continue ({out / 'last.pt'} missing)")
+    return folder
+
+
+def train_vqvae_run(
+    out: str | Path,
+    data: DataSources,
+    config: Config | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    overrides: list[str] | None = None,
+) -> FitResult | None:
+    """Train a VQ-VAE into the run folder ``out`` (new, or ``overwrite``), or continue the run
+    there (``resume``, its settings plus ``overrides``); then evaluate ``best.pt`` on the
+    validation split and write the run's page. Returns the result on the main process of a
+    distributed run (None on the others)."""
+    out = Path(out)
+    folder = _open_run(out, VQVAE_RUN, resume, overwrite, lock=_is_main_process())
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(RunFolder(out).last_checkpoint, "vqvae")
+        config = resumed_config(
+            checkpoint, RunFolder(out).last_checkpoint, overrides or [], ("model", "data")
+        )
+    config = config or Config()
+    if config.train.tensorboard:
+        require_tensorboard()
+    with folder:
+        return _train_in(folder, data, config, checkpoint)
+
+
+def _train_in(
+    folder: OutputFolder, data: DataSources, config: Config, checkpoint: Checkpoint | None
+) -> FitResult | None:
+    processes, device = join_process_group(config.train.device)
+    try:
+        if not processes.is_main:
+            logging.getLogger("mri_vqvae").setLevel(logging.WARNING)
+        files = data.files()
+        # The main process decodes and caches the splits; the others then read its cache.
+        if not processes.is_main:
+            processes.barrier()
+        splits = load_splits(files, config.data, splits=("train", "val"))
+        if processes.is_main:
+            processes.barrier()
+        seed_everything(config.train.seed)
+        model = build_model(checkpoint) if checkpoint else VQVAE.from_config(config.model)
+        logger.info(
+            "training on %s: %d train / %d val slices at %dx%d",
+            device,
+            len(splits["train"]),
+            len(splits["val"]),
+            *splits["train"].image_size,
+        )
+        if processes.is_main and checkpoint is None:
+            # Only now, with the settings and data known good, is an old run let go.
+            folder.remove_previous_outputs()
+        result = train_vqvae(
+            model,
+            splits["train"],
+            splits["val"],
+            config,
+            folder.path,
+            device,
+            checkpoint,
+            processes,
+        )
+    finally:
+        leave_process_group()
+    if not processes.is_main:
+        return None
+    if config.train.report and result.history:
+        write_validation_report(result.run_dir, splits["val"], device, config)
+    return result
+
+
+def write_validation_report(
+    run_dir: Path, val_set: SliceSet, device: torch.device, config: Config
+) -> Path | None:
+    """Evaluate the run's ``best.pt`` on the validation split into ``RUN_DIR/validation`` and
+    write ``RUN_DIR/report.html``; returns the report's path.
+
+    The run itself is finished and saved by then, so a failure to write these (a full disk,
+    say) is logged and the run still ends as done: ``mri-vqvae report`` writes it later."""
+    run = RunFolder(run_dir)
+    try:
+        model, _ = load_model(run.best_checkpoint, device)
+        batch_size, seed = config.train.batch_size, config.train.seed
+        write_evaluation(model, val_set, run.validation, device, batch_size, seed, split="val")
+        report = write_report(run_dir)
+    except OSError as err:
+        logger.warning(
+            "could not write the run's report (%s); the run is saved: write the report with "
+            "`mri-vqvae report %s`",
+            err,
+            run_dir,
+        )
+        return None
+    logger.info("report: %s", report)
+    return report
+
+
+@dataclass
+class PriorRunResult:
+    """A prior's run: the loop's result and the summary written beside it."""
+
+    fit: FitResult
+    summary: dict[str, Any]
+
+
+def train_prior_run(
+    out: str | Path,
+    vqvae_path: str | Path,
+    data: DataSources,
+    config: Config | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    overrides: list[str] | None = None,
+) -> PriorRunResult:
+    """Encode every split with the VQ-VAE at ``vqvae_path`` (cached in ``OUT/codes``), train a
+    prior over the code maps into ``out``, score its best checkpoint on the test split and
+    write ``prior_summary.json``. The data and model settings are the VQ-VAE's."""
+    out, vqvae_path = Path(out), Path(vqvae_path)
+    folder = _open_run(out, PRIOR_RUN, resume, overwrite, inputs=(vqvae_path,))
+    checkpoint = None
+    if resume:
+        last = RunFolder(out).last_checkpoint
+        checkpoint = load_prior_checkpoint(last)
+        check_prior_matches(checkpoint, last, vqvae_path)
+        config = resumed_config(checkpoint, last, overrides or [], ("prior",))
+    config = config or Config()
+    if config.prior_train.tensorboard:
+        require_tensorboard()
+    with folder:
+        result = _train_prior_in(folder, vqvae_path, data, config, checkpoint)
+    refresh_report(vqvae_path)
+    return result
+
+
+def _encode_splits(
+    vqvae: VQVAE, sha256: str, data: DataSources, config: Config, run: RunFolder, device
+) -> dict[str, CodeMaps]:
+    splits = load_splits(data.files(), config.data)
+    codes = {
+        split: code_maps_for(vqvae, sha256, slices, run.codes / f"{split}.pt", device)
+        for split, slices in splits.items()
+    }
+    if config.prior.condition_on_slice_position:
+        for split, maps in codes.items():
+            require_slice_positions(maps, f"{split} split")
+    return codes
+
+
+def _train_prior_in(
+    folder: OutputFolder,
+    vqvae_path: Path,
+    data: DataSources,
+    config: Config,
+    checkpoint: Checkpoint | None,
+) -> PriorRunResult:
+    device = resolve_device(config.prior_train.device)
+    vqvae, vqvae_config = load_model(vqvae_path, device)
+    sha256 = file_sha256(vqvae_path)
+    data_config = replace(vqvae_config.data, skip_bad_files=config.data.skip_bad_files)
+    config = replace(config, data=data_config, model=vqvae_config.model)
+    run = RunFolder(folder.path)
+    codes = _encode_splits(vqvae, sha256, data, config, run, device)
+    if checkpoint is None:
+        # Only now, with the settings and data known good, is an old prior let go.
+        folder.remove_previous_outputs()
+    grid = codes["train"].grid_shape
+    logger.info(
+        "prior over %dx%d maps of %d codes: %d train / %d val maps; unigram %.3f bits/code",
+        *grid,
+        vqvae.num_embeddings,
+        len(codes["train"]),
+        len(codes["val"]),
+        codes["val"].unigram_bits(),
+    )
+    seed_everything(config.prior_train.seed)
+    prior = build_prior(config.prior, vqvae.num_embeddings, grid)
+    result = train_prior(
+        prior,
+        codes["train"],
+        codes["val"],
+        config,
+        run.path,
+        device,
+        vqvae,
+        vqvae_path,
+        sha256,
+        checkpoint,
+    )
+    best = load_prior_checkpoint(result.best_checkpoint)
+    prior.load_state_dict(best.model_state)
+    test = evaluate_prior(prior, codes["test"], device, config.prior_train.batch_size)
+    summary = {
+        "best_epoch": best.progress.epoch,
+        "val_nll_bits": best.progress.best_score,
+        "val_unigram_bits": codes["val"].unigram_bits(),
+        "test_nll_bits": test["nll_bits"],
+        "test_accuracy": test["accuracy"],
+        "test_unigram_bits": codes["test"].unigram_bits(),
+        "vqvae": str(vqvae_path),
+        "vqvae_sha256": sha256,
+    }
+    write_text_atomic(run.prior_summary, json.dumps(summary, indent=2))
+    return PriorRunResult(result, summary)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: DataSources,
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    skip_bad_files: bool = False,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> dict:
+    """Score a VQ-VAE checkpoint on the test split: per-image SSIM/PSNR, a summary and
+    figures in ``out``; returns the summary."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    folder = OutputFolder(out, EVALUATION, overwrite=overwrite, inputs=(checkpoint,))
+    torch_device = resolve_device(device)
+    model, config = load_model(checkpoint, torch_device)
+    data_config = replace(config.data, skip_bad_files=skip_bad_files)
+    slices = load_split(data.test_files(), data_config, label="test")
+    with folder:
+        folder.remove_previous_outputs()
+        summary = write_evaluation(model, slices, out, torch_device, batch_size, config.train.seed)
+    refresh_report(checkpoint)
+    return summary
+
+
+def reconstruct_slice(
+    checkpoint: str | Path,
+    source: str | Path,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Reconstruct one NIfTI slice into ``out`` (never the input), keeping its geometry."""
+    source, out = Path(source), Path(out)
+    check_output_file(out, "--out", overwrite, inputs=(source,), suffixes=NIFTI_SUFFIXES)
+    torch_device = resolve_device(device)
+    model, config = load_model(checkpoint, torch_device)
+    return reconstruct_file(model, source, out, config.data, torch_device)
+
+
+def sample(
+    vqvae_path: str | Path,
+    prior_path: str | Path,
+    out: str | Path,
+    config: Config | None = None,
+    *,
+    overwrite: bool = False,
+) -> SampleRun:
+    """Draw ``config.sample.num_samples`` code maps from the prior and decode them into
+    ``out``: a grid, one NIfTI per sample, the codes and ``samples.json``."""
+    vqvae_path, prior_path, out = Path(vqvae_path), Path(prior_path), Path(out)
+    settings = (config or Config()).sample
+    folder = OutputFolder(out, SAMPLES, overwrite=overwrite, inputs=(vqvae_path, prior_path))
+    device = resolve_device(settings.device)
+    vqvae, vqvae_config = load_model(vqvae_path, device)
+    prior, checkpoint = load_prior(prior_path, vqvae_path, device)
+    if vqvae_config.data.image_size is not None:
+        check_prior_fits(vqvae, prior, vqvae_config.data.image_size)
+    run = generate_samples(
+        vqvae, prior, settings.num_samples, settings, settings.slice_position, settings.seed
+    )
+    metadata = {
+        # Absolute, so evaluate-samples finds them from any working folder.
+        "vqvae": str(vqvae_path.resolve()),
+        "vqvae_sha256": checkpoint.extras["vqvae_sha256"],
+        "prior": str(prior_path.resolve()),
+        "prior_sha256": file_sha256(prior_path),
+        "prior_architecture": checkpoint.config.prior.architecture,
+        "settings": settings,
+        "seed": settings.seed,
+        "slice_position": settings.slice_position,
+        "device": str(device),
+    }
+    with folder:
+        folder.remove_previous_outputs()
+        write_samples(run, out, metadata)
+    refresh_report(vqvae_path)
+    return run
+
+
+def read_samples_metadata(path: Path) -> dict:
+    """``samples.json`` as a dict; {} when absent; a named error when it is not what
+    ``sample`` writes."""
+    if not path.is_file():
+        return {}
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"cannot be read as the JSON that sample writes ({err})") from err
+    if not isinstance(metadata, dict):
+        raise DataError(path, "is not the JSON object that sample writes")
+    return metadata
+
+
+def _samples_vqvae(samples: Path, vqvae_path: Path | None) -> Path:
+    """The VQ-VAE the samples were drawn with: ``vqvae_path``, or the one samples.json names
+    (checked against the hash it records)."""
+    metadata_file = samples / SAMPLES_SUMMARY
+    metadata = read_samples_metadata(metadata_file)
+    named = metadata.get("vqvae")
+    path = vqvae_path or (Path(named) if isinstance(named, str) and named else None)
+    if path is None:
+        raise ConfigError(f"{metadata_file} is missing or names no VQ-VAE; pass --vqvae")
+    expected = metadata.get("vqvae_sha256")
+    if expected is not None and not isinstance(expected, str):
+        raise DataError(metadata_file, "its vqvae_sha256 is not the text that sample writes")
+    if expected and path.is_file() and file_sha256(path) != expected:
+        raise UserError(
+            f"{path}: not the VQ-VAE these samples were drawn with ({metadata_file} gives "
+            f"sha256 {expected[:12]}...)"
+        )
+    return path
+
+
+def evaluate_samples(
+    samples: str | Path,
+    data: DataSources,
+    config: Config | None = None,
+    *,
+    vqvae_path: str | Path | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Measure a folder written by :func:`sample` against real held-out slices (the val and
+    test splits): two-sample tests, memorisation, diversity, code statistics; written to
+    ``out`` (default ``SAMPLES/evaluation``). Returns the summary."""
+    samples = Path(samples)
+    if not samples.is_dir():
+        raise DataError(samples, "--samples: no such folder (give a folder written by sample)")
+    vqvae_file = _samples_vqvae(samples, Path(vqvae_path) if vqvae_path else None)
+    target = Path(out) if out is not None else samples / SAMPLE_EVALUATION_FOLDER
+    option = "--out" if out is not None else "--samples"
+    folder = OutputFolder(
+        target, SAMPLE_EVALUATION, option=option, overwrite=overwrite, inputs=(vqvae_file,)
+    )
+    settings = (config or Config()).sample_metrics
+    device = resolve_device(settings.device)
+    vqvae, vqvae_config = load_model(vqvae_file, device)
+    skip = config.data.skip_bad_files if config else False
+    data_config = replace(vqvae_config.data, skip_bad_files=skip)
+    generated = load_split(
+        list_slices(samples), replace(data_config, use_cache=False), label="samples"
+    )
+    codes = None
+    if (samples / SAMPLE_CODES).is_file() and not generated.skipped:
+        codes = load_sample_codes(samples / SAMPLE_CODES)
+        codes = codes if len(codes) == len(generated) else None
+    splits = load_splits(data.files(), data_config)
+    held_out = concat_slice_sets([splits["val"], splits["test"]])
+    with folder:
+        folder.remove_previous_outputs()
+        summary = measure_samples(
+            generated, codes, splits["train"], held_out, vqvae, target, device, settings
+        )
+    refresh_report(vqvae_file)
+    return summary
+
+
+def make_phantom(out: str | Path, spec: PhantomSpec) -> dict[str, int]:
+    """Write the synthetic phantom in the HipMRI layout, only ever into a new or empty folder
+    (a phantom never lands among real slices); returns the slice count per split."""
+    with OutputFolder(Path(out), PHANTOM, option="OUT"):
+        return write_phantom_dataset(out, spec)
+
+
+def write_run_report(
+    run_dir: str | Path,
+    evaluation: str | Path | None = None,
+    prior: str | Path | None = None,
+    samples: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a run's HTML page: ``RUN_DIR/report.html`` (under the run's lock), or ``out``
+    (a page this tool wrote may be replaced; any other file needs ``overwrite``)."""
+    run_dir = Path(run_dir)
+    if out is not None:
+        replace_ok = overwrite or is_report_page(out)
+        check_output_file(Path(out), "--out", replace_ok, suffixes=(".html", ".htm"))
+        return write_report(run_dir, evaluation, prior, samples, out)
+    with FolderLock(run_dir) if run_dir.is_dir() else contextlib.nullcontext():
+        return write_report(run_dir, evaluation, prior, samples)
+
+
+def refresh_report(vqvae_checkpoint: str | Path) -> Path | None:
+    """Bring the report of the run a VQ-VAE checkpoint belongs to up to date, if that run
+    folder has one and no other process is writing the run. The command's own outputs are
+    written by then, so a report that cannot be written is a warning, not a failure."""
+    run_dir = Path(vqvae_checkpoint).parent
+    if not (run_dir / REPORT_FILE).is_file():
+        return None
+    try:
+        with FolderLock(run_dir):
+            path = write_report(run_dir)
+    except FolderBusy as busy:
+        logger.warning("did not update %s: %s", run_dir / REPORT_FILE, busy)
+    except (OSError, ValueError, UserError) as err:
+        logger.warning("could not update %s: %s", run_dir / REPORT_FILE, err)
+    else:
+        logger.info("updated %s", path)
+        return path
+    return None
