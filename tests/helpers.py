@@ -84,7 +84,8 @@ TINY_PRIOR = ["prior.width=32", "prior.num_layers=2", "prior.num_heads=4", "trai
 
 
 def cli_command(data: Path, out: Path, *extra: str) -> list[str]:
-    """The tiny CLI run of tests/cli/test_main.py, in its own process, 4 images a step, a checkpoint each."""
+    """The tiny CLI run of tests/cli/test_main.py in its own process: 4 images a step, a
+    checkpoint each."""
     args = train_args(data, out, "--batch-size", "4", "--checkpoint-every", "1", *extra)
     return [sys.executable, "-m", "mri_vqvae", *args]
 
