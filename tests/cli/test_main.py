@@ -4,6 +4,7 @@ reconstruct, resume; and bad input answered with a named error and exit status 2
 import json
 import math
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from mri_vqvae import __version__
 from mri_vqvae.cli.main import main
 from mri_vqvae.files import MARKER_FILE
 from tests.helpers import TINY_MODEL, TINY_PRIOR, free_port, train_args
@@ -186,6 +188,18 @@ def test_console_script_is_installed():
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     for command in ("demo-data", "train", "evaluate", "reconstruct", "report"):
         assert command in result.stdout
+
+
+def test_python_m_mri_vqvae_runs_the_command_line(monkeypatch, capsys):
+    """`python -m mri_vqvae` in this process: the quick check's stand-in for the slow tests
+    that start it as a subprocess."""
+    monkeypatch.setattr(sys, "argv", ["mri_vqvae", "--version"])
+    # No process group was joined, so run() ends with a plain SystemExit.
+    monkeypatch.delitem(sys.modules, "mri_vqvae.distributed", raising=False)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("mri_vqvae", run_name="__main__")
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mri-vqvae {__version__}"
 
 
 @pytest.mark.slow
