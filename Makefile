@@ -11,7 +11,7 @@ DEMO_MINUTES ?= 5
 DEMO_PRIOR_MINUTES ?= 4
 DEMO_SAMPLES ?= 64
 
-.PHONY: demo test browser lint format clean bench-quality bench-generation bench-sampling bench-throughput bench-epoch
+.PHONY: demo test test-fast browser lint format clean bench-quality bench-generation bench-sampling bench-throughput bench-epoch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,16 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev browser
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# The quick check while working, under a minute on 2 cores: the same linting, and every test
+# but those marked slow (subprocesses, the browser, hypothesis fuzzing, runs of several
+# seconds), which `make test` still runs. No browser: its test is among the slow ones.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The report's browser test renders it in Debian's headless Chromium, driven through
 # chromedriver. Installed from Debian's packages when missing and this is root (as in CI) or

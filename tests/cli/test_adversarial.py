@@ -87,6 +87,7 @@ def test_a_device_this_tool_cannot_use_is_refused(name: str):
         resolve_device(name)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_missing_its_parts_and_damaged_codes_are_named(
     phantom_root: Path, tmp_path: Path
 ):
@@ -102,6 +103,7 @@ def test_a_checkpoint_missing_its_parts_and_damaged_codes_are_named(
         load_sample_codes(tmp_path / "codes.pt")
 
 
+@pytest.mark.slow
 def test_outputs_under_a_file_or_on_a_full_disk_end_in_one_line(
     phantom_root: Path, tmp_path: Path, monkeypatch, capsys
 ):

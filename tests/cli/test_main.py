@@ -4,6 +4,7 @@ reconstruct, resume; and bad input answered with a named error and exit status 2
 import json
 import math
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from mri_vqvae import __version__
 from mri_vqvae.cli.main import main
 from mri_vqvae.files import MARKER_FILE
 from tests.helpers import TINY_MODEL, TINY_PRIOR, free_port, train_args
@@ -47,6 +49,7 @@ def demo(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
     run = tmp_path / "run"
     assert main(train_args(demo, run)) == 0
@@ -130,6 +133,7 @@ def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_corrupt_slice_is_named_or_skipped(demo: Path, tmp_path: Path, capsys, caplog):
     data = tmp_path / "data"
     shutil.copytree(demo, data)
@@ -178,6 +182,7 @@ def test_missing_data_and_checkpoint(tmp_path: Path, capsys):
     assert "x.pt" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "mri-vqvae"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
@@ -185,6 +190,19 @@ def test_console_script_is_installed():
         assert command in result.stdout
 
 
+def test_python_m_mri_vqvae_runs_the_command_line(monkeypatch, capsys):
+    """`python -m mri_vqvae` in this process: the quick check's stand-in for the slow tests
+    that start it as a subprocess."""
+    monkeypatch.setattr(sys, "argv", ["mri_vqvae", "--version"])
+    # No process group was joined, so run() ends with a plain SystemExit.
+    monkeypatch.delitem(sys.modules, "mri_vqvae.distributed", raising=False)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("mri_vqvae", run_name="__main__")
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mri-vqvae {__version__}"
+
+
+@pytest.mark.slow
 def test_seed_preset_trains_the_seeds_recipe_at_a_tiny_size(demo: Path, tmp_path: Path):
     run = tmp_path / "seed"
     tiny_seed = [
@@ -207,6 +225,7 @@ def test_seed_preset_trains_the_seeds_recipe_at_a_tiny_size(demo: Path, tmp_path
     assert saved["train"]["epochs"] == 1  # and so does a flag
 
 
+@pytest.mark.slow
 def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, capsys):
     run, prior, samples = tmp_path / "run", tmp_path / "prior", tmp_path / "samples"
     assert main(train_args(demo, run)) == 0
@@ -267,6 +286,7 @@ def test_train_prior_refuses_an_existing_prior_and_a_bad_vqvae(demo: Path, tmp_p
     assert (tmp_path / "taken" / "last.pt").read_bytes() == b""
 
 
+@pytest.mark.slow
 def test_torchrun_trains_with_two_cpu_processes(demo: Path, tmp_path: Path):
     run = tmp_path / "ddp"
     args = train_args(demo, run, "--precision", "float32")[1:]  # torchrun's own output stays

@@ -52,6 +52,7 @@ def trained(phantom_root: Path, tmp_path_factory) -> Path:
     return run / "best.pt"
 
 
+@pytest.mark.slow
 def test_reconstruct_never_writes_over_its_input_and_asks_before_replacing_a_file(
     trained: Path, phantom_root: Path, tmp_path: Path, capsys
 ):
@@ -79,6 +80,7 @@ def test_reconstruct_never_writes_over_its_input_and_asks_before_replacing_a_fil
     assert ".nii or .nii.gz" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_data_never_writes_phantoms_over_a_folder_of_slices(tmp_path: Path, capsys):
     data = tmp_path / "data"
     real = data / "keras_slices_train" / "case_000_week_0_slice_0.nii.gz"
@@ -95,6 +97,7 @@ def test_demo_data_never_writes_phantoms_over_a_folder_of_slices(tmp_path: Path,
     assert "only written into a new or empty folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_second_training_into_a_folder_in_use_is_refused(phantom_root: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MRI_VQVAE_CACHE": str(tmp_path / "cache")}
@@ -121,6 +124,7 @@ def test_a_second_training_into_a_folder_in_use_is_refused(phantom_root: Path, t
     assert load_checkpoint(run_dir / "last.pt").config.train.epochs == 200  # the first's
 
 
+@pytest.mark.slow
 def test_a_lock_of_a_dead_process_is_taken_over_and_a_live_ones_is_not(tmp_path: Path):
     lock_file = tmp_path / LOCK_FILE
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -150,6 +154,7 @@ def test_a_lock_of_a_dead_process_is_taken_over_and_a_live_ones_is_not(tmp_path:
         sleeper.wait()
 
 
+@pytest.mark.slow
 def test_train_refuses_a_folder_of_the_users_files_unless_told(phantom_root: Path, tmp_path: Path):
     folder = tmp_path / "results"
     folder.mkdir()
@@ -189,6 +194,7 @@ def damaged_but_readable_by_nibabel(path: Path) -> None:
     raise AssertionError("no byte found whose damage nibabel misses")
 
 
+@pytest.mark.slow
 def test_a_slice_with_damaged_compressed_data_is_named_not_trained_on(
     phantom_root: Path, tmp_path: Path, caplog
 ):
@@ -255,6 +261,7 @@ def test_report_out_must_be_a_file_and_replaces_only_a_report(
     assert "the user's page" not in page.read_text()
 
 
+@pytest.mark.slow
 def test_a_stopped_prior_says_how_to_resume_and_resumes(
     trained: Path, phantom_root: Path, tmp_path: Path
 ):

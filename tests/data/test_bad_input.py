@@ -65,6 +65,7 @@ def edited(edits) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 @settings(
     max_examples=400,
     deadline=2000,  # a hang or a huge read fails the example

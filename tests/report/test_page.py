@@ -189,6 +189,7 @@ def artifacts() -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_the_report_renders_in_headless_chromium(full_run, tmp_path: Path, artifacts: Path):
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and chromedriver):

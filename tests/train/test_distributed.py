@@ -86,6 +86,7 @@ def one_process_run(phantom_root: Path, out: Path):
     return model, result
 
 
+@pytest.mark.slow
 def test_ranks_end_with_identical_weights_and_codebooks(two_process_run: Path):
     first = torch.load(two_process_run / "rank0.pt", weights_only=True)["state"]
     second = torch.load(two_process_run / "rank1.pt", weights_only=True)["state"]
@@ -95,6 +96,7 @@ def test_ranks_end_with_identical_weights_and_codebooks(two_process_run: Path):
     assert int(first["quantizer.restart_count"]) > 0  # restarts ran, and agreed
 
 
+@pytest.mark.slow
 def test_two_processes_follow_one_process_with_the_whole_batch(
     two_process_run: Path, phantom_root: Path, tmp_path: Path
 ):
@@ -111,6 +113,7 @@ def test_two_processes_follow_one_process_with_the_whole_batch(
         torch.testing.assert_close(distributed["state"][name], value, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_only_the_main_process_writes_the_run_folder(two_process_run: Path):
     run = two_process_run / "run"
     checkpoint = load_checkpoint(run / "last.pt")
@@ -120,6 +123,7 @@ def test_only_the_main_process_writes_the_run_folder(two_process_run: Path):
     assert checkpoint.config.train.precision == "float32"
 
 
+@pytest.mark.slow
 def test_a_run_resumes_in_one_process_after_two(two_process_run: Path, phantom_root, tmp_path):
     checkpoint = load_checkpoint(two_process_run / "run" / "last.pt")
     config = replace(checkpoint.config, train=replace(checkpoint.config.train, epochs=3))
@@ -157,6 +161,7 @@ distributed.finish_process(5)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("joined", [True, False])
 def test_a_group_member_ends_without_the_interpreters_shutdown(joined: bool):
     # DDP's backend threads outlive destroy_process_group; a member of a group of processes

@@ -90,6 +90,7 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_exactly_as_one_never_sto
     assert len(load_checkpoint(tmp_path / "crashed" / "last.pt").extras["batch_losses"]) == 10
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(
     phantom_root: Path, tmp_path: Path
 ):
@@ -132,6 +133,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(
     assert load_checkpoint(killed_dir / "last.pt").progress.global_step == 30
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_ends_at_the_next_step_with_a_checkpoint_to_resume_from(
     phantom_root: Path, tmp_path: Path, stop: signal.Signals
