@@ -99,6 +99,40 @@ def _data_options() -> argparse.ArgumentParser:
     return parent
 
 
+def _loop_options() -> argparse.ArgumentParser:
+    """The training loop's options, the same for both stages."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("training")
+    group.add_argument("--config", type=Path, help="YAML file of settings")
+    group.add_argument("--epochs", type=_count)
+    group.add_argument("--batch-size", type=_count)
+    group.add_argument("--lr", type=_positive)
+    group.add_argument("--seed", type=_seed)
+    group.add_argument("--max-minutes", type=_positive, help="wall-clock training budget")
+    group.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        help="training precision; auto is bfloat16 on GPUs and AMX CPUs",
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=_count,
+        metavar="N",
+        help="also write last.pt every N steps inside epochs (default: at epoch ends only)",
+    )
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last.pt (mid-epoch ones included)",
+    )
+    group.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log scalars and pictures for TensorBoard in the run's tensorboard folder",
+    )
+    return parent
+
+
 def _device_option() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: CUDA if present)")
@@ -141,7 +175,7 @@ def _add_config(commands, data: argparse.ArgumentParser, device: argparse.Argume
 def _add_train(commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser) -> None:
     train = commands.add_parser(
         "train",
-        parents=[data, device],
+        parents=[data, device, _loop_options()],
         help="train a VQ-VAE",
         description="Train a VQ-VAE. Settings: --config YAML, the flags below, then any "
         "section.key=value overrides (e.g. model.num_embeddings=256).",
@@ -154,34 +188,12 @@ def _add_train(commands, data: argparse.ArgumentParser, device: argparse.Argumen
         "codes), or seed (the seed's recipe, to compare with); --config and overrides apply "
         "on top",
     )
-    train.add_argument("--config", type=Path, help="YAML file of settings")
-    train.add_argument("--epochs", type=_count)
-    train.add_argument("--batch-size", type=_count)
-    train.add_argument("--lr", type=_positive)
     train.add_argument("--size", type=_size, help="HxW to resize slices to, or 'native'")
-    train.add_argument("--seed", type=_seed)
-    train.add_argument("--max-minutes", type=_positive, help="wall-clock training budget")
-    train.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in RUN_DIR from its last.pt (mid-epoch ones included)",
-    )
     train.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the run already in RUN_DIR (its checkpoints, logs and pictures), or "
         "write into a folder that is not a run (replacing files with the outputs' names)",
-    )
-    train.add_argument(
-        "--checkpoint-every",
-        type=_count,
-        metavar="N",
-        help="also write last.pt every N steps inside epochs (default: at epoch ends only)",
-    )
-    train.add_argument(
-        "--precision",
-        choices=["auto", "float32", "bfloat16"],
-        help="training precision; auto (the default) is bfloat16 on GPUs and AMX CPUs",
     )
     train.add_argument(
         "--compile",
@@ -194,11 +206,6 @@ def _add_train(commands, data: argparse.ArgumentParser, device: argparse.Argumen
         choices=["auto", "channels_last", "contiguous"],
         help="activation layout; auto (the default) is channels-last on GPUs and for the seed "
         "architecture",
-    )
-    train.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also log scalars and preview grids for TensorBoard in RUN_DIR/tensorboard",
     )
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
 
@@ -223,16 +230,15 @@ def _add_train_prior(
 ) -> None:
     prior = commands.add_parser(
         "train-prior",
-        parents=[data, device],
+        parents=[data, device, _loop_options()],
         help="train a prior over a VQ-VAE's codes",
         description="Encode every split to code maps with a trained VQ-VAE (cached in "
         "PRIOR_DIR/codes), then train an autoregressive prior over them. Settings: --config "
-        "YAML (sections prior and train), the flags below, then section.key=value overrides "
+        "YAML (sections prior and prior_train), the flags below, then section.key=value overrides "
         "(e.g. prior.num_layers=8).",
     )
     prior.add_argument("--vqvae", type=Path, required=True, help="VQ-VAE checkpoint (best.pt)")
     prior.add_argument("--out", type=Path, required=True, metavar="PRIOR_DIR")
-    prior.add_argument("--config", type=Path, help="YAML file of prior settings")
     prior.add_argument(
         "--architecture",
         choices=["transformer", "pixelcnn"],
@@ -243,30 +249,10 @@ def _add_train_prior(
         action="store_true",
         help="condition on each slice's position in its volume (from slice_<S> in the names)",
     )
-    prior.add_argument("--epochs", type=_count)
-    prior.add_argument("--batch-size", type=_count)
-    prior.add_argument("--lr", type=_positive)
-    prior.add_argument("--seed", type=_seed)
-    prior.add_argument("--max-minutes", type=_positive, help="wall-clock training budget")
-    prior.add_argument(
-        "--precision", choices=["auto", "float32", "bfloat16"], help="training precision"
-    )
-    prior.add_argument(
-        "--checkpoint-every",
-        type=_count,
-        metavar="N",
-        help="also write last.pt every N steps inside epochs (default: at epoch ends only)",
-    )
-    prior.add_argument("--resume", action="store_true", help="continue the run in PRIOR_DIR")
     prior.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the prior already in PRIOR_DIR (its cached codes are kept)",
-    )
-    prior.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also log scalars and sample grids for TensorBoard in PRIOR_DIR/tensorboard",
     )
     prior.add_argument("overrides", nargs="*", metavar="section.key=value")
 
