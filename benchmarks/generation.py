@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from datetime import date
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mri_vqvae.cli.main import main as cli
+from mri_vqvae import workflows
+from mri_vqvae.config import Config, load_config
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
 from quality import cpu_name, write_mni_dataset
 
@@ -37,76 +39,41 @@ def write_data(name: str, root: Path) -> None:
         write_mni_dataset(root)
 
 
-def run(args: list[str]) -> None:
-    print("+ mri-vqvae " + " ".join(args), flush=True)
-    status = cli(args)
-    if status != 0:
-        raise SystemExit(f"mri-vqvae {args[0]} failed with status {status}")
+def settings(*overrides: str) -> Config:
+    return load_config(overrides=list(overrides))
 
 
 def benchmark(dataset: str, vqvae: Path | None, options: argparse.Namespace) -> list[dict]:
     root = options.out / dataset
     data = root / "data"
     write_data(dataset, data)
+    sources = workflows.DataSources(root=data)
     if vqvae is None:
         vqvae_run = root / "vqvae"
         if not (vqvae_run / "best.pt").is_file():
-            run(
-                [
-                    "train",
-                    "--data",
-                    str(data),
-                    "--out",
-                    str(vqvae_run),
-                    "--epochs",
-                    "1000",
-                    "--max-minutes",
-                    str(options.vqvae_minutes),
-                    "prior_train.precision=bfloat16",
-                ]
-            )
+            minutes = f"train.max_minutes={options.vqvae_minutes}"
+            config = settings("train.epochs=1000", minutes, "train.precision=bfloat16")
+            workflows.train_vqvae_run(vqvae_run, sources, config)
         vqvae = vqvae_run / "best.pt"
     rows = []
     for architecture in options.architectures:
         prior = root / f"prior_{architecture}"
         if not (prior / "prior_summary.json").is_file():
             started = time.monotonic()
-            run(
-                [
-                    "train-prior",
-                    "--vqvae",
-                    str(vqvae),
-                    "--data",
-                    str(data),
-                    "--out",
-                    str(prior),
-                    "--architecture",
-                    architecture,
-                    "--epochs",
-                    "1000",
-                    "--max-minutes",
-                    str(options.prior_minutes),
-                    "prior_train.precision=bfloat16",
-                    "prior_train.sample_every=10",
-                ]
+            config = settings(
+                f"prior.architecture={architecture}",
+                "prior_train.epochs=1000",
+                f"prior_train.max_minutes={options.prior_minutes}",
+                "prior_train.precision=bfloat16",
+                "prior_train.sample_every=10",
             )
+            workflows.train_prior_run(prior, vqvae, sources, config)
             print(f"prior trained in {time.monotonic() - started:.0f} s")
         samples = root / f"samples_{architecture}"
         if not (samples / "samples.json").is_file():
-            run(
-                [
-                    "sample",
-                    "--vqvae",
-                    str(vqvae),
-                    "--prior",
-                    str(prior / "best.pt"),
-                    "--n",
-                    str(options.samples),
-                    "--out",
-                    str(samples),
-                ]
-            )
-        run(["evaluate-samples", "--samples", str(samples), "--data", str(data)])
+            config = settings(f"sample.num_samples={options.samples}")
+            workflows.sample(vqvae, prior / "best.pt", samples, config)
+        workflows.evaluate_samples(samples, sources, overwrite=True)
         summary = json.loads((prior / "prior_summary.json").read_text())
         history = [json.loads(line) for line in (prior / "metrics.jsonl").read_text().splitlines()]
         drawn = json.loads((samples / "samples.json").read_text())
@@ -151,6 +118,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["phantom", "mni"])
     parser.add_argument("--architectures", nargs="+", default=["transformer"])
