@@ -8,7 +8,6 @@ tensors, numbers, strings, lists and dicts.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import random
 import re
@@ -23,7 +22,7 @@ import torch
 from mri_vqvae import __version__
 from mri_vqvae.config import Config, ConfigError, config_from_dict
 from mri_vqvae.errors import UserError
-from mri_vqvae.files import replaced_atomically
+from mri_vqvae.files import save_atomic
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior, build_prior
 
@@ -111,14 +110,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_atomic(payload: dict[str, Any], path: Path) -> None:
-    """A temporary file, flushed and renamed into place, so a kill leaves the old one whole."""
-    with replaced_atomically(path) as partial, open(partial, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _read_payload(path: Path, kind: str | None, format_version: int) -> dict[str, Any]:
     """A checkpoint's payload, refusing anything but plain values, another kind of checkpoint
     or another format."""
@@ -204,7 +195,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
         },
         "extras": checkpoint.extras,
     }
-    write_atomic(payload, Path(path))
+    save_atomic(payload, Path(path))
 
 
 _PROGRESS_KEYS = ("epoch", "global_step", "best_score", "history", "rng_state", "step_in_epoch")

@@ -17,14 +17,14 @@ from tqdm import tqdm
 
 from mri_vqvae.data.dataset import SliceSet, slice_positions
 from mri_vqvae.errors import ConfigError
-from mri_vqvae.files import replaced_atomically
+from mri_vqvae.files import read_stamped, write_stamped
 from mri_vqvae.model import VQVAE
 from mri_vqvae.runtime import autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
 
 # Bump when the cached maps' meaning changes.
-CODE_CACHE_FORMAT = 1
+CODE_CACHE_FORMAT = 2  # 2: written through files.write_stamped
 
 
 @dataclass
@@ -98,46 +98,28 @@ def code_maps_for(
 ) -> CodeMaps:
     """The code maps of ``slices``, read from ``cache_file`` when it was made by the same
     VQ-VAE file from the same slices in the same precision, else encoded and cached there."""
-    cache_file = Path(cache_file)
     fingerprint = _fingerprint(slices)
     precision = resolve_precision("auto", device)
-    if cache_file.exists():
-        try:
-            stored = torch.load(cache_file, map_location="cpu", weights_only=True)
-            if (
-                stored["format"] == CODE_CACHE_FORMAT
-                and stored["vqvae_sha256"] == vqvae_sha256
-                and list(stored["fingerprint"]) == fingerprint
-                and stored.get("precision") == precision
-            ):
-                return CodeMaps(
-                    stored["indices"].long(),
-                    list(slices.names),
-                    stored["slice_positions"],
-                    model.num_embeddings,
-                )
-            logger.info(
-                "%s holds codes of another VQ-VAE, other slices or another precision; encoding",
-                cache_file,
-            )
-        except Exception as err:  # a damaged cache is rebuilt, never trusted
-            logger.warning("ignoring unreadable code cache %s (%s)", cache_file, err)
+    stamp = {
+        "format": CODE_CACHE_FORMAT,
+        "vqvae_sha256": vqvae_sha256,
+        "fingerprint": fingerprint,
+        "precision": precision,
+    }
+    stored = read_stamped(Path(cache_file), stamp)
+    if stored is not None:
+        return CodeMaps(
+            stored["indices"].long(),
+            list(slices.names),
+            stored["slice_positions"],
+            model.num_embeddings,
+        )
     indices = encode_slices(model, slices, device, batch_size, precision)
     positions = torch.from_numpy(slice_positions(slices.names))
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
     # int16 holds any codebook up to 32768 codes at a quarter of int64's size.
     dtype = torch.int16 if model.num_embeddings <= 2**15 else torch.int32
-    _save_atomic(
-        {
-            "format": CODE_CACHE_FORMAT,
-            "vqvae_sha256": vqvae_sha256,
-            "fingerprint": fingerprint,
-            "precision": precision,
-            "indices": indices.to(dtype),
-            "slice_positions": positions,
-        },
-        cache_file,
-    )
+    payload = {"indices": indices.to(dtype), "slice_positions": positions}
+    write_stamped(Path(cache_file), stamp, payload)
     return CodeMaps(indices, list(slices.names), positions, model.num_embeddings)
 
 
@@ -152,9 +134,3 @@ def require_slice_positions(codes: CodeMaps, label: str) -> None:
             f"{label}: {len(missing)} slice name(s) carry no '_slice_<S>' number to take a "
             f"position from ({shown}); train without prior.condition_on_slice_position"
         )
-
-
-def _save_atomic(payload: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file renamed into place, so a kill leaves no half cache."""
-    with replaced_atomically(path) as partial:
-        torch.save(payload, partial)

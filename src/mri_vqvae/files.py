@@ -482,6 +482,46 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
+def save_atomic(payload: dict[str, Any], path: Path) -> None:
+    """``torch.save`` ``payload`` (plain values and tensors) to ``path`` whole or not at all,
+    flushed to disk before the rename: checkpoints, code maps and caches all go through it."""
+    import torch  # here, so that the command line's --help never waits for torch
+
+    with replaced_atomically(path) as partial, open(partial, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_stamped(path: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
+    """A cache written by :func:`write_stamped`, when it exists and carries exactly ``stamp``
+    (what it was made from: format, inputs' hashes, settings); None otherwise. A damaged cache
+    is reported and ignored, never trusted."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file fails in many ways deep inside torch.load
+        logger.warning("ignoring unreadable cache %s (%s)", path, err)
+        return None
+    if not isinstance(stored, dict) or stored.get("stamp") != stamp:
+        logger.info("%s was made from other inputs or settings; making it again", path)
+        return None
+    return stored["payload"]
+
+
+def write_stamped(path: Path, stamp: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Cache ``payload`` at ``path`` with the ``stamp`` :func:`read_stamped` checks. A cache
+    that cannot be written only costs time next run, so a failure is a warning."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic({"stamp": stamp, "payload": payload}, path)
+    except OSError as err:
+        logger.warning("could not write cache %s (%s)", path, err)
+
+
 def _process_start(pid: int) -> str | None:
     """A process's start time in clock ticks since boot (Linux), which tells a reused process
     id from the process that took a lock; None where /proc cannot say."""

@@ -104,11 +104,11 @@ def test_code_maps_are_encoded_again_in_another_precision(tmp_path, monkeypatch)
     cache = tmp_path / "train.pt"
     monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: False)
     code_maps_for(tiny_vqvae(), "a" * 64, slices, cache, torch.device("cpu"))
-    assert torch.load(cache, weights_only=True)["precision"] == "float32"
+    assert torch.load(cache, weights_only=True)["stamp"]["precision"] == "float32"
     monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: True)
     other = tiny_vqvae(seed=9)  # same hash: only the precision tells the caches apart
     again = code_maps_for(other, "a" * 64, slices, cache, torch.device("cpu"))
-    assert torch.load(cache, weights_only=True)["precision"] == "bfloat16"
+    assert torch.load(cache, weights_only=True)["stamp"]["precision"] == "bfloat16"
     assert torch.equal(again.indices, encode_slices(other, slices, torch.device("cpu")))
 
 

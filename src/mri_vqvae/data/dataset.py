@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mri_vqvae.config import DataConfig
 from mri_vqvae.data.nifti import DataError, is_nifti, read_slice
 from mri_vqvae.errors import ConfigError
+from mri_vqvae.files import read_stamped, write_stamped
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ HIPMRI_SPLIT_FOLDERS = {
 }
 SPLITS = tuple(HIPMRI_SPLIT_FOLDERS)
 # Bump when the cached tensors' meaning changes, so stale caches are never read.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: written through files.write_stamped
 
 
 def hipmri_split_dirs(root: str | Path) -> dict[str, Path]:
@@ -217,36 +218,27 @@ def load_split(files: list[Path], config: DataConfig, label: str = "split") -> S
     if not config.use_cache:
         return _decode(files, config, label)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    cache_file = cache_dir / f"{label}-{_cache_key(files, config)}.pt"
-    if cache_file.exists():
-        try:
-            stored = torch.load(cache_file, weights_only=True)
-            return SliceSet(
-                images=stored["images"],
-                names=list(stored["names"]),
-                original_shapes=[tuple(s) for s in stored["original_shapes"]],
-                intensity_ranges=stored["intensity_ranges"],
-                skipped=list(stored["skipped"]),
-            )
-        except Exception as err:  # a damaged cache is rebuilt, never trusted
-            logger.warning("ignoring unreadable cache %s (%s)", cache_file, err)
-    slices = _decode(files, config, label)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(
-            {
-                "images": slices.images,
-                "names": slices.names,
-                "original_shapes": [list(s) for s in slices.original_shapes],
-                "intensity_ranges": slices.intensity_ranges,
-                "skipped": slices.skipped,
-            },
-            partial,
+    key = _cache_key(files, config)
+    cache_file = cache_dir / f"{label}-{key}.pt"
+    stamp = {"format": CACHE_FORMAT, "key": key}
+    stored = read_stamped(cache_file, stamp)
+    if stored is not None:
+        return SliceSet(
+            images=stored["images"],
+            names=list(stored["names"]),
+            original_shapes=[tuple(s) for s in stored["original_shapes"]],
+            intensity_ranges=stored["intensity_ranges"],
+            skipped=list(stored["skipped"]),
         )
-        os.replace(partial, cache_file)
-    except OSError as err:  # a cache we cannot write only costs time next run
-        logger.warning("could not write cache %s (%s)", cache_file, err)
+    slices = _decode(files, config, label)
+    payload = {
+        "images": slices.images,
+        "names": slices.names,
+        "original_shapes": [list(s) for s in slices.original_shapes],
+        "intensity_ranges": slices.intensity_ranges,
+        "skipped": slices.skipped,
+    }
+    write_stamped(cache_file, stamp, payload)
     return slices
 
 

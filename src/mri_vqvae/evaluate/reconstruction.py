@@ -15,6 +15,13 @@ from mri_vqvae import plots
 from mri_vqvae.config import DataConfig
 from mri_vqvae.data.dataset import SliceSet, postprocess, preprocess
 from mri_vqvae.data.nifti import read_slice, write_slice
+from mri_vqvae.files import (
+    CODEBOOK_FILE,
+    EVALUATION_SUMMARY,
+    EXAMPLES_FILE,
+    replaced_atomically,
+    write_text_atomic,
+)
 from mri_vqvae.metrics import (
     codebook_usage,
     foreground_ssim_psnr,
@@ -37,7 +44,6 @@ SSIM_PROTOCOLS = {
 
 
 # Beside metrics.json: the arrays a run's report draws (numpy archives, read without pickle).
-from mri_vqvae.files import CODEBOOK_FILE, EXAMPLES_FILE  # noqa: E402
 
 
 @dataclass
@@ -148,7 +154,7 @@ def write_evaluation(
         writer.writerow(["file", *columns])
         for index, name in enumerate(result.names):
             writer.writerow([name, *(f"{values[index]:.6f}" for values in columns.values())])
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / EVALUATION_SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     plots.ssim_scores(result.ssim, out_dir / f"ssim_scores_{split}_set.png", split=split)
     examples = write_examples(model, slices, result, out_dir / EXAMPLES_FILE, device, seed)
@@ -208,7 +214,8 @@ def write_examples(
         "ssim": result.ssim[chosen],
         "psnr": result.psnr[chosen],
     }
-    np.savez_compressed(path, **arrays)
+    with replaced_atomically(Path(path), suffix=".npz") as partial:
+        np.savez_compressed(partial, **arrays)
     return arrays
 
 
@@ -260,7 +267,8 @@ def write_codebook_atlas(
         "cell_size": np.array([cell_h, cell_w]),
         "grid_shape": np.array([rows, columns]),
     }
-    np.savez_compressed(path, **arrays)
+    with replaced_atomically(Path(path), suffix=".npz") as partial:
+        np.savez_compressed(partial, **arrays)
     return arrays
 
 

@@ -23,6 +23,7 @@ from mri_vqvae.evaluate.sample_metrics import (
     share_above,
     within,
 )
+from mri_vqvae.files import SAMPLE_METRICS, write_text_atomic
 from mri_vqvae.model import VQVAE
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def evaluate_samples(
             "seed": settings.seed,
         },
     }
-    (out_dir / "sample_metrics.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out_dir / SAMPLE_METRICS, json.dumps(summary, indent=2))
     with open(out_dir / "memorisation.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["sample", "nearest_train_slice", "ssim"])

@@ -15,6 +15,7 @@ from mri_vqvae.config import SampleConfig
 from mri_vqvae.data.dataset import to_unit_range
 from mri_vqvae.data.nifti import DataError, write_slice
 from mri_vqvae.errors import ConfigError
+from mri_vqvae.files import SAMPLE_CODES, SAMPLES_SUMMARY, save_atomic, write_text_atomic
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior
 
@@ -145,7 +146,7 @@ def write_samples(run: SampleRun, out_dir: str | Path, metadata: dict) -> Path:
     unit = to_unit_range(run.images).numpy()
     for i, image in enumerate(unit):
         write_slice(image[0], out_dir / f"sample_{i:04d}.nii.gz")
-    torch.save({"codes": run.codes.to(torch.int32)}, out_dir / "codes.pt")
+    save_atomic({"codes": run.codes.to(torch.int32)}, out_dir / SAMPLE_CODES)
     shown = run.images[:64].numpy()
     plots.image_grid(shown, out_dir / "samples.png", title=f"{len(shown)} of {len(unit)} samples")
     codes_drawn = run.codes.numel()
@@ -159,7 +160,7 @@ def write_samples(run: SampleRun, out_dir: str | Path, metadata: dict) -> Path:
         "codes_per_second": codes_drawn / max(run.sampling_seconds, 1e-9),
         "pixel_range": "each sample_*.nii.gz holds the decoded image scaled to [0, 1]",
     }
-    (out_dir / "samples.json").write_text(json.dumps(summary, indent=2, default=_plain))
+    write_text_atomic(out_dir / SAMPLES_SUMMARY, json.dumps(summary, indent=2, default=_plain))
     return out_dir
 
 
