@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,63 @@ def test_shipped_configs_load():
     assert seed.model == load_config(preset="seed").model
     assert seed.train == load_config(preset="seed").train
     assert load_config(root / "demo.yaml").train.epochs >= 1
+    assert load_config(root / "demo_prior.yaml").prior_train.epochs >= 1
+
+
+def test_one_tree_holds_every_section_and_round_trips(tmp_path: Path):
+    config = load_config(
+        overrides=[
+            "prior.num_layers=2",
+            "prior_train.epochs=3",
+            "sample.top_k=5",
+            "sample_metrics.folds=3",
+        ]
+    )
+    assert [f.name for f in dataclasses.fields(config)] == [
+        "data",
+        "model",
+        "train",
+        "prior",
+        "prior_train",
+        "sample",
+        "sample_metrics",
+    ]
+    path = tmp_path / "all.yaml"
+    save_config(config, path)
+    assert load_config(path) == config
+
+
+def test_the_two_loop_sections_share_fields_but_keep_their_own_defaults():
+    from mri_vqvae.config import LoopConfig, PriorTrainConfig, TrainConfig
+
+    shared = {f.name for f in dataclasses.fields(LoopConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(PriorTrainConfig)}
+    assert (TrainConfig().batch_size, PriorTrainConfig().batch_size) == (32, 16)
+    # A bad value is named with its own section.
+    with pytest.raises(ConfigError, match=r"prior_train\.lr must be > 0"):
+        load_config(overrides=["prior_train.lr=0"])
+    with pytest.raises(ConfigError, match=r"train\.lr must be > 0"):
+        load_config(overrides=["train.lr=0"])
+
+
+def test_a_hand_built_quantizer_has_the_configuration_defaults():
+    from mri_vqvae.config import ModelConfig
+    from mri_vqvae.model import VectorQuantizer
+
+    quantizer = VectorQuantizer(8, 4)
+    assert quantizer.dead_code_steps == ModelConfig().dead_code_steps
+
+
+def test_config_command_prints_the_resolved_tree_as_a_loadable_file(tmp_path: Path, capsys):
+    from mri_vqvae.cli import main
+
+    assert main(["config", "--preset", "seed", "sample.temperature=0.9"]) == 0
+    printed = capsys.readouterr().out
+    path = tmp_path / "printed.yaml"
+    path.write_text(printed)
+    config = load_config(path)
+    assert config == load_config(preset="seed", overrides=["sample.temperature=0.9"])
+    assert config.model.architecture == "seed" and config.sample.temperature == 0.9
+    assert main(["config", "sample.temperature=-1"]) == 2
+    assert "sample.temperature must be a finite number > 0" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from mri_vqvae.checkpoint import (
     load_prior_checkpoint,
 )
 from mri_vqvae.code_maps import CodeMaps, code_maps_for, require_slice_positions
-from mri_vqvae.config import Config, ConfigError, apply_overrides, config_from_dict
+from mri_vqvae.config import Config, ConfigError, DataConfig, apply_overrides, config_from_dict
 from mri_vqvae.data.dataset import (
     SliceSet,
     concat_slice_sets,
@@ -121,6 +121,13 @@ def resumed_config(
             + "; ".join(changes)
         )
     return config
+
+
+def data_settings(trained: DataConfig, given: DataConfig) -> DataConfig:
+    """The data settings of a command that uses a trained VQ-VAE: its image size (the model is
+    fixed to it), and how to read the slices as the command's own settings say (skipping bad
+    files, the cache)."""
+    return replace(given, image_size=trained.image_size)
 
 
 def _is_main_process() -> bool:
@@ -302,7 +309,7 @@ def _train_prior_in(
     device = resolve_device(config.prior_train.device)
     vqvae, vqvae_config = load_model(vqvae_path, device)
     sha256 = file_sha256(vqvae_path)
-    data_config = replace(vqvae_config.data, skip_bad_files=config.data.skip_bad_files)
+    data_config = data_settings(vqvae_config.data, config.data)
     config = replace(config, data=data_config, model=vqvae_config.model)
     run = RunFolder(folder.path)
     codes = _encode_splits(vqvae, sha256, data, config, run, device)
@@ -353,9 +360,9 @@ def evaluate_checkpoint(
     checkpoint: str | Path,
     data: DataSources,
     out: str | Path,
+    config: Config | None = None,
     *,
     batch_size: int = 32,
-    skip_bad_files: bool = False,
     device: str = "auto",
     overwrite: bool = False,
 ) -> dict:
@@ -364,8 +371,8 @@ def evaluate_checkpoint(
     checkpoint, out = Path(checkpoint), Path(out)
     folder = OutputFolder(out, EVALUATION, overwrite=overwrite, inputs=(checkpoint,))
     torch_device = resolve_device(device)
-    model, config = load_model(checkpoint, torch_device)
-    data_config = replace(config.data, skip_bad_files=skip_bad_files)
+    model, trained = load_model(checkpoint, torch_device)
+    data_config = data_settings(trained.data, (config or Config()).data)
     slices = load_split(data.test_files(), data_config, label="test")
     with folder:
         folder.remove_previous_outputs()
@@ -488,8 +495,7 @@ def evaluate_samples(
     settings = (config or Config()).sample_metrics
     device = resolve_device(settings.device)
     vqvae, vqvae_config = load_model(vqvae_file, device)
-    skip = config.data.skip_bad_files if config else False
-    data_config = replace(vqvae_config.data, skip_bad_files=skip)
+    data_config = data_settings(vqvae_config.data, (config or Config()).data)
     generated = load_split(
         list_slices(samples), replace(data_config, use_cache=False), label="samples"
     )

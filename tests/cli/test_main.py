@@ -246,6 +246,14 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     # A second sample run never writes over the first.
     assert main([*sample_args, "--n", "2", "--out", str(samples)]) == 2
     assert "already holds a sample folder" in capsys.readouterr().err
+    # Sampling settings come from the one tree too: a --config file, then flags win.
+    settings = tmp_path / "sample.yaml"
+    settings.write_text("sample:\n  num_samples: 5\n  top_k: 4\n  seed: 3\n")
+    from_file = tmp_path / "from_file"
+    assert main([*sample_args, "--config", str(settings), "--n", "3", "--out", str(from_file)]) == 0
+    drawn = json.loads((from_file / "samples.json").read_text())
+    assert len(list(from_file.glob("sample_*.nii.gz"))) == 3
+    assert (drawn["seed"], drawn["settings"]["top_k"]) == (3, 4)
 
     judge = ["-q", "evaluate-samples", "--samples", str(samples), "--data", str(demo)]
     assert main([*judge, "--classifier-steps", "2", "--folds", "2", "--device", "cpu"]) == 0

@@ -218,11 +218,15 @@ def _add_evaluate(commands, data: argparse.ArgumentParser, device: argparse.Argu
         description="Per-image SSIM/PSNR on the test split, a summary and figures.",
     )
     evaluate.add_argument("--checkpoint", type=Path, required=True)
+    evaluate.add_argument(
+        "--config", type=Path, help="YAML file of settings (data: skip_bad_files, the cache)"
+    )
     evaluate.add_argument("--out", type=Path, required=True, help="folder to write")
     evaluate.add_argument("--batch-size", type=_count, default=32)
     evaluate.add_argument(
         "--overwrite", action="store_true", help="replace an evaluation already in --out"
     )
+    evaluate.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
 def _add_train_prior(
@@ -487,17 +491,24 @@ def _print_training_result(result) -> None:
         print(f"  TensorBoard: tensorboard --logdir {run.tensorboard}")
 
 
+_SKIP_BAD_FILES = {"skip_bad_files": "data.skip_bad_files=true"}
+
+
 def run_evaluate(args: argparse.Namespace) -> None:
+    config = _settings(args, _settings_overrides(args, {}, _SKIP_BAD_FILES))
     summary = workflows.evaluate_checkpoint(
         args.checkpoint,
         _sources(args),
         args.out,
+        config,
         batch_size=args.batch_size,
-        skip_bad_files=args.skip_bad_files,
         device=args.device or "auto",
         overwrite=args.overwrite,
     )
-    s = summary
+    _print_evaluation(summary, args.out)
+
+
+def _print_evaluation(s: dict, out: Path) -> None:
     print(
         f"test SSIM {s['ssim_mean']:.4f} (min {s['ssim_min']:.4f}), PSNR {s['psnr_mean']:.2f} "
         f"dB, codes used {100 * s['codebook_usage']:.1f}%, perplexity {s['perplexity']:.1f} "
@@ -509,7 +520,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         f"{s['ssim_seed_protocol_mean']:.4f} (to compare with its 0.799 only)"
     )
     print(
-        f"results in {args.out}: metrics.json, per_image_metrics.csv, ssim_scores_test_set.png, "
+        f"results in {out}: metrics.json, per_image_metrics.csv, ssim_scores_test_set.png, "
         "best_image.png, worst_image.png, reconstructed_images.png"
     )
 
