@@ -87,6 +87,22 @@ SAMPLE_CODES = "codes.pt"
 SAMPLE_EVALUATION_FOLDER = "evaluation"
 SAMPLE_METRICS = "sample_metrics.json"
 MEMORISATION_TABLE = "memorisation.csv"
+BEST_IMAGE = "best_image.png"
+WORST_IMAGE = "worst_image.png"
+RANDOM_RECONSTRUCTIONS = "reconstructed_images.png"
+CLOSEST_TO_TRAINING = "closest_to_training.png"
+SAMPLES_WITH_NEAREST = "samples_with_nearest_training.png"
+NEAREST_TRAINING_SSIM = "nearest_training_ssim.png"
+
+
+def ssim_scores_file(split: str) -> str:
+    """The SSIM histogram of an evaluated split."""
+    return f"ssim_scores_{split}_set.png"
+
+
+def epoch_picture(epoch: int) -> str:
+    """A preview picture of one epoch (reconstructions, or a prior's samples)."""
+    return f"epoch_{epoch}.png"
 
 
 @dataclass(frozen=True)
@@ -148,10 +164,10 @@ EVALUATION = FolderKind(
     (
         EVALUATION_SUMMARY,
         PER_IMAGE_METRICS,
-        "ssim_scores_*_set.png",
-        "best_image.png",
-        "worst_image.png",
-        "reconstructed_images.png",
+        ssim_scores_file("*"),
+        BEST_IMAGE,
+        WORST_IMAGE,
+        RANDOM_RECONSTRUCTIONS,
         EXAMPLES_FILE,
         CODEBOOK_FILE,
     ),
@@ -167,9 +183,9 @@ SAMPLE_EVALUATION = FolderKind(
     (
         SAMPLE_METRICS,
         MEMORISATION_TABLE,
-        "closest_to_training.png",
-        "samples_with_nearest_training.png",
-        "nearest_training_ssim.png",
+        CLOSEST_TO_TRAINING,
+        SAMPLES_WITH_NEAREST,
+        NEAREST_TRAINING_SSIM,
     ),
 )
 PHANTOM = FolderKind(

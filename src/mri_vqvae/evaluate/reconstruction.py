@@ -16,10 +16,15 @@ from mri_vqvae.config import DataConfig
 from mri_vqvae.data.dataset import SliceSet, postprocess, preprocess
 from mri_vqvae.data.nifti import read_slice, write_slice
 from mri_vqvae.files import (
+    BEST_IMAGE,
     CODEBOOK_FILE,
     EVALUATION_SUMMARY,
     EXAMPLES_FILE,
+    PER_IMAGE_METRICS,
+    RANDOM_RECONSTRUCTIONS,
+    WORST_IMAGE,
     replaced_atomically,
+    ssim_scores_file,
     write_text_atomic,
 )
 from mri_vqvae.metrics import (
@@ -148,7 +153,7 @@ def write_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     result = evaluate_split(model, slices, batch_size, device)
     summary = {"split": split, **result.summary()}
-    with open(out_dir / "per_image_metrics.csv", "w", newline="") as handle:
+    with open(out_dir / PER_IMAGE_METRICS, "w", newline="") as handle:
         writer = csv.writer(handle)
         columns = result.per_image()
         writer.writerow(["file", *columns])
@@ -156,7 +161,7 @@ def write_evaluation(
             writer.writerow([name, *(f"{values[index]:.6f}" for values in columns.values())])
     write_text_atomic(out_dir / EVALUATION_SUMMARY, json.dumps(summary, indent=2) + "\n")
 
-    plots.ssim_scores(result.ssim, out_dir / f"ssim_scores_{split}_set.png", split=split)
+    plots.ssim_scores(result.ssim, out_dir / ssim_scores_file(split), split=split)
     examples = write_examples(model, slices, result, out_dir / EXAMPLES_FILE, device, seed)
     for label in ("best", "worst"):
         index = int(np.flatnonzero(examples["kind"] == label)[0])
@@ -164,7 +169,7 @@ def write_evaluation(
         plots.pair_with_error(
             examples["images"][index].astype(np.float32),
             examples["reconstructions"][index].astype(np.float32),
-            out_dir / f"{label}_image.png",
+            out_dir / (BEST_IMAGE if label == "best" else WORST_IMAGE),
             title=f"{label}: {name} (SSIM {examples['ssim'][index]:.4f}, "
             f"PSNR {examples['psnr'][index]:.2f} dB)",
         )
@@ -176,7 +181,7 @@ def write_evaluation(
     plots.reconstruction_grid(
         images.cpu().numpy(),
         reconstructions.cpu().numpy(),
-        out_dir / "reconstructed_images.png",
+        out_dir / RANDOM_RECONSTRUCTIONS,
         title=f"{len(chosen)} random {split} images (mean SSIM over the split "
         f"{summary['ssim_mean']:.4f})",
     )

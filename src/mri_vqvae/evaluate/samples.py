@@ -23,7 +23,14 @@ from mri_vqvae.evaluate.sample_metrics import (
     share_above,
     within,
 )
-from mri_vqvae.files import SAMPLE_METRICS, write_text_atomic
+from mri_vqvae.files import (
+    CLOSEST_TO_TRAINING,
+    MEMORISATION_TABLE,
+    NEAREST_TRAINING_SSIM,
+    SAMPLE_METRICS,
+    SAMPLES_WITH_NEAREST,
+    write_text_atomic,
+)
 from mri_vqvae.model import VQVAE
 
 logger = logging.getLogger(__name__)
@@ -157,7 +164,7 @@ def evaluate_samples(
         },
     }
     write_text_atomic(out_dir / SAMPLE_METRICS, json.dumps(summary, indent=2))
-    with open(out_dir / "memorisation.csv", "w", newline="") as handle:
+    with open(out_dir / MEMORISATION_TABLE, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["sample", "nearest_train_slice", "ssim"])
         for i, name in enumerate(samples.names):
@@ -181,8 +188,8 @@ def _figures(
     closest = nearest.argsort(descending=True)[:shown]
     random = torch.randperm(len(samples), generator=torch.Generator().manual_seed(settings.seed))
     for order, name, title in (
-        (closest, "closest_to_training.png", "the samples closest to a training slice"),
-        (random[:shown], "samples_with_nearest_training.png", "random samples"),
+        (closest, CLOSEST_TO_TRAINING, "the samples closest to a training slice"),
+        (random[:shown], SAMPLES_WITH_NEAREST, "random samples"),
     ):
         pairs = [samples.images[order], train.images[nearest_index[order]]]
         plots.image_rows(
@@ -194,7 +201,7 @@ def _figures(
         )
     plots.score_histograms(
         {"samples": nearest.numpy(), "held-out real slices": real_nearest.numpy()},
-        out_dir / "nearest_training_ssim.png",
+        out_dir / NEAREST_TRAINING_SSIM,
         xlabel="highest SSIM to any training slice",
         threshold=MEMORISATION_SSIM,
     )

@@ -15,7 +15,13 @@ from mri_vqvae.config import SampleConfig
 from mri_vqvae.data.dataset import to_unit_range
 from mri_vqvae.data.nifti import DataError, write_slice
 from mri_vqvae.errors import ConfigError
-from mri_vqvae.files import SAMPLE_CODES, SAMPLES_SUMMARY, save_atomic, write_text_atomic
+from mri_vqvae.files import (
+    SAMPLE_CODES,
+    SAMPLES_GRID,
+    SAMPLES_SUMMARY,
+    save_atomic,
+    write_text_atomic,
+)
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior
 
@@ -148,7 +154,7 @@ def write_samples(run: SampleRun, out_dir: str | Path, metadata: dict) -> Path:
         write_slice(image[0], out_dir / f"sample_{i:04d}.nii.gz")
     save_atomic({"codes": run.codes.to(torch.int32)}, out_dir / SAMPLE_CODES)
     shown = run.images[:64].numpy()
-    plots.image_grid(shown, out_dir / "samples.png", title=f"{len(shown)} of {len(unit)} samples")
+    plots.image_grid(shown, out_dir / SAMPLES_GRID, title=f"{len(shown)} of {len(unit)} samples")
     codes_drawn = run.codes.numel()
     summary = {
         **metadata,

@@ -24,11 +24,29 @@ import yaml
 
 from mri_vqvae import __version__, plots
 from mri_vqvae.errors import InputError
-from mri_vqvae.files import CODEBOOK_FILE, EXAMPLES_FILE, write_text_atomic
+from mri_vqvae.files import (
+    BATCH_LOSSES,
+    BEST_IMAGE,
+    CLOSEST_TO_TRAINING,
+    CODEBOOK_FILE,
+    CONFIG_FILE,
+    EVALUATION_SUMMARY,
+    EXAMPLES_FILE,
+    METRICS_JSONL,
+    NEAREST_TRAINING_SSIM,
+    PER_IMAGE_METRICS,
+    PRIOR_SUMMARY,
+    RANDOM_RECONSTRUCTIONS,
+    REPORT_FILE,
+    SAMPLE_EVALUATION_FOLDER,
+    SAMPLE_METRICS,
+    SAMPLES_GRID,
+    SAMPLES_SUMMARY,
+    WORST_IMAGE,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
-
-REPORT_FILE = "report.html"
 
 
 @dataclass(frozen=True)
@@ -52,7 +70,7 @@ def find_sources(
     ``validation/`` (written at the end of training), and the newest sub-folder holding a
     prior (``prior_summary.json``) or samples (``samples.json``)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
+    if not (run_dir / METRICS_JSONL).is_file() or not (run_dir / CONFIG_FILE).is_file():
         raise InputError(
             f"{run_dir}: not a training run folder (it needs the config.yaml and metrics.jsonl "
             "that `mri-vqvae train` writes)"
@@ -65,7 +83,9 @@ def find_sources(
         evaluations = _folders_with(run_dir, "evaluation")
         # An evaluation written before metrics.json named its split was of the test split.
         tests = [
-            f for f in evaluations if _read_json(f / "metrics.json").get("split") in (None, "test")
+            f
+            for f in evaluations
+            if _read_json(f / EVALUATION_SUMMARY).get("split") in (None, "test")
         ]
         evaluation = next(iter(tests + evaluations), None)
     if prior is None:
@@ -81,7 +101,7 @@ def find_sources(
 
 
 # The file that marks a folder as holding each kind of output.
-_MARKERS = {"evaluation": "metrics.json", "prior": "prior_summary.json", "samples": "samples.json"}
+_MARKERS = {"evaluation": EVALUATION_SUMMARY, "prior": PRIOR_SUMMARY, "samples": SAMPLES_SUMMARY}
 
 
 def _folders_with(run_dir: Path, kind: str) -> list[Path]:
@@ -231,12 +251,12 @@ def _config_rows(config: dict) -> list[tuple[str, str, str]]:
 
 
 def _training_section(run_dir: Path) -> dict:
-    config_text = (run_dir / "config.yaml").read_text()
+    config_text = (run_dir / CONFIG_FILE).read_text()
     try:
         config = yaml.safe_load(config_text) or {}
     except yaml.YAMLError as err:
-        raise InputError(f"{run_dir / 'config.yaml'}: not valid YAML ({err})") from err
-    history = _read_jsonl(run_dir / "metrics.jsonl")
+        raise InputError(f"{run_dir / CONFIG_FILE}: not valid YAML ({err})") from err
+    history = _read_jsonl(run_dir / METRICS_JSONL)
     epochs = [
         {
             "epoch": row["epoch"],
@@ -258,16 +278,16 @@ def _training_section(run_dir: Path) -> dict:
         "epochs": epochs,
         "history": history,
         "curves": _figure(plots.training_curves(history)) if history else None,
-        "batch_losses": _file_image(run_dir / "batch_losses.png"),
+        "batch_losses": _file_image(run_dir / BATCH_LOSSES),
     }
 
 
 def _evaluation_section(folder: Path | None, run_dir: Path) -> dict | None:
     if folder is None:
         return None
-    summary = _read_json(folder / "metrics.json")
+    summary = _read_json(folder / EVALUATION_SUMMARY)
     split = summary.get("split", "test")
-    per_image = _per_image_ssim(folder / "per_image_metrics.csv")
+    per_image = _per_image_ssim(folder / PER_IMAGE_METRICS)
     metrics = [
         ("images", _number(summary["n_images"])),
         ("SSIM mean", _number(summary["ssim_mean"])),
@@ -301,9 +321,9 @@ def _evaluation_section(folder: Path | None, run_dir: Path) -> dict | None:
         section["examples"] = _example_tables(examples)
     else:  # an evaluation written before the report existed: its own pictures
         for name, heading in (
-            ("best_image.png", "Best"),
-            ("worst_image.png", "Worst"),
-            ("reconstructed_images.png", "Random"),
+            (BEST_IMAGE, "Best"),
+            (WORST_IMAGE, "Worst"),
+            (RANDOM_RECONSTRUCTIONS, "Random"),
         ):
             image = _file_image(folder / name)
             if image:
@@ -405,7 +425,7 @@ def _codebook_section(atlas: dict[str, np.ndarray]) -> dict:
 def _prior_section(folder: Path | None, run_dir: Path) -> dict | None:
     if folder is None:
         return None
-    summary = _read_json(folder / "prior_summary.json")
+    summary = _read_json(folder / PRIOR_SUMMARY)
     rows = [("best epoch", _number(summary.get("best_epoch")))]
     for key, label, digits in (
         ("val_nll_bits", "validation NLL (bits per code)", 3),
@@ -416,7 +436,7 @@ def _prior_section(folder: Path | None, run_dir: Path) -> dict | None:
     ):
         rows.append((label, _number(summary.get(key, math.nan), digits)))
     rows.append(("VQ-VAE", str(summary.get("vqvae", ""))))
-    history = _read_jsonl(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
+    history = _read_jsonl(folder / METRICS_JSONL) if (folder / METRICS_JSONL).is_file() else []
     previews = sorted(
         (path for path in (folder / "samples").glob("epoch_*.png") if path.stem[6:].isdigit()),
         key=lambda path: int(path.stem[6:]),
@@ -433,7 +453,7 @@ def _prior_section(folder: Path | None, run_dir: Path) -> dict | None:
 def _samples_section(folder: Path | None, run_dir: Path) -> dict | None:
     if folder is None:
         return None
-    metadata = _read_json(folder / "samples.json")
+    metadata = _read_json(folder / SAMPLES_SUMMARY)
     rows = [
         ("samples", _number(metadata.get("num_samples"))),
         ("temperature", _number(metadata.get("settings", {}).get("temperature"), 2)),
@@ -445,7 +465,7 @@ def _samples_section(folder: Path | None, run_dir: Path) -> dict | None:
     ]
     metrics_rows = []
     pictures = []
-    metrics_file = folder / "evaluation" / "sample_metrics.json"
+    metrics_file = folder / SAMPLE_EVALUATION_FOLDER / SAMPLE_METRICS
     if metrics_file.is_file():
         metrics = _read_json(metrics_file)
         for key, label in (
@@ -477,7 +497,7 @@ def _samples_section(folder: Path | None, run_dir: Path) -> dict | None:
         ):
             if key in metrics:
                 metrics_rows.append((label, _number(metrics[key], digits)))
-        for name in ("closest_to_training.png", "nearest_training_ssim.png"):
+        for name in (CLOSEST_TO_TRAINING, NEAREST_TRAINING_SSIM):
             image = _file_image(folder / "evaluation" / name)
             if image:
                 pictures.append(image)
@@ -485,7 +505,7 @@ def _samples_section(folder: Path | None, run_dir: Path) -> dict | None:
         "folder": _shown_path(folder, run_dir),
         "path": str(folder),
         "rows": rows,
-        "grid": _file_image(folder / "samples.png"),
+        "grid": _file_image(folder / SAMPLES_GRID),
         "metrics_rows": metrics_rows,
         "pictures": pictures,
     }

@@ -18,7 +18,7 @@ from mri_vqvae.checkpoint import Checkpoint
 from mri_vqvae.code_maps import CodeMaps
 from mri_vqvae.config import Config
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
-from mri_vqvae.files import RunFolder
+from mri_vqvae.files import RunFolder, epoch_picture
 from mri_vqvae.generate.sampling import generate_samples
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior
@@ -186,7 +186,7 @@ class PriorTask(TrainingTask):
         where = " at slice position 0.5" if position is not None else ""
         plots.image_grid(
             run.images.numpy(),
-            self.run.prior_samples / f"epoch_{epoch}.png",
+            self.run.prior_samples / epoch_picture(epoch),
             title=f"prior samples, epoch {epoch}{where}",
         )
         if board is not None:

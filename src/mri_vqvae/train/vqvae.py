@@ -17,7 +17,7 @@ from mri_vqvae.config import Config, TrainConfig
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
 from mri_vqvae.errors import UserError
-from mri_vqvae.files import RunFolder
+from mri_vqvae.files import RunFolder, epoch_picture
 from mri_vqvae.losses import VQVAELoss, vqvae_loss
 from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
 from mri_vqvae.model import VQVAE, VQVAEOutput
@@ -153,7 +153,7 @@ def save_previews(
         plots.reconstruction_grid(
             images.cpu().numpy(),
             reconstructions[split].cpu().numpy(),
-            run.reconstructions / split / f"epoch_{epoch}.png",
+            run.reconstructions / split / epoch_picture(epoch),
             title=f"{split} epoch {epoch} (SSIM {ssim:.4f})",
         )
         if split == "val":
@@ -161,7 +161,7 @@ def save_previews(
                 images[0].cpu().numpy(),
                 output.indices[0].cpu().numpy(),
                 output.reconstruction[0].clamp(-1, 1).cpu().numpy(),
-                run.reconstructions / "comparison" / f"epoch_{epoch}.png",
+                run.reconstructions / "comparison" / epoch_picture(epoch),
                 num_embeddings=model.num_embeddings,
                 title=f"validation image, epoch {epoch}",
             )
