@@ -285,6 +285,8 @@ def build_prior_model(checkpoint: Checkpoint, path: str | Path = "checkpoint") -
 def check_prior_matches(checkpoint: Checkpoint, prior_path: Path, vqvae_path: Path) -> None:
     """Refuse a VQ-VAE file other than the one the prior was trained on: another codebook
     gives the prior's codes other meanings."""
+    if not Path(vqvae_path).is_file():
+        raise CheckpointError(f"{vqvae_path}: no such VQ-VAE checkpoint file")
     found = file_sha256(vqvae_path)
     expected = checkpoint.extras["vqvae_sha256"]
     if found != expected:

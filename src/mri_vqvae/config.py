@@ -522,8 +522,14 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         where = f" in {prefix}" if prefix else ""
+        hint = ""
+        if prefix == "train" and set(unknown) <= {
+            f.name for f in dataclasses.fields(PriorTrainConfig)
+        }:
+            hint = "; the prior's training settings are the prior_train section"
         raise ConfigError(
             f"unknown setting{where}: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            f"{hint}"
         )
     kwargs = {}
     for name, value in values.items():

@@ -19,6 +19,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from mri_vqvae.errors import ConfigError
 from mri_vqvae.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def join_process_group(device_name: str = "auto") -> tuple[ProcessGroup, torch.d
     device = resolve_device(device_name)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(
+            raise ConfigError(
                 f"rank {rank} has LOCAL_RANK {local_rank}, but torch sees only "
                 f"{torch.cuda.device_count()} GPU(s): start at most that many processes per node"
             )

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim
 
+from mri_vqvae.errors import ConfigError
 from mri_vqvae.metrics import ssim_map
 
 
@@ -29,7 +30,7 @@ def ms_ssim_window(height: int, width: int) -> int:
         # pytorch_msssim requires the smaller side to exceed (window - 1) * 2**4.
         if min(height, width) > (window - 1) * 16:
             return window
-    raise ValueError(
+    raise ConfigError(
         f"MS-SSIM needs image sides over 32 pixels, got {height}x{width}; use the ssim loss"
     )
 

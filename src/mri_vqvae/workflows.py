@@ -35,7 +35,7 @@ from mri_vqvae.data.dataset import (
 )
 from mri_vqvae.data.nifti import NIFTI_SUFFIXES, DataError
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
-from mri_vqvae.distributed import join_process_group, leave_process_group
+from mri_vqvae.distributed import ProcessGroup, join_process_group, leave_process_group
 from mri_vqvae.errors import UserError
 from mri_vqvae.evaluate.reconstruction import reconstruct_file, write_evaluation
 from mri_vqvae.evaluate.samples import evaluate_samples as measure_samples
@@ -264,12 +264,14 @@ def train_prior_run(
     resume: bool = False,
     overwrite: bool = False,
     overrides: list[str] | None = None,
-) -> PriorRunResult:
+) -> PriorRunResult | None:
     """Encode every split with the VQ-VAE at ``vqvae_path`` (cached in ``OUT/codes``), train a
     prior over the code maps into ``out``, score its best checkpoint on the test split and
-    write ``prior_summary.json``. The data and model settings are the VQ-VAE's."""
+    write ``prior_summary.json``. The model and image size are the VQ-VAE's. Under
+    ``torchrun`` every process calls this; the main one returns the result, the others None."""
     out, vqvae_path = Path(out), Path(vqvae_path)
-    folder = _open_run(out, PRIOR_RUN, resume, overwrite, inputs=(vqvae_path,))
+    main = _is_main_process()
+    folder = _open_run(out, PRIOR_RUN, resume, overwrite, inputs=(vqvae_path,), lock=main)
     checkpoint = None
     if resume:
         last = RunFolder(out).last_checkpoint
@@ -281,18 +283,31 @@ def train_prior_run(
         require_tensorboard()
     with folder:
         result = _train_prior_in(folder, vqvae_path, data, config, checkpoint)
-    refresh_report(vqvae_path)
+    if result is not None:
+        refresh_report(vqvae_path)
     return result
 
 
 def _encode_splits(
-    vqvae: VQVAE, sha256: str, data: DataSources, config: Config, run: RunFolder, device
+    vqvae: VQVAE,
+    sha256: str,
+    data: DataSources,
+    config: Config,
+    run: RunFolder,
+    processes: ProcessGroup,
+    device: torch.device,
 ) -> dict[str, CodeMaps]:
+    """Every split's code maps. The main process encodes and caches them; the others then
+    read its cache."""
+    if not processes.is_main:
+        processes.barrier()
     splits = load_splits(data.files(), config.data)
     codes = {
         split: code_maps_for(vqvae, sha256, slices, run.codes / f"{split}.pt", device)
         for split, slices in splits.items()
     }
+    if processes.is_main:
+        processes.barrier()
     if config.prior.condition_on_slice_position:
         for split, maps in codes.items():
             require_slice_positions(maps, f"{split} split")
@@ -305,44 +320,62 @@ def _train_prior_in(
     data: DataSources,
     config: Config,
     checkpoint: Checkpoint | None,
-) -> PriorRunResult:
-    device = resolve_device(config.prior_train.device)
-    vqvae, vqvae_config = load_model(vqvae_path, device)
-    sha256 = file_sha256(vqvae_path)
-    data_config = data_settings(vqvae_config.data, config.data)
-    config = replace(config, data=data_config, model=vqvae_config.model)
-    run = RunFolder(folder.path)
-    codes = _encode_splits(vqvae, sha256, data, config, run, device)
-    if checkpoint is None:
-        # Only now, with the settings and data known good, is an old prior let go.
-        folder.remove_previous_outputs()
-    grid = codes["train"].grid_shape
+) -> PriorRunResult | None:
+    processes, device = join_process_group(config.prior_train.device)
+    try:
+        if not processes.is_main:
+            logging.getLogger("mri_vqvae").setLevel(logging.WARNING)
+        vqvae, vqvae_config = load_model(vqvae_path, device)
+        sha256 = file_sha256(vqvae_path)
+        data_config = data_settings(vqvae_config.data, config.data)
+        config = replace(config, data=data_config, model=vqvae_config.model)
+        run = RunFolder(folder.path)
+        codes = _encode_splits(vqvae, sha256, data, config, run, processes, device)
+        if checkpoint is None and processes.is_main:
+            # Only now, with the settings and data known good, is an old prior let go.
+            folder.remove_previous_outputs()
+        _log_code_maps(codes, vqvae.num_embeddings)
+        seed_everything(config.prior_train.seed)
+        prior = build_prior(config.prior, vqvae.num_embeddings, codes["train"].grid_shape)
+        result = train_prior(
+            prior,
+            codes["train"],
+            codes["val"],
+            config,
+            run.path,
+            device,
+            vqvae,
+            vqvae_path,
+            sha256,
+            checkpoint,
+            processes,
+        )
+    finally:
+        leave_process_group()
+    if not processes.is_main:
+        return None
+    summary = _prior_summary(prior, result, codes, config, device, vqvae_path, sha256)
+    write_text_atomic(run.prior_summary, json.dumps(summary, indent=2))
+    return PriorRunResult(result, summary)
+
+
+def _log_code_maps(codes: dict[str, CodeMaps], num_embeddings: int) -> None:
     logger.info(
         "prior over %dx%d maps of %d codes: %d train / %d val maps; unigram %.3f bits/code",
-        *grid,
-        vqvae.num_embeddings,
+        *codes["train"].grid_shape,
+        num_embeddings,
         len(codes["train"]),
         len(codes["val"]),
         codes["val"].unigram_bits(),
     )
-    seed_everything(config.prior_train.seed)
-    prior = build_prior(config.prior, vqvae.num_embeddings, grid)
-    result = train_prior(
-        prior,
-        codes["train"],
-        codes["val"],
-        config,
-        run.path,
-        device,
-        vqvae,
-        vqvae_path,
-        sha256,
-        checkpoint,
-    )
+
+
+def _prior_summary(prior, result: FitResult, codes, config, device, vqvae_path, sha256) -> dict:
+    """The best checkpoint's validation and test figures, for ``prior_summary.json``."""
     best = load_prior_checkpoint(result.best_checkpoint)
     prior.load_state_dict(best.model_state)
     test = evaluate_prior(prior, codes["test"], device, config.prior_train.batch_size)
-    summary = {
+    return {
         "best_epoch": best.progress.epoch,
         "val_nll_bits": best.progress.best_score,
         "val_unigram_bits": codes["val"].unigram_bits(),
@@ -352,8 +385,6 @@ def _train_prior_in(
         "vqvae": str(vqvae_path),
         "vqvae_sha256": sha256,
     }
-    write_text_atomic(run.prior_summary, json.dumps(summary, indent=2))
-    return PriorRunResult(result, summary)
 
 
 def evaluate_checkpoint(
@@ -376,7 +407,7 @@ def evaluate_checkpoint(
     slices = load_split(data.test_files(), data_config, label="test")
     with folder:
         folder.remove_previous_outputs()
-        summary = write_evaluation(model, slices, out, torch_device, batch_size, config.train.seed)
+        summary = write_evaluation(model, slices, out, torch_device, batch_size, trained.train.seed)
     refresh_report(checkpoint)
     return summary
 

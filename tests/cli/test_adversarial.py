@@ -17,6 +17,7 @@ from mri_vqvae.cli.main import main
 from mri_vqvae.config import ConfigError, ModelConfig, load_config
 from mri_vqvae.data.dataset import list_slices, postprocess, preprocess
 from mri_vqvae.data.nifti import DataError, read_slice, write_slice
+from mri_vqvae.files import MARKER_FILE
 from mri_vqvae.generate.sampling import load_sample_codes
 from mri_vqvae.runtime import resolve_device
 from mri_vqvae.train import loop
@@ -141,3 +142,50 @@ def test_a_hand_edited_samples_json_is_named(metadata: str, message: str, tmp_pa
     (tmp_path / "samples.json").write_text(metadata)
     assert main(["evaluate-samples", "--samples", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_phantom_too_small_to_draw_is_one_line(tmp_path: Path, capsys):
+    assert main(["demo-data", str(tmp_path / "p"), "--size", "8x8"]) == 2
+    assert "phantom slices must be at least 32x16" in capsys.readouterr().err
+
+
+def test_an_old_style_prior_section_is_named(tmp_path: Path, capsys):
+    old = tmp_path / "old_prior.yaml"
+    old.write_text("train:\n  epochs: 2\n  sample_every: 0\n")
+    vqvae, out = str(tmp_path / "v.pt"), str(tmp_path / "prior")
+    assert main(["train-prior", "--vqvae", vqvae, "--out", out, "--config", str(old)]) == 2
+    assert "the prior's training settings are the prior_train section" in capsys.readouterr().err
+
+
+def test_resuming_a_prior_with_a_missing_vqvae_is_one_line(tmp_path: Path, capsys):
+    from mri_vqvae.checkpoint import Checkpoint, save_checkpoint
+    from mri_vqvae.config import Config
+
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    (prior / MARKER_FILE).write_text('{"kind": "prior"}')
+    extras = {"num_embeddings": 16, "grid_shape": [4, 4], "vqvae_sha256": "0", "vqvae_path": "v"}
+    save_checkpoint(Checkpoint("prior", Config(), {}, extras=extras), prior / "last.pt")
+    missing = str(tmp_path / "missing.pt")
+    assert main(["train-prior", "--vqvae", missing, "--out", str(prior), "--resume"]) == 2
+    assert "missing.pt: no such VQ-VAE checkpoint file" in capsys.readouterr().err
+
+
+def test_report_of_a_prior_folder_names_what_it_is(tmp_path: Path, capsys):
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    (prior / MARKER_FILE).write_text('{"kind": "prior"}')
+    (prior / "config.yaml").write_text("{}")
+    (prior / "metrics.jsonl").write_text("")
+    assert main(["report", str(prior)]) == 2
+    assert "is a prior run folder, not a VQ-VAE run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ms_ssim_on_slices_too_small_is_refused_before_any_work(
+    phantom_root: Path, tmp_path: Path, capsys
+):
+    run = tmp_path / "run"
+    assert main(train_args(phantom_root, run, "train.ssim_loss=ms-ssim")) == 2
+    assert "MS-SSIM needs image sides over 32 pixels" in capsys.readouterr().err
+    assert not (run / "config.yaml").exists()

@@ -326,3 +326,20 @@ def test_torchrun_trains_with_two_cpu_processes(demo: Path, tmp_path: Path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["precision"] == "float32"
     assert (run / "best.pt").is_file() and (run / "reconstructions" / "val").is_dir()
+
+
+@pytest.mark.slow
+def test_torchrun_trains_a_prior_with_two_cpu_processes(demo: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    assert main(train_args(demo, run, "--epochs", "1")) == 0
+    prior = tmp_path / "prior"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MRI_VQVAE_CACHE": str(tmp_path / "cache")}
+    args = ["train-prior", "--vqvae", str(run / "best.pt"), "--data", str(demo), "--out"]
+    args += [str(prior), "--device", "cpu", "--epochs", "2", *TINY_PRIOR]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun += ["--master-port", str(free_port()), "-m", "mri_vqvae", *args]
+    result = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("prior folder:") == 1  # only rank 0 reports
+    assert (prior / "metrics.csv").read_text().count("\n") == 3  # header and two epochs
+    assert json.loads((prior / "prior_summary.json").read_text())["test_nll_bits"] > 0

@@ -66,3 +66,12 @@ def test_js_divergence_of_equal_and_disjoint_histograms():
     assert jensen_shannon_bits(torch.tensor([4, 0]), torch.tensor([0, 9])) == pytest.approx(1.0)
     assert 0 < jensen_shannon_bits(torch.tensor([1, 1]), torch.tensor([1, 3])) < 1
     assert not math.isnan(jensen_shannon_bits(torch.tensor([0, 1]), torch.tensor([1, 1])))
+
+
+def test_too_few_samples_for_the_folds_is_a_user_error():
+    from mri_vqvae.errors import InputError
+    from mri_vqvae.evaluate.sample_metrics import classifier_two_sample_test
+
+    images = torch.zeros(2, 1, 32, 32)
+    with pytest.raises(InputError, match="needs at least 4 images per set, got 2"):
+        classifier_two_sample_test(images, images)

@@ -79,6 +79,23 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_exactly_as_one_never_sto
     ) == (1, 2, 7)
     assert checkpoint.progress.epoch_progress["step_sums"].shape == (2, 4)
 
+    # A crash soon after resuming loses no more than a step: the resumed epoch still writes
+    # its mid-epoch checkpoints.
+    calls.clear()
+
+    def crash_on_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the 4th step of epoch 2, after the resumed 3rd step's checkpoint
+            raise Crash
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training.VQVAETask, "loss", crash_on_second_step)
+    with pytest.raises(Crash):
+        fresh_run(config, data, tmp_path / "crashed", resume=checkpoint)
+    monkeypatch.setattr(training.VQVAETask, "loss", real_loss)
+    checkpoint = load_checkpoint(tmp_path / "crashed" / "last.pt")
+    assert (checkpoint.progress.step_in_epoch, checkpoint.progress.global_step) == (3, 8)
+
     resumed = fresh_run(config, data, tmp_path / "crashed", resume=checkpoint)
     assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "crashed" / "last.pt")
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from mri_vqvae import __version__, workflows
-from mri_vqvae.config import PRESETS, Config, ConfigError, load_config
+from mri_vqvae.config import PRESETS, Config, ConfigError, TrainConfig, load_config
 from mri_vqvae.data.phantom import PhantomSpec
 from mri_vqvae.errors import UserError
 from mri_vqvae.files import RunFolder
@@ -549,6 +549,11 @@ def run_train_prior(args: argparse.Namespace) -> None:
     if args.resume and args.config:
         raise ConfigError("--resume takes its settings from the run; drop --config")
     config = None if args.resume else _settings(args, overrides)
+    if config is not None and config.train != TrainConfig():
+        logger.warning(
+            "the train section sets how a VQ-VAE trains and train-prior ignores it; the "
+            "prior's training settings are the prior_train section"
+        )
     result = workflows.train_prior_run(
         args.out,
         args.vqvae,
@@ -558,6 +563,11 @@ def run_train_prior(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         overrides=overrides,
     )
+    if result is not None:
+        _print_prior_result(result)
+
+
+def _print_prior_result(result: workflows.PriorRunResult) -> None:
     s, fit = result.summary, result.fit
     below = 1 - s["val_nll_bits"] / s["val_unigram_bits"]
     print(f"prior folder: {fit.run_dir}")

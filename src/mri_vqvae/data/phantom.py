@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mri_vqvae.data.nifti import write_slice
+from mri_vqvae.errors import ConfigError
 
 # Split name to (image folder, mask folder), as the HipMRI release names them.
 LAYOUT = {
@@ -65,9 +66,9 @@ class PhantomSpec:
     def __post_init__(self) -> None:
         for name in ("train_cases", "val_cases", "test_cases", "weeks", "slices"):
             if getattr(self, name) < 1:
-                raise ValueError(f"phantom {name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"phantom {name} must be at least 1, got {getattr(self, name)}")
         if self.height < 32 or self.width < 16:
-            raise ValueError(
+            raise ConfigError(
                 f"phantom slices must be at least 32x16, got {self.height}x{self.width}"
             )
 

@@ -18,6 +18,7 @@ from scipy.stats import beta
 from torch import nn
 
 from mri_vqvae.config import SampleMetricsConfig
+from mri_vqvae.errors import InputError
 from mri_vqvae.metrics import ssim_per_image
 
 
@@ -95,7 +96,7 @@ def classifier_two_sample_test(
     generator = torch.Generator().manual_seed(settings.seed)
     count = min(len(first), len(second))
     if count < settings.folds:
-        raise ValueError(
+        raise InputError(
             f"the two-sample test needs at least {settings.folds} images per set, got {count}"
         )
     sets = [
@@ -174,7 +175,7 @@ def mean_pairwise_ssim(images: torch.Tensor, max_pairs: int = 2000, seed: int = 
     ``max_pairs``, else ``max_pairs`` random pairs."""
     count = len(images)
     if count < 2:
-        raise ValueError("pairwise SSIM needs at least two images")
+        raise InputError("pairwise SSIM needs at least two images")
     if count * (count - 1) // 2 <= max_pairs:
         first, second = torch.triu_indices(count, count, offset=1)
     else:

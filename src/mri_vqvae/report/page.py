@@ -42,7 +42,9 @@ from mri_vqvae.files import (
     SAMPLE_METRICS,
     SAMPLES_GRID,
     SAMPLES_SUMMARY,
+    VQVAE_RUN,
     WORST_IMAGE,
+    folder_kind,
     write_text_atomic,
 )
 
@@ -70,6 +72,12 @@ def find_sources(
     ``validation/`` (written at the end of training), and the newest sub-folder holding a
     prior (``prior_summary.json``) or samples (``samples.json``)."""
     run_dir = Path(run_dir)
+    kind = folder_kind(run_dir)
+    if kind is not None and kind.key != VQVAE_RUN.key:
+        raise InputError(
+            f"{run_dir}: is a {kind.title} folder, not a VQ-VAE run; give the VQ-VAE's run "
+            "folder (a prior inside it is found, or pass --prior)"
+        )
     if not (run_dir / METRICS_JSONL).is_file() or not (run_dir / CONFIG_FILE).is_file():
         raise InputError(
             f"{run_dir}: not a training run folder (it needs the config.yaml and metrics.jsonl "

@@ -62,9 +62,11 @@ class TrainingTask:
         model: the module whose weights are saved; ``trainer`` is what a step calls (the model,
             or it wrapped in DDP or ``torch.compile``).
         optimizer: its optimiser; the loop sets its learning rate each step.
-        metric_columns: the stage's columns of ``metrics.csv`` (after ``epoch`` and
-            ``global_step``, before :data:`LOOP_COLUMNS`).
+        metric_columns: every column of ``metrics.csv``, in order: ``epoch`` and
+            ``global_step``, the stage's own and :data:`LOOP_COLUMNS`, placed where the stage
+            wants them.
         score_column: the validation column whose lowest value makes ``best.pt``.
+        epoch_name: how log lines name an epoch ("epoch", "prior epoch").
         sum_width: the length of the vectors :meth:`step_sums` returns.
         device: where the batches are made.
     """
@@ -77,6 +79,7 @@ class TrainingTask:
     optimizer: torch.optim.Optimizer
     metric_columns: tuple[str, ...]
     score_column: str
+    epoch_name: str = "epoch"
     sum_width: int
     device: torch.device
 
@@ -430,6 +433,8 @@ class _Fit:
         resumed anywhere sees the batches one that never stopped would, whatever the number
         of processes."""
         first_step = self.begin_epoch(epoch)
+        if first_step and self.main:
+            logger.info("resuming at step %d of epoch %d", first_step + 1, epoch)
         order = torch.randperm(
             len(self.task),
             generator=torch.Generator().manual_seed(self.settings.seed * 100003 + epoch),
@@ -460,7 +465,11 @@ class _Fit:
                     self.out_of_time = True
                     return
                 every = self.settings.checkpoint_every
-                if every and self.progress.global_step % every == 0 and step + 1 < len(bar):
+                if (
+                    every
+                    and self.progress.global_step % every == 0
+                    and step + 1 < self.steps_per_epoch
+                ):
                     partial = self.epoch_so_far(self.seconds_in_epoch())
                     self.save(self.run.last_checkpoint, epoch - 1, step + 1, partial)
 
@@ -480,15 +489,14 @@ class _Fit:
                 "stopped_by_time_budget": self.out_of_time,
             }
         )
-        progress.history.append(row)
+        progress.history.append({column: row[column] for column in task.metric_columns})
         score = row[task.score_column]
         improved = score < progress.best_score
         progress.best_score = min(progress.best_score, score)
         if self.main:
-            columns = ("epoch", "global_step", *task.metric_columns, *LOOP_COLUMNS)
-            write_metric_logs(progress.history, self.run, columns)
+            write_metric_logs(progress.history, self.run, task.metric_columns)
             skipped = f" | {self.skipped} step(s) skipped as non-finite" if self.skipped else ""
-            logger.info("epoch %d: %s%s", epoch, task.describe(row), skipped)
+            logger.info("%s %d: %s%s", task.epoch_name, epoch, task.describe(row), skipped)
             last = epoch == self.settings.epochs or self.out_of_time
             task.after_epoch(epoch, progress.global_step, last, self.board)
             if self.board is not None:
@@ -545,10 +553,18 @@ def fit(
     run follows the steps one process would, and only the main process writes files.
     """
     run = RunFolder(Path(run_dir))
+    missing = [column for column in LOOP_COLUMNS if column not in task.metric_columns]
+    if missing:  # a task's mistake, not the user's
+        raise TypeError(f"{type(task).__name__}.metric_columns lacks {missing}")
     if len(task) < processes.world_size:
         raise UserError(
             f"{len(task)} training example(s) cannot be shared by {processes.world_size} "
             "processes; start fewer"
+        )
+    if task.settings.batch_size < processes.world_size:
+        raise UserError(
+            f"{task.settings.SECTION}.batch_size {task.settings.batch_size} cannot give each "
+            f"of {processes.world_size} processes an example; raise it or start fewer"
         )
     if processes.is_main:
         check_run_folder(run.path, task.model)

@@ -28,13 +28,20 @@ from mri_vqvae.train.tensorboard import TensorBoardLog
 
 logger = logging.getLogger(__name__)
 
-# The prior's columns of metrics.csv, between the loop's epoch/global_step and its own.
+# The prior's columns of metrics.csv, in order.
 PRIOR_METRIC_COLUMNS = (
+    "epoch",
+    "global_step",
     "train_nll_bits",
     "train_accuracy",
     "val_nll_bits",
     "val_accuracy",
     "val_unigram_bits",
+    "train_skipped_steps",
+    "lr",
+    "epoch_seconds",
+    "elapsed_seconds",
+    "stopped_by_time_budget",
 )
 
 
@@ -90,6 +97,7 @@ class PriorTask(TrainingTask):
     kind = "prior"
     metric_columns = PRIOR_METRIC_COLUMNS
     score_column = "val_nll_bits"
+    epoch_name = "prior epoch"
     sum_width = 3  # nats summed over the step's codes, codes predicted exactly, codes
 
     def __init__(

@@ -18,7 +18,7 @@ from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
 from mri_vqvae.errors import UserError
 from mri_vqvae.files import RunFolder, epoch_picture
-from mri_vqvae.losses import VQVAELoss, vqvae_loss
+from mri_vqvae.losses import VQVAELoss, ms_ssim_window, vqvae_loss
 from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
 from mri_vqvae.model import VQVAE, VQVAEOutput
 from mri_vqvae.runtime import autocast, resolve_precision
@@ -27,8 +27,10 @@ from mri_vqvae.train.tensorboard import TensorBoardLog
 
 logger = logging.getLogger(__name__)
 
-# The VQ-VAE's columns of metrics.csv, between the loop's epoch/global_step and its own.
+# The VQ-VAE's columns of metrics.csv, in order.
 METRIC_COLUMNS = (
+    "epoch",
+    "global_step",
     "images_seen",
     "train_loss",
     "train_reconstruction_loss",
@@ -36,12 +38,17 @@ METRIC_COLUMNS = (
     "train_codebook_usage",
     "train_perplexity",
     "train_dead_code_restarts",
+    "train_skipped_steps",
+    "lr",
     "val_loss",
     "val_reconstruction_loss",
     "val_ssim",
     "val_psnr",
     "val_codebook_usage",
     "val_perplexity",
+    "epoch_seconds",
+    "elapsed_seconds",
+    "stopped_by_time_budget",
 )
 
 
@@ -371,8 +378,12 @@ def train_vqvae(
         model.check_image_size(*train_set.image_size)
     except ValueError as err:
         raise UserError(f"training slices: {err}; set data.image_size to a size that is") from err
+    if config.train.ssim_loss == "ms-ssim":
+        ms_ssim_window(*train_set.image_size)  # refuses slices too small, before any work
     precision = resolve_precision(config.train.precision, device)
     config = replace(config, train=replace(config.train, precision=precision))
+    if resume is not None:
+        model.load_state_dict(resume.model_state)
     task = VQVAETask(model, train_set, val_set, config, RunFolder(Path(run_dir)), device, processes)
     if processes.is_main:
         logger.info(
