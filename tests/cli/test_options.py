@@ -102,7 +102,10 @@ def test_a_training_run_records_the_override_not_the_flag(phantom_root: Path, tm
 def test_a_stray_argument_is_still_refused(tmp_path: Path, capsys):
     assert main(["train", "--data", "d", "--out", str(tmp_path / "o"), "stray"]) == 2
     assert "override 'stray' must look like section.key=value" in capsys.readouterr().err
-    assert main(["evaluate", "--checkpoint", "c", "--out", "o", "model.channels=4"]) == 2
+    assert (
+        main(["reconstruct", "in.nii", "--checkpoint", "c", "--out", "o.nii", "model.channels=4"])
+        == 2
+    )
     assert "unrecognized arguments: model.channels=4" in capsys.readouterr().err
 
 
