@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from scipy.stats import beta
 from torch import nn
 
 from mri_vqvae.config import SampleMetricsConfig
@@ -46,6 +45,10 @@ class SliceClassifier(nn.Module):
 
 def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
     """The exact binomial confidence interval for a proportion."""
+    # Imported here: scipy.stats costs a third of a second, and every command would pay it
+    # at start-up (the command line imports all workflows) while only evaluate-samples uses it.
+    from scipy.stats import beta
+
     alpha = 1 - level
     failures = trials - successes
     low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, failures + 1))
