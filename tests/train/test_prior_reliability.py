@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def test_prior_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weig
     phantom_root: Path, tmp_path: Path
 ):
     env, vqvae = cli_env(tmp_path), tiny_vqvae_file(tmp_path / "vqvae.pt")
-    epochs = ["--epochs", "3"]  # 24 maps: 6 steps an epoch, 18 in all
+    epochs = ["--epochs", "2"]  # 24 maps: 6 steps an epoch, 12 in all
     straight = subprocess.run(
         prior_command(vqvae, phantom_root, tmp_path / "straight", *epochs),
         env=env,
@@ -102,13 +103,14 @@ def test_prior_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weig
         text=True,
     )
     wait_for(killed_dir / "last.pt", process)
-    wait_for_step = random.Random(7).randint(2, 12)
+    wait_for_step = random.Random().randint(2, 9)  # somewhere in the run
     while load_prior_checkpoint(killed_dir / "last.pt").progress.global_step < wait_for_step:
         assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     at_kill = load_prior_checkpoint(killed_dir / "last.pt").progress.global_step
-    assert at_kill < 18, "the run ended before it could be killed"
+    assert at_kill < 12, "the run ended before it could be killed"
 
     resumed = subprocess.run(
         prior_command(vqvae, phantom_root, killed_dir, *epochs, "--resume"),
@@ -118,7 +120,7 @@ def test_prior_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weig
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert load_prior_checkpoint(killed_dir / "last.pt").progress.global_step == 18
+    assert load_prior_checkpoint(killed_dir / "last.pt").progress.global_step == 12
     same_weights(tmp_path / "straight" / "last.pt", killed_dir / "last.pt")
 
 
