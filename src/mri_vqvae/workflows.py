@@ -393,12 +393,12 @@ def evaluate_checkpoint(
     out: str | Path,
     config: Config | None = None,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str = "auto",
     overwrite: bool = False,
 ) -> dict:
     """Score a VQ-VAE checkpoint on the test split: per-image SSIM/PSNR, a summary and
-    figures in ``out``; returns the summary."""
+    figures in ``out``; returns the summary. ``batch_size`` defaults to the run's."""
     checkpoint, out = Path(checkpoint), Path(out)
     folder = OutputFolder(out, EVALUATION, overwrite=overwrite, inputs=(checkpoint,))
     torch_device = resolve_device(device)
@@ -407,6 +407,7 @@ def evaluate_checkpoint(
     slices = load_split(data.test_files(), data_config, label="test")
     with folder:
         folder.remove_previous_outputs()
+        batch_size = batch_size or trained.train.batch_size
         summary = write_evaluation(model, slices, out, torch_device, batch_size, trained.train.seed)
     refresh_report(checkpoint)
     return summary

@@ -139,6 +139,10 @@ def _device_option() -> argparse.ArgumentParser:
     return parent
 
 
+# The phantom's defaults are PhantomSpec's; the options only show them.
+_PHANTOM = PhantomSpec()
+
+
 def _add_demo_data(
     commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser
 ) -> None:
@@ -148,15 +152,24 @@ def _add_demo_data(
         description="Write a synthetic pelvic MRI phantom dataset in the HipMRI layout.",
     )
     demo.add_argument("out", type=Path, help="folder to create (new or empty)")
-    demo.add_argument("--train-cases", type=_count, default=16)
-    demo.add_argument("--val-cases", type=_count, default=2)
-    demo.add_argument("--test-cases", type=_count, default=2)
-    demo.add_argument("--weeks", type=_count, default=2, help="volumes per case")
-    demo.add_argument("--slices", type=_count, default=16, help="slices per volume")
     demo.add_argument(
-        "--size", type=_size, default="256x128", help="slice array shape (default 256x128)"
+        "--train-cases", type=_count, default=_PHANTOM.train_cases, help="default %(default)s"
     )
-    demo.add_argument("--seed", type=_seed, default=0)
+    demo.add_argument(
+        "--val-cases", type=_count, default=_PHANTOM.val_cases, help="default %(default)s"
+    )
+    demo.add_argument(
+        "--test-cases", type=_count, default=_PHANTOM.test_cases, help="default %(default)s"
+    )
+    demo.add_argument("--weeks", type=_count, default=_PHANTOM.weeks, help="volumes per case")
+    demo.add_argument("--slices", type=_count, default=_PHANTOM.slices, help="slices per volume")
+    demo.add_argument(
+        "--size",
+        type=_size,
+        default=f"{_PHANTOM.height}x{_PHANTOM.width}",
+        help="slice array shape (default %(default)s)",
+    )
+    demo.add_argument("--seed", type=_seed, default=_PHANTOM.seed)
 
 
 def _add_config(commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser) -> None:
@@ -222,7 +235,9 @@ def _add_evaluate(commands, data: argparse.ArgumentParser, device: argparse.Argu
         "--config", type=Path, help="YAML file of settings (data: skip_bad_files, the cache)"
     )
     evaluate.add_argument("--out", type=Path, required=True, help="folder to write")
-    evaluate.add_argument("--batch-size", type=_count, default=32)
+    evaluate.add_argument(
+        "--batch-size", type=_count, help="images per batch (default: the run's train.batch_size)"
+    )
     evaluate.add_argument(
         "--overwrite", action="store_true", help="replace an evaluation already in --out"
     )
@@ -272,9 +287,9 @@ def _add_sample(commands, data: argparse.ArgumentParser, device: argparse.Argume
     sample.add_argument("--vqvae", type=Path, required=True, help="VQ-VAE checkpoint")
     sample.add_argument("--prior", type=Path, required=True, help="prior checkpoint")
     sample.add_argument("--config", type=Path, help="YAML file of settings (section sample)")
-    sample.add_argument("--n", type=_count, help="number of samples (default 64)")
+    sample.add_argument("--n", type=_count, help="number of samples (sample.num_samples)")
     sample.add_argument("--out", type=Path, required=True, help="folder to write")
-    sample.add_argument("--temperature", type=_positive, help="default 1")
+    sample.add_argument("--temperature", type=_positive, help="sample.temperature")
     sample.add_argument("--top-k", type=_count, help="sample among the k most likely codes")
     sample.add_argument(
         "--top-p", type=_number(0, 1), help="sample within the top-p nucleus, in (0, 1]"
@@ -285,7 +300,9 @@ def _add_sample(commands, data: argparse.ArgumentParser, device: argparse.Argume
         type=_number(0, 1, low_open=False),
         help="position in the volume, 0 to 1 (a prior trained with slice positions only)",
     )
-    sample.add_argument("--batch-size", type=_count, help="maps sampled together (default 64)")
+    sample.add_argument(
+        "--batch-size", type=_count, help="maps sampled together (sample.batch_size)"
+    )
     sample.add_argument(
         "--overwrite", action="store_true", help="replace the samples already in --out"
     )
@@ -314,9 +331,11 @@ def _add_evaluate_samples(
     judge.add_argument("--config", type=Path, help="YAML file of settings (sample_metrics)")
     judge.add_argument("--seed", type=_seed)
     judge.add_argument(
-        "--classifier-steps", type=_count, help="training steps per fold (default 300)"
+        "--classifier-steps",
+        type=_count,
+        help="training steps per fold (sample_metrics.classifier_steps)",
     )
-    judge.add_argument("--folds", type=_whole_number(2), help="default 4")
+    judge.add_argument("--folds", type=_whole_number(2), help="sample_metrics.folds")
     judge.add_argument(
         "--overwrite", action="store_true", help="replace a sample evaluation already in --out"
     )
