@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mri_vqvae.cli.main import _loop_flags, _settings_overrides, main, parse_args, resume_command
+from mri_vqvae.cli.main import _loop_flags, _settings_overrides, main, resume_command
+from mri_vqvae.cli.options import parse_args
 from mri_vqvae.config import load_config
 from tests.helpers import train_args
 

@@ -1,1 +1,2 @@
-"""evaluate"""
+"""Measures: reconstructions of a split (reconstruction) and generated slices (samples,
+sample_metrics)."""

@@ -1,1 +1,1 @@
-"""report"""
+"""The run's HTML page, built from the files the other commands wrote (never from a model)."""
