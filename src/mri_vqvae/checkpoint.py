@@ -225,15 +225,22 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
     )
 
 
-def build_model(checkpoint: Checkpoint, path: str | Path = "checkpoint") -> VQVAE:
-    """The model a checkpoint describes, with its weights loaded."""
-    model = VQVAE.from_config(checkpoint.config.model)
+def load_weights(
+    module: torch.nn.Module, checkpoint: Checkpoint, path: str | Path = "checkpoint"
+) -> None:
+    """Load a checkpoint's weights into ``module``, naming the file when they do not fit."""
     try:
-        model.load_state_dict(checkpoint.model_state)
+        module.load_state_dict(checkpoint.model_state)
     except RuntimeError as err:
         raise CheckpointError(
             f"{path}: weights do not fit the saved configuration ({err})"
         ) from err
+
+
+def build_model(checkpoint: Checkpoint, path: str | Path = "checkpoint") -> VQVAE:
+    """The model a checkpoint describes, with its weights loaded."""
+    model = VQVAE.from_config(checkpoint.config.model)
+    load_weights(model, checkpoint, path)
     return model
 
 
@@ -273,12 +280,7 @@ def build_prior_model(checkpoint: Checkpoint, path: str | Path = "checkpoint") -
     prior = build_prior(
         checkpoint.config.prior, extras["num_embeddings"], tuple(extras["grid_shape"])
     )
-    try:
-        prior.load_state_dict(checkpoint.model_state)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{path}: weights do not fit the saved configuration ({err})"
-        ) from err
+    load_weights(prior, checkpoint, path)
     return prior
 
 

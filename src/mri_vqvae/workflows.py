@@ -15,7 +15,6 @@ import torch
 
 from mri_vqvae.checkpoint import (
     Checkpoint,
-    build_model,
     check_prior_matches,
     file_sha256,
     load_checkpoint,
@@ -191,7 +190,7 @@ def _train_in(
         if processes.is_main:
             processes.barrier()
         seed_everything(config.train.seed)
-        model = build_model(checkpoint) if checkpoint else VQVAE.from_config(config.model)
+        model = VQVAE.from_config(config.model)  # train_vqvae loads a resumed run's weights
         logger.info(
             "training on %s: %d train / %d val slices at %dx%d",
             device,

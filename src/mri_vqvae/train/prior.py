@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from mri_vqvae import plots
-from mri_vqvae.checkpoint import Checkpoint
+from mri_vqvae.checkpoint import Checkpoint, load_weights
 from mri_vqvae.code_maps import CodeMaps
 from mri_vqvae.config import Config
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
@@ -237,7 +237,7 @@ def train_prior(
     # The run records what "auto" became here, as the VQ-VAE's does.
     config = replace(config, prior_train=replace(config.prior_train, precision=precision))
     if resume is not None:
-        prior.load_state_dict(resume.model_state)
+        load_weights(prior, resume, run_dir)
     task = PriorTask(
         prior,
         train_codes,

@@ -12,7 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from mri_vqvae import plots
-from mri_vqvae.checkpoint import Checkpoint
+from mri_vqvae.checkpoint import Checkpoint, load_weights
 from mri_vqvae.config import Config, TrainConfig
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
@@ -383,7 +383,7 @@ def train_vqvae(
     precision = resolve_precision(config.train.precision, device)
     config = replace(config, train=replace(config.train, precision=precision))
     if resume is not None:
-        model.load_state_dict(resume.model_state)
+        load_weights(model, resume, run_dir)
     task = VQVAETask(model, train_set, val_set, config, RunFolder(Path(run_dir)), device, processes)
     if processes.is_main:
         logger.info(
