@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NoReturn
@@ -66,8 +67,25 @@ class ProcessGroup:
         if self.enabled:
             dist.barrier()
 
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The block runs on the main process first, then on the others: what the main one
+        caches (decoded splits, code maps), the others read instead of making again."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
 
 SINGLE_PROCESS = ProcessGroup()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` group, or a process on its own: the one that writes files
+    (known from the environment, before any group is joined)."""
+    return os.environ.get("RANK", "0") == "0"
+
 
 # Whether this process joined a group of several: see finish_process.
 _joined_a_group = False

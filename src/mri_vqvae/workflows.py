@@ -34,7 +34,12 @@ from mri_vqvae.data.dataset import (
 )
 from mri_vqvae.data.nifti import NIFTI_SUFFIXES, DataError
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
-from mri_vqvae.distributed import ProcessGroup, join_process_group, leave_process_group
+from mri_vqvae.distributed import (
+    ProcessGroup,
+    is_main_process,
+    join_process_group,
+    leave_process_group,
+)
 from mri_vqvae.errors import UserError
 from mri_vqvae.evaluate.reconstruction import reconstruct_file, write_evaluation
 from mri_vqvae.evaluate.samples import evaluate_samples as measure_samples
@@ -129,13 +134,6 @@ def data_settings(trained: DataConfig, given: DataConfig) -> DataConfig:
     return replace(given, image_size=trained.image_size)
 
 
-def _is_main_process() -> bool:
-    """Rank 0 of a ``torchrun`` group, or a process on its own: the one that writes files."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _open_run(
     out: Path, kind, resume: bool, overwrite: bool, inputs=(), lock: bool = True
 ) -> OutputFolder:
@@ -143,7 +141,8 @@ def _open_run(
         raise ConfigError("--resume continues the run in --out; --overwrite would replace it")
     folder = OutputFolder(out, kind, overwrite=overwrite, resume=resume, lock=lock, inputs=inputs)
     if resume and not RunFolder(out).last_checkpoint.exists():
-        raise ConfigError(f"--resume: {out} holds no run to continue ({out / 'last.pt'} missing)")
+        last = RunFolder(out).last_checkpoint
+        raise ConfigError(f"--resume: {out} holds no run to continue ({last} missing)")
     return folder
 
 
@@ -161,7 +160,7 @@ def train_vqvae_run(
     validation split and write the run's page. Returns the result on the main process of a
     distributed run (None on the others)."""
     out = Path(out)
-    folder = _open_run(out, VQVAE_RUN, resume, overwrite, lock=_is_main_process())
+    folder = _open_run(out, VQVAE_RUN, resume, overwrite, lock=is_main_process())
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(RunFolder(out).last_checkpoint, "vqvae")
@@ -182,13 +181,8 @@ def _train_in(
     try:
         if not processes.is_main:
             logging.getLogger("mri_vqvae").setLevel(logging.WARNING)
-        files = data.files()
-        # The main process decodes and caches the splits; the others then read its cache.
-        if not processes.is_main:
-            processes.barrier()
-        splits = load_splits(files, config.data, splits=("train", "val"))
-        if processes.is_main:
-            processes.barrier()
+        with processes.main_first():  # the others read the splits the main one caches
+            splits = load_splits(data.files(), config.data, splits=("train", "val"))
         seed_everything(config.train.seed)
         model = VQVAE.from_config(config.model)  # train_vqvae loads a resumed run's weights
         logger.info(
@@ -269,8 +263,9 @@ def train_prior_run(
     write ``prior_summary.json``. The model and image size are the VQ-VAE's. Under
     ``torchrun`` every process calls this; the main one returns the result, the others None."""
     out, vqvae_path = Path(out), Path(vqvae_path)
-    main = _is_main_process()
-    folder = _open_run(out, PRIOR_RUN, resume, overwrite, inputs=(vqvae_path,), lock=main)
+    folder = _open_run(
+        out, PRIOR_RUN, resume, overwrite, inputs=(vqvae_path,), lock=is_main_process()
+    )
     checkpoint = None
     if resume:
         last = RunFolder(out).last_checkpoint
@@ -298,15 +293,12 @@ def _encode_splits(
 ) -> dict[str, CodeMaps]:
     """Every split's code maps. The main process encodes and caches them; the others then
     read its cache."""
-    if not processes.is_main:
-        processes.barrier()
-    splits = load_splits(data.files(), config.data)
-    codes = {
-        split: code_maps_for(vqvae, sha256, slices, run.codes / f"{split}.pt", device)
-        for split, slices in splits.items()
-    }
-    if processes.is_main:
-        processes.barrier()
+    with processes.main_first():
+        splits = load_splits(data.files(), config.data)
+        codes = {
+            split: code_maps_for(vqvae, sha256, slices, run.codes / f"{split}.pt", device)
+            for split, slices in splits.items()
+        }
     if config.prior.condition_on_slice_position:
         for split, maps in codes.items():
             require_slice_positions(maps, f"{split} split")
