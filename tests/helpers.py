@@ -44,6 +44,22 @@ def tiny_config(**train_changes) -> Config:
     )
 
 
+def join_test_group(rank: int, world_size: int, port: int):
+    """Join a CPU (Gloo) group as ``torchrun`` would have set it up, one thread a process;
+    returns the process group and device."""
+    from mri_vqvae.distributed import join_process_group
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    return join_process_group("cpu")
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now, for a test's process group."""
     with socket.socket() as probe:

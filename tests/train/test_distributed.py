@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 from mri_vqvae.checkpoint import load_checkpoint
 from mri_vqvae.config import DataConfig
 from mri_vqvae.data.dataset import load_splits, resolve_split_files
-from mri_vqvae.distributed import ProcessGroup, join_process_group, leave_process_group
+from mri_vqvae.distributed import ProcessGroup, leave_process_group
 from mri_vqvae.model import VQVAE
 from mri_vqvae.train.vqvae import train_vqvae
-from tests.helpers import TINY_SIZE, free_port, tiny_config
+from tests.helpers import TINY_SIZE, free_port, join_test_group, tiny_config
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this torch build has no torch.distributed"
@@ -38,16 +38,8 @@ def distributed_config():
 
 
 def train_rank(rank: int, world_size: int, port: int, root: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MRI_VQVAE_CACHE=str(Path(out) / f"cache{rank}"),
-    )
-    torch.set_num_threads(1)
-    processes, device = join_process_group("cpu")
+    os.environ["MRI_VQVAE_CACHE"] = str(Path(out) / f"cache{rank}")
+    processes, device = join_test_group(rank, world_size, port)
     try:
         config = distributed_config()
         data = load_splits(resolve_split_files(root), config.data, splits=("train", "val"))

@@ -5,7 +5,6 @@ DDP processes follow the run one process makes with the whole batch."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -20,13 +19,20 @@ import torch.multiprocessing as mp
 
 from mri_vqvae.checkpoint import Checkpoint, load_prior_checkpoint, save_checkpoint
 from mri_vqvae.config import Config, DataConfig
-from mri_vqvae.distributed import join_process_group, leave_process_group
+from mri_vqvae.distributed import leave_process_group
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import build_prior
 from mri_vqvae.train import prior as prior_training
 from mri_vqvae.train.loop import NonFiniteTraining
 from mri_vqvae.train.prior import train_prior
-from tests.helpers import TINY_SIZE, cli_env, free_port, tiny_model_config, wait_for
+from tests.helpers import (
+    TINY_SIZE,
+    cli_env,
+    free_port,
+    join_test_group,
+    tiny_model_config,
+    wait_for,
+)
 from tests.train.test_prior import GRID, NUM_CODES, patterned_codes, prior_config
 
 pytestmark = pytest.mark.slow
@@ -179,15 +185,7 @@ def test_prior_steps_with_a_non_finite_loss_are_skipped_then_stop_the_run(
 
 
 def _prior_rank(rank: int, world_size: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-    )
-    torch.set_num_threads(1)
-    processes, _ = join_process_group("cpu")
+    processes, _ = join_test_group(rank, world_size, port)
     try:
         prior, result = _train_tiny_prior(Path(out) / "run", processes)
         state = {"state": prior.state_dict(), "history": result.history}
