@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mri_vqvae import __version__
 from mri_vqvae.errors import UserError
 
@@ -501,8 +503,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """``torch.save`` ``payload`` (plain values and tensors) to ``path`` whole or not at all,
     flushed to disk before the rename: checkpoints, code maps and caches all go through it."""
-    import torch  # here, so that the command line's --help never waits for torch
-
     with replaced_atomically(path) as partial, open(partial, "wb") as handle:
         torch.save(payload, handle)
         handle.flush()
@@ -513,8 +513,6 @@ def read_stamped(path: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
     """A cache written by :func:`write_stamped`, when it exists and carries exactly ``stamp``
     (what it was made from: format, inputs' hashes, settings); None otherwise. A damaged cache
     is reported and ignored, never trusted."""
-    import torch
-
     if not path.is_file():
         return None
     try:
