@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mri_vqvae.config import Config, DataConfig, ModelConfig, PriorConfig, TrainConfig
-from mri_vqvae.model.prior import build_prior
+from mri_vqvae.model.prior import ConditionSizes, PriorConditions, build_prior
 
 TINY_SIZE = (64, 32)
 
@@ -126,14 +126,24 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
 NUM_CODES = 16
 
 
-def tiny_prior(architecture: str, grid=(4, 3), conditional=False):
+def tiny_prior(architecture: str, grid=(4, 3), conditional=False, sizes=None):
+    """A small prior of ``architecture``; ``conditional`` conditions it on slice position,
+    ``sizes`` (a ConditionSizes) on whatever it names."""
     torch.manual_seed(0)
+    transformer = architecture in ("transformer", "masked")
     config = PriorConfig(
         architecture=architecture,
-        width=32 if architecture == "transformer" else 16,
-        num_layers=2 if architecture == "transformer" else 3,
+        width=32 if transformer else 16,
+        num_layers=2 if transformer else 3,
         num_heads=4,
         dropout=0.0,
         condition_on_slice_position=conditional,
     )
-    return build_prior(config, NUM_CODES, grid).eval()
+    if sizes is None:
+        sizes = ConditionSizes(position=conditional)
+    return build_prior(config, NUM_CODES, grid, sizes).eval()
+
+
+def positions(*values: float) -> PriorConditions:
+    """Conditions holding only slice positions."""
+    return PriorConditions(position=torch.tensor(values))

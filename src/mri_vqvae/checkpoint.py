@@ -12,7 +12,7 @@ import pickle
 import random
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from mri_vqvae.config import Config, ConfigError, config_from_dict
 from mri_vqvae.errors import UserError
 from mri_vqvae.files import save_atomic
 from mri_vqvae.model import VQVAE
-from mri_vqvae.model.prior import Prior, build_prior
+from mri_vqvae.model.prior import ConditionSizes, Prior, build_prior
 
 # 3: one format for both kinds (kind, config tree, weights, progress, extras). Files of
 # earlier formats are refused with their version named; retrain, or use the release that
@@ -266,20 +266,38 @@ def load_prior_checkpoint(path: str | Path) -> Checkpoint:
     checkpoint = load_checkpoint(path, "prior")
     missing = [key for key in PRIOR_EXTRAS if key not in checkpoint.extras]
     if missing:
-        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; not a whole prior checkpoint")
+        raise CheckpointError(
+            f"{path}: lacks {', '.join(missing)}; not a whole prior checkpoint (a prior written "
+            "before conditions and weight averaging: train it again)"
+        )
     return checkpoint
 
 
 # What a prior's checkpoint records beside its weights: the maps it models and their VQ-VAE.
-PRIOR_EXTRAS = ("num_embeddings", "grid_shape", "vqvae_sha256", "vqvae_path")
+PRIOR_EXTRAS = (
+    "num_embeddings",
+    "grid_shape",
+    "vqvae_sha256",
+    "vqvae_path",
+    "condition_sizes",
+    "label_vocabulary",
+    "training_conditions",
+    "ema",
+)
 
 
 def build_prior_model(checkpoint: Checkpoint, path: str | Path = "checkpoint") -> Prior:
-    """The prior a checkpoint describes, with its weights loaded."""
+    """The prior a checkpoint describes, with the weights sampling uses: the moving average
+    of the training weights where the run kept one, else the training weights."""
     extras = checkpoint.extras
     prior = build_prior(
-        checkpoint.config.prior, extras["num_embeddings"], tuple(extras["grid_shape"])
+        checkpoint.config.prior,
+        extras["num_embeddings"],
+        tuple(extras["grid_shape"]),
+        ConditionSizes.from_dict(extras["condition_sizes"]),
     )
+    if extras["ema"] is not None:
+        checkpoint = replace(checkpoint, model_state=extras["ema"]["weights"])
     load_weights(prior, checkpoint, path)
     return prior
 

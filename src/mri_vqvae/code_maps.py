@@ -19,6 +19,7 @@ from mri_vqvae.data.dataset import SliceSet, slice_positions
 from mri_vqvae.errors import ConfigError
 from mri_vqvae.files import read_stamped, write_stamped
 from mri_vqvae.model import VQVAE
+from mri_vqvae.model.prior import ConditionSizes, PriorConditions
 from mri_vqvae.runtime import autocast, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,13 @@ class CodeMaps:
     # (N,) each slice's position in its volume in [0, 1]; NaN where the name has no slice_<S>.
     slice_positions: torch.Tensor
     num_embeddings: int
+    # (N, A) the augmentation parameters each map was encoded with, zero for a plain slice;
+    # None when no map is augmented.
+    augmentation: torch.Tensor | None = None
+    # (N,) the plain slice each map came from; None when every map is a plain slice.
+    source: torch.Tensor | None = None
+    # (N, L) each map's categorical labels counted from 1, 0 where unknown; None without.
+    labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.indices.shape[0]
@@ -43,6 +51,25 @@ class CodeMaps:
     @property
     def grid_shape(self) -> tuple[int, int]:
         return (self.indices.shape[1], self.indices.shape[2])
+
+    def conditions(
+        self, rows: torch.Tensor, sizes: ConditionSizes, device: torch.device
+    ) -> PriorConditions | None:
+        """The conditions of maps ``rows`` that a prior conditioned on ``sizes`` takes."""
+        if not sizes.any:
+            return None
+        position = labels = augmentation = None
+        if sizes.position:
+            position = self.slice_positions[rows].float()
+        if sizes.labels:
+            labels = self.labels[rows]
+        if sizes.augmentation:
+            augmentation = (
+                self.augmentation[rows]
+                if self.augmentation is not None
+                else torch.zeros(len(rows), sizes.augmentation)
+            )
+        return PriorConditions(position, labels, augmentation).to(device)
 
     def code_counts(self) -> torch.Tensor:
         """How often each code occurs over the whole split, ``(num_embeddings,)``."""

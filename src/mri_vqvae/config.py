@@ -245,14 +245,16 @@ class TrainConfig(LoopConfig):
         _require(self.num_preview_images >= 1, "train.num_preview_images must be at least 1")
 
 
-PRIOR_ARCHITECTURES = ("transformer", "pixelcnn")
+PRIOR_ARCHITECTURES = ("transformer", "masked", "pixelcnn")
 
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """The autoregressive prior over code-index maps."""
+    """The prior over code-index maps."""
 
-    # "transformer": decoder-only, raster order, learned row and column embeddings;
+    # "transformer": autoregressive decoder-only transformer, raster order, learned row and
+    # column embeddings; "masked": the same blocks bidirectional, trained to fill in masked
+    # codes and sampled by iterative parallel decoding (MaskGIT, Chang et al. 2022);
     # "pixelcnn": the gated PixelCNN of van den Oord et al. 2016, the VQ-VAE paper's prior.
     architecture: str = "transformer"
     # transformer: width, blocks and heads; pixelcnn: channels and gated layers.
@@ -263,6 +265,9 @@ class PriorConfig:
     # Condition on the slice's position within its volume (from "slice_<S>" in the file
     # names, scaled to [0, 1]), so sampling can ask for a given position.
     condition_on_slice_position: bool = False
+    # Categorical labels to condition on: columns of a conditions.csv beside the data (a
+    # "file" column naming each slice, then one column per label, e.g. orientation).
+    condition_labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("prior", "architecture", self.architecture, PRIOR_ARCHITECTURES)
@@ -274,6 +279,12 @@ class PriorConfig:
             f"prior.width ({self.width}) must be divisible by prior.num_heads ({self.num_heads})",
         )
         _require(0 <= self.dropout < 1, f"prior.dropout must be in [0, 1), got {self.dropout}")
+        _require(
+            len(set(self.condition_labels)) == len(self.condition_labels)
+            and all(name.strip() for name in self.condition_labels),
+            f"prior.condition_labels must be distinct column names, got "
+            f"{list(self.condition_labels)}",
+        )
 
 
 @dataclass(frozen=True)
@@ -296,6 +307,12 @@ class PriorTrainConfig(LoopConfig):
     # Decode a grid of samples every this many epochs (and after the last); 0 never does.
     sample_every: int = 5
     num_preview_samples: int = 16
+    # Validation and sampling use an exponential moving average of the weights with this
+    # decay (warmed up as (1 + n) / (10 + n) over the first steps); 0 uses the raw weights.
+    ema_decay: float = 0.999
+    # Share of training maps whose slice position and labels are hidden, so the prior also
+    # learns the unconditional distribution that classifier-free guidance needs.
+    condition_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -305,24 +322,52 @@ class PriorTrainConfig(LoopConfig):
         )
         _require(self.sample_every >= 0, "prior_train.sample_every must be >= 0")
         _require(self.num_preview_samples >= 1, "prior_train.num_preview_samples must be >= 1")
+        _require(
+            0 <= self.ema_decay < 1,
+            f"prior_train.ema_decay must be in [0, 1), got {self.ema_decay}",
+        )
+        _require(
+            0 <= self.condition_dropout < 1,
+            f"prior_train.condition_dropout must be in [0, 1), got {self.condition_dropout}",
+        )
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How new slices are drawn from the prior's next-code distribution."""
+    """How new slices are drawn from the prior."""
 
     num_samples: int = 64
     temperature: float = 1.0
     top_k: int | None = None  # keep only the k most likely codes
     top_p: float | None = None  # keep the fewest codes whose probability reaches p (nucleus)
     use_cache: bool = True  # key/value cache (transformer only)
+    # Classifier-free guidance: logits = unconditional + guidance * (conditional -
+    # unconditional). 1 samples the conditional model as trained, 0 the unconditional one.
+    guidance: float = 1.0
+    # Masked prior: parallel decoding steps, and the scale of the Gumbel noise that makes
+    # which codes are kept random (annealed to 0 over the steps, as in MaskGIT).
+    decoding_steps: int = 12
+    choice_temperature: float = 4.5
     batch_size: int = 64  # maps sampled together
     # Position in the volume, 0 to 1, for a prior trained with slice positions.
     slice_position: float | None = None
+    # Labels every sample is drawn with, as "name=value" (a prior trained on labels); a label
+    # or position not given is drawn from the training slices' conditions.
+    labels: tuple[str, ...] = ()
     device: str = "auto"
     seed: int = 0
 
+    def label_values(self) -> dict[str, str]:
+        """The ``labels`` as a name-to-value mapping."""
+        return dict(item.split("=", 1) for item in self.labels)
+
     def __post_init__(self) -> None:
+        for item in self.labels:
+            name, sep, value = item.partition("=")
+            _require(
+                bool(sep and name.strip() and value.strip()),
+                f"sample.labels entries must look like name=value, got {item!r}",
+            )
         for name in ("num_samples", "batch_size"):
             value = getattr(self, name)
             _require(value >= 1, f"sample.{name} must be at least 1, got {value}")
@@ -333,6 +378,15 @@ class SampleConfig:
         )
         _require(
             self.top_k is None or self.top_k >= 1, f"sample.top_k must be >= 1, got {self.top_k}"
+        )
+        _require(self.guidance >= 0, f"sample.guidance must be >= 0, got {self.guidance}")
+        _require(
+            self.decoding_steps >= 1,
+            f"sample.decoding_steps must be at least 1, got {self.decoding_steps}",
+        )
+        _require(
+            self.choice_temperature >= 0,
+            f"sample.choice_temperature must be >= 0, got {self.choice_temperature}",
         )
         _require(
             self.top_p is None or 0 < self.top_p <= 1,

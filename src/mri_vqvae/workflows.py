@@ -15,6 +15,7 @@ import torch
 
 from mri_vqvae.checkpoint import (
     Checkpoint,
+    build_prior_model,
     check_prior_matches,
     file_sha256,
     load_checkpoint,
@@ -31,6 +32,12 @@ from mri_vqvae.data.dataset import (
     load_split,
     load_splits,
     resolve_split_files,
+)
+from mri_vqvae.data.labels import (
+    LabelVocabulary,
+    build_vocabulary,
+    encode_labels,
+    split_label_values,
 )
 from mri_vqvae.data.nifti import NIFTI_SUFFIXES, DataError
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
@@ -64,12 +71,13 @@ from mri_vqvae.files import (
 from mri_vqvae.generate.sampling import (
     SampleRun,
     check_prior_fits,
+    draw_conditions,
     generate_samples,
     load_sample_codes,
     write_samples,
 )
 from mri_vqvae.model import VQVAE
-from mri_vqvae.model.prior import build_prior
+from mri_vqvae.model.prior import ConditionSizes, build_prior
 from mri_vqvae.report.page import is_report_page, write_report
 from mri_vqvae.runtime import resolve_device, seed_everything
 from mri_vqvae.train.loop import FitResult
@@ -305,6 +313,38 @@ def _encode_splits(
     return codes
 
 
+def _attach_labels(
+    codes: dict[str, CodeMaps], data: DataSources, columns: tuple[str, ...]
+) -> LabelVocabulary:
+    """Give each split's maps the labels of ``columns`` from the conditions.csv beside it;
+    the training split's values make the vocabulary."""
+    if not columns:
+        return ()
+    files = data.files()
+    values = {}
+    for split, maps in codes.items():
+        plain = len(maps) if maps.source is None else int(maps.source.max()) + 1
+        values[split] = split_label_values(files[split], maps.names[:plain], columns)
+    vocabulary = build_vocabulary(columns, values["train"])
+    for split, maps in codes.items():
+        labels = encode_labels(values[split], vocabulary)
+        # Augmented copies carry the labels of the slice they came from.
+        maps.labels = labels if maps.source is None else labels[maps.source]
+    for name, known in vocabulary:
+        logger.info("label %s: %d values (%s)", name, len(known), ", ".join(known[:8]))
+    return vocabulary
+
+
+def condition_sizes(config: Config, codes: CodeMaps, vocabulary: LabelVocabulary):
+    """What a prior trained on ``codes`` with ``config`` is conditioned on."""
+    augmentation = 0 if codes.augmentation is None else codes.augmentation.shape[1]
+    return ConditionSizes(
+        position=config.prior.condition_on_slice_position,
+        labels=tuple(len(values) for _, values in vocabulary),
+        augmentation=augmentation,
+    )
+
+
 def _train_prior_in(
     folder: OutputFolder,
     vqvae_path: Path,
@@ -322,12 +362,14 @@ def _train_prior_in(
         config = replace(config, data=data_config, model=vqvae_config.model)
         run = RunFolder(folder.path)
         codes = _encode_splits(vqvae, sha256, data, config, run, processes, device)
+        vocabulary = _attach_labels(codes, data, config.prior.condition_labels)
         if checkpoint is None and processes.is_main:
             # Only now, with the settings and data known good, is an old prior let go.
             folder.remove_previous_outputs()
         _log_code_maps(codes, vqvae.num_embeddings)
         seed_everything(config.prior_train.seed)
-        prior = build_prior(config.prior, vqvae.num_embeddings, codes["train"].grid_shape)
+        sizes = condition_sizes(config, codes["train"], vocabulary)
+        prior = build_prior(config.prior, vqvae.num_embeddings, codes["train"].grid_shape, sizes)
         result = train_prior(
             prior,
             codes["train"],
@@ -340,6 +382,7 @@ def _train_prior_in(
             sha256,
             checkpoint,
             processes,
+            vocabulary,
         )
     finally:
         leave_process_group()
@@ -364,8 +407,10 @@ def _log_code_maps(codes: dict[str, CodeMaps], num_embeddings: int) -> None:
 def _prior_summary(prior, result: FitResult, codes, config, device, vqvae_path, sha256) -> dict:
     """The best checkpoint's validation and test figures, for ``prior_summary.json``."""
     best = load_prior_checkpoint(result.best_checkpoint)
-    prior.load_state_dict(best.model_state)
-    test = evaluate_prior(prior, codes["test"], device, config.prior_train.batch_size)
+    prior = build_prior_model(best, result.best_checkpoint).to(device)  # its averaged weights
+    test = evaluate_prior(
+        prior, codes["test"], device, config.prior_train.batch_size, seed=config.prior_train.seed
+    )
     return {
         "best_epoch": best.progress.epoch,
         "val_nll_bits": best.progress.best_score,
@@ -438,9 +483,14 @@ def sample(
     prior, checkpoint = load_prior(prior_path, vqvae_path, device)
     if vqvae_config.data.image_size is not None:
         check_prior_fits(vqvae, prior, vqvae_config.data.image_size)
-    run = generate_samples(
-        vqvae, prior, settings.num_samples, settings, settings.slice_position, settings.seed
+    conditions = draw_conditions(
+        checkpoint.extras,
+        settings.num_samples,
+        torch.Generator().manual_seed(settings.seed),
+        settings.slice_position,
+        settings.label_values(),
     )
+    run = generate_samples(vqvae, prior, settings.num_samples, settings, conditions, settings.seed)
     metadata = {
         # Absolute, so evaluate-samples finds them from any working folder.
         "vqvae": str(vqvae_path.resolve()),
@@ -451,6 +501,7 @@ def sample(
         "settings": settings,
         "seed": settings.seed,
         "slice_position": settings.slice_position,
+        "conditions": _described_conditions(conditions, checkpoint.extras, settings),
         "device": str(device),
     }
     with folder:
@@ -458,6 +509,28 @@ def sample(
         write_samples(run, out, metadata)
     refresh_report(vqvae_path)
     return run
+
+
+def _described_conditions(conditions, extras: dict, settings) -> dict[str, Any]:
+    """What each sample was conditioned on, for ``samples.json``."""
+    if conditions is None:
+        return {"conditioned": False}
+    described: dict[str, Any] = {
+        "conditioned": True,
+        "guidance": settings.guidance,
+        "given": {"slice_position": settings.slice_position, "labels": settings.label_values()},
+        "not_given": "drawn from the training slices' conditions",
+    }
+    if conditions.position is not None:
+        described["slice_position"] = [round(float(p), 6) for p in conditions.position]
+    if conditions.labels is not None:
+        for column, (name, values) in enumerate(extras["label_vocabulary"]):
+            described[f"label_{name}"] = [
+                values[int(i) - 1] if i > 0 else None for i in conditions.labels[:, column]
+            ]
+    if conditions.augmentation is not None:
+        described["augmentation"] = "none (all parameters zero)"
+    return described
 
 
 def read_samples_metadata(path: Path) -> dict:

@@ -1,4 +1,5 @@
-"""Sampling: logit filtering, cached and uncached sampling agreeing exactly, and what
+"""Sampling: logit filtering, cached and uncached sampling agreeing exactly, the masked prior's
+parallel decoding, classifier-free guidance, conditions drawn from training, and what
 write_samples leaves on disk."""
 
 import json
@@ -9,6 +10,9 @@ import torch
 from mri_vqvae.data.nifti import read_slice
 from mri_vqvae.generate.sampling import (
     SampleConfig,
+    _guided,
+    decode_masked,
+    draw_conditions,
     filter_logits,
     generate_samples,
     load_sample_codes,
@@ -16,7 +20,8 @@ from mri_vqvae.generate.sampling import (
     write_samples,
 )
 from mri_vqvae.model import VQVAE
-from tests.helpers import NUM_CODES, tiny_model_config, tiny_prior
+from mri_vqvae.model.prior import ConditionSizes, PriorConditions
+from tests.helpers import NUM_CODES, positions, tiny_model_config, tiny_prior
 
 
 def test_top_k_keeps_the_k_most_likely_codes():
@@ -77,8 +82,8 @@ def test_generate_and_write_samples(tmp_path):
     assert summary["num_samples"] == 3 and summary["grid_shape"] == [16, 8]
     again = generate_samples(vqvae, prior, 3, seed=1)
     assert torch.equal(again.codes, run.codes)
-    with pytest.raises(ValueError, match="without slice positions"):
-        generate_samples(vqvae, prior, 1, slice_position=0.5)
+    with pytest.raises(ValueError, match="without conditions"):
+        generate_samples(vqvae, prior, 1, conditions=positions(0.5))
 
 
 def test_bad_sampling_settings_are_refused():
@@ -92,3 +97,85 @@ def test_bad_sampling_settings_are_refused():
 def test_a_temperature_that_is_not_a_finite_positive_number_is_refused(temperature):
     with pytest.raises(ValueError, match=r"sample\.temperature must be a finite number > 0"):
         SampleConfig(temperature=temperature)
+
+
+def test_parallel_decoding_fills_every_position_and_keeps_known_codes():
+    prior = tiny_prior("masked", (4, 3))
+    masked = torch.full((3, 4, 3), prior.mask_token)
+    for steps in (1, 2, 8):
+        codes = decode_masked(prior, masked, SampleConfig(decoding_steps=steps))
+        assert codes.shape == (3, 4, 3)
+        assert codes.min() >= 0 and codes.max() < NUM_CODES  # no mask token left
+    known = torch.randint(0, NUM_CODES, (2, 4, 3))
+    assert torch.equal(decode_masked(prior, known, SampleConfig()), known)
+    partly = known.clone()
+    partly[:, 1:3] = prior.mask_token
+    filled = decode_masked(prior, partly, SampleConfig(decoding_steps=3))
+    assert torch.equal(filled[:, [0, 3]], known[:, [0, 3]])
+    assert (filled[:, 1:3] != prior.mask_token).all()
+
+
+def test_parallel_decoding_runs_one_forward_per_step():
+    prior = tiny_prior("masked", (4, 3))
+    calls = []
+    prior.register_forward_hook(lambda *args: calls.append(1))
+    masked = torch.full((2, 4, 3), prior.mask_token)
+    for steps in (2, 6):
+        calls.clear()
+        decode_masked(prior, masked, SampleConfig(decoding_steps=steps))
+        assert len(calls) == steps  # fewer steps, fewer forwards: faster
+    # Sampling from a masked prior goes through the same decoding.
+    drawn = sample_codes(prior, 5, SampleConfig(batch_size=2, decoding_steps=3))
+    assert drawn.shape == (5, 4, 3) and drawn.max() < NUM_CODES
+
+
+def test_guidance_one_is_conditional_and_zero_unconditional():
+    prior = tiny_prior("masked", (4, 3), conditional=True)
+    for parameter in prior.condition.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    codes = torch.randint(0, NUM_CODES, (2, 4, 3))
+    conditions = positions(0.1, 0.8)
+    conditional = prior(codes, conditions)
+    unconditional = prior(codes, conditions.without_guided())
+    for weight, expected in ((1.0, conditional), (0.0, unconditional)):
+        given, copies, combine = _guided(conditions, weight)
+        torch.testing.assert_close(combine(prior(codes.repeat(copies, 1, 1), given)), expected)
+    given, copies, combine = _guided(conditions, 3.0)
+    assert copies == 2
+    guided = combine(prior(codes.repeat(2, 1, 1), given))
+    torch.testing.assert_close(guided, unconditional + 3 * (conditional - unconditional))
+
+
+def test_guided_raster_sampling_draws_valid_codes():
+    prior = tiny_prior("transformer", (4, 3), conditional=True)
+    settings = SampleConfig(guidance=2.0, batch_size=2)
+    codes = sample_codes(prior, 3, settings, positions(0.1, 0.5, 0.9))
+    assert codes.shape == (3, 4, 3) and codes.max() < NUM_CODES
+
+
+def test_conditions_not_given_are_drawn_from_training():
+    extras = {
+        "condition_sizes": ConditionSizes(position=True, labels=(2,), augmentation=3).to_dict(),
+        "label_vocabulary": [["orientation", ["axial", "coronal"]]],
+        "training_conditions": {
+            "position": torch.tensor([0.25, 0.75]),
+            "labels": torch.tensor([[1], [2]]),
+        },
+    }
+    generator = torch.Generator().manual_seed(0)
+    drawn = draw_conditions(extras, 200, generator)
+    # Drawn jointly: position 0.25 always comes with axial, 0.75 with coronal.
+    pairs = set(zip(drawn.position.tolist(), drawn.labels[:, 0].tolist(), strict=True))
+    assert pairs == {(0.25, 1), (0.75, 2)}
+    assert not drawn.augmentation.any()
+    given = draw_conditions(extras, 4, generator, 0.5, {"orientation": "coronal"})
+    assert given.position.tolist() == [0.5] * 4 and given.labels[:, 0].tolist() == [2] * 4
+    with pytest.raises(ValueError, match=r"no value 'sagittal'.*axial, coronal"):
+        draw_conditions(extras, 1, generator, labels={"orientation": "sagittal"})
+    with pytest.raises(ValueError, match="no label 'case'"):
+        draw_conditions(extras, 1, generator, labels={"case": "a"})
+    plain = {"condition_sizes": ConditionSizes().to_dict()}
+    assert draw_conditions(plain, 3, generator) is None
+    with pytest.raises(ValueError, match="without conditions"):
+        draw_conditions(plain, 3, generator, 0.5)
+    assert isinstance(drawn, PriorConditions)

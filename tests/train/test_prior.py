@@ -22,7 +22,7 @@ from mri_vqvae.code_maps import CodeMaps, code_maps_for, encode_slices, require_
 from mri_vqvae.config import Config, PriorConfig, PriorTrainConfig, load_config
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.model import VQVAE
-from mri_vqvae.model.prior import build_prior
+from mri_vqvae.model.prior import ConditionSizes, build_prior
 from mri_vqvae.train import prior as prior_training
 from mri_vqvae.train.loop import TrainingInterrupted
 from mri_vqvae.train.prior import evaluate_prior, train_prior
@@ -271,3 +271,63 @@ def test_a_prior_stopped_by_a_signal_inside_an_epoch_resumes_to_the_uninterrupte
         assert [r[column] for r in resumed.history] == pytest.approx(
             [r[column] for r in straight.history], rel=1e-9
         )
+
+
+@pytest.mark.slow
+def test_a_masked_prior_learns_and_is_sampled_from_its_averaged_weights(tmp_path):
+    vqvae_path = tmp_path / "vqvae.pt"
+    vqvae = saved_vqvae(vqvae_path)
+    train, val = patterned_codes(48, 1), patterned_codes(16, 2)
+    config = prior_config(epochs=12, sample_every=0, ema_decay=0.9)
+    config = replace(config, prior=replace(config.prior, architecture="masked"))
+    torch.manual_seed(0)
+    prior = build_prior(config.prior, NUM_CODES, GRID)
+    sha = file_sha256(vqvae_path)
+    cpu = torch.device("cpu")
+    result = train_prior(prior, train, val, config, tmp_path / "p", cpu, vqvae, vqvae_path, sha)
+    final = result.history[-1]
+    # Every masked code of a one-code map follows from any code left visible.
+    assert final["val_nll_bits"] < final["val_unigram_bits"]
+    assert final["val_nll_bits"] < result.history[0]["val_nll_bits"] - 1
+    loaded, checkpoint = load_prior(result.best_checkpoint, vqvae_path)
+    averaged = checkpoint.extras["ema"]["weights"]
+    assert checkpoint.extras["ema"]["updates"] > 0
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, averaged[key])
+    assert any(not torch.equal(averaged[k], v) for k, v in checkpoint.model_state.items())
+    score = evaluate_prior(loaded, val, cpu, seed=config.prior_train.seed)
+    assert score["nll_bits"] == pytest.approx(checkpoint.progress.best_score, rel=1e-5)
+
+
+def test_a_prior_trains_on_labels_and_augmented_maps(tmp_path):
+    vqvae_path = tmp_path / "vqvae.pt"
+    vqvae = saved_vqvae(vqvae_path)
+    train, val = patterned_codes(16, 1), patterned_codes(8, 2)
+    # Two augmented copies of every map, told apart by their parameters.
+    copies = CodeMaps(
+        train.indices.repeat(3, 1, 1),
+        train.names * 3,
+        train.slice_positions.repeat(3),
+        NUM_CODES,
+        augmentation=torch.cat([torch.zeros(16, 2), torch.rand(32, 2)]),
+        source=torch.arange(16).repeat(3),
+        labels=torch.arange(16).remainder(2).add(1).repeat(3)[:, None],
+    )
+    val.labels = torch.ones(8, 1, dtype=torch.long)
+    config = prior_config(epochs=1, sample_every=1, condition_dropout=0.5)
+    config = replace(config, prior=replace(config.prior, condition_on_slice_position=True))
+    sizes = ConditionSizes(position=True, labels=(2,), augmentation=2)
+    prior = build_prior(config.prior, NUM_CODES, GRID, sizes)
+    vocabulary = (("side", ("left", "right")),)
+    sha, cpu = file_sha256(vqvae_path), torch.device("cpu")
+    result = train_prior(
+        prior, copies, val, config, tmp_path / "p", cpu, vqvae, vqvae_path, sha, None,
+        label_vocabulary=vocabulary,
+    )  # fmt: skip
+    extras = load_prior_checkpoint(result.last_checkpoint).extras
+    assert extras["condition_sizes"] == sizes.to_dict()
+    assert extras["label_vocabulary"] == [["side", ["left", "right"]]]
+    # The training distribution of conditions counts each slice once, not each copy.
+    assert len(extras["training_conditions"]["position"]) == 16
+    assert extras["training_conditions"]["labels"][:, 0].tolist() == [1, 2] * 8
+    assert (tmp_path / "p" / "samples" / "epoch_1.png").is_file()

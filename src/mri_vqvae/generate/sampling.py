@@ -1,11 +1,15 @@
-"""Sampling new slices: codes from the prior one position at a time, decoded by the VQ-VAE."""
+"""Sampling new slices: codes from the prior (in raster order, or by parallel decoding from a
+masked prior), decoded by the VQ-VAE."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +27,13 @@ from mri_vqvae.files import (
     write_text_atomic,
 )
 from mri_vqvae.model import VQVAE
-from mri_vqvae.model.prior import Prior
+from mri_vqvae.model.prior import (
+    ConditionSizes,
+    MaskedTransformerPrior,
+    Prior,
+    PriorConditions,
+    cosine_mask_ratio,
+)
 
 
 def filter_logits(
@@ -48,15 +58,108 @@ def filter_logits(
     return logits
 
 
+def draw_conditions(
+    extras: dict[str, Any],
+    count: int,
+    generator: torch.Generator,
+    slice_position: float | None = None,
+    labels: dict[str, str] | None = None,
+) -> PriorConditions | None:
+    """Conditions for ``count`` samples of the prior whose checkpoint ``extras`` are given.
+
+    What is given (``slice_position``; ``labels``, a value for some of the labels by name)
+    holds for every sample; the rest is drawn jointly from the training slices' conditions,
+    so unconditioned samples follow the training distribution. The augmentation is always
+    "none".
+    """
+    sizes = ConditionSizes.from_dict(extras["condition_sizes"])
+    labels = labels or {}
+    if not sizes.any:
+        if slice_position is not None or labels:
+            raise ConfigError("this prior was trained without conditions; give none")
+        return None
+    if slice_position is not None and not sizes.position:
+        raise ConfigError("this prior was trained without slice positions; drop --slice-position")
+    trained = extras["training_conditions"]
+    rows = torch.randint(len(_first_part(trained)), (count,), generator=generator)
+    position = label_indices = augmentation = None
+    if sizes.position:
+        position = trained["position"][rows].float()
+        if slice_position is not None:
+            position = torch.full((count,), float(slice_position))
+    if sizes.labels:
+        label_indices = trained["labels"][rows].clone()
+        for column, index in _given_labels(extras["label_vocabulary"], labels).items():
+            label_indices[:, column] = index
+    elif labels:
+        raise ConfigError("this prior was trained without labels; drop --label")
+    if sizes.augmentation:
+        augmentation = torch.zeros(count, sizes.augmentation)
+    return PriorConditions(position, label_indices, augmentation)
+
+
+def _first_part(trained: dict[str, Any]) -> torch.Tensor:
+    return next(part for part in trained.values() if part is not None)
+
+
+def _given_labels(vocabulary: list, given: dict[str, str]) -> dict[int, int]:
+    """Label name/value pairs to column/index pairs, refusing unknown names and values."""
+    names = [name for name, _ in vocabulary]
+    chosen = {}
+    for name, value in given.items():
+        if name not in names:
+            raise ConfigError(
+                f"this prior has no label {name!r} (its labels: {', '.join(names) or 'none'})"
+            )
+        column = names.index(name)
+        values = list(vocabulary[column][1])
+        if value not in values:
+            raise ConfigError(
+                f"label {name} has no value {value!r} in the training data "
+                f"(known: {', '.join(values)})"
+            )
+        chosen[column] = values.index(value) + 1
+    return chosen
+
+
+def _guided(
+    conditions: PriorConditions | None, guidance: float
+) -> tuple[PriorConditions | None, int, Callable[[torch.Tensor], torch.Tensor]]:
+    """The conditions a guided forward takes, how many copies of the batch it holds, and how
+    its logits become the guided ones (Ho & Salimans 2022: unconditional + guidance *
+    (conditional - unconditional)). Without position or labels there is nothing to guide."""
+    guidable = conditions is not None and (
+        conditions.position is not None or conditions.labels is not None
+    )
+    if not guidable or guidance == 1:
+        return conditions, 1, lambda logits: logits
+    if guidance == 0:
+        return conditions.without_guided(), 1, lambda logits: logits
+    doubled = PriorConditions.cat([conditions, conditions.without_guided()])
+
+    def combine(logits: torch.Tensor) -> torch.Tensor:
+        conditional, unconditional = logits.float().chunk(2)
+        return unconditional + guidance * (conditional - unconditional)
+
+    return doubled, 2, combine
+
+
+def _batches(num_samples: int, batch_size: int, conditions: PriorConditions | None):
+    for start in range(0, num_samples, batch_size):
+        stop = min(start + batch_size, num_samples)
+        yield stop - start, None if conditions is None else conditions.rows(slice(start, stop))
+
+
 @torch.no_grad()
 def sample_codes(
     prior: Prior,
     num_samples: int,
     settings: SampleConfig | None = None,
-    slice_position: float | None = None,
+    conditions: PriorConditions | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """``num_samples`` code maps ``(N, h, w)`` drawn position by position in raster order.
+    """``num_samples`` code maps ``(N, h, w)``: position by position in raster order from an
+    autoregressive prior, by iterative parallel decoding from a masked one.
 
     With ``settings.use_cache`` and a transformer, each new code costs one single-token
     forward over the cached keys and values of the prefix, for a whole batch at once; without
@@ -66,25 +169,121 @@ def sample_codes(
     settings = settings or SampleConfig()
     prior.eval()
     device = next(prior.parameters()).device
+    maps = []
+    for batch, batch_conditions in _batches(num_samples, settings.batch_size, conditions):
+        if batch_conditions is not None:
+            batch_conditions = batch_conditions.to(device)
+        draw = _raster_codes if prior.autoregressive else _masked_codes
+        maps.append(draw(prior, batch, settings, batch_conditions, generator).cpu())
+    return torch.cat(maps)
+
+
+def _raster_codes(
+    prior: Prior,
+    batch: int,
+    settings: SampleConfig,
+    conditions: PriorConditions | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    device = next(prior.parameters()).device
     height, width = prior.grid_shape
     length = height * width
-    maps = []
-    for start in range(0, num_samples, settings.batch_size):
-        batch = min(settings.batch_size, num_samples - start)
-        position = None
-        if slice_position is not None:
-            position = torch.full((batch,), float(slice_position), device=device)
-        codes = torch.zeros(batch, length, dtype=torch.long, device=device)
-        cache = prior.new_cache(batch) if settings.use_cache and prior.supports_cache else None
-        for t in range(length):
-            if cache is not None:
-                logits = prior.step(codes[:, t - 1] if t else None, cache, position)
-            else:
-                logits = prior.next_logits(codes, t, position)
-            logits = filter_logits(logits, settings.temperature, settings.top_k, settings.top_p)
-            codes[:, t] = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-        maps.append(codes.reshape(batch, height, width).cpu())
-    return torch.cat(maps)
+    forward_conditions, copies, combine = _guided(conditions, settings.guidance)
+    codes = torch.zeros(batch, length, dtype=torch.long, device=device)
+    use_cache = settings.use_cache and prior.supports_cache
+    cache = prior.new_cache(batch * copies) if use_cache else None
+    for t in range(length):
+        if cache is not None:
+            previous = codes[:, t - 1].repeat(copies) if t else None
+            logits = prior.step(previous, cache, forward_conditions)
+        else:
+            logits = prior.next_logits(codes.repeat(copies, 1), t, forward_conditions)
+        logits = filter_logits(
+            combine(logits), settings.temperature, settings.top_k, settings.top_p
+        )
+        codes[:, t] = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return codes.reshape(batch, height, width)
+
+
+def _masked_codes(
+    prior: Prior,
+    batch: int,
+    settings: SampleConfig,
+    conditions: PriorConditions | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    device = next(prior.parameters()).device
+    start = torch.full((batch, *prior.grid_shape), prior.mask_token, device=device)
+    return decode_masked(prior, start, settings, conditions, generator)
+
+
+@torch.no_grad()
+def decode_masked(
+    prior: MaskedTransformerPrior,
+    codes: torch.Tensor,
+    settings: SampleConfig,
+    conditions: PriorConditions | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Fill the masked positions of ``codes (B, h, w)`` (``prior.mask_token`` where unknown)
+    by MaskGIT's iterative parallel decoding, in ``settings.decoding_steps`` steps.
+
+    Each step samples a code for every unknown position, keeps the most confident of them
+    (the log-probability of the sampled code plus Gumbel noise scaled by
+    ``settings.choice_temperature``, annealed to 0) and masks the rest again, so that the
+    share still unknown follows the cosine schedule to none after the last step. Known codes
+    are never changed.
+    """
+    prior.eval()
+    batch = codes.shape[0]
+    length = prior.sequence_length
+    steps = settings.decoding_steps
+    forward_conditions, copies, combine = _guided(conditions, settings.guidance)
+    codes = codes.reshape(batch, length).clone()
+    unknown = codes == prior.mask_token
+    for step in range(steps):
+        if not unknown.any():
+            break
+        inputs = codes.repeat(copies, 1).reshape(batch * copies, *prior.grid_shape)
+        logits = combine(prior(inputs, forward_conditions).flatten(2).transpose(1, 2))
+        logits = filter_logits(
+            logits.reshape(batch * length, -1),
+            settings.temperature,
+            settings.top_k,
+            settings.top_p,
+        )
+        probabilities = logits.softmax(dim=-1)
+        drawn = torch.multinomial(probabilities, 1, generator=generator).reshape(batch, length)
+        chosen = probabilities.gather(1, drawn.reshape(-1, 1)).reshape(batch, length)
+        drawn = torch.where(unknown, drawn, codes)
+        noise_scale = settings.choice_temperature * (1 - (step + 1) / steps)
+        confidence = chosen.clamp_min(1e-30).log() + noise_scale * _gumbel(chosen, generator)
+        confidence = confidence.masked_fill(~unknown, math.inf)
+        still_unknown = _still_unknown(unknown, step, steps, length)
+        # The least confident of the new codes are masked again.
+        order = confidence.argsort(dim=1)
+        rank = order.argsort(dim=1)
+        remask = rank < still_unknown[:, None]
+        codes = torch.where(remask, prior.mask_token, drawn)
+        unknown = remask
+    return codes.reshape(batch, *prior.grid_shape)
+
+
+def _still_unknown(unknown: torch.Tensor, step: int, steps: int, length: int) -> torch.Tensor:
+    """How many positions of each map stay masked after ``step``: the cosine schedule's share
+    of the sequence, at most one fewer than are unknown now (each step fills at least one),
+    and none after the last step."""
+    progress = torch.tensor((step + 1) / steps)
+    scheduled = math.floor(float(cosine_mask_ratio(progress)) * length)
+    if step == steps - 1:
+        scheduled = 0
+    now = unknown.sum(dim=1)
+    return torch.minimum(torch.full_like(now, scheduled), (now - 1).clamp_min(0))
+
+
+def _gumbel(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    uniform = torch.rand(like.shape, generator=generator, device=like.device)
+    return -torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
 
 
 @torch.no_grad()
@@ -117,6 +316,7 @@ class SampleRun:
     images: torch.Tensor  # (N, 1, H, W) in [-1, 1]
     sampling_seconds: float
     decoding_seconds: float
+    conditions: PriorConditions | None = None
 
 
 def generate_samples(
@@ -124,24 +324,25 @@ def generate_samples(
     prior: Prior,
     num_samples: int,
     settings: SampleConfig | None = None,
-    slice_position: float | None = None,
+    conditions: PriorConditions | None = None,
     seed: int = 0,
 ) -> SampleRun:
-    """Draw ``num_samples`` code maps from ``prior`` and decode them with ``vqvae``."""
-    if prior.conditional and slice_position is None:
-        raise ConfigError("this prior is conditioned on slice position; give --slice-position")
-    if not prior.conditional and slice_position is not None:
-        raise ConfigError("this prior was trained without slice positions; drop --slice-position")
-    if slice_position is not None and not 0 <= slice_position <= 1:
-        raise ConfigError(f"slice position must be in [0, 1], got {slice_position}")
+    """Draw ``num_samples`` code maps from ``prior`` under ``conditions`` (one row per sample,
+    as :func:`draw_conditions` makes them) and decode them with ``vqvae``."""
+    if prior.conditional and conditions is None:
+        raise ConfigError("this prior is conditioned; give it conditions (draw_conditions)")
+    if not prior.conditional and conditions is not None:
+        raise ConfigError("this prior was trained without conditions; give none")
+    if conditions is not None and len(conditions) != num_samples:
+        raise ConfigError(f"{len(conditions)} conditions for {num_samples} samples")
     settings = settings or SampleConfig()
     device = next(prior.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     started = time.perf_counter()
-    codes = sample_codes(prior, num_samples, settings, slice_position, generator)
+    codes = sample_codes(prior, num_samples, settings, conditions, generator)
     sampled = time.perf_counter()
     images = decode_codes(vqvae, codes, settings.batch_size)
-    return SampleRun(codes, images, sampled - started, time.perf_counter() - sampled)
+    return SampleRun(codes, images, sampled - started, time.perf_counter() - sampled, conditions)
 
 
 def write_samples(run: SampleRun, out_dir: str | Path, metadata: dict) -> Path:

@@ -103,6 +103,10 @@ class TrainingTask:
         sums them over processes and passes them to :meth:`train_metrics` as ``(steps, S)``."""
         raise NotImplementedError
 
+    def after_step(self) -> None:
+        """Called after each applied optimisation step (the moving average of the weights
+        follows them here)."""
+
     def epoch_state(self, processes: ProcessGroup) -> dict[str, Any]:
         """The epoch's own running state beyond the step sums, summed over processes (every
         process calls it), for a mid-epoch checkpoint."""
@@ -399,6 +403,7 @@ class _Fit:
         self.progress.global_step += 1
         if applied:
             self.skipped_in_a_row = 0
+            task.after_step()
             self.step_sums.append(task.step_sums(mine, output))
         else:
             self.count_skipped(epoch, step)

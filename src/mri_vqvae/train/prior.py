@@ -1,4 +1,4 @@
-"""Stage 2: an autoregressive prior over a frozen VQ-VAE's code maps, as a task of the one
+"""Stage 2: a prior over a frozen VQ-VAE's code maps, as a task of the one
 training loop (:mod:`mri_vqvae.train.loop`)."""
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from mri_vqvae import plots
 from mri_vqvae.checkpoint import Checkpoint, load_weights
 from mri_vqvae.code_maps import CodeMaps
 from mri_vqvae.config import Config
+from mri_vqvae.data.labels import LabelVocabulary
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
 from mri_vqvae.files import RunFolder, epoch_picture
-from mri_vqvae.generate.sampling import generate_samples
+from mri_vqvae.generate.sampling import draw_conditions, generate_samples
 from mri_vqvae.model import VQVAE
-from mri_vqvae.model.prior import Prior
+from mri_vqvae.model.prior import ConditionSizes, Prior, PriorConditions, random_masks
 from mri_vqvae.runtime import autocast, resolve_precision
+from mri_vqvae.train.ema import WeightAverage
 from mri_vqvae.train.loop import FitResult, TrainingTask, fit
 from mri_vqvae.train.tensorboard import TensorBoardLog
 
@@ -45,24 +47,37 @@ PRIOR_METRIC_COLUMNS = (
 )
 
 
-def _conditions(prior: Prior, codes: CodeMaps, rows: torch.Tensor, device: torch.device):
-    if not prior.conditional:
-        return None
-    return codes.slice_positions[rows].to(device)
-
-
 def prior_loss(
     prior: torch.nn.Module,
     indices: torch.Tensor,
-    slice_position: torch.Tensor | None,
-    conditional: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy in nats per code and the number of codes predicted exactly.
-    ``prior`` may be wrapped (DDP); ``conditional`` says whether it takes positions."""
-    logits = prior(indices, slice_position) if conditional else prior(indices)  # (B, K, h, w)
-    loss = F.cross_entropy(logits.float(), indices)
-    correct = (logits.argmax(dim=1) == indices).sum()
-    return loss, correct
+    conditions: PriorConditions | None,
+    masks: torch.Tensor | None = None,
+    mask_token: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean cross-entropy in nats per predicted code, the number predicted exactly and the
+    number predicted. ``prior`` may be wrapped (DDP). An autoregressive prior predicts every
+    code from those before it; a masked one gets ``mask_token`` where ``masks (B, h*w)`` is
+    true and predicts those codes only."""
+    inputs = indices
+    if masks is not None:
+        inputs = indices.flatten(1).masked_fill(masks, mask_token).reshape(indices.shape)
+    logits = prior(inputs) if conditions is None else prior(inputs, conditions)  # (B, K, h, w)
+    if masks is None:
+        loss = F.cross_entropy(logits.float(), indices)
+        return loss, (logits.argmax(dim=1) == indices).sum(), indices.numel()
+    chosen = logits.flatten(2).transpose(1, 2)[masks]  # (M, K) at the masked positions
+    targets = indices.flatten(1)[masks]
+    loss = F.cross_entropy(chosen.float(), targets)
+    return loss, (chosen.argmax(dim=1) == targets).sum(), targets.numel()
+
+
+def training_masks(prior: Prior, batch: int, device: torch.device, generator=None):
+    """Masks for a batch of a masked prior (None for an autoregressive one). With a CPU
+    ``generator`` they are drawn on the CPU, so validation masks are the same on any device."""
+    if prior.autoregressive:
+        return None
+    masks = random_masks(batch, prior.sequence_length, generator=generator)
+    return masks.to(device)
 
 
 @torch.no_grad()
@@ -72,33 +87,55 @@ def evaluate_prior(
     device: torch.device,
     batch_size: int = 64,
     processes: ProcessGroup = SINGLE_PROCESS,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Negative log-likelihood in bits per code and next-code accuracy over a whole split (in
-    a distributed run each process scores its share and all return the whole split's)."""
+    """Cross-entropy in bits per predicted code and accuracy over a whole split (in a
+    distributed run each process scores its share and all return the whole split's).
+
+    For an autoregressive prior this is the negative log-likelihood of the maps. A masked prior
+    has no exact likelihood: it is scored on its masked codes, with masks drawn from ``seed``
+    so that every epoch and every run sees the same ones.
+    """
     prior.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, codes right
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, right, predicted
+    # Every map's mask drawn up front from the seed, so batch size and processes change none.
+    all_masks = training_masks(prior, len(codes), device, torch.Generator().manual_seed(seed))
     mine = processes.shard(torch.arange(len(codes)))
     for start in range(0, len(mine), batch_size):
         rows = mine[start : start + batch_size]
         indices = codes.indices[rows].to(device)
-        conditions = _conditions(prior, codes, rows, device)
-        loss, hits = prior_loss(prior, indices, conditions, prior.conditional)
-        totals += torch.stack([loss.double() * indices.numel(), hits.double()])
+        conditions = codes.conditions(rows, prior.condition_sizes, device)
+        masks = None if all_masks is None else all_masks[rows.to(device)]
+        mask_token = getattr(prior, "mask_token", None)
+        loss, hits, count = prior_loss(prior, indices, conditions, masks, mask_token)
+        totals += torch.tensor([float(loss) * count, float(hits), count], device=device)
     processes.sum(totals)
-    count = codes.indices.numel()
-    nats, correct = totals.tolist()
+    nats, correct, count = totals.tolist()
     return {"nll_bits": nats / count / math.log(2), "accuracy": correct / count}
 
 
+def training_conditions(codes: CodeMaps, sizes: ConditionSizes) -> dict[str, Any]:
+    """The slice positions and labels of the plain training maps, kept in the checkpoint so
+    that sampling without a given condition draws them from the training distribution."""
+    # The plain maps come first; augmented copies after them repeat their slices' conditions.
+    plain = torch.arange(len(codes) if codes.source is None else int(codes.source.max()) + 1)
+    return {
+        "position": codes.slice_positions[plain].float() if sizes.position else None,
+        "labels": codes.labels[plain] if sizes.labels else None,
+    }
+
+
 class PriorTask(TrainingTask):
-    """The prior stage: next-code cross-entropy on code maps, validation bits per code beside
-    the unigram baseline, and sample grids decoded through the frozen VQ-VAE."""
+    """The prior stage: cross-entropy on code maps (next-code for an autoregressive prior,
+    masked codes for a masked one), validation bits per code beside the unigram baseline, a
+    moving average of the weights for validation and sampling, and sample grids decoded
+    through the frozen VQ-VAE."""
 
     kind = "prior"
     metric_columns = PRIOR_METRIC_COLUMNS
     score_column = "val_nll_bits"
     epoch_name = "prior epoch"
-    sum_width = 3  # nats summed over the step's codes, codes predicted exactly, codes
+    sum_width = 3  # nats summed over the step's predicted codes, codes right, codes predicted
 
     def __init__(
         self,
@@ -112,12 +149,14 @@ class PriorTask(TrainingTask):
         vqvae_path: str | Path,
         vqvae_sha256: str,
         processes: ProcessGroup = SINGLE_PROCESS,
+        label_vocabulary: LabelVocabulary = (),
     ) -> None:
         self.config, self.settings, self.run = config, config.prior_train, run
         self.model, self.device, self.processes = prior.to(device), device, processes
         self.train_codes, self.val_codes = train_codes, val_codes
         self.vqvae = vqvae.to(device).eval()
         self.vqvae_path, self.vqvae_sha256 = str(vqvae_path), vqvae_sha256
+        self.label_vocabulary = label_vocabulary
         self.trainer = (
             DistributedDataParallel(
                 prior, device_ids=[device.index] if device.type == "cuda" else None
@@ -128,7 +167,14 @@ class PriorTask(TrainingTask):
         self.optimizer = torch.optim.AdamW(
             prior.parameters(), lr=self.settings.lr, weight_decay=self.settings.weight_decay
         )
-        self.unigram_bits = val_codes.unigram_bits()
+        decay = self.settings.ema_decay
+        self.average = WeightAverage(prior, decay) if decay > 0 else None
+        self.unigram_bits = self.val_codes.unigram_bits()
+
+    @property
+    def evaluated(self) -> Prior:
+        """The weights validation and sampling use: the moving average, or the model's."""
+        return self.model if self.average is None else self.average.module
 
     def __len__(self) -> int:
         return len(self.train_codes)
@@ -138,10 +184,21 @@ class PriorTask(TrainingTask):
 
     def loss(self, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
         indices = self.train_codes.indices[rows].to(self.device)
-        conditions = _conditions(self.model, self.train_codes, rows, self.device)
+        sizes = self.model.condition_sizes
+        conditions = self.train_codes.conditions(rows, sizes, self.device)
+        if conditions is not None and self.settings.condition_dropout > 0:
+            drop = torch.rand(len(rows), device=self.device) < self.settings.condition_dropout
+            conditions = conditions.without_guided(drop)
+        masks = training_masks(self.model, len(rows), self.device)
         with autocast(self.device, self.settings.precision):
-            loss, hits = prior_loss(self.trainer, indices, conditions, self.model.conditional)
-        return loss, (indices.numel(), hits, loss)
+            loss, hits, count = prior_loss(
+                self.trainer, indices, conditions, masks, getattr(self.model, "mask_token", None)
+            )
+        return loss, (count, hits, loss)
+
+    def after_step(self) -> None:
+        if self.average is not None:
+            self.average.update(self.model)
 
     def step_sums(self, rows: torch.Tensor, output: Any) -> torch.Tensor:
         count, hits, loss = output
@@ -165,7 +222,12 @@ class PriorTask(TrainingTask):
 
     def validate(self, processes: ProcessGroup) -> dict[str, Any]:
         val = evaluate_prior(
-            self.model, self.val_codes, self.device, self.settings.batch_size, processes
+            self.evaluated,
+            self.val_codes,
+            self.device,
+            self.settings.batch_size,
+            processes,
+            self.settings.seed,
         )
         return {
             "val_nll_bits": val["nll_bits"],
@@ -174,9 +236,10 @@ class PriorTask(TrainingTask):
         }
 
     def describe(self, row: dict[str, Any]) -> str:
+        what = "next-code" if self.model.autoregressive else "masked-code"
         return (
             f"train {row['train_nll_bits']:.3f} bits/code | val {row['val_nll_bits']:.3f} "
-            f"bits/code (unigram {row['val_unigram_bits']:.3f}), next-code accuracy "
+            f"bits/code (unigram {row['val_unigram_bits']:.3f}), {what} accuracy "
             f"{100 * row['val_accuracy']:.1f}%"
         )
 
@@ -187,26 +250,35 @@ class PriorTask(TrainingTask):
         if not every or (epoch % every and not last):
             return
         count = self.settings.num_preview_samples
-        position = 0.5 if self.model.conditional else None
+        generator = torch.Generator().manual_seed(self.settings.seed)
+        conditions = draw_conditions(self.extras(), count, generator)
         run = generate_samples(
-            self.vqvae, self.model, count, self.config.sample, position, self.settings.seed
+            self.vqvae, self.evaluated, count, self.config.sample, conditions, self.settings.seed
         )
-        where = " at slice position 0.5" if position is not None else ""
         plots.image_grid(
             run.images.numpy(),
             self.run.prior_samples / epoch_picture(epoch),
-            title=f"prior samples, epoch {epoch}{where}",
+            title=f"prior samples, epoch {epoch}",
         )
         if board is not None:
             board.image_rows("samples", list(run.images.split(8)), global_step)
 
     def extras(self) -> dict[str, Any]:
+        sizes = self.model.condition_sizes
         return {
             "num_embeddings": self.model.num_embeddings,
             "grid_shape": list(self.model.grid_shape),
             "vqvae_sha256": self.vqvae_sha256,
             "vqvae_path": self.vqvae_path,
+            "condition_sizes": sizes.to_dict(),
+            "label_vocabulary": [[name, list(values)] for name, values in self.label_vocabulary],
+            "training_conditions": training_conditions(self.train_codes, sizes),
+            "ema": None if self.average is None else self.average.state_dict(),
         }
+
+    def restore(self, extras: dict[str, Any]) -> None:
+        if self.average is not None and extras.get("ema") is not None:
+            self.average.load_state_dict(extras["ema"])
 
     def finish(self, history: list[dict[str, Any]]) -> None:
         plots.nll_curves(history, self.run.nll_curves)
@@ -224,14 +296,17 @@ def train_prior(
     vqvae_sha256: str,
     resume: Checkpoint | None = None,
     processes: ProcessGroup = SINGLE_PROCESS,
+    label_vocabulary: LabelVocabulary = (),
 ) -> FitResult:
-    """Fit ``prior`` to ``train_codes`` by next-code cross-entropy through
-    :func:`~mri_vqvae.train.loop.fit`, writing a run folder.
+    """Fit ``prior`` to ``train_codes`` through :func:`~mri_vqvae.train.loop.fit`, writing a
+    run folder: next-code cross-entropy for an autoregressive prior, masked-code
+    cross-entropy for a masked one.
 
-    Each epoch logs train and validation negative log-likelihood in bits per code and
-    next-code accuracy beside the validation codes' unigram entropy, saves ``last.pt`` and,
-    when validation NLL improves, ``best.pt``; every ``prior_train.sample_every`` epochs (and
-    after the last) it decodes samples to ``samples/epoch_<N>.png`` through ``vqvae``.
+    Each epoch logs train and validation bits per code and accuracy beside the validation
+    codes' unigram entropy, saves ``last.pt`` and, when validation improves, ``best.pt``; every
+    ``prior_train.sample_every`` epochs (and after the last) it decodes samples to
+    ``samples/epoch_<N>.png`` through ``vqvae``. ``label_vocabulary`` names the labels and
+    their values, in the order the maps' label indices count them.
     """
     precision = resolve_precision(config.prior_train.precision, device)
     # The run records what "auto" became here, as the VQ-VAE's does.
@@ -249,5 +324,6 @@ def train_prior(
         vqvae_path,
         vqvae_sha256,
         processes,
+        label_vocabulary,
     )
     return fit(task, run_dir, processes, resume)
