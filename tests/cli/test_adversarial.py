@@ -165,6 +165,7 @@ def test_resuming_a_prior_with_a_missing_vqvae_is_one_line(tmp_path: Path, capsy
     prior.mkdir()
     (prior / MARKER_FILE).write_text('{"kind": "prior"}')
     extras = {"num_embeddings": 16, "grid_shape": [4, 4], "vqvae_sha256": "0", "vqvae_path": "v"}
+    extras.update(condition_sizes={}, label_vocabulary=[], training_conditions={}, ema=None)
     save_checkpoint(Checkpoint("prior", Config(), {}, extras=extras), prior / "last.pt")
     missing = str(tmp_path / "missing.pt")
     assert main(["train-prior", "--vqvae", missing, "--out", str(prior), "--resume"]) == 2

@@ -265,16 +265,28 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     for name in ("closest_to_training.png", "nearest_training_ssim.png", "memorisation.csv"):
         assert (samples / "evaluation" / name).is_file(), name
 
-    # A prior conditioned on slice position samples at a requested position.
+    # A masked prior conditioned on slice position and a label from a conditions.csv.
+    names = sorted(p.name for p in demo.glob("keras_slices_*/*.nii*"))
+    rows = [f"{name},{'even' if i % 2 else 'odd'}" for i, name in enumerate(names)]
+    (demo / "conditions.csv").write_text("file,parity\n" + "\n".join(rows) + "\n")
     conditioned = tmp_path / "conditioned"
-    extra = ["--condition-on-slice-position", "prior_train.sample_every=0"]
+    extra = ["--condition-on-slice-position", "--condition-label", "parity", "--architecture"]
+    extra += ["masked", "prior_train.sample_every=0"]
     assert main([*prior_args, "--out", str(conditioned), "--epochs", "1", *extra, *TINY_PRIOR]) == 0
     conditioned_args = ["-q", "sample", "--vqvae", vqvae, "--prior", str(conditioned / "last.pt")]
-    assert main([*conditioned_args, "--n", "2", "--out", str(tmp_path / "apex")]) == 2
-    assert "give --slice-position" in capsys.readouterr().err
+    # Without conditions given, they are drawn from the training slices'.
+    assert main([*conditioned_args, "--n", "3", "--out", str(tmp_path / "drawn")]) == 0
+    drawn = json.loads((tmp_path / "drawn" / "samples.json").read_text())["conditions"]
+    assert len(drawn["slice_position"]) == 3 and set(drawn["label_parity"]) <= {"even", "odd"}
     at_apex = [*conditioned_args, "--n", "2", "--out", str(tmp_path / "apex")]
-    assert main([*at_apex, "--slice-position", "0.1"]) == 0
-    assert json.loads((tmp_path / "apex" / "samples.json").read_text())["slice_position"] == 0.1
+    guided = ["--slice-position", "0.1", "--label", "parity=even", "--guidance", "2"]
+    assert main([*at_apex, *guided, "--decoding-steps", "3"]) == 0
+    written = json.loads((tmp_path / "apex" / "samples.json").read_text())
+    assert written["conditions"]["slice_position"] == [0.1, 0.1]
+    assert written["conditions"]["label_parity"] == ["even", "even"]
+    assert (written["settings"]["guidance"], written["settings"]["decoding_steps"]) == (2.0, 3)
+    assert main([*at_apex, "--overwrite", "--label", "parity=prime"]) == 2
+    assert "no value 'prime'" in capsys.readouterr().err
 
 
 def test_train_prior_refuses_an_existing_prior_and_a_bad_vqvae(demo: Path, tmp_path: Path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import shlex
 import sys
@@ -29,7 +30,10 @@ def _loop_flags(section: str) -> dict[str, str]:
 
 
 def _settings_overrides(
-    args: argparse.Namespace, flags: dict[str, str], switches: dict[str, str] | None = None
+    args: argparse.Namespace,
+    flags: dict[str, str],
+    switches: dict[str, str] | None = None,
+    lists: dict[str, str] | None = None,
 ) -> list[str]:
     """The ``section.key=value`` overrides a command line gives, in the order ``--help``
     documents: the flags (argument name to setting) first, the switches (argument name to the
@@ -40,6 +44,12 @@ def _settings_overrides(
         if getattr(args, name, None) is not None
     ]
     given += [key for name, key in (switches or {}).items() if getattr(args, name, False)]
+    # Repeated flags (a list) become one YAML list, written as JSON so any value survives.
+    given += [
+        f"{key}={json.dumps(getattr(args, name))}"
+        for name, key in (lists or {}).items()
+        if getattr(args, name, None)
+    ]
     return given + list(getattr(args, "overrides", []))
 
 
@@ -176,7 +186,8 @@ _PRIOR_SWITCHES = {
 
 def run_train_prior(args: argparse.Namespace) -> None:
     flags = {**_loop_flags("prior_train"), "architecture": "prior.architecture"}
-    overrides = _settings_overrides(args, flags, _PRIOR_SWITCHES)
+    lists = {"condition_label": "prior.condition_labels"}
+    overrides = _settings_overrides(args, flags, _PRIOR_SWITCHES, lists)
     if args.resume and args.config:
         raise ConfigError("--resume takes its settings from the run; drop --config")
     config = None if args.resume else _settings(args, overrides)
@@ -222,12 +233,15 @@ _SAMPLE_FLAGS = {
     "slice_position": "sample.slice_position",
     "batch_size": "sample.batch_size",
     "device": "sample.device",
+    "guidance": "sample.guidance",
+    "decoding_steps": "sample.decoding_steps",
 }
 
 
 def run_sample(args: argparse.Namespace) -> None:
     switches = {"no_cache": "sample.use_cache=false"}
-    config = _settings(args, _settings_overrides(args, _SAMPLE_FLAGS, switches))
+    lists = {"label": "sample.labels"}
+    config = _settings(args, _settings_overrides(args, _SAMPLE_FLAGS, switches, lists))
     run = workflows.sample(args.vqvae, args.prior, args.out, config, overwrite=args.overwrite)
     count = run.codes.shape[0]
     print(

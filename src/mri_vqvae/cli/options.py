@@ -251,13 +251,22 @@ def _add_train_prior(
     prior.add_argument("--out", type=Path, required=True, metavar="PRIOR_DIR")
     prior.add_argument(
         "--architecture",
-        choices=["transformer", "pixelcnn"],
-        help="transformer (the default) or the gated PixelCNN of the VQ-VAE paper",
+        choices=["transformer", "masked", "pixelcnn"],
+        help="transformer (autoregressive, raster order), masked (bidirectional, MaskGIT: "
+        "trained on masked codes and sampled in a few parallel steps) or the gated PixelCNN "
+        "of the VQ-VAE paper",
     )
     prior.add_argument(
         "--condition-on-slice-position",
         action="store_true",
         help="condition on each slice's position in its volume (from slice_<S> in the names)",
+    )
+    prior.add_argument(
+        "--condition-label",
+        action="append",
+        metavar="NAME",
+        help="condition on this column of the conditions.csv beside the data (a 'file' column "
+        "naming each slice, then one column per label); repeat for several",
     )
     prior.add_argument(
         "--overwrite",
@@ -290,6 +299,24 @@ def _add_sample(commands, data: argparse.ArgumentParser, device: argparse.Argume
         "--slice-position",
         type=_number(0, 1, low_open=False),
         help="position in the volume, 0 to 1 (a prior trained with slice positions only)",
+    )
+    sample.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME=VALUE",
+        help="draw every sample with this label value (a prior trained on labels); repeat for "
+        "several. Conditions not given are drawn from the training slices'",
+    )
+    sample.add_argument(
+        "--guidance",
+        type=_number(0, math.inf, low_open=False),
+        help="classifier-free guidance weight: 1 (the default) samples the conditional model as "
+        "trained, 0 the unconditional one, above 1 follows the conditions more closely",
+    )
+    sample.add_argument(
+        "--decoding-steps",
+        type=_count,
+        help="parallel decoding steps of a masked prior (sample.decoding_steps)",
     )
     sample.add_argument(
         "--batch-size", type=_count, help="maps sampled together (sample.batch_size)"
