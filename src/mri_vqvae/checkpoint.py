@@ -21,6 +21,7 @@ import torch
 
 from mri_vqvae import __version__
 from mri_vqvae.config import Config, ConfigError, config_from_dict
+from mri_vqvae.data.reference import DataReference
 from mri_vqvae.errors import UserError
 from mri_vqvae.files import save_atomic
 from mri_vqvae.model import VQVAE
@@ -62,7 +63,8 @@ class Progress:
 class Checkpoint:
     """A checkpoint file's contents, for either stage. ``kind`` is ``"vqvae"`` or
     ``"prior"``; ``extras`` holds what only that kind needs (a prior: its grid, codebook size
-    and the VQ-VAE file it models; a VQ-VAE: its per-step losses)."""
+    and the VQ-VAE file it models; a VQ-VAE: its per-step losses and, from runs that
+    recorded it, the training data's reference under :data:`DATA_REFERENCE`)."""
 
     kind: str
     config: Config
@@ -246,10 +248,35 @@ def build_model(checkpoint: Checkpoint, path: str | Path = "checkpoint") -> VQVA
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VQVAE, Config]:
     """Rebuild the trained model from a checkpoint file alone, in eval mode."""
+    model, checkpoint = load_vqvae(path, device)
+    return model, checkpoint.config
+
+
+def load_vqvae(path: str | Path, device: str | torch.device = "cpu") -> tuple[VQVAE, Checkpoint]:
+    """The trained model in eval mode and its checkpoint (for what its extras record)."""
     checkpoint = load_checkpoint(path, "vqvae")
     model = build_model(checkpoint, path).to(device)
     model.eval()
-    return model, checkpoint.config
+    return model, checkpoint
+
+
+# The key of a VQ-VAE's extras that holds its training slices' DataReference (plain values).
+DATA_REFERENCE = "data_reference"
+
+
+def read_data_reference(checkpoint: Checkpoint, path: str | Path) -> DataReference | None:
+    """The training data's reference a VQ-VAE checkpoint records; None for a checkpoint
+    written before references were recorded (or trained on slices without headers)."""
+    value = checkpoint.extras.get(DATA_REFERENCE)
+    if value is None:
+        return None
+    try:
+        return DataReference.from_plain(value)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: its {DATA_REFERENCE} is not what training records (damaged or edited: "
+            f"{type(err).__name__}: {err})"
+        ) from err
 
 
 def file_sha256(path: str | Path) -> str:

@@ -22,6 +22,8 @@ from mri_vqvae.checkpoint import (
     load_model,
     load_prior,
     load_prior_checkpoint,
+    load_vqvae,
+    read_data_reference,
 )
 from mri_vqvae.code_maps import CodeMaps, code_maps_for, require_slice_positions
 from mri_vqvae.config import Config, ConfigError, DataConfig, apply_overrides, config_from_dict
@@ -474,12 +476,23 @@ def sample(
     overwrite: bool = False,
 ) -> SampleRun:
     """Draw ``config.sample.num_samples`` code maps from the prior and decode them into
-    ``out``: a grid, one NIfTI per sample, the codes and ``samples.json``."""
+    ``out``: a grid, one NIfTI per sample, the codes and ``samples.json``. The samples take
+    the geometry and intensity scale of the VQ-VAE's training slices, which its checkpoint
+    records; an older checkpoint without that record gives [0, 1] images, with a warning."""
     vqvae_path, prior_path, out = Path(vqvae_path), Path(prior_path), Path(out)
     settings = (config or Config()).sample
     folder = OutputFolder(out, SAMPLES, overwrite=overwrite, inputs=(vqvae_path, prior_path))
     device = resolve_device(settings.device)
-    vqvae, vqvae_config = load_model(vqvae_path, device)
+    vqvae, vqvae_checkpoint = load_vqvae(vqvae_path, device)
+    vqvae_config = vqvae_checkpoint.config
+    reference = read_data_reference(vqvae_checkpoint, vqvae_path)
+    if reference is None:
+        logger.warning(
+            "%s records no reference of its training slices (trained by an older mri-vqvae): "
+            "the samples hold the decoded images in [0, 1] with an identity affine; retrain "
+            "the VQ-VAE for samples in the training data's geometry and intensity scale",
+            vqvae_path,
+        )
     prior, checkpoint = load_prior(prior_path, vqvae_path, device)
     if vqvae_config.data.image_size is not None:
         check_prior_fits(vqvae, prior, vqvae_config.data.image_size)
@@ -506,7 +519,7 @@ def sample(
     }
     with folder:
         folder.remove_previous_outputs()
-        write_samples(run, out, metadata)
+        write_samples(run, out, metadata, reference)
     refresh_report(vqvae_path)
     return run
 

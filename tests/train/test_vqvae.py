@@ -3,10 +3,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from mri_vqvae.checkpoint import build_model, load_checkpoint
+from mri_vqvae.checkpoint import build_model, load_checkpoint, read_data_reference
 from mri_vqvae.config import Config, DataConfig, TrainConfig
 from mri_vqvae.data.dataset import SliceSet, load_splits, resolve_split_files
 from mri_vqvae.errors import UserError
@@ -62,6 +63,11 @@ def test_run_folder_contents(phantom_root: Path, tmp_path: Path):
         assert -1 <= row["val_ssim"] <= 1 and row["train_loss"] > 0
     assert rows[-1]["images_seen"] == 2 * 24
     assert len(load_checkpoint(run_dir / "last.pt").extras["batch_losses"]) == 2 * 3
+    # The training slices' geometry and scale travel with the model, for its samples.
+    reference = read_data_reference(load_checkpoint(run_dir / "best.pt"), "best.pt")
+    assert reference.shape == (64, 32) and reference.num_slices == reference.geometry_count == 24
+    np.testing.assert_allclose(reference.geometry.affine, np.diag([1.5625, 1.5625, 3.0, 1.0]))
+    assert 0 <= reference.intensity_range[0] < 100 < reference.intensity_range[1]
 
 
 def test_time_budget_stops_and_still_writes_everything(phantom_root: Path, tmp_path: Path):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mri_vqvae.config import DataConfig
-from mri_vqvae.data.nifti import DataError, is_nifti, read_slice
+from mri_vqvae.data.nifti import DataError, SliceGeometry, is_nifti, read_slice, slice_geometry
 from mri_vqvae.errors import ConfigError
 from mri_vqvae.files import read_stamped, write_stamped
 
@@ -36,7 +36,7 @@ HIPMRI_SPLIT_FOLDERS = {
 }
 SPLITS = tuple(HIPMRI_SPLIT_FOLDERS)
 # Bump when the cached tensors' meaning changes, so stale caches are never read.
-CACHE_FORMAT = 2  # 2: written through files.write_stamped
+CACHE_FORMAT = 3  # 2: written through files.write_stamped; 3: each slice's geometry kept
 
 
 def hipmri_split_dirs(root: str | Path) -> dict[str, Path]:
@@ -129,6 +129,9 @@ class SliceSet:
     original_shapes: list[tuple[int, int]]
     intensity_ranges: torch.Tensor  # (N, 2): the (min, max) each slice was scaled from
     skipped: list[str] = field(default_factory=list)
+    # Each slice's header geometry, so what is written later can sit where the slices sat;
+    # empty for a set built in memory without files.
+    geometries: list[SliceGeometry] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -176,10 +179,11 @@ def _cache_key(files: list[Path], config: DataConfig) -> str:
 
 
 def _decode(files: list[Path], config: DataConfig, label: str) -> SliceSet:
-    images, names, shapes, ranges, skipped = [], [], [], [], []
+    images, names, shapes, ranges, skipped, geometries = [], [], [], [], [], []
     for path in tqdm(files, desc=f"decoding {label}", unit="slice", leave=False, disable=None):
         try:
-            pixels = read_slice(path).pixels
+            source = read_slice(path)
+            pixels = source.pixels
             if config.image_size is None and images and pixels.shape != shapes[0]:
                 raise DataError(
                     path,
@@ -197,6 +201,7 @@ def _decode(files: list[Path], config: DataConfig, label: str) -> SliceSet:
         names.append(path.name)
         shapes.append(tuple(pixels.shape))
         ranges.append((low, high))
+        geometries.append(slice_geometry(source.affine, source.header))
     if not images:
         folder = files[0].parent if files else Path(label)
         raise DataError(folder, f"no usable slices: all {len(files)} files were bad")
@@ -208,6 +213,7 @@ def _decode(files: list[Path], config: DataConfig, label: str) -> SliceSet:
         original_shapes=shapes,
         intensity_ranges=torch.tensor(ranges, dtype=torch.float64),
         skipped=skipped,
+        geometries=geometries,
     )
 
 
@@ -229,6 +235,7 @@ def load_split(files: list[Path], config: DataConfig, label: str = "split") -> S
             original_shapes=[tuple(s) for s in stored["original_shapes"]],
             intensity_ranges=stored["intensity_ranges"],
             skipped=list(stored["skipped"]),
+            geometries=[SliceGeometry.from_plain(g) for g in stored["geometries"]],
         )
     slices = _decode(files, config, label)
     payload = {
@@ -237,6 +244,7 @@ def load_split(files: list[Path], config: DataConfig, label: str = "split") -> S
         "original_shapes": [list(s) for s in slices.original_shapes],
         "intensity_ranges": slices.intensity_ranges,
         "skipped": slices.skipped,
+        "geometries": [geometry.to_plain() for geometry in slices.geometries],
     }
     write_stamped(cache_file, stamp, payload)
     return slices
@@ -308,4 +316,8 @@ def concat_slice_sets(sets: list[SliceSet]) -> SliceSet:
         original_shapes=[shape for s in sets for shape in s.original_shapes],
         intensity_ranges=torch.cat([s.intensity_ranges for s in sets]),
         skipped=[bad for s in sets for bad in s.skipped],
+        # Geometries only when every set has them, so they stay one per slice.
+        geometries=[g for s in sets for g in s.geometries]
+        if all(len(s.geometries) == len(s) for s in sets)
+        else [],
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -38,6 +38,70 @@ class Slice(NamedTuple):
     pixels: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header
+
+
+class SliceGeometry(NamedTuple):
+    """Where a slice's voxels lie in space, as its NIfTI header says: what a written slice
+    needs to sit where a training slice sat. Plain values only, so it can live in a
+    checkpoint (read with ``weights_only``) and in the dataset cache."""
+
+    stored_shape: tuple[int, ...]  # the header's shape, singleton axes kept
+    affine: tuple[tuple[float, ...], ...]  # the 4x4 voxel-to-world matrix nibabel gives
+    zooms: tuple[float, ...]  # the header's voxel sizes (pixdim), one per stored axis
+    spatial_unit: str  # nibabel's name for the unit of space: "mm", "unknown", ...
+    sform_code: int
+    qform_code: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The in-plane shape: the stored shape without its singleton axes."""
+        height, width = (side for side in self.stored_shape if side != 1)
+        return (height, width)
+
+    def to_plain(self) -> dict[str, Any]:
+        """Lists, numbers and text, as JSON and ``torch.load(weights_only=True)`` take them."""
+        return {
+            "stored_shape": list(self.stored_shape),
+            "affine": [list(row) for row in self.affine],
+            "zooms": list(self.zooms),
+            "spatial_unit": self.spatial_unit,
+            "sform_code": self.sform_code,
+            "qform_code": self.qform_code,
+        }
+
+    @classmethod
+    def from_plain(cls, value: dict[str, Any]) -> SliceGeometry:
+        """Undo :meth:`to_plain`; ``ValueError`` (or ``KeyError``/``TypeError``) for anything
+        that is not what it wrote."""
+        affine = np.asarray(value["affine"], dtype=np.float64)
+        stored_shape = tuple(int(side) for side in value["stored_shape"])
+        zooms = tuple(float(zoom) for zoom in value["zooms"])
+        if affine.shape != (4, 4) or not np.isfinite(affine).all():
+            raise ValueError(f"the affine is not a finite 4x4 matrix: {value['affine']!r}")
+        if sum(side > 1 for side in stored_shape) != 2 or min(stored_shape) < 1:
+            raise ValueError(f"shape {stored_shape} is not a 2D slice's")
+        if len(zooms) != len(stored_shape) or not all(np.isfinite(zooms)):
+            raise ValueError(f"voxel sizes {zooms} do not fit shape {stored_shape}")
+        return cls(
+            stored_shape,
+            tuple(tuple(float(x) for x in row) for row in affine),
+            zooms,
+            str(value["spatial_unit"]),
+            int(value["sform_code"]),
+            int(value["qform_code"]),
+        )
+
+
+def slice_geometry(affine: np.ndarray, header: nib.Nifti1Header) -> SliceGeometry:
+    """The geometry a slice's affine and header describe (as :func:`read_slice` returns them)."""
+    return SliceGeometry(
+        stored_shape=tuple(int(side) for side in header.get_data_shape()),
+        affine=tuple(tuple(float(x) for x in row) for row in np.asarray(affine)),
+        zooms=tuple(float(zoom) for zoom in header.get_zooms()),
+        spatial_unit=str(header.get_xyzt_units()[0]),
+        sform_code=int(header["sform_code"]),
+        qform_code=int(header["qform_code"]),
+    )
 
 
 def is_nifti(path: Path) -> bool:
@@ -199,6 +263,33 @@ def write_slice(
         header.set_data_shape(pixels.shape)
     image_type = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     image = image_type(pixels, affine if affine is not None else np.eye(4), header)
+    _save(image, path)
+
+
+def write_slice_in_geometry(pixels: np.ndarray, path: str | Path, geometry: SliceGeometry) -> None:
+    """Write a 2D float32 slice of ``geometry.shape`` with ``geometry``'s stored shape,
+    affine, voxel sizes, unit and sform/qform codes."""
+    path = Path(path)
+    if not is_nifti(path):
+        raise DataError(path, "output name must end in .nii or .nii.gz")
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if pixels.shape != geometry.shape:
+        raise ValueError(f"pixels of shape {pixels.shape} for a geometry of {geometry.shape}")
+    affine = np.asarray(geometry.affine, dtype=np.float64)
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape(geometry.stored_shape)
+    header.set_xyzt_units(xyz=geometry.spatial_unit)
+    header.set_sform(affine, code=geometry.sform_code)
+    header.set_qform(affine, code=geometry.qform_code)
+    image = nib.Nifti1Image(pixels.reshape(geometry.stored_shape), affine, header)
+    # nibabel recomputes the voxel sizes from the affine; the header's own pixdim is what a
+    # training slice said, and may differ (it is what readers use when no form code is set).
+    image.header.set_zooms(geometry.zooms)
+    _save(image, path)
+
+
+def _save(image: nib.Nifti1Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place, so a crash leaves no half a file and
     # an existing file is replaced only by a whole new one. The suffix tells nibabel to gzip.

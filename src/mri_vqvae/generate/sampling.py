@@ -16,8 +16,9 @@ import torch
 
 from mri_vqvae import plots
 from mri_vqvae.config import SampleConfig
-from mri_vqvae.data.dataset import to_unit_range
-from mri_vqvae.data.nifti import DataError, write_slice
+from mri_vqvae.data.dataset import postprocess, to_unit_range
+from mri_vqvae.data.nifti import DataError, write_slice, write_slice_in_geometry
+from mri_vqvae.data.reference import DataReference
 from mri_vqvae.errors import ConfigError
 from mri_vqvae.files import (
     SAMPLE_CODES,
@@ -345,14 +346,35 @@ def generate_samples(
     return SampleRun(codes, images, sampled - started, time.perf_counter() - sampled, conditions)
 
 
-def write_samples(run: SampleRun, out_dir: str | Path, metadata: dict) -> Path:
-    """Write ``samples.png`` (a grid), one NIfTI per sample (``sample_0000.nii.gz``, pixels in
-    [0, 1]), the codes (``codes.pt``) and ``samples.json`` (``metadata`` plus timings)."""
+# What samples.json says when the VQ-VAE records no reference of its training data.
+NO_REFERENCE = (
+    "none: the VQ-VAE checkpoint records no reference of its training slices (it was trained "
+    "before mri-vqvae recorded one); retrain the VQ-VAE to get samples in their geometry and scale"
+)
+
+
+def write_samples(
+    run: SampleRun, out_dir: str | Path, metadata: dict, reference: DataReference | None = None
+) -> Path:
+    """Write ``samples.png`` (a grid), one NIfTI per sample (``sample_0000.nii.gz``), the
+    codes (``codes.pt``) and ``samples.json`` (``metadata``, timings, and where each sample's
+    geometry and intensities came from).
+
+    With the training data's ``reference`` each sample is resized to the training slices'
+    native shape, given their affine, voxel sizes and unit, and mapped from [0, 1] onto their
+    typical intensity range (float32); without one it holds the decoded image in [0, 1] at
+    the model's image size, with an identity affine."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unit = to_unit_range(run.images).numpy()
-    for i, image in enumerate(unit):
-        write_slice(image[0], out_dir / f"sample_{i:04d}.nii.gz")
+    for i, image in enumerate(run.images):
+        path = out_dir / f"sample_{i:04d}.nii.gz"
+        if reference is None:
+            write_slice(unit[i, 0], path)
+        else:
+            low, high = reference.intensity_range
+            pixels = postprocess(image, reference.shape, low, high)
+            write_slice_in_geometry(pixels, path, reference.geometry)
     save_atomic({"codes": run.codes.to(torch.int32)}, out_dir / SAMPLE_CODES)
     shown = run.images[:64].numpy()
     plots.image_grid(shown, out_dir / SAMPLES_GRID, title=f"{len(shown)} of {len(unit)} samples")
@@ -365,10 +387,45 @@ def write_samples(run: SampleRun, out_dir: str | Path, metadata: dict) -> Path:
         "sampling_seconds": run.sampling_seconds,
         "decoding_seconds": run.decoding_seconds,
         "codes_per_second": codes_drawn / max(run.sampling_seconds, 1e-9),
-        "pixel_range": "each sample_*.nii.gz holds the decoded image scaled to [0, 1]",
+        **samples_provenance(reference, tuple(run.images.shape[-2:])),
     }
     write_text_atomic(out_dir / SAMPLES_SUMMARY, json.dumps(summary, indent=2, default=_plain))
     return out_dir
+
+
+def samples_provenance(reference: DataReference | None, image_size: tuple[int, int]) -> dict:
+    """The ``geometry`` and ``intensities`` entries of ``samples.json``: what the sample files
+    hold and where it came from."""
+    if reference is None:
+        return {
+            "geometry": {
+                "source": NO_REFERENCE,
+                "shape": list(image_size),
+                "affine": np.eye(4).tolist(),
+                "zooms": [1.0, 1.0],
+            },
+            "intensities": {"source": NO_REFERENCE, "range": [0.0, 1.0], "dtype": "float32"},
+        }
+    geometry = reference.geometry
+    return {
+        "geometry": {
+            "source": reference.describe_geometry(),
+            "shape": list(reference.shape),
+            "stored_shape": list(geometry.stored_shape),
+            "decoded_shape": list(image_size),
+            "resized": tuple(image_size) != reference.shape,
+            "affine": [list(row) for row in geometry.affine],
+            "zooms": list(geometry.zooms),
+            "spatial_unit": geometry.spatial_unit,
+            "sform_code": geometry.sform_code,
+            "qform_code": geometry.qform_code,
+        },
+        "intensities": {
+            "source": reference.describe_intensities(),
+            "range": list(reference.intensity_range),
+            "dtype": "float32",
+        },
+    }
 
 
 def load_sample_codes(path: str | Path) -> torch.Tensor:

@@ -12,9 +12,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from mri_vqvae import plots
-from mri_vqvae.checkpoint import Checkpoint, load_weights
+from mri_vqvae.checkpoint import DATA_REFERENCE, Checkpoint, load_weights
 from mri_vqvae.config import Config, TrainConfig
 from mri_vqvae.data.dataset import SliceSet
+from mri_vqvae.data.reference import data_reference
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
 from mri_vqvae.errors import UserError
 from mri_vqvae.files import RunFolder, epoch_picture
@@ -227,7 +228,8 @@ def _match_single_channel_weights_to_their_gradients(model: torch.nn.Module) -> 
 
 class VQVAETask(TrainingTask):
     """The VQ-VAE stage: reconstruction loss on image batches, validation SSIM/PSNR and
-    codebook use, preview pictures, and the per-step losses kept in the checkpoint."""
+    codebook use, preview pictures, and the per-step losses and the training data's
+    reference (geometry and intensity scale) kept in the checkpoint."""
 
     kind = "vqvae"
     metric_columns = METRIC_COLUMNS
@@ -251,6 +253,9 @@ class VQVAETask(TrainingTask):
         self.trainer = _prepare_model(model, self.settings, device, processes)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.settings.lr)
         self.batch_losses: list[float] = []
+        # Recorded in every checkpoint, so samples drawn from this model later can be written
+        # in the training slices' geometry and intensity scale.
+        self.data_reference = data_reference(train_set)
         self.train_images = train_set.images.to(device)  # float16: half of float32's memory
         count, seed = self.settings.num_preview_images, self.settings.seed
         self.previews = {
@@ -347,7 +352,10 @@ class VQVAETask(TrainingTask):
                 )
 
     def extras(self) -> dict[str, Any]:
-        return {"batch_losses": self.batch_losses}
+        extras: dict[str, Any] = {"batch_losses": self.batch_losses}
+        if self.data_reference is not None:
+            extras[DATA_REFERENCE] = self.data_reference.to_plain()
+        return extras
 
     def restore(self, extras: dict[str, Any]) -> None:
         self.batch_losses = list(extras["batch_losses"])
