@@ -133,3 +133,28 @@ def test_the_share_of_codes_changed_by_each_copy_is_logged(tmp_path, caplog):
     shares = codes.changed_share_by_copy()
     assert len(shares) == 2 and all(0 < share <= 1 for share in shares)
     assert "2 augmented copies per slice" in caplog.text and "copy 2" in caplog.text
+
+
+def test_a_prior_run_augments_only_the_training_split(phantom_root, tmp_path):
+    from mri_vqvae import workflows
+    from mri_vqvae.config import Config, DataConfig
+    from mri_vqvae.distributed import ProcessGroup
+    from mri_vqvae.files import RunFolder
+
+    config = Config(
+        data=DataConfig(image_size=(64, 32)),
+        model=tiny_model_config(),
+        augment=AugmentConfig(copies=2),
+    )
+    codes = workflows._encode_splits(
+        tiny_vqvae(),
+        "a" * 64,
+        workflows.DataSources(root=phantom_root),
+        config,
+        RunFolder(tmp_path),
+        ProcessGroup(),
+        CPU,
+    )
+    assert len(codes["train"]) == 3 * 24 and codes["train"].maps_per_slice == 3
+    for split in ("val", "test"):
+        assert len(codes[split]) == 8 and codes[split].augmentation is None
