@@ -81,6 +81,16 @@ def test_overrides_are_typed():
         ("nodots", "section.key=value"),
         ("train.precision=float16", "train.precision"),
         ("train.memory_format=nhwc", "train.memory_format"),
+        ("augment.copies=-1", "augment.copies must be >= 0, got -1"),
+        ("augment.copies=1.5", "augment.copies must be an integer"),
+        ("augment.max_shift=-0.1", "augment.max_shift must be in"),
+        ("augment.max_shift=0.6", "augment.max_shift must be in"),
+        ("augment.max_rotation_degrees=200", "augment.max_rotation_degrees must be in"),
+        ("augment.max_scale=-1", "augment.max_scale must be in"),
+        ("augment.max_gamma=2", "augment.max_gamma must be in"),
+        ("augment.max_contrast=1", "augment.max_contrast must be in"),
+        ("augment.flip_left_right=maybe", "augment.flip_left_right must be true or false"),
+        ("augment.rotate=1", "rotate"),
     ],
 )
 def test_bad_settings_are_refused_by_name(override: str, named: str):
@@ -119,6 +129,9 @@ def test_one_tree_holds_every_section_and_round_trips(tmp_path: Path):
             "prior_train.epochs=3",
             "sample.top_k=5",
             "sample_metrics.folds=3",
+            "augment.copies=2",
+            "augment.flip_left_right=true",
+            "augment.max_rotation_degrees=6",
         ]
     )
     assert [f.name for f in dataclasses.fields(config)] == [
@@ -127,12 +140,14 @@ def test_one_tree_holds_every_section_and_round_trips(tmp_path: Path):
         "train",
         "prior",
         "prior_train",
+        "augment",
         "sample",
         "sample_metrics",
     ]
     path = tmp_path / "all.yaml"
     save_config(config, path)
     assert load_config(path) == config
+    assert load_config(path).augment.max_rotation_degrees == 6.0
 
 
 def test_the_two_loop_sections_share_fields_but_keep_their_own_defaults():
@@ -167,5 +182,13 @@ def test_config_command_prints_the_resolved_tree_as_a_loadable_file(tmp_path: Pa
     config = load_config(path)
     assert config == load_config(preset="seed", overrides=["sample.temperature=0.9"])
     assert config.model.architecture == "seed" and config.sample.temperature == 0.9
+    assert "augment:\n  copies: 0\n  flip_left_right: false\n" in printed
     assert main(["config", "sample.temperature=-1"]) == 2
     assert "sample.temperature must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_augment_settings_refuse_nan_when_built_by_hand():
+    from mri_vqvae.config import AugmentConfig
+
+    with pytest.raises(ConfigError, match=r"augment\.max_gamma must be in \[0, 1\.0\], got nan"):
+        AugmentConfig(max_gamma=float("nan"))

@@ -2,11 +2,13 @@
 
 Each split is encoded once and cached beside the prior, stamped with the SHA-256 of the VQ-VAE
 checkpoint and the list of slice files, so a cache (and a prior) is never paired with another
-codebook or other data.
+codebook or other data. The training split may also hold augmented copies of each slice's map
+(data.augment), each map carrying the parameters of its augmentation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -15,6 +17,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mri_vqvae.config import AugmentConfig
+from mri_vqvae.data.augment import (
+    AUGMENT_FORMAT,
+    AUGMENTATION_PARAMETERS,
+    apply_augmentations,
+    sample_augmentations,
+)
 from mri_vqvae.data.dataset import SliceSet, slice_positions
 from mri_vqvae.errors import ConfigError
 from mri_vqvae.files import read_stamped, write_stamped
@@ -30,17 +39,22 @@ CODE_CACHE_FORMAT = 2  # 2: written through files.write_stamped
 
 @dataclass
 class CodeMaps:
-    """A split as code indices ``(N, h, w)``, with its slice names and slice positions."""
+    """A split as code indices ``(N, h, w)``, with each map's slice name and slice position.
+
+    An augmented split holds several maps per slice: the plain maps first, in the split's
+    order, then the augmented copies. ``names`` and ``slice_positions`` are per map (repeated
+    for copies), ``augmentation`` holds each map's parameter vector (data.augment; all zeros
+    for a plain map) and ``source`` the index of the plain slice each map was made from.
+    """
 
     indices: torch.Tensor  # (N, h, w) int64
     names: list[str]
     # (N,) each slice's position in its volume in [0, 1]; NaN where the name has no slice_<S>.
     slice_positions: torch.Tensor
     num_embeddings: int
-    # (N, A) the augmentation parameters each map was encoded with, zero for a plain slice;
-    # None when no map is augmented.
+    # (N, len(AUGMENTATION_PARAMETERS)) float32; None: no map is augmented.
     augmentation: torch.Tensor | None = None
-    # (N,) the plain slice each map came from; None when every map is a plain slice.
+    # (N,) int64 index of each map's plain slice; None: map i is slice i.
     source: torch.Tensor | None = None
     # (N, L) each map's categorical labels counted from 1, 0 where unknown; None without.
     labels: torch.Tensor | None = None
@@ -70,6 +84,52 @@ class CodeMaps:
                 else torch.zeros(len(rows), sizes.augmentation)
             )
         return PriorConditions(position, labels, augmentation).to(device)
+
+    @property
+    def augmentation_parameters(self) -> torch.Tensor:
+        """Each map's augmentation ``(N, A)`` float32, zeros where none was applied."""
+        if self.augmentation is not None:
+            return self.augmentation
+        return torch.zeros((len(self), len(AUGMENTATION_PARAMETERS)), dtype=torch.float32)
+
+    @property
+    def source_slices(self) -> torch.Tensor:
+        """Each map's plain slice index ``(N,)`` int64 (``arange(N)`` when not augmented)."""
+        if self.source is not None:
+            return self.source
+        return torch.arange(len(self))
+
+    @property
+    def maps_per_slice(self) -> float:
+        """Maps per distinct slice: 1 for a plain split, 1 + copies for an augmented one."""
+        return len(self) / max(1, len(torch.unique(self.source_slices)))
+
+    def plain(self) -> CodeMaps:
+        """Only the unaugmented maps (those whose parameters are all zero)."""
+        keep = self.augmentation_parameters.eq(0).all(dim=1)
+        rows = keep.nonzero()[:, 0]
+        return CodeMaps(
+            self.indices[rows],
+            [self.names[i] for i in rows.tolist()],
+            self.slice_positions[rows],
+            self.num_embeddings,
+            None,
+            self.source_slices[rows],
+            None if self.labels is None else self.labels[rows],
+        )
+
+    def changed_share_by_copy(self) -> list[float]:
+        """For each augmented copy, the share of code positions that differ from the plain
+        map of the same slice: 0 means the copies add nothing, near 1 that they are
+        unrelated maps. Assumes :func:`code_maps_for`'s order (plain block, then copies)."""
+        plain_count = int(self.augmentation_parameters.eq(0).all(dim=1).sum())
+        if plain_count == 0 or len(self) == plain_count:
+            return []
+        plain = self.indices[:plain_count]
+        copies = self.indices[plain_count:]
+        sources = self.source_slices[plain_count:]
+        changed = copies.ne(plain[sources]).flatten(1).float().mean(dim=1)
+        return [float(block.mean()) for block in changed.split(plain_count)]
 
     def code_counts(self) -> torch.Tensor:
         """How often each code occurs over the whole split, ``(num_embeddings,)``."""
@@ -115,6 +175,53 @@ def _fingerprint(slices: SliceSet) -> list[str]:
     return [*slices.names, f"{total:.9e}", str(tuple(slices.images.shape))]
 
 
+@torch.no_grad()
+def encode_augmented_copies(
+    model: VQVAE,
+    slices: SliceSet,
+    parameters: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 64,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """The code maps ``(copies * N, h, w)`` of ``copies`` augmented versions of every slice,
+    copy by copy: row ``k * N + i`` is slice ``i`` changed by ``parameters[k * N + i]``
+    (:func:`~mri_vqvae.data.augment.apply_augmentations`). Each batch is augmented just before
+    it is encoded, so only one batch of augmented images exists at a time."""
+    count = len(slices)
+    if count == 0 or parameters.shape[0] == 0 or parameters.shape[0] % count:
+        raise ValueError(
+            f"{parameters.shape[0]} parameter vectors are not one or more copies of {count} slices"
+        )
+    model.eval()
+    chunks = []
+    steps = [
+        (copy_start, start)
+        for copy_start in range(0, parameters.shape[0], count)
+        for start in range(0, count, batch_size)
+    ]
+    dtype = resolve_precision(precision, device)
+    for copy_start, start in tqdm(
+        steps, desc="encoding augmented copies", unit="batch", leave=False, disable=None
+    ):
+        rows = slice(start, min(start + batch_size, count))
+        changes = parameters[copy_start + rows.start : copy_start + rows.stop]
+        # Augmented in float32 outside autocast: grid_sample in bfloat16 would blur the copies.
+        images = apply_augmentations(slices.batch(rows).to(device), changes.to(device))
+        with autocast(device, dtype):
+            chunks.append(model.encode_to_indices(images).cpu())
+    return torch.cat(chunks)
+
+
+def _augment_stamp(augment: AugmentConfig) -> dict:
+    # The settings and the parameter vector's layout: changing either draws other copies.
+    return {
+        "format": AUGMENT_FORMAT,
+        "parameters": list(AUGMENTATION_PARAMETERS),
+        "settings": dataclasses.asdict(augment),
+    }
+
+
 def code_maps_for(
     model: VQVAE,
     vqvae_sha256: str,
@@ -122,32 +229,71 @@ def code_maps_for(
     cache_file: str | Path,
     device: torch.device,
     batch_size: int = 64,
+    augment: AugmentConfig | None = None,
 ) -> CodeMaps:
     """The code maps of ``slices``, read from ``cache_file`` when it was made by the same
-    VQ-VAE file from the same slices in the same precision, else encoded and cached there."""
-    fingerprint = _fingerprint(slices)
+    VQ-VAE file from the same slices in the same precision (and augmentation settings), else
+    encoded and cached there.
+
+    With ``augment.copies > 0`` the result holds the plain maps first (rows ``0..N-1``, exactly
+    the unaugmented ones), then ``copies`` augmented maps of every slice, copy by copy, their
+    parameters drawn by a generator seeded with ``augment.seed``."""
+    copies = augment.copies if augment is not None else 0
     precision = resolve_precision("auto", device)
     stamp = {
         "format": CODE_CACHE_FORMAT,
         "vqvae_sha256": vqvae_sha256,
-        "fingerprint": fingerprint,
+        "fingerprint": _fingerprint(slices),
         "precision": precision,
     }
+    if copies:  # only then: a plain split keeps the stamp (and cache) it always had
+        stamp["augment"] = _augment_stamp(augment)
+    count = len(slices)
+    names = list(slices.names) * (1 + copies)
+    source = torch.arange(count).repeat(1 + copies) if copies else None
     stored = read_stamped(Path(cache_file), stamp)
     if stored is not None:
-        return CodeMaps(
+        codes = CodeMaps(
             stored["indices"].long(),
-            list(slices.names),
+            names,
             stored["slice_positions"],
             model.num_embeddings,
+            stored.get("augmentation"),
+            source,
         )
+        _log_augmented(codes)
+        return codes
     indices = encode_slices(model, slices, device, batch_size, precision)
     positions = torch.from_numpy(slice_positions(slices.names))
+    augmentation = None
+    if copies:
+        generator = torch.Generator().manual_seed(augment.seed)
+        changes = sample_augmentations(count * copies, augment, generator)
+        augmented = encode_augmented_copies(model, slices, changes, device, batch_size, precision)
+        indices = torch.cat([indices, augmented])
+        positions = positions.repeat(1 + copies)
+        augmentation = torch.cat([torch.zeros((count, changes.shape[1])), changes])
     # int16 holds any codebook up to 32768 codes at a quarter of int64's size.
     dtype = torch.int16 if model.num_embeddings <= 2**15 else torch.int32
     payload = {"indices": indices.to(dtype), "slice_positions": positions}
+    if augmentation is not None:
+        payload["augmentation"] = augmentation
     write_stamped(Path(cache_file), stamp, payload)
-    return CodeMaps(indices, list(slices.names), positions, model.num_embeddings)
+    codes = CodeMaps(indices, names, positions, model.num_embeddings, augmentation, source)
+    _log_augmented(codes)
+    return codes
+
+
+def _log_augmented(codes: CodeMaps) -> None:
+    """How far each copy's maps are from the plain ones: a check that the copies are neither
+    the plain maps again nor unrelated noise."""
+    shares = codes.changed_share_by_copy()
+    if shares:
+        logger.info(
+            "%d augmented copies per slice; codes differing from the plain map: %s",
+            len(shares),
+            ", ".join(f"copy {k + 1} {share:.1%}" for k, share in enumerate(shares)),
+        )
 
 
 def require_slice_positions(codes: CodeMaps, label: str) -> None:

@@ -333,6 +333,41 @@ class PriorTrainConfig(LoopConfig):
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Distribution augmentation of the prior's training split (Jun et al. 2020): beside each
+    slice's plain code map, ``copies`` maps of randomly shifted, turned, scaled, gamma- and
+    contrast-changed versions of it, each encoded once. The prior is told each map's
+    augmentation and samples with none, so the copies add signal without changing what it
+    generates. Validation and test maps are never augmented."""
+
+    copies: int = 0  # augmented copies per training slice beside the plain one; 0: none
+    # Left-right mirror images. Off: pelvic anatomy is not left-right symmetric in detail.
+    flip_left_right: bool = False
+    # Each copy's change is drawn uniformly within these limits.
+    max_shift: float = 0.04  # fraction of each side
+    max_rotation_degrees: float = 4.0
+    max_scale: float = 0.05  # zoom factor within [1 / (1 + max_scale), 1 + max_scale]
+    max_gamma: float = 0.15  # gamma on [0, 1] intensities within [1 / (1 + g), 1 + g]
+    max_contrast: float = 0.1  # contrast about the mean scaled by 1 +- max_contrast
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.copies >= 0, f"augment.copies must be >= 0, got {self.copies}")
+        # Upper limits keep a copy recognisably the same slice (and a contrast factor
+        # positive); "not >=" also refuses NaN.
+        limits = {
+            "max_shift": 0.5,
+            "max_rotation_degrees": 180.0,
+            "max_scale": 1.0,
+            "max_gamma": 1.0,
+            "max_contrast": 0.99,
+        }
+        for name, upper in limits.items():
+            value = getattr(self, name)
+            _require(0 <= value <= upper, f"augment.{name} must be in [0, {upper}], got {value}")
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     """How new slices are drawn from the prior."""
 
@@ -429,7 +464,8 @@ class SampleMetricsConfig:
 @dataclass(frozen=True)
 class Config:
     """Every setting of every command, one section per part: the slices, the VQ-VAE and its
-    training, the prior and its training, sampling and the sample measures. A run saves the
+    training, the prior, its training and the augmentation of its training maps, sampling and
+    the sample measures. A run saves the
     whole tree; a prior's run takes ``data`` and ``model`` from its VQ-VAE."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -437,6 +473,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     prior_train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     sample_metrics: SampleMetricsConfig = field(default_factory=SampleMetricsConfig)
 

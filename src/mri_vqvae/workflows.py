@@ -281,7 +281,9 @@ def train_prior_run(
         last = RunFolder(out).last_checkpoint
         checkpoint = load_prior_checkpoint(last)
         check_prior_matches(checkpoint, last, vqvae_path)
-        config = resumed_config(checkpoint, last, overrides or [], ("prior",))
+        # Other augment settings would re-encode the training maps under a half-trained
+        # prior: another data set, and an epoch whose stored position no longer fits it.
+        config = resumed_config(checkpoint, last, overrides or [], ("prior", "augment"))
     config = config or Config()
     if config.prior_train.tensorboard:
         require_tensorboard()
@@ -301,12 +303,20 @@ def _encode_splits(
     processes: ProcessGroup,
     device: torch.device,
 ) -> dict[str, CodeMaps]:
-    """Every split's code maps. The main process encodes and caches them; the others then
-    read its cache."""
+    """Every split's code maps, the training split's with ``config.augment``'s copies (the
+    others are never augmented: they measure the prior on real slices). The main process
+    encodes and caches them; the others then read its cache."""
     with processes.main_first():
         splits = load_splits(data.files(), config.data)
         codes = {
-            split: code_maps_for(vqvae, sha256, slices, run.codes / f"{split}.pt", device)
+            split: code_maps_for(
+                vqvae,
+                sha256,
+                slices,
+                run.codes / f"{split}.pt",
+                device,
+                augment=config.augment if split == "train" else None,
+            )
             for split, slices in splits.items()
         }
     if config.prior.condition_on_slice_position:
@@ -396,11 +406,14 @@ def _train_prior_in(
 
 
 def _log_code_maps(codes: dict[str, CodeMaps], num_embeddings: int) -> None:
+    train = codes["train"]
     logger.info(
-        "prior over %dx%d maps of %d codes: %d train / %d val maps; unigram %.3f bits/code",
-        *codes["train"].grid_shape,
+        "prior over %dx%d maps of %d codes: %d train maps (%g per slice) / %d val maps; "
+        "unigram %.3f bits/code",
+        *train.grid_shape,
         num_embeddings,
-        len(codes["train"]),
+        len(train),
+        train.maps_per_slice,
         len(codes["val"]),
         codes["val"].unigram_bits(),
     )
@@ -420,6 +433,9 @@ def _prior_summary(prior, result: FitResult, codes, config, device, vqvae_path, 
         "test_nll_bits": test["nll_bits"],
         "test_accuracy": test["accuracy"],
         "test_unigram_bits": codes["test"].unigram_bits(),
+        # 1 + augment.copies: the plain map and its augmented copies (issue 15).
+        "train_maps_per_slice": codes["train"].maps_per_slice,
+        "train_maps": len(codes["train"]),
         "vqvae": str(vqvae_path),
         "vqvae_sha256": sha256,
     }

@@ -231,12 +231,15 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     assert main(train_args(demo, run)) == 0
     vqvae = str(run / "best.pt")
     prior_args = ["-q", "train-prior", "--vqvae", vqvae, "--data", str(demo), "--device", "cpu"]
-    assert main([*prior_args, "--out", str(prior), "--epochs", "2", *TINY_PRIOR]) == 0
+    # One augmented copy per training slice: the whole path with issue 15's augmentation.
+    augmented = [*TINY_PRIOR, "augment.copies=1"]
+    assert main([*prior_args, "--out", str(prior), "--epochs", "2", *augmented]) == 0
     for name in ("best.pt", "last.pt", "metrics.csv", "nll_curves.png", "prior_summary.json"):
         assert (prior / name).is_file(), name
     assert sorted(p.name for p in (prior / "codes").iterdir()) == ["test.pt", "train.pt", "val.pt"]
     summary = json.loads((prior / "prior_summary.json").read_text())
     assert summary["val_unigram_bits"] > 0 and math.isfinite(summary["test_nll_bits"])
+    assert summary["train_maps_per_slice"] == 2
     assert "bits/code" in capsys.readouterr().out
 
     sample_args = ["-q", "sample", "--vqvae", vqvae, "--prior", str(prior / "best.pt")]
