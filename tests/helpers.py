@@ -147,3 +147,17 @@ def tiny_prior(architecture: str, grid=(4, 3), conditional=False, sizes=None):
 def positions(*values: float) -> PriorConditions:
     """Conditions holding only slice positions."""
     return PriorConditions(position=torch.tensor(values))
+
+
+def prior_extras(num_embeddings: int, grid: tuple[int, int], sha256: str, path: str) -> dict:
+    """The extras of an unconditioned prior's checkpoint without a moving average."""
+    return {
+        "num_embeddings": num_embeddings,
+        "grid_shape": list(grid),
+        "vqvae_sha256": sha256,
+        "vqvae_path": path,
+        "condition_sizes": ConditionSizes().to_dict(),
+        "label_vocabulary": [],
+        "training_conditions": {"position": None, "labels": None},
+        "ema": None,
+    }

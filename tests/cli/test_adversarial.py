@@ -21,7 +21,7 @@ from mri_vqvae.files import MARKER_FILE
 from mri_vqvae.generate.sampling import load_sample_codes
 from mri_vqvae.runtime import resolve_device
 from mri_vqvae.train import loop
-from tests.helpers import train_args
+from tests.helpers import prior_extras, train_args
 
 
 def test_a_fifo_among_the_slices_is_named_not_waited_on(tmp_path: Path):
@@ -164,8 +164,7 @@ def test_resuming_a_prior_with_a_missing_vqvae_is_one_line(tmp_path: Path, capsy
     prior = tmp_path / "prior"
     prior.mkdir()
     (prior / MARKER_FILE).write_text('{"kind": "prior"}')
-    extras = {"num_embeddings": 16, "grid_shape": [4, 4], "vqvae_sha256": "0", "vqvae_path": "v"}
-    extras.update(condition_sizes={}, label_vocabulary=[], training_conditions={}, ema=None)
+    extras = prior_extras(16, (4, 4), "0", "v")
     save_checkpoint(Checkpoint("prior", Config(), {}, extras=extras), prior / "last.pt")
     missing = str(tmp_path / "missing.pt")
     assert main(["train-prior", "--vqvae", missing, "--out", str(prior), "--resume"]) == 2

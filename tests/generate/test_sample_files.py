@@ -26,6 +26,7 @@ from mri_vqvae.data.nifti import read_slice
 from mri_vqvae.data.reference import DataReference, data_reference
 from mri_vqvae.generate.sampling import NO_REFERENCE, SampleRun, write_samples
 from mri_vqvae.model import VQVAE
+from tests import helpers
 from tests.data.test_reference import oblique_affine, write_training_slice
 from tests.helpers import TINY_SIZE, tiny_config, tiny_prior
 
@@ -93,12 +94,9 @@ def tiny_checkpoints(folder: Path, extras: dict) -> tuple[Path, Path]:
         vqvae_path,
     )
     prior_settings = PriorConfig(width=32, num_layers=2, num_heads=4, dropout=0.0)
-    prior_extras = {
-        "num_embeddings": vqvae.num_embeddings,
-        "grid_shape": [16, 8],
-        "vqvae_sha256": file_sha256(vqvae_path),
-        "vqvae_path": str(vqvae_path),
-    }
+    prior_extras = helpers.prior_extras(
+        vqvae.num_embeddings, (16, 8), file_sha256(vqvae_path), str(vqvae_path)
+    )
     prior = tiny_prior("transformer", (16, 8))
     save_checkpoint(
         Checkpoint(
