@@ -1,14 +1,19 @@
-"""Generation quality: train a prior on a VQ-VAE's codes, draw samples and measure them.
+"""Generation quality against prior training time: the autoregressive and the masked prior side
+by side in one run, on the same VQ-VAE's codes, measured by ``evaluate-samples``.
 
-For each dataset: write the data (the phantom with 4 validation and 4 test cases, so 256
-held-out slices; or MNI152 slices as in quality.py), train the default VQ-VAE (or take one
-with --phantom-vqvae / --mni-vqvae), then for each prior architecture: `train-prior` for a time
-budget, `sample` 256 slices at temperature 1 and `evaluate-samples`, all through the real
-command line. Prints one table and writes ``generation.json`` under ``--out``.
+For each dataset: write the data (the phantom with 64 training cases, 2048 training slices, and
+4 validation and 4 test cases; or MNI152 slices as in quality.py, with their orientation as a
+label in conditions.csv), train the default VQ-VAE (or take one with --phantom-vqvae /
+--mni-vqvae), then for each prior architecture train one prior for --prior-minutes, keeping
+its averaged weights at each of --marks minutes. Each snapshot draws --samples slices, which
+``evaluate-samples`` scores: two-sample accuracy against reconstructions of training slices
+with its null and the shift, KID and density/coverage, memorisation. Prints one table, writes
+``generation.json`` and ``generation.png`` (each measure against minutes) under ``--out``.
 
-    python benchmarks/generation.py --datasets phantom mni --prior-minutes 15
+    python benchmarks/generation.py --datasets phantom mni --prior-minutes 15 --marks 1 2 4 8
 
-Needs the benchmark extras for MNI (nilearn): ``pip install -e '.[bench]'``.
+Then, with ``--sweep``, the sampling controls (temperature, top-k, top-p, guidance, decoding
+steps) on the last snapshot of each prior. Needs the benchmark extras for MNI (nilearn).
 """
 
 from __future__ import annotations
@@ -25,116 +30,250 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mri_vqvae import workflows
+from mri_vqvae.checkpoint import Checkpoint, save_checkpoint
 from mri_vqvae.config import Config, load_config
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
+from mri_vqvae.train import prior as prior_training
 from quality import cpu_name, write_mni_dataset
+
+PHANTOM = PhantomSpec(train_cases=64, val_cases=4, test_cases=4)
 
 
 def write_data(name: str, root: Path) -> None:
     if (root / "keras_slices_train").is_dir():
         return
     if name == "phantom":
-        write_phantom_dataset(root, PhantomSpec(val_cases=4, test_cases=4))
-    else:
-        write_mni_dataset(root)
+        write_phantom_dataset(root, PHANTOM)
+        return
+    write_mni_dataset(root)
+    # The orientation, from names like mni_axial_083.nii.gz, is a label to condition on.
+    rows = [
+        f"{path.name},{path.name.split('_')[1]}" for path in sorted(root.glob("keras_slices_*/*"))
+    ]
+    (root / "conditions.csv").write_text("file,orientation\n" + "\n".join(rows) + "\n")
 
 
 def settings(*overrides: str) -> Config:
     return load_config(overrides=list(overrides))
 
 
-def benchmark(dataset: str, vqvae: Path | None, options: argparse.Namespace) -> list[dict]:
+class Snapshots:
+    """Saves the prior's averaged weights as a prior checkpoint when training passes each mark
+    (minutes since the task was made, after encoding), by wrapping PriorTask.after_step."""
+
+    def __init__(self, folder: Path, marks: list[float]) -> None:
+        self.folder, self.marks, self.saved = folder, sorted(marks), {}
+        self.original = prior_training.PriorTask.after_step
+        self.original_init = prior_training.PriorTask.__init__
+
+    def __enter__(self) -> Snapshots:
+        snapshots = self
+
+        def init(task, *args, **kwargs):
+            snapshots.original_init(task, *args, **kwargs)
+            snapshots.started = time.monotonic()
+
+        def after_step(task):
+            snapshots.original(task)
+            minutes = (time.monotonic() - snapshots.started) / 60
+            for mark in snapshots.marks:
+                if mark <= minutes and mark not in snapshots.saved:
+                    snapshots.save(task, mark)
+
+        prior_training.PriorTask.__init__ = init
+        prior_training.PriorTask.after_step = after_step
+        return self
+
+    def save(self, task, mark: float) -> None:
+        path = self.folder / f"snapshot_{mark:g}min.pt"
+        extras = {**task.extras(), "ema": None}  # the averaged weights are the model's here
+        save_checkpoint(
+            Checkpoint("prior", task.config, task.evaluated.state_dict(), extras=extras), path
+        )
+        self.saved[mark] = path
+
+    def __exit__(self, *exc) -> None:
+        prior_training.PriorTask.__init__ = self.original_init
+        prior_training.PriorTask.after_step = self.original
+
+
+def vqvae_for(dataset: str, given: Path | None, root: Path, options) -> Path:
+    if given is not None:
+        return given
+    run = root / "vqvae"
+    if not (run / "best.pt").is_file():
+        minutes = f"train.max_minutes={options.vqvae_minutes}"
+        config = settings("train.epochs=1000", minutes, "train.precision=auto")
+        workflows.train_vqvae_run(run, workflows.DataSources(root=root / "data"), config)
+    return run / "best.pt"
+
+
+def train_with_snapshots(dataset, architecture, vqvae, sources, root, options) -> dict:
+    prior = root / f"prior_{architecture}"
+    overrides = [
+        f"prior.architecture={architecture}",
+        "prior_train.epochs=1000",
+        f"prior_train.max_minutes={options.prior_minutes}",
+        "prior_train.precision=auto",
+        "prior_train.sample_every=0",
+        *options.prior_overrides,
+    ]
+    if dataset == "mni":
+        overrides.append("prior.condition_labels=[orientation]")
+    marks = [m for m in options.marks if m < options.prior_minutes]
+    if not (prior / "prior_summary.json").is_file():
+        with Snapshots(prior, marks) as snapshots:
+            workflows.train_prior_run(prior, vqvae, sources, settings(*overrides), overwrite=True)
+        paths = dict(snapshots.saved)
+    else:
+        paths = {m: prior / f"snapshot_{m:g}min.pt" for m in marks}
+        paths = {m: p for m, p in paths.items() if p.is_file()}
+    paths[options.prior_minutes] = prior / "last.pt"
+    return paths
+
+
+def measure(dataset, architecture, minutes, prior_path, vqvae, sources, root, sample_settings):
+    name = "_".join(f"{k}{v}" for k, v in sample_settings.items()) or "defaults"
+    samples = root / f"samples_{architecture}_{minutes:g}min_{name}"
+    overrides = [f"sample.{key}={value}" for key, value in sample_settings.items()]
+    run = workflows.sample(vqvae, prior_path, samples, settings(*overrides), overwrite=True)
+    started = time.monotonic()
+    metrics = workflows.evaluate_samples(samples, sources, overwrite=True)
+    return {
+        "dataset": dataset,
+        "architecture": architecture,
+        "minutes": minutes,
+        "sample_settings": sample_settings,
+        "sampling_seconds": run.sampling_seconds,
+        "scoring_seconds": time.monotonic() - started,
+        "metrics": metrics,
+    }
+
+
+def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
     root = options.out / dataset
-    data = root / "data"
-    write_data(dataset, data)
-    sources = workflows.DataSources(root=data)
-    if vqvae is None:
-        vqvae_run = root / "vqvae"
-        if not (vqvae_run / "best.pt").is_file():
-            minutes = f"train.max_minutes={options.vqvae_minutes}"
-            config = settings("train.epochs=1000", minutes, "train.precision=bfloat16")
-            workflows.train_vqvae_run(vqvae_run, sources, config)
-        vqvae = vqvae_run / "best.pt"
+    write_data(dataset, root / "data")
+    sources = workflows.DataSources(root=root / "data")
+    vqvae = vqvae_for(dataset, given_vqvae, root, options)
     rows = []
     for architecture in options.architectures:
-        prior = root / f"prior_{architecture}"
-        if not (prior / "prior_summary.json").is_file():
-            started = time.monotonic()
-            config = settings(
-                f"prior.architecture={architecture}",
-                "prior_train.epochs=1000",
-                f"prior_train.max_minutes={options.prior_minutes}",
-                "prior_train.precision=bfloat16",
-                "prior_train.sample_every=10",
-            )
-            workflows.train_prior_run(prior, vqvae, sources, config)
-            print(f"prior trained in {time.monotonic() - started:.0f} s")
-        samples = root / f"samples_{architecture}"
-        if not (samples / "samples.json").is_file():
-            config = settings(f"sample.num_samples={options.samples}")
-            workflows.sample(vqvae, prior / "best.pt", samples, config)
-        workflows.evaluate_samples(samples, sources, overwrite=True)
-        summary = json.loads((prior / "prior_summary.json").read_text())
-        history = [json.loads(line) for line in (prior / "metrics.jsonl").read_text().splitlines()]
-        drawn = json.loads((samples / "samples.json").read_text())
-        metrics = json.loads((samples / "evaluation" / "sample_metrics.json").read_text())
-        rows.append(
-            {
-                "dataset": dataset,
-                "architecture": architecture,
-                "vqvae": str(vqvae),
-                "prior_epochs": len(history),
-                "prior_best_epoch": summary["best_epoch"],
-                "val_nll_bits": summary["val_nll_bits"],
-                "val_unigram_bits": summary["val_unigram_bits"],
-                "nll_below_unigram": 1 - summary["val_nll_bits"] / summary["val_unigram_bits"],
-                "test_nll_bits": summary["test_nll_bits"],
-                "sampling_seconds": drawn["sampling_seconds"],
-                "num_samples": drawn["num_samples"],
-                **{key: value for key, value in metrics.items() if key != "settings"},
-            }
-        )
+        snapshots = train_with_snapshots(dataset, architecture, vqvae, sources, root, options)
+        summary = json.loads((root / f"prior_{architecture}" / "prior_summary.json").read_text())
+        for minutes, path in sorted(snapshots.items()):
+            row = measure(dataset, architecture, minutes, path, vqvae, sources, root, {})
+            row["prior_summary"] = summary
+            rows.append(row)
+            print_table([row])
+        if options.sweep:
+            last = snapshots[options.prior_minutes]
+            for sample_settings in sweep_settings(architecture):
+                rows.append(
+                    measure(dataset, architecture, options.prior_minutes, last, vqvae, sources,
+                            root, sample_settings)
+                )  # fmt: skip
+                print_table(rows[-1:])
     return rows
 
 
+def sweep_settings(architecture: str) -> list[dict]:
+    shared = [
+        {"temperature": 0.9},
+        {"temperature": 1.1},
+        {"top_k": 32},
+        {"top_p": 0.9},
+        {"guidance": 2.0},
+    ]
+    if architecture == "masked":
+        shared += [{"decoding_steps": 6}, {"decoding_steps": 24}, {"choice_temperature": 1.0}]
+    return shared
+
+
+def flat(row: dict) -> dict:
+    """The figures a table and a plot show, from a row's sample_metrics.json."""
+    m = row["metrics"]
+    two, kid, dc = m["two_sample"], m["kid"], m["density_coverage"]
+    return {
+        "c2st_train": two["samples_vs_train_reconstructions"]["accuracy"],
+        "c2st_null": two["null"]["accuracy"],
+        "c2st_shift": two["shift"]["accuracy"],
+        "c2st_held_out": two["samples_vs_held_out_reconstructions"]["accuracy"],
+        "c2st_real": two["samples_vs_real_held_out"]["accuracy"],
+        "kid_ratio_random": kid["random_cnn"]["ratio_to_null"],
+        "kid_ratio_trained": kid["trained_net"]["ratio_to_null"],
+        "coverage_trained": dc["trained_net"]["samples"]["coverage"],
+        "density_trained": dc["trained_net"]["samples"]["density"],
+        "memorised": m["memorisation"]["share_samples_above_0.95"],
+    }
+
+
 def print_table(rows: list[dict]) -> None:
-    header = (
-        f"{'dataset':8} {'prior':12} {'val bits':>8} {'unigram':>8} {'below':>6} "
-        f"{'C2ST real':>16} {'C2ST recon':>16} {'>0.95':>6} {'div/real':>8} "
-        f"{'div/recon':>9} {'JSD':>7} {'s/256':>6}"
-    )
-    print(header)
+    columns = (
+        "c2st_train", "c2st_null", "c2st_shift", "c2st_held_out", "c2st_real",
+        "kid_ratio_random", "kid_ratio_trained", "coverage_trained", "density_trained",
+        "memorised",
+    )  # fmt: skip
+    print(f"{'data':8} {'prior':12} {'min':>4} {'settings':22} " + " ".join(f"{c:>9.9}" for c in columns) + f" {'s/samp':>7} {'s/score':>7}")  # fmt: skip  # noqa: E501
     for row in rows:
-        real, recon = row["two_sample_vs_real"], row["two_sample_vs_reconstructions"]
+        figures = flat(row)
+        shown = json.dumps(row["sample_settings"])[:22] if row["sample_settings"] else "defaults"
         print(
-            f"{row['dataset']:8} {row['architecture']:12} {row['val_nll_bits']:8.3f} "
-            f"{row['val_unigram_bits']:8.3f} {100 * row['nll_below_unigram']:5.1f}% "
-            f"{real['accuracy']:.3f} [{real['ci95_low']:.2f},{real['ci95_high']:.2f}] "
-            f"{recon['accuracy']:.3f} [{recon['ci95_low']:.2f},{recon['ci95_high']:.2f}] "
-            f"{100 * row['share_samples_above_0.95']:5.1f}% {row['diversity_ratio']:8.2f} "
-            f"{row['diversity_ratio_vs_reconstructions']:9.2f} "
-            f"{row['code_js_divergence_bits']:7.4f} {row['sampling_seconds']:6.1f}"
+            f"{row['dataset']:8} {row['architecture']:12} {row['minutes']:4g} {shown:22} "
+            + " ".join(f"{figures[c]:9.3f}" for c in columns)
+            + f" {row['sampling_seconds']:7.1f} {row['scoring_seconds']:7.1f}"
         )
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plain = [row for row in rows if not row["sample_settings"]]
+    datasets = sorted({row["dataset"] for row in plain})
+    measures = ("c2st_train", "kid_ratio_trained", "coverage_trained", "memorised")
+    figure, axes = plt.subplots(
+        len(datasets), len(measures), figsize=(4 * len(measures), 3.2 * len(datasets)),
+        squeeze=False,
+    )  # fmt: skip
+    for i, dataset in enumerate(datasets):
+        for j, measure_name in enumerate(measures):
+            axis = axes[i][j]
+            for architecture in sorted({row["architecture"] for row in plain}):
+                chosen = [r for r in plain if (r["dataset"], r["architecture"]) == (dataset, architecture)]  # noqa: E501
+                axis.plot([r["minutes"] for r in chosen], [flat(r)[measure_name] for r in chosen], "o-", label=architecture)  # noqa: E501
+            if measure_name == "c2st_train":
+                nulls = [flat(r)["c2st_null"] for r in plain if r["dataset"] == dataset]
+                axis.axhline(sum(nulls) / len(nulls), color="grey", ls=":", label="null")
+            axis.set_title(f"{dataset}: {measure_name}")
+            axis.set_xlabel("prior training, minutes")
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["phantom", "mni"])
-    parser.add_argument("--architectures", nargs="+", default=["transformer"])
+    parser.add_argument("--architectures", nargs="+", default=["transformer", "masked"])
     parser.add_argument("--vqvae-minutes", type=float, default=8.0)
     parser.add_argument("--prior-minutes", type=float, default=15.0)
+    parser.add_argument("--marks", type=float, nargs="*", default=[1, 2, 4, 8])
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--sweep", action="store_true", help="also sweep the sampling controls")
     parser.add_argument("--phantom-vqvae", type=Path, help="reuse this VQ-VAE for the phantom")
     parser.add_argument("--mni-vqvae", type=Path, help="reuse this VQ-VAE for MNI slices")
+    parser.add_argument("--prior-overrides", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/generation"))
     options = parser.parse_args()
     given = {"phantom": options.phantom_vqvae, "mni": options.mni_vqvae}
+    options.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for dataset in options.datasets:
         rows += benchmark(dataset, given.get(dataset), options)
     print_table(rows)
-    options.out.mkdir(parents=True, exist_ok=True)
+    plot(rows, options.out / "generation.png")
     result = {
         "date": date.today().isoformat(),
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
@@ -142,8 +281,8 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "rows": rows,
     }
-    (options.out / "generation.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {options.out / 'generation.json'}")
+    (options.out / "generation.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {options.out / 'generation.json'} and generation.png")
 
 
 if __name__ == "__main__":

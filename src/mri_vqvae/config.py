@@ -376,6 +376,10 @@ class SampleConfig:
     top_k: int | None = None  # keep only the k most likely codes
     top_p: float | None = None  # keep the fewest codes whose probability reaches p (nucleus)
     use_cache: bool = True  # key/value cache (transformer only)
+    # The prior's forward passes: "auto" is bfloat16 where the device has fast bfloat16
+    # matrix units (AMX CPUs, GPUs) and float32 elsewhere; the logits are filtered and sampled
+    # in float32 either way.
+    precision: str = "auto"
     # Classifier-free guidance: logits = unconditional + guidance * (conditional -
     # unconditional). 1 samples the conditional model as trained, 0 the unconditional one.
     guidance: float = 1.0
@@ -414,6 +418,7 @@ class SampleConfig:
         _require(
             self.top_k is None or self.top_k >= 1, f"sample.top_k must be >= 1, got {self.top_k}"
         )
+        _check_choice("sample", "precision", self.precision, PRECISIONS)
         _require(self.guidance >= 0, f"sample.guidance must be >= 0, got {self.guidance}")
         _require(
             self.decoding_steps >= 1,

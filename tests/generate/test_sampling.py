@@ -3,6 +3,7 @@ parallel decoding, classifier-free guidance, conditions drawn from training, and
 write_samples leaves on disk."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -45,14 +46,10 @@ def test_temperature_scales_logits():
 
 def test_cached_and_uncached_sampling_draw_identical_codes():
     prior = tiny_prior("transformer", (4, 3))
-    cached = sample_codes(
-        prior, 5, SampleConfig(batch_size=3), generator=torch.Generator().manual_seed(7)
-    )
+    exact = SampleConfig(batch_size=3, precision="float32")
+    cached = sample_codes(prior, 5, exact, generator=torch.Generator().manual_seed(7))
     uncached = sample_codes(
-        prior,
-        5,
-        SampleConfig(batch_size=3, use_cache=False),
-        generator=torch.Generator().manual_seed(7),
+        prior, 5, replace(exact, use_cache=False), generator=torch.Generator().manual_seed(7)
     )
     assert cached.shape == (5, 4, 3)
     assert torch.equal(cached, uncached)
@@ -179,3 +176,10 @@ def test_conditions_not_given_are_drawn_from_training():
     with pytest.raises(ValueError, match="without conditions"):
         draw_conditions(plain, 3, generator, 0.5)
     assert isinstance(drawn, PriorConditions)
+
+
+def test_bfloat16_sampling_draws_valid_codes_with_either_prior():
+    settings = SampleConfig(batch_size=2, precision="bfloat16", decoding_steps=3)
+    for architecture in ("transformer", "masked"):
+        codes = sample_codes(tiny_prior(architecture, (4, 3)), 3, settings)
+        assert codes.shape == (3, 4, 3) and codes.min() >= 0 and codes.max() < NUM_CODES

@@ -393,6 +393,9 @@ class TransformerPrior(_TransformerTrunk):
         """An empty key/value cache for sampling ``batch_size`` maps with :meth:`step`."""
         weight = self.head.weight
         width = weight.shape[1]
+        kind = weight.device.type
+        # Under autocast the keys and values come out in its dtype; the cache holds them so.
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
         return KVCache(
             len(self.blocks),
             batch_size,
@@ -400,7 +403,7 @@ class TransformerPrior(_TransformerTrunk):
             self.sequence_length,
             width // self.num_heads,
             weight.device,
-            weight.dtype,
+            dtype,
         )
 
     def step(
