@@ -100,17 +100,22 @@ def benchmark(dataset: str, vqvae: Path | None, options: argparse.Namespace) -> 
 def print_table(rows: list[dict]) -> None:
     header = (
         f"{'dataset':8} {'prior':12} {'val bits':>8} {'unigram':>8} {'below':>6} "
-        f"{'C2ST real':>16} {'C2ST recon':>16} {'>0.95':>6} {'div/real':>8} "
-        f"{'div/recon':>9} {'JSD':>7} {'s/256':>6}"
+        f"{'C2ST train':>16} {'null':>6} {'shift':>6} {'C2ST real':>9} {'KID/null':>8} "
+        f"{'>0.95':>6} {'div/real':>8} {'div/recon':>9} {'JSD':>7} {'s/256':>6}"
     )
     print(header)
     for row in rows:
-        real, recon = row["two_sample_vs_real"], row["two_sample_vs_reconstructions"]
+        two_sample = row["two_sample"]
+        train = two_sample["samples_vs_train_reconstructions"]
+        ratio = row["kid"]["random_cnn"]["ratio_to_null"]
         print(
             f"{row['dataset']:8} {row['architecture']:12} {row['val_nll_bits']:8.3f} "
             f"{row['val_unigram_bits']:8.3f} {100 * row['nll_below_unigram']:5.1f}% "
-            f"{real['accuracy']:.3f} [{real['ci95_low']:.2f},{real['ci95_high']:.2f}] "
-            f"{recon['accuracy']:.3f} [{recon['ci95_low']:.2f},{recon['ci95_high']:.2f}] "
+            f"{train['accuracy']:.3f} [{train['ci95_low']:.2f},{train['ci95_high']:.2f}] "
+            f"{two_sample['null_train_halves']['accuracy']:6.3f} "
+            f"{two_sample['shift_train_vs_held_out_reconstructions']['accuracy']:6.3f} "
+            f"{two_sample['samples_vs_held_out_real']['accuracy']:9.3f} "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}':>8} "
             f"{100 * row['share_samples_above_0.95']:5.1f}% {row['diversity_ratio']:8.2f} "
             f"{row['diversity_ratio_vs_reconstructions']:9.2f} "
             f"{row['code_js_divergence_bits']:7.4f} {row['sampling_seconds']:6.1f}"

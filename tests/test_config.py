@@ -118,7 +118,7 @@ def test_one_tree_holds_every_section_and_round_trips(tmp_path: Path):
             "prior.num_layers=2",
             "prior_train.epochs=3",
             "sample.top_k=5",
-            "sample_metrics.folds=3",
+            "sample_metrics.reference_slices=64",
         ]
     )
     assert [f.name for f in dataclasses.fields(config)] == [
