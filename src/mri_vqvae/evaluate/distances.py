@@ -16,15 +16,21 @@ import torch
 
 from mri_vqvae.errors import InputError
 
+# No feature's spread counts as less than this share of the median spread: a feature nearly
+# constant in the reference (a channel the random network seldom fires, a decoder that
+# flattens a region) would otherwise turn small differences into huge z-scores, and KID's
+# cubic kernel into figures of 1e6.
+SPREAD_FLOOR = 0.1
+
 
 def standardiser(reference: torch.Tensor):
     """A function mapping features to z-scores under ``reference``'s per-feature mean and
     spread, so every feature counts alike (neither feature network puts its features on one
-    scale). Features constant in the reference (a channel the random network never fires) are
-    centred but not scaled, so a set that does fire them is not blown up by a zero spread."""
+    scale); spreads are floored at ``SPREAD_FLOOR`` times their median."""
     mean = reference.mean(0)
-    spread = reference.std(0)
-    spread = torch.where(spread > 1e-6 * spread.max().clamp_min(1e-30), spread, 1.0)
+    spread = reference.std(0) if len(reference) > 1 else torch.ones_like(mean)
+    floor = SPREAD_FLOOR * spread.median()
+    spread = spread.clamp_min(float(floor)) if floor > 0 else torch.ones_like(spread)
 
     def standardise(features: torch.Tensor) -> torch.Tensor:
         return (features - mean) / spread
