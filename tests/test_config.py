@@ -128,7 +128,7 @@ def test_one_tree_holds_every_section_and_round_trips(tmp_path: Path):
             "prior.num_layers=2",
             "prior_train.epochs=3",
             "sample.top_k=5",
-            "sample_metrics.folds=3",
+            "sample_metrics.reference_slices=64",
             "augment.copies=2",
             "augment.flip_left_right=true",
             "augment.max_rotation_degrees=6",

@@ -246,6 +246,8 @@ class TrainConfig(LoopConfig):
 
 
 PRIOR_ARCHITECTURES = ("transformer", "masked", "pixelcnn")
+# The names of evaluate.protocol.PROTOCOLS (listed here so a setting is checked on loading).
+SAMPLE_PROTOCOLS = ("frozen-v1",)
 
 
 @dataclass(frozen=True)
@@ -440,28 +442,29 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class SampleMetricsConfig:
-    """Sizes and seeds of the measures of generated slices."""
+    """Which protocol measures generated slices, on how many slices, with which seed."""
 
-    folds: int = 4  # cross-validation folds of the two-sample classifier
-    # Optimisation steps per fold, whatever the set sizes: counting epochs gave 80 held-out
-    # MNI slices a quarter of the training the phantom's 256 had.
-    classifier_steps: int = 300
-    classifier_batch_size: int = 32
+    # The named, versioned settings of the feature networks, the two-sample classifier, KID
+    # and density/coverage (evaluate/protocol.py); written beside every result.
+    protocol: str = "frozen-v1"
+    # Training slices reconstructed as the reference, split into two random halves: samples
+    # are compared with one, the other gives the null. More slices cost time, not accuracy of
+    # the null's calibration.
+    reference_slices: int = 512
     # Nearest training slice: SSIM is computed for the candidates nearest in mean squared
     # distance at a quarter of the resolution, since SSIM against every slice costs too much.
     neighbour_candidates: int = 32
     diversity_pairs: int = 2000
     device: str = "auto"
-    seed: int = 0
+    seed: int = 0  # the reference's halves, subsampling and KID subsets
 
     def __post_init__(self) -> None:
-        _require(self.folds >= 2, f"sample_metrics.folds must be at least 2, got {self.folds}")
-        for name in (
-            "classifier_steps",
-            "classifier_batch_size",
-            "neighbour_candidates",
-            "diversity_pairs",
-        ):
+        _check_choice("sample_metrics", "protocol", self.protocol, SAMPLE_PROTOCOLS)
+        _require(
+            self.reference_slices >= 2,
+            f"sample_metrics.reference_slices must be at least 2, got {self.reference_slices}",
+        )
+        for name in ("neighbour_candidates", "diversity_pairs"):
             value = getattr(self, name)
             _require(value >= 1, f"sample_metrics.{name} must be at least 1, got {value}")
 

@@ -259,11 +259,13 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     assert (drawn["seed"], drawn["settings"]["top_k"]) == (3, 4)
 
     judge = ["-q", "evaluate-samples", "--samples", str(samples), "--data", str(demo)]
-    assert main([*judge, "--classifier-steps", "2", "--folds", "2", "--device", "cpu"]) == 0
+    assert main([*judge, "--reference-slices", "32", "--device", "cpu"]) == 0
     metrics = json.loads((samples / "evaluation" / "sample_metrics.json").read_text())
     assert metrics["num_samples"] == 8 and metrics["num_held_out"] == 16
-    for test in ("two_sample_vs_real", "two_sample_vs_reconstructions"):
-        assert 0 <= metrics[test]["accuracy"] <= 1 and metrics[test]["images_per_set"] == 8
+    assert metrics["protocol"]["name"] == metrics["settings"]["protocol"] == "frozen-v1"
+    for test in ("samples_vs_train_reconstructions", "samples_vs_held_out_real"):
+        result = metrics["two_sample"][test]
+        assert 0 <= result["accuracy"] <= 1 and result["images_per_set"] == 8
     assert 0 < metrics["nearest_train_ssim_samples"]["max"] <= 1
     for name in ("closest_to_training.png", "nearest_training_ssim.png", "memorisation.csv"):
         assert (samples / "evaluation" / name).is_file(), name

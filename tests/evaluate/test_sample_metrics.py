@@ -1,20 +1,24 @@
 """Sample measures on known cases: identical sets, disjoint sets, exact copies."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from mri_vqvae.errors import InputError
+from mri_vqvae.evaluate.features import RandomFeatureNet, extract_features
+from mri_vqvae.evaluate.protocol import PROTOCOLS
 from mri_vqvae.evaluate.sample_metrics import (
-    SampleMetricsConfig,
     classifier_two_sample_test,
     clopper_pearson,
     jensen_shannon_bits,
     mean_pairwise_ssim,
     nearest_by_ssim,
+    null_verdict,
 )
 
-FAST = SampleMetricsConfig(folds=2, classifier_steps=8, classifier_batch_size=16)
+PROTOCOL = PROTOCOLS["frozen-v1"]
 
 
 def blobs(count: int, seed: int, size=(32, 16)) -> torch.Tensor:
@@ -24,19 +28,56 @@ def blobs(count: int, seed: int, size=(32, 16)) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear") * 2 - 1
 
 
+def random_features(images: torch.Tensor) -> torch.Tensor:
+    network = RandomFeatureNet(PROTOCOL.random_features_widths, PROTOCOL.random_features_seed)
+    return extract_features(network, images)
+
+
 def test_two_sample_test_separates_disjoint_sets():
     smooth = blobs(32, 0)
     noise = torch.rand(32, 1, 32, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    result = classifier_two_sample_test(smooth, noise, FAST)
+    result = classifier_two_sample_test(random_features(smooth), random_features(noise), PROTOCOL)
     assert result["accuracy"] >= 0.9
     assert result["ci95_low"] <= result["accuracy"] <= result["ci95_high"]
     assert result["images_per_set"] == 32
 
 
+def test_two_sample_test_tells_a_mild_texture_change():
+    # Smoothing with a 3x3 box, as a decoder loses fine texture, is a difference the
+    # classifier must find though the structures are the same.
+    images = blobs(64, 7, size=(64, 32)) + 0.2 * torch.randn(
+        64, 1, 64, 32, generator=torch.Generator().manual_seed(8)
+    )
+    smoothed = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)
+    features = random_features(torch.cat([images[:32], smoothed[32:]]))
+    result = classifier_two_sample_test(features[:32], features[32:], PROTOCOL)
+    assert result["accuracy"] >= 0.9
+
+
 def test_two_sample_test_is_near_chance_on_one_distribution():
-    images = blobs(64, 2)
-    result = classifier_two_sample_test(images[:32], images[32:], FAST)
+    features = random_features(blobs(64, 2))
+    result = classifier_two_sample_test(features[:32], features[32:], PROTOCOL)
     assert result["ci95_low"] <= 0.5 <= result["ci95_high"]
+    assert null_verdict(result, PROTOCOL) == {"trustworthy": True, "untrustworthy_reason": None}
+
+
+def test_the_null_test_flags_a_split_that_is_not_random():
+    # A deliberately broken "random halves" split: one set's brightest images against its
+    # darkest. The classifier finds that difference, so the figure beside it is flagged.
+    images = blobs(64, 3)
+    order = images.mean(dim=(1, 2, 3)).argsort()
+    features = random_features(images[order])
+    null = classifier_two_sample_test(features[:32], features[32:], PROTOCOL)
+    verdict = null_verdict(null, PROTOCOL)
+    assert verdict["trustworthy"] is False
+    assert "null test" in verdict["untrustworthy_reason"]
+
+
+def test_a_null_interval_above_half_is_flagged_even_under_the_accuracy_bound():
+    strict = dataclasses.replace(PROTOCOL, null_max_accuracy=0.9)
+    null = {"accuracy": 0.54, "ci95_low": 0.51, "ci95_high": 0.57}
+    verdict = null_verdict(null, strict)
+    assert verdict["trustworthy"] is False and "excludes 0.5" in verdict["untrustworthy_reason"]
 
 
 def test_clopper_pearson_known_values():
@@ -69,9 +110,6 @@ def test_js_divergence_of_equal_and_disjoint_histograms():
 
 
 def test_too_few_samples_for_the_folds_is_a_user_error():
-    from mri_vqvae.errors import InputError
-    from mri_vqvae.evaluate.sample_metrics import classifier_two_sample_test
-
-    images = torch.zeros(2, 1, 32, 32)
-    with pytest.raises(InputError, match="needs at least 4 images per set, got 2"):
-        classifier_two_sample_test(images, images)
+    features = torch.zeros(2, 8)
+    with pytest.raises(InputError, match="needs at least 5 images per set, got 2"):
+        classifier_two_sample_test(features, features, PROTOCOL)

@@ -54,7 +54,7 @@ def full_run(phantom_root: Path, tmp_path_factory) -> SimpleNamespace:
         assert not report.exists()
         (run / "put-aside.html").rename(report)
         judge = ["-q", "evaluate-samples", "--samples", str(run / "samples"), *data]
-        assert main([*judge, "--classifier-steps", "2", "--folds", "2"]) == 0
+        assert main([*judge, "--reference-slices", "32"]) == 0
         assert report.read_text() != report_after_training
     return SimpleNamespace(run=run, data=phantom_root, report_after_training=report_after_training)
 
@@ -146,7 +146,9 @@ def test_the_report_holds_every_section_and_needs_nothing_else(full_run):
     assert page.rows("prior") == [7]
     assert page.rows("samples") == [7]
     assert page.rows("sample-metrics")[0] >= 9
-    assert "two-sample accuracy vs reconstructions" in text
+    assert "two-sample accuracy, samples vs training reconstructions" in text
+    assert "null: two halves of training reconstructions" in text
+    assert "KID (autoencoder) / its null level" in text
 
 
 def test_the_report_command_escapes_names_and_refuses_what_is_not_a_run(

@@ -254,8 +254,8 @@ def run_sample(args: argparse.Namespace) -> None:
 
 _SAMPLE_METRIC_FLAGS = {
     "seed": "sample_metrics.seed",
-    "classifier_steps": "sample_metrics.classifier_steps",
-    "folds": "sample_metrics.folds",
+    "protocol": "sample_metrics.protocol",
+    "reference_slices": "sample_metrics.reference_slices",
     "device": "sample_metrics.device",
 }
 
@@ -275,13 +275,32 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
 
 
 def _print_sample_measures(summary: dict, out: Path) -> None:
-    real, recon = summary["two_sample_vs_real"], summary["two_sample_vs_reconstructions"]
-    print(
-        f"two-sample accuracy (0.5 = indistinguishable): against real slices "
-        f"{real['accuracy']:.3f} [{real['ci95_low']:.3f}, {real['ci95_high']:.3f}], against "
-        f"reconstructions {recon['accuracy']:.3f} [{recon['ci95_low']:.3f}, "
-        f"{recon['ci95_high']:.3f}] ({recon['images_per_set']} images per set)"
-    )
+    two_sample = summary["two_sample"]
+    print(f"protocol {summary['protocol']['name']}; two-sample accuracy (0.5 = indistinguishable):")
+    for key, label in (
+        ("samples_vs_train_reconstructions", "samples vs training reconstructions"),
+        ("null_train_halves", "null, two halves of training reconstructions"),
+        ("shift_train_vs_held_out_reconstructions", "shift, training vs held-out reconstructions"),
+        ("samples_vs_held_out_reconstructions", "samples vs held-out reconstructions"),
+        ("samples_vs_held_out_real", "samples vs real held-out slices"),
+    ):
+        test = two_sample[key]
+        print(
+            f"  {label}: {test['accuracy']:.3f} [{test['ci95_low']:.3f}, "
+            f"{test['ci95_high']:.3f}] ({test['images_per_set']} per set)"
+        )
+    if not two_sample["trustworthy"]:
+        print(f"  untrustworthy: {two_sample['untrustworthy_reason']}")
+    for space, kid in summary["kid"].items():
+        ratio = kid["ratio_to_null"]
+        coverage = summary["density_coverage"][space]["samples_vs_train_reconstructions"]
+        print(
+            f"{space} features: KID {kid['samples_vs_train_reconstructions']['mean']:.5f} "
+            f"(null level {kid['null_level']:.5f}, ratio "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}'}; shift "
+            f"{kid['shift_train_vs_held_out_reconstructions']['mean']:.5f}), density "
+            f"{coverage['density']:.3f}, coverage {coverage['coverage']:.3f}"
+        )
     print(
         f"nearest training slice: median SSIM {summary['nearest_train_ssim_samples']['median']:.3f}"
         f", {100 * summary['share_samples_above_0.95']:.1f}% of samples above 0.95 (held-out "
@@ -299,8 +318,8 @@ def _print_sample_measures(summary: dict, out: Path) -> None:
         f"samples {summary['codes_used_by_samples']}, held-out {summary['codes_used_by_held_out']}"
     )
     print(
-        f"results in {out}: sample_metrics.json, memorisation.csv, closest_to_training.png, "
-        "samples_with_nearest_training.png, nearest_training_ssim.png"
+        f"results in {out} ({summary['seconds']:.0f} s): sample_metrics.json, memorisation.csv, "
+        "closest_to_training.png, samples_with_nearest_training.png, nearest_training_ssim.png"
     )
 
 

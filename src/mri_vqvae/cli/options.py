@@ -337,9 +337,11 @@ def _add_evaluate_samples(
         "evaluate-samples",
         parents=[data, device],
         help="score generated slices against real ones",
-        description="Two-sample classifier tests (against real held-out slices and against "
-        "their VQ-VAE reconstructions), memorisation, diversity and code statistics of a "
-        "folder written by 'sample'; real held-out slices are the val and test splits.",
+        description="Two-sample classifier tests, KID and density/coverage of a folder written "
+        "by 'sample', first against VQ-VAE reconstructions of training slices, each beside its "
+        "null (two halves of those reconstructions) and the shift to held-out reconstructions; "
+        "then memorisation, diversity and code statistics. Real held-out slices are the val "
+        "and test splits.",
     )
     judge.add_argument("--samples", type=Path, required=True, help="folder written by 'sample'")
     judge.add_argument(
@@ -349,11 +351,14 @@ def _add_evaluate_samples(
     judge.add_argument("--config", type=Path, help="YAML file of settings (sample_metrics)")
     judge.add_argument("--seed", type=_seed)
     judge.add_argument(
-        "--classifier-steps",
-        type=_count,
-        help="training steps per fold (sample_metrics.classifier_steps)",
+        "--protocol",
+        help="named, versioned settings of the measures (sample_metrics.protocol)",
     )
-    judge.add_argument("--folds", type=_whole_number(2), help="sample_metrics.folds")
+    judge.add_argument(
+        "--reference-slices",
+        type=_count,
+        help="training slices reconstructed as the reference (sample_metrics.reference_slices)",
+    )
     judge.add_argument(
         "--overwrite", action="store_true", help="replace a sample evaluation already in --out"
     )

@@ -1,8 +1,8 @@
 """Measures of generated slices that need no downloaded weights.
 
-- Classifier two-sample test (Lopez-Paz & Oquab 2017): a small CNN, trained from scratch, tells
-  two sets apart; its cross-validated accuracy is 0.5 when it cannot, 1.0 when they are
-  disjoint. Reported with a Clopper-Pearson 95% interval.
+- Classifier two-sample test (Lopez-Paz & Oquab 2017): a logistic regression on fixed features
+  tells two sets apart; its cross-validated accuracy is 0.5 when it cannot, 1.0 when they are
+  disjoint. Reported with a Clopper-Pearson 95% interval, and judged by its null test.
 - Memorisation: each sample's highest SSIM to any training slice.
 - Diversity: mean SSIM between random pairs of a set (lower is more diverse).
 - Code statistics: the Jensen-Shannon divergence between two code histograms, in bits.
@@ -14,33 +14,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from mri_vqvae.config import SampleMetricsConfig
 from mri_vqvae.errors import InputError
-from mri_vqvae.metrics import ssim_per_image
-
-
-class SliceClassifier(nn.Module):
-    """Four stride-2 convolutions with GroupNorm and SiLU, global average pooling, one logit."""
-
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels_in = 1
-        for multiplier in (1, 2, 4, 4):
-            channels = width * multiplier
-            layers += [
-                nn.Conv2d(channels_in, channels, 3, stride=2, padding=1),
-                nn.GroupNorm(4, channels),
-                nn.SiLU(),
-            ]
-            channels_in = channels
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels_in, 1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images).mean(dim=(2, 3)))[:, 0]
+from mri_vqvae.evaluate.distances import standardiser
+from mri_vqvae.evaluate.protocol import SampleProtocol
+from mri_vqvae.metrics import ssim_map
 
 
 def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
@@ -56,68 +34,59 @@ def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[f
     return low, high
 
 
-def _fit_classifier(
-    images: torch.Tensor, labels: torch.Tensor, settings: SampleMetricsConfig, seed: int
-) -> SliceClassifier:
-    torch.manual_seed(seed)
-    classifier = SliceClassifier().to(images.device)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(seed)
-    size = min(settings.classifier_batch_size, len(images))
-    steps = 0
-    while steps < settings.classifier_steps:
-        order = torch.randperm(len(images), generator=generator)
-        # Full batches only, so a small remainder never makes a noisy step.
-        for start in range(0, len(images) - size + 1, size):
-            rows = order[start : start + size]
-            loss = F.binary_cross_entropy_with_logits(classifier(images[rows]), labels[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            if steps == settings.classifier_steps:
-                break
-    return classifier.eval()
-
-
-@torch.no_grad()
-def _predict(classifier: SliceClassifier, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat(
-        [classifier(images[i : i + batch_size]) > 0 for i in range(0, len(images), batch_size)]
+def _fit_logistic(
+    features: torch.Tensor, labels: torch.Tensor, protocol: SampleProtocol
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights and bias of an L2-penalised logistic regression, fitted by L-BFGS: a convex
+    problem, so the fit is the same however it is started."""
+    weights = torch.zeros(features.shape[1], dtype=features.dtype, requires_grad=True)
+    bias = torch.zeros((), dtype=features.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weights, bias],
+        max_iter=protocol.classifier_lbfgs_iterations,
+        line_search_fn="strong_wolfe",
     )
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = F.binary_cross_entropy_with_logits(features @ weights + bias, labels)
+        value = value + 0.5 * protocol.classifier_l2_penalty * weights.pow(2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return weights.detach(), bias.detach()
 
 
 def classifier_two_sample_test(
-    first: torch.Tensor, second: torch.Tensor, settings: SampleMetricsConfig | None = None
+    first: torch.Tensor, second: torch.Tensor, protocol: SampleProtocol, seed: int = 0
 ) -> dict[str, float]:
-    """Cross-validated accuracy of a CNN telling ``first`` from ``second`` (``(N, 1, H, W)``).
+    """Cross-validated accuracy of a logistic regression telling the feature vectors ``first``
+    from ``second`` (``(N, F)`` each; Lopez-Paz & Oquab 2017).
 
-    The larger set is subsampled to the smaller's size, so chance is exactly 0.5. Every image
-    is classified once, by the classifier of the fold that held it out.
+    The larger set is subsampled to the smaller's size, so chance is exactly 0.5. Every vector
+    is classified once, by the model of the fold that held it out; features are standardised
+    with the training folds' statistics only.
     """
-    settings = settings or SampleMetricsConfig()
-    generator = torch.Generator().manual_seed(settings.seed)
+    folds = protocol.classifier_folds
+    generator = torch.Generator().manual_seed(seed)
     count = min(len(first), len(second))
-    if count < settings.folds:
-        raise InputError(
-            f"the two-sample test needs at least {settings.folds} images per set, got {count}"
-        )
+    if count < folds:
+        raise InputError(f"the two-sample test needs at least {folds} images per set, got {count}")
     sets = [
-        images[torch.randperm(len(images), generator=generator)[:count]]
-        for images in (first, second)
+        vectors[torch.randperm(len(vectors), generator=generator)[:count]].double()
+        for vectors in (first, second)
     ]
-    images = torch.cat(sets).float()
-    labels = torch.cat([torch.zeros(count), torch.ones(count)]).to(images.device)
-    # Stratified folds: fold f holds every folds-th image of each class.
-    fold_of = torch.cat([torch.arange(count) % settings.folds] * 2)
+    features = torch.cat(sets)
+    labels = torch.cat([torch.zeros(count), torch.ones(count)]).double()
+    # Stratified folds over already shuffled rows: fold f holds every folds-th row of a class.
+    fold_of = torch.cat([torch.arange(count) % folds] * 2)
     correct, train_correct, train_total = 0, 0, 0
-    for fold in range(settings.folds):
+    for fold in range(folds):
         held_out = fold_of == fold
-        classifier = _fit_classifier(
-            images[~held_out], labels[~held_out], settings, settings.seed + fold
-        )
-        predictions = _predict(classifier, images, settings.classifier_batch_size)
-        hits = predictions == labels.bool()
+        standardise = standardiser(features[~held_out])
+        weights, bias = _fit_logistic(standardise(features[~held_out]), labels[~held_out], protocol)
+        hits = ((standardise(features) @ weights + bias) > 0) == labels.bool()
         correct += int(hits[held_out].sum())
         train_correct += int(hits[~held_out].sum())
         train_total += int((~held_out).sum())
@@ -128,9 +97,28 @@ def classifier_two_sample_test(
         "ci95_low": low,
         "ci95_high": high,
         "images_per_set": count,
-        "folds": settings.folds,
         "train_accuracy": train_correct / train_total,
     }
+
+
+def null_verdict(null: dict[str, float], protocol: SampleProtocol) -> dict[str, object]:
+    """Whether a two-sample figure can be trusted, from the test on two random halves of one
+    set (the null): its accuracy must stay at most ``protocol.null_max_accuracy`` and its 95%
+    interval must reach down to 0.5. A null above chance means the classifier finds
+    differences that are not there (too few images, leaking folds, a broken split), so the
+    figure beside it says nothing about the samples."""
+    reasons = []
+    if null["accuracy"] > protocol.null_max_accuracy:
+        reasons.append(
+            f"the null test (two random halves of one set) reached accuracy "
+            f"{null['accuracy']:.3f} > {protocol.null_max_accuracy}"
+        )
+    if null["ci95_low"] > 0.5:
+        reasons.append(
+            f"the null test's 95% interval [{null['ci95_low']:.3f}, {null['ci95_high']:.3f}] "
+            "excludes 0.5"
+        )
+    return {"trustworthy": not reasons, "untrustworthy_reason": "; ".join(reasons) or None}
 
 
 def _coarse(images: torch.Tensor) -> torch.Tensor:
@@ -147,13 +135,20 @@ SSIM_PAIRS_PER_BATCH = 8
 def paired_ssim(
     first: torch.Tensor, second: torch.Tensor, rows_first: torch.Tensor, rows_second: torch.Tensor
 ) -> torch.Tensor:
-    """SSIM of ``first[rows_first[i]]`` with ``second[rows_second[i]]`` for every ``i``."""
+    """SSIM of ``first[rows_first[i]]`` with ``second[rows_second[i]]`` for every ``i``, as
+    :func:`mri_vqvae.metrics.ssim_per_image` gives it. Computed by ``ssim_map``'s banded
+    matrix products, 1.7x faster per pair on a CPU than ``ssim_per_image``'s convolutions."""
     scores = []
     for start in range(0, len(rows_first), SSIM_PAIRS_PER_BATCH):
         a = first[rows_first[start : start + SSIM_PAIRS_PER_BATCH]].float()
         b = second[rows_second[start : start + SSIM_PAIRS_PER_BATCH]].float()
-        scores.append(ssim_per_image(a, b))
+        scores.append(ssim_map(unit_range(a), unit_range(b)).flatten(1).mean(1))
     return torch.cat(scores)
+
+
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Images in the model's [-1, 1] mapped to SSIM's [0, 1], as ``ssim_per_image`` does."""
+    return ((images + 1) / 2).clamp(0, 1)
 
 
 @torch.no_grad()

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mri_vqvae import plots
 from mri_vqvae.code_maps import encode_slices
+from mri_vqvae.config import SampleMetricsConfig
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.errors import InputError
+from mri_vqvae.evaluate.comparisons import (
+    NULL,
+    PRIMARY,
+    ReferenceSets,
+    compare_sets,
+    split_in_halves,
+)
+from mri_vqvae.evaluate.protocol import protocol_named
 from mri_vqvae.evaluate.sample_metrics import (
-    SampleMetricsConfig,
-    classifier_two_sample_test,
     distribution,
     jensen_shannon_bits,
     mean_pairwise_ssim,
@@ -37,7 +47,9 @@ logger = logging.getLogger(__name__)
 
 MEMORISATION_SSIM = 0.95
 # The issue's targets, recorded beside each figure so a summary says whether it met them.
-TARGET_TWO_SAMPLE_VS_RECONSTRUCTIONS = 0.65
+TARGET_TWO_SAMPLE_VS_TRAIN_RECONSTRUCTIONS = 0.65
+TARGET_NULL_ACCURACY = 0.55
+TARGET_KID_TO_NULL = 2.0
 TARGET_MEMORISED_SHARE = 0.01
 TARGET_DIVERSITY_TOLERANCE = 0.20
 
@@ -53,18 +65,43 @@ def as_loaded(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruct(
-    vqvae: VQVAE, slices: SliceSet, device: torch.device, batch_size: int = 64
+    vqvae: VQVAE, images: torch.Tensor, device: torch.device, batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VQ-VAE's reconstructions of a split, prepared as loaded slices are, and the code
-    maps ``(N, h, w)`` it chose for them."""
+    """The VQ-VAE's reconstructions of ``images`` ``(N, 1, H, W)``, prepared as loaded slices
+    are, and the code maps ``(N, h, w)`` it chose for them."""
     vqvae.eval()
     images_out, codes = [], []
-    for start in range(0, len(slices), batch_size):
-        images = slices.batch(slice(start, start + batch_size)).to(device)
-        output = vqvae(images)
+    for start in range(0, len(images), batch_size):
+        output = vqvae(images[start : start + batch_size].float().to(device))
         images_out.append(output.reconstruction.clamp(-1, 1).cpu())
         codes.append(output.indices.cpu())
     return as_loaded(torch.cat(images_out)), torch.cat(codes)
+
+
+def reference_sets(
+    samples: torch.Tensor,
+    train: SliceSet,
+    held_out: SliceSet,
+    held_out_reconstructions: torch.Tensor,
+    vqvae: VQVAE,
+    device: torch.device,
+    settings: SampleMetricsConfig,
+) -> ReferenceSets:
+    """The sets to compare: up to ``settings.reference_slices`` random training slices are
+    reconstructed and split into two random halves."""
+    count = min(settings.reference_slices, len(train))
+    rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed))
+    rows = rows[:count]
+    train_reconstructions, _ = reconstruct(vqvae, train.images[rows], device)
+    half_a, half_b = split_in_halves(count, settings.seed)
+    return ReferenceSets(
+        samples=samples,
+        train_half_a=train_reconstructions[half_a],
+        train_half_b=train_reconstructions[half_b],
+        held_out_reconstructions=held_out_reconstructions,
+        held_out_real=held_out.images.float(),
+        train_real=train.images[rows].float(),
+    )
 
 
 def evaluate_samples(
@@ -77,130 +114,187 @@ def evaluate_samples(
     device: torch.device,
     settings: SampleMetricsConfig | None = None,
 ) -> dict:
-    """Two-sample tests, memorisation, diversity and code statistics of ``samples``; writes
-    ``sample_metrics.json``, ``memorisation.csv`` and figures to ``out_dir``.
+    """Two-sample tests, KID, density and coverage (each with its null and the shift),
+    memorisation, diversity and code statistics of ``samples``; writes ``sample_metrics.json``,
+    ``memorisation.csv`` and figures to ``out_dir``.
 
     ``held_out`` are real slices the VQ-VAE and prior never trained on; ``sample_codes`` are
     the drawn code maps (encoded from the images when ``None``).
     """
     settings = settings or SampleMetricsConfig()
+    protocol = protocol_named(settings.protocol)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     sample_images, real_images = samples.images.float(), held_out.images.float()
-    train_images = train.images  # float16; converted a chunk at a time
     if sample_images.shape[-2:] != real_images.shape[-2:]:
         raise InputError(
             f"samples are {tuple(sample_images.shape[-2:])} but real slices are "
             f"{tuple(real_images.shape[-2:])}; load both at the VQ-VAE's image size"
         )
-    logger.info("two-sample test: samples against real held-out slices")
-    against_real = classifier_two_sample_test(sample_images, real_images, settings)
-    logger.info("two-sample test: samples against reconstructions of held-out slices")
-    reconstructions, held_out_codes = reconstruct(vqvae, held_out, device)
-    against_reconstructions = classifier_two_sample_test(sample_images, reconstructions, settings)
-
+    reconstructions, held_out_codes = reconstruct(vqvae, held_out.images, device)
+    sets = reference_sets(sample_images, train, held_out, reconstructions, vqvae, device, settings)
+    logger.info("comparing samples with training reconstructions (protocol %s)", protocol.name)
+    comparisons = compare_sets(sets, protocol, settings.seed)
     logger.info("nearest training slices")
-    sample_nearest, sample_nearest_index = nearest_by_ssim(
-        sample_images, train_images, settings.neighbour_candidates
-    )
-    real_nearest, _ = nearest_by_ssim(real_images, train_images, settings.neighbour_candidates)
-    sample_diversity = mean_pairwise_ssim(sample_images, settings.diversity_pairs, settings.seed)
-    real_diversity = mean_pairwise_ssim(real_images, settings.diversity_pairs, settings.seed)
-    # Decoded images lack the noise of real ones, which alone raises their pairwise SSIM; the
-    # reconstructions give the like-for-like reference.
-    reconstruction_diversity = mean_pairwise_ssim(
-        reconstructions, settings.diversity_pairs, settings.seed
-    )
-
+    nearest = Nearest.of(sample_images, real_images, train, settings)
     if sample_codes is None:
         sample_codes = encode_slices(vqvae, samples, device)
-    num_embeddings = vqvae.num_embeddings
-    counts = {
-        "samples": torch.bincount(sample_codes.flatten().long(), minlength=num_embeddings),
-        "held_out": torch.bincount(held_out_codes.flatten(), minlength=num_embeddings),
-        "train": torch.bincount(
-            encode_slices(vqvae, train, device).flatten(), minlength=num_embeddings
-        ),
-    }
-    memorised = share_above(sample_nearest, MEMORISATION_SSIM)
     summary = {
+        "protocol": protocol.to_dict(),
         "num_samples": len(samples),
         "num_held_out": len(held_out),
         "num_train": len(train),
-        "two_sample_vs_real": against_real,
-        "two_sample_vs_reconstructions": against_reconstructions,
-        "nearest_train_ssim_samples": distribution(sample_nearest),
-        "nearest_train_ssim_held_out": distribution(real_nearest),
-        "share_samples_above_0.95": memorised,
-        "share_held_out_above_0.95": share_above(real_nearest, MEMORISATION_SSIM),
+        "num_train_reconstructed": len(sets.train_half_a) + len(sets.train_half_b),
+        **comparisons,
+        **nearest.summary(),
+        **_diversity(sample_images, real_images, reconstructions, settings),
+        **_code_statistics(sample_codes, held_out_codes, train, vqvae, device),
+    }
+    summary["targets"] = targets(summary)
+    summary["settings"] = dataclasses.asdict(settings)
+    summary["seconds"] = time.monotonic() - started
+    write_text_atomic(out_dir / SAMPLE_METRICS, json.dumps(summary, indent=2))
+    _write_memorisation_table(samples, train, nearest, out_dir)
+    _figures(samples, train, nearest, out_dir, settings)
+    return summary
+
+
+@dataclass
+class Nearest:
+    """Each sample's and each held-out slice's highest SSIM to a training slice."""
+
+    samples: torch.Tensor
+    sample_index: torch.Tensor  # the training slice each sample is nearest to
+    held_out: torch.Tensor
+
+    @classmethod
+    def of(
+        cls,
+        samples: torch.Tensor,
+        held_out: torch.Tensor,
+        train: SliceSet,
+        settings: SampleMetricsConfig,
+    ) -> Nearest:
+        """Search the training slices (float16; converted a chunk at a time)."""
+        candidates = settings.neighbour_candidates
+        best, index = nearest_by_ssim(samples, train.images, candidates)
+        return cls(best, index, nearest_by_ssim(held_out, train.images, candidates)[0])
+
+    def summary(self) -> dict[str, object]:
+        """Distributions and the shares above the memorisation threshold."""
+        return {
+            "nearest_train_ssim_samples": distribution(self.samples),
+            "nearest_train_ssim_held_out": distribution(self.held_out),
+            "share_samples_above_0.95": share_above(self.samples, MEMORISATION_SSIM),
+            "share_held_out_above_0.95": share_above(self.held_out, MEMORISATION_SSIM),
+        }
+
+
+def _diversity(
+    samples: torch.Tensor,
+    held_out: torch.Tensor,
+    reconstructions: torch.Tensor,
+    settings: SampleMetricsConfig,
+) -> dict[str, float]:
+    pairs, seed = settings.diversity_pairs, settings.seed
+    sample_diversity = mean_pairwise_ssim(samples, pairs, seed)
+    real_diversity = mean_pairwise_ssim(held_out, pairs, seed)
+    # Decoded images lack the noise of real ones, which alone raises their pairwise SSIM; the
+    # reconstructions give the like-for-like reference.
+    reconstruction_diversity = mean_pairwise_ssim(reconstructions, pairs, seed)
+    return {
         "pairwise_ssim_samples": sample_diversity,
         "pairwise_ssim_held_out": real_diversity,
         "pairwise_ssim_reconstructions": reconstruction_diversity,
         "diversity_ratio": sample_diversity / real_diversity,
         "diversity_ratio_vs_reconstructions": sample_diversity / reconstruction_diversity,
+    }
+
+
+def _code_statistics(
+    sample_codes: torch.Tensor,
+    held_out_codes: torch.Tensor,
+    train: SliceSet,
+    vqvae: VQVAE,
+    device: torch.device,
+) -> dict[str, float]:
+    size = vqvae.num_embeddings
+    counts = {
+        "samples": torch.bincount(sample_codes.flatten().long(), minlength=size),
+        "held_out": torch.bincount(held_out_codes.flatten(), minlength=size),
+        "train": torch.bincount(encode_slices(vqvae, train, device).flatten(), minlength=size),
+    }
+    return {
         "code_js_divergence_bits": jensen_shannon_bits(counts["samples"], counts["held_out"]),
         "code_js_divergence_train_vs_held_out_bits": jensen_shannon_bits(
             counts["train"], counts["held_out"]
         ),
         "codes_used_by_samples": int((counts["samples"] > 0).sum()),
         "codes_used_by_held_out": int((counts["held_out"] > 0).sum()),
-        "targets": {
-            "two_sample_vs_reconstructions_at_most_0.65": against_reconstructions["accuracy"]
-            <= TARGET_TWO_SAMPLE_VS_RECONSTRUCTIONS,
-            "under_1_percent_above_0.95_ssim": memorised < TARGET_MEMORISED_SHARE,
-            "diversity_within_20_percent": within(
-                sample_diversity, real_diversity, TARGET_DIVERSITY_TOLERANCE
-            ),
-            "diversity_within_20_percent_of_reconstructions": within(
-                sample_diversity, reconstruction_diversity, TARGET_DIVERSITY_TOLERANCE
-            ),
-        },
-        "settings": {
-            "folds": settings.folds,
-            "classifier_steps": settings.classifier_steps,
-            "neighbour_candidates": settings.neighbour_candidates,
-            "diversity_pairs": settings.diversity_pairs,
-            "seed": settings.seed,
-        },
     }
-    write_text_atomic(out_dir / SAMPLE_METRICS, json.dumps(summary, indent=2))
+
+
+def targets(summary: dict) -> dict[str, bool]:
+    """The issue's targets, each true when ``summary`` meets it."""
+    two_sample = summary["two_sample"]
+    met = {
+        "two_sample_vs_train_reconstructions_at_most_0.65": (
+            two_sample[PRIMARY]["accuracy"] <= TARGET_TWO_SAMPLE_VS_TRAIN_RECONSTRUCTIONS
+        ),
+        "two_sample_null_at_most_0.55": two_sample[NULL]["accuracy"] <= TARGET_NULL_ACCURACY,
+    }
+    for space, kid in summary["kid"].items():
+        ratio = kid["ratio_to_null"]
+        met[f"kid_{space}_at_most_2x_null"] = ratio is not None and ratio <= TARGET_KID_TO_NULL
+    met["under_1_percent_above_0.95_ssim"] = (
+        summary["share_samples_above_0.95"] < TARGET_MEMORISED_SHARE
+    )
+    for suffix, reference in (("", "held_out"), ("_of_reconstructions", "reconstructions")):
+        met[f"diversity_within_20_percent{suffix}"] = within(
+            summary["pairwise_ssim_samples"],
+            summary[f"pairwise_ssim_{reference}"],
+            TARGET_DIVERSITY_TOLERANCE,
+        )
+    return met
+
+
+def _write_memorisation_table(
+    samples: SliceSet, train: SliceSet, nearest: Nearest, out_dir: Path
+) -> None:
     with open(out_dir / MEMORISATION_TABLE, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["sample", "nearest_train_slice", "ssim"])
         for i, name in enumerate(samples.names):
             writer.writerow(
-                [name, train.names[sample_nearest_index[i]], f"{float(sample_nearest[i]):.6f}"]
+                [name, train.names[nearest.sample_index[i]], f"{float(nearest.samples[i]):.6f}"]
             )
-    _figures(samples, train, sample_nearest, sample_nearest_index, real_nearest, out_dir, settings)
-    return summary
 
 
 def _figures(
     samples: SliceSet,
     train: SliceSet,
-    nearest: torch.Tensor,
-    nearest_index: torch.Tensor,
-    real_nearest: torch.Tensor,
+    nearest: Nearest,
     out_dir: Path,
     settings: SampleMetricsConfig,
 ) -> None:
     shown = min(8, len(samples))
-    closest = nearest.argsort(descending=True)[:shown]
+    closest = nearest.samples.argsort(descending=True)[:shown]
     random = torch.randperm(len(samples), generator=torch.Generator().manual_seed(settings.seed))
     for order, name, title in (
         (closest, CLOSEST_TO_TRAINING, "the samples closest to a training slice"),
         (random[:shown], SAMPLES_WITH_NEAREST, "random samples"),
     ):
-        pairs = [samples.images[order], train.images[nearest_index[order]]]
+        pairs = [samples.images[order], train.images[nearest.sample_index[order]]]
         plots.image_rows(
             [images.float().numpy() for images in pairs],
             ["sample", "nearest training slice"],
             out_dir / name,
             title=f"{title} and their nearest training slices",
-            column_titles=[f"SSIM {float(nearest[i]):.3f}" for i in order],
+            column_titles=[f"SSIM {float(nearest.samples[i]):.3f}" for i in order],
         )
     plots.score_histograms(
-        {"samples": nearest.numpy(), "held-out real slices": real_nearest.numpy()},
+        {"samples": nearest.samples.numpy(), "held-out real slices": nearest.held_out.numpy()},
         out_dir / NEAREST_TRAINING_SSIM,
         xlabel="highest SSIM to any training slice",
         threshold=MEMORISATION_SSIM,

@@ -476,18 +476,7 @@ def _samples_section(folder: Path | None, run_dir: Path) -> dict | None:
     metrics_file = folder / SAMPLE_EVALUATION_FOLDER / SAMPLE_METRICS
     if metrics_file.is_file():
         metrics = _read_json(metrics_file)
-        for key, label in (
-            ("two_sample_vs_real", "two-sample accuracy vs real slices (0.5 = indistinguishable)"),
-            ("two_sample_vs_reconstructions", "two-sample accuracy vs reconstructions"),
-        ):
-            if key in metrics:
-                test = metrics[key]
-                metrics_rows.append(
-                    (
-                        label,
-                        f"{test['accuracy']:.3f} [{test['ci95_low']:.3f}, {test['ci95_high']:.3f}]",
-                    )
-                )
+        metrics_rows += _comparison_rows(metrics)
         for key, label, digits in (
             ("share_samples_above_0.95", "share of samples above 0.95 SSIM to a training slice", 4),
             ("share_held_out_above_0.95", "the same for held-out real slices", 4),
@@ -517,6 +506,54 @@ def _samples_section(folder: Path | None, run_dir: Path) -> dict | None:
         "metrics_rows": metrics_rows,
         "pictures": pictures,
     }
+
+
+# The comparisons of evaluate.comparisons, in reading order: the figure, its null, the shift,
+# then the samples against held-out sets (read beside the shift).
+_COMPARISON_LABELS = (
+    ("samples_vs_train_reconstructions", "samples vs training reconstructions"),
+    ("null_train_halves", "null: two halves of training reconstructions"),
+    ("shift_train_vs_held_out_reconstructions", "shift: training vs held-out reconstructions"),
+    ("samples_vs_held_out_reconstructions", "samples vs held-out reconstructions"),
+    ("samples_vs_held_out_real", "samples vs real held-out slices"),
+)
+
+
+def _comparison_rows(metrics: dict) -> list[tuple[str, str]]:
+    """Two-sample accuracy, KID and density/coverage of each comparison, when the summary
+    holds them (a summary of an older version shows none of them)."""
+    rows = []
+    two_sample = metrics.get("two_sample", {})
+    if "trustworthy" in two_sample:
+        verdict = "yes" if two_sample["trustworthy"] else two_sample["untrustworthy_reason"]
+        rows.append(("two-sample figures trustworthy (null near 0.5)", str(verdict)))
+    if "protocol" in metrics:
+        rows.append(("measure protocol", str(metrics["protocol"].get("name"))))
+    for key, label in _COMPARISON_LABELS:
+        if key in two_sample:
+            test = two_sample[key]
+            rows.append(
+                (
+                    f"two-sample accuracy, {label} (0.5 = indistinguishable)",
+                    f"{test['accuracy']:.3f} [{test['ci95_low']:.3f}, {test['ci95_high']:.3f}]",
+                )
+            )
+    for space, kid in metrics.get("kid", {}).items():
+        for key, label in _COMPARISON_LABELS:
+            if key in kid:
+                rows.append((f"KID ({space} features), {label}", _number(kid[key]["mean"], 5)))
+        rows.append((f"KID ({space}) / its null level", _number(kid.get("ratio_to_null"), 2)))
+    for space, measures in metrics.get("density_coverage", {}).items():
+        for key, label in _COMPARISON_LABELS:
+            if key in measures:
+                value = measures[key]
+                rows.append(
+                    (
+                        f"density / coverage ({space} features), {label}",
+                        f"{value['density']:.3f} / {value['coverage']:.3f}",
+                    )
+                )
+    return rows
 
 
 def _headline(context: dict) -> list[tuple[str, str]]:

@@ -1,0 +1,70 @@
+"""Named, versioned protocols of the sample measures.
+
+Every setting that changes a figure of ``evaluate-samples`` (the feature networks, the
+two-sample classifier, KID, density and coverage, the null test's bounds) is fixed under a
+name, and the name with its settings is written beside every result. Two figures are
+comparable only when their protocols match; a changed setting is a new protocol name, never an
+edit of an existing one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mri_vqvae.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SampleProtocol:
+    """The settings of one version of the sample measures."""
+
+    name: str
+    # The random-weight feature network: its seed and the widths of its stride-2 stages.
+    random_features_seed: int = 0
+    random_features_widths: tuple[int, ...] = (16, 32, 64, 64)
+    # The autoencoder trained on the training slices: input pooled 4x, so it learns structure
+    # (texture finer than that is the random network's part, at full resolution) and trains
+    # in about 4 s on two CPU cores; a fixed step count, not a time budget, keeps it frozen.
+    autoencoder_pool: int = 4
+    autoencoder_widths: tuple[int, ...] = (8, 16, 32)
+    autoencoder_steps: int = 200
+    autoencoder_batch_size: int = 32
+    autoencoder_learning_rate: float = 3e-3
+    autoencoder_seed: int = 0
+    # Two-sample classifier: L2-penalised logistic regression on the random-network features,
+    # stratified folds, each image classified once by the model of the fold that held it out.
+    classifier_features: str = "random_cnn"
+    classifier_folds: int = 5
+    classifier_l2_penalty: float = 1e-2
+    classifier_lbfgs_iterations: int = 100
+    # A figure is untrustworthy when its null (two random halves of one set) reaches this
+    # accuracy, or its 95% interval lies wholly above 0.5.
+    null_max_accuracy: float = 0.55
+    # KID: unbiased MMD^2, cubic polynomial kernel, averaged over random subsets.
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    # Density and coverage: k nearest neighbours among the reference features.
+    nearest_neighbours: int = 5
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-safe values."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+
+# Never edit a protocol that has been released: add a new name instead (and list it in
+# config.SAMPLE_PROTOCOLS, which validates the setting without importing this module).
+PROTOCOLS: dict[str, SampleProtocol] = {"frozen-v1": SampleProtocol(name="frozen-v1")}
+
+
+def protocol_named(name: str) -> SampleProtocol:
+    """The protocol called ``name``; a ConfigError names the setting and the choices."""
+    if name not in PROTOCOLS:
+        raise ConfigError(
+            f"sample_metrics.protocol must be one of {sorted(PROTOCOLS)}, got {name!r}"
+        )
+    return PROTOCOLS[name]

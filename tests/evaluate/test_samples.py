@@ -1,0 +1,86 @@
+"""evaluate_samples end to end on tiny images: the summary's layout and its protocol."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mri_vqvae.config import SampleMetricsConfig
+from mri_vqvae.data.dataset import SliceSet
+from mri_vqvae.errors import ConfigError
+from mri_vqvae.evaluate.protocol import PROTOCOLS, protocol_named
+from mri_vqvae.evaluate.samples import evaluate_samples
+from mri_vqvae.model import VQVAE
+from tests.helpers import TINY_SIZE, tiny_model_config
+
+
+def slice_set(count: int, seed: int) -> SliceSet:
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(count, 1, TINY_SIZE[0] // 8, TINY_SIZE[1] // 8, generator=generator)
+    images = torch.nn.functional.interpolate(coarse, size=TINY_SIZE, mode="bilinear") * 2 - 1
+    return SliceSet(
+        images=images.half(),
+        names=[f"slice_{seed}_{i}.nii.gz" for i in range(count)],
+        original_shapes=[TINY_SIZE] * count,
+        intensity_ranges=torch.tensor([[0.0, 1.0]] * count),
+    )
+
+
+def test_the_summary_carries_the_protocol_and_every_figure_beside_its_null(
+    tmp_path: Path, monkeypatch
+):
+    # A shorter autoencoder fit keeps the test fast; the summary must name what was used.
+    quick = dataclasses.replace(PROTOCOLS["frozen-v1"], autoencoder_steps=10, kid_subsets=10)
+    monkeypatch.setitem(PROTOCOLS, "frozen-v1", quick)
+    torch.manual_seed(0)
+    vqvae = VQVAE.from_config(tiny_model_config()).eval()
+    settings = SampleMetricsConfig(reference_slices=24, diversity_pairs=20, device="cpu")
+    summary = evaluate_samples(
+        slice_set(12, 0), None, slice_set(30, 1), slice_set(12, 2), vqvae, tmp_path,
+        torch.device("cpu"), settings,
+    )  # fmt: skip
+    assert json.loads((tmp_path / "sample_metrics.json").read_text()) == summary
+    assert summary["protocol"] == quick.to_dict()
+    assert summary["protocol"]["autoencoder_steps"] == 10
+    assert summary["protocol"]["classifier_folds"] == 5
+    assert summary["settings"]["protocol"] == "frozen-v1"
+    assert summary["num_train_reconstructed"] == 24
+    comparisons = (
+        "samples_vs_train_reconstructions",
+        "null_train_halves",
+        "shift_train_vs_held_out_reconstructions",
+        "samples_vs_held_out_reconstructions",
+        "samples_vs_held_out_real",
+    )
+    two_sample = summary["two_sample"]
+    assert isinstance(two_sample["trustworthy"], bool)
+    assert two_sample["null_train_halves"]["images_per_set"] == 12
+    for space in ("random_cnn", "autoencoder"):
+        assert set(comparisons) <= set(summary["kid"][space])
+        assert set(comparisons) <= set(summary["density_coverage"][space])
+        assert summary["kid"][space]["null_level"] > 0
+    for name in comparisons:
+        assert 0 <= two_sample[name]["accuracy"] <= 1
+    targets = summary["targets"]
+    assert "two_sample_vs_train_reconstructions_at_most_0.65" in targets
+    assert "kid_autoencoder_at_most_2x_null" in targets
+    assert all(isinstance(value, bool) for value in targets.values())
+    assert (tmp_path / "memorisation.csv").is_file()
+
+
+def test_an_unknown_protocol_is_a_config_error_naming_the_setting():
+    with pytest.raises(ConfigError, match=r"sample_metrics\.protocol must be one of"):
+        SampleMetricsConfig(protocol="c2st-v0")
+    with pytest.raises(ConfigError, match=r"sample_metrics\.protocol"):
+        protocol_named("c2st-v0")
+    with pytest.raises(ConfigError, match=r"sample_metrics\.reference_slices"):
+        SampleMetricsConfig(reference_slices=1)
+
+
+def test_every_protocol_is_a_valid_setting():
+    from mri_vqvae.config import SAMPLE_PROTOCOLS
+
+    assert sorted(PROTOCOLS) == sorted(SAMPLE_PROTOCOLS)
+    assert all(name == protocol.name for name, protocol in PROTOCOLS.items())
