@@ -194,15 +194,15 @@ def flat(row: dict) -> dict:
     two, kid, dc = m["two_sample"], m["kid"], m["density_coverage"]
     return {
         "c2st_train": two["samples_vs_train_reconstructions"]["accuracy"],
-        "c2st_null": two["null"]["accuracy"],
-        "c2st_shift": two["shift"]["accuracy"],
+        "c2st_null": two["null_train_halves"]["accuracy"],
+        "c2st_shift": two["shift_train_vs_held_out_reconstructions"]["accuracy"],
         "c2st_held_out": two["samples_vs_held_out_reconstructions"]["accuracy"],
-        "c2st_real": two["samples_vs_real_held_out"]["accuracy"],
+        "c2st_real": two["samples_vs_held_out_real"]["accuracy"],
         "kid_ratio_random": kid["random_cnn"]["ratio_to_null"],
-        "kid_ratio_trained": kid["trained_net"]["ratio_to_null"],
-        "coverage_trained": dc["trained_net"]["samples"]["coverage"],
-        "density_trained": dc["trained_net"]["samples"]["density"],
-        "memorised": m["memorisation"]["share_samples_above_0.95"],
+        "kid_ratio_trained": kid["autoencoder"]["ratio_to_null"],
+        "coverage_trained": dc["autoencoder"]["samples_vs_train_reconstructions"]["coverage"],
+        "density_trained": dc["autoencoder"]["samples_vs_train_reconstructions"]["density"],
+        "memorised": m["share_samples_above_0.95"],
     }
 
 
@@ -240,8 +240,15 @@ def plot(rows: list[dict], path: Path) -> None:
         for j, measure_name in enumerate(measures):
             axis = axes[i][j]
             for architecture in sorted({row["architecture"] for row in plain}):
-                chosen = [r for r in plain if (r["dataset"], r["architecture"]) == (dataset, architecture)]  # noqa: E501
-                axis.plot([r["minutes"] for r in chosen], [flat(r)[measure_name] for r in chosen], "o-", label=architecture)  # noqa: E501
+                chosen = [
+                    r for r in plain if (r["dataset"], r["architecture"]) == (dataset, architecture)
+                ]  # noqa: E501
+                axis.plot(
+                    [r["minutes"] for r in chosen],
+                    [flat(r)[measure_name] for r in chosen],
+                    "o-",
+                    label=architecture,
+                )  # noqa: E501
             if measure_name == "c2st_train":
                 nulls = [flat(r)["c2st_null"] for r in plain if r["dataset"] == dataset]
                 axis.axhline(sum(nulls) / len(nulls), color="grey", ls=":", label="null")
