@@ -8,6 +8,7 @@ tensors, numbers, strings, lists and dicts.
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 import random
 import re
@@ -32,6 +33,9 @@ from mri_vqvae.model.prior import ConditionSizes, Prior, build_prior
 # wrote them.
 FORMAT_VERSION = 3
 KINDS = ("vqvae", "prior")
+
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(UserError):
@@ -203,6 +207,41 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> None:
 _PROGRESS_KEYS = ("epoch", "global_step", "best_score", "history", "rng_state", "step_in_epoch")
 
 
+# The sections of the configuration a checkpoint of each kind was made by. The others were only
+# the defaults of the run that wrote it (sampling, sample measures), so a release that renamed
+# one of their settings still reads the checkpoint, with those sections at its own defaults.
+SECTIONS_USED = {
+    "vqvae": ("data", "model", "train"),
+    "prior": ("data", "model", "prior", "prior_train", "augment"),
+}
+
+
+def _checkpoint_config(values: Any, kind: Any, path: Path) -> Config:
+    try:
+        return config_from_dict(values)
+    except ConfigError as err:
+        problem = err
+    used = SECTIONS_USED.get(kind)
+    if not isinstance(values, dict) or used is None:
+        raise CheckpointError(f"{path}: its configuration is not valid here: {problem}")
+    kept = {}
+    for section, settings in values.items():
+        if section in used:
+            kept[section] = settings
+            continue
+        try:
+            config_from_dict({section: settings})
+            kept[section] = settings
+        except ConfigError as err:
+            logger.info(
+                "%s: its %s settings are another release's; using today's (%s)", path, section, err
+            )
+    try:
+        return config_from_dict(kept)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its configuration is not valid here: {err}") from err
+
+
 def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`, checking its format, its kind
     (when ``kind`` is given) and its configuration."""
@@ -212,10 +251,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
     progress = payload["progress"]
     if not isinstance(progress, dict) or any(key not in progress for key in _PROGRESS_KEYS):
         raise CheckpointError(f"{path}: its progress record is incomplete (damaged or edited)")
-    try:
-        config = config_from_dict(payload["config"])
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: its configuration is not valid here: {err}") from err
+    config = _checkpoint_config(payload["config"], payload["kind"], path)
     return Checkpoint(
         kind=payload["kind"],
         config=config,
