@@ -26,3 +26,25 @@ def test_a_run_and_its_evaluation_from_the_library_with_default_arguments(
     assert summary["n_images"] == 8
     with pytest.raises(UserError, match="already holds"):
         workflows.evaluate_checkpoint(result.best_checkpoint, data, tmp_path / "eval")
+
+
+def test_guidance_needs_a_prior_that_learned_the_unconditional_model(caplog):
+    from dataclasses import replace as replaced
+
+    from mri_vqvae.checkpoint import Checkpoint
+    from mri_vqvae.config import Config, PriorTrainConfig, SampleConfig
+    from mri_vqvae.workflows import _check_sampler_settings
+    from tests.helpers import tiny_prior
+
+    prior = tiny_prior("transformer", conditional=True)
+    never_dropped = Checkpoint(
+        "prior", Config(prior_train=PriorTrainConfig(condition_dropout=0.0)), {}
+    )
+    with pytest.raises(ValueError, match=r"prior_train\.condition_dropout was 0"):
+        _check_sampler_settings(prior, never_dropped, SampleConfig(guidance=2.0))
+    _check_sampler_settings(prior, never_dropped, SampleConfig())  # guidance 1 needs none
+    dropped = replaced(never_dropped, config=Config())
+    _check_sampler_settings(prior, dropped, SampleConfig(guidance=2.0, decoding_steps=4))
+    assert "decoding_steps has no effect on an autoregressive prior" in caplog.text
+    _check_sampler_settings(tiny_prior("masked"), dropped, SampleConfig(guidance=0.0))
+    assert "guidance has no effect" in caplog.text

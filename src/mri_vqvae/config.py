@@ -399,8 +399,9 @@ class SampleConfig:
     seed: int = 0
 
     def label_values(self) -> dict[str, str]:
-        """The ``labels`` as a name-to-value mapping."""
-        return dict(item.split("=", 1) for item in self.labels)
+        """The ``labels`` as a name-to-value mapping (spaces around either stripped)."""
+        pairs = (item.split("=", 1) for item in self.labels)
+        return {name.strip(): value.strip() for name, value in pairs}
 
     def __post_init__(self) -> None:
         for item in self.labels:
@@ -409,6 +410,9 @@ class SampleConfig:
                 bool(sep and name.strip() and value.strip()),
                 f"sample.labels entries must look like name=value, got {item!r}",
             )
+        names = [item.split("=", 1)[0].strip() for item in self.labels]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        _require(not repeated, f"sample.labels gives {', '.join(repeated)} more than once")
         for name in ("num_samples", "batch_size"):
             value = getattr(self, name)
             _require(value >= 1, f"sample.{name} must be at least 1, got {value}")
@@ -421,7 +425,10 @@ class SampleConfig:
             self.top_k is None or self.top_k >= 1, f"sample.top_k must be >= 1, got {self.top_k}"
         )
         _check_choice("sample", "precision", self.precision, PRECISIONS)
-        _require(self.guidance >= 0, f"sample.guidance must be >= 0, got {self.guidance}")
+        _require(
+            math.isfinite(self.guidance) and self.guidance >= 0,
+            f"sample.guidance must be a finite number >= 0, got {self.guidance}",
+        )
         _require(
             self.decoding_steps >= 1,
             f"sample.decoding_steps must be at least 1, got {self.decoding_steps}",

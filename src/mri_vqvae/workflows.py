@@ -26,7 +26,14 @@ from mri_vqvae.checkpoint import (
     read_data_reference,
 )
 from mri_vqvae.code_maps import CodeMaps, code_maps_for, require_slice_positions
-from mri_vqvae.config import Config, ConfigError, DataConfig, apply_overrides, config_from_dict
+from mri_vqvae.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    SampleConfig,
+    apply_overrides,
+    config_from_dict,
+)
 from mri_vqvae.data.dataset import (
     SliceSet,
     concat_slice_sets,
@@ -347,6 +354,18 @@ def _attach_labels(
     return vocabulary
 
 
+def _check_vocabulary(vocabulary: LabelVocabulary, checkpoint: Checkpoint, data) -> None:
+    """A resumed prior's labels must mean what they meant: the same values in the same order."""
+    saved = [[name, list(values)] for name, values in checkpoint.extras["label_vocabulary"]]
+    now = [[name, list(values)] for name, values in vocabulary]
+    if saved != now:
+        raise ConfigError(
+            f"the labels in the conditions.csv beside {data.files()['train'][0].parent} are not "
+            f"the ones this prior began with ({saved} then, {now} now): its label indices would "
+            "change meaning; restore the table or train a new prior"
+        )
+
+
 def condition_sizes(config: Config, codes: CodeMaps, vocabulary: LabelVocabulary):
     """What a prior trained on ``codes`` with ``config`` is conditioned on."""
     augmentation = 0 if codes.augmentation is None else codes.augmentation.shape[1]
@@ -375,6 +394,8 @@ def _train_prior_in(
         run = RunFolder(folder.path)
         codes = _encode_splits(vqvae, sha256, data, config, run, processes, device)
         vocabulary = _attach_labels(codes, data, config.prior.condition_labels)
+        if checkpoint is not None:
+            _check_vocabulary(vocabulary, checkpoint, data)
         if checkpoint is None and processes.is_main:
             # Only now, with the settings and data known good, is an old prior let go.
             folder.remove_previous_outputs()
@@ -512,6 +533,7 @@ def sample(
     prior, checkpoint = load_prior(prior_path, vqvae_path, device)
     if vqvae_config.data.image_size is not None:
         check_prior_fits(vqvae, prior, vqvae_config.data.image_size)
+    _check_sampler_settings(prior, checkpoint, settings)
     conditions = draw_conditions(
         checkpoint.extras,
         settings.num_samples,
@@ -538,6 +560,23 @@ def sample(
         write_samples(run, out, metadata, reference)
     refresh_report(vqvae_path)
     return run
+
+
+def _check_sampler_settings(prior, checkpoint: Checkpoint, settings) -> None:
+    """Refuse guidance through an unconditional model the prior never learned; say when a
+    setting has no effect on this prior."""
+    sizes = prior.condition_sizes
+    guidable = sizes.position or bool(sizes.labels)
+    if settings.guidance != 1 and not guidable:
+        logger.warning("sample.guidance has no effect: this prior has no position or labels")
+    dropout = checkpoint.config.prior_train.condition_dropout
+    if settings.guidance != 1 and guidable and dropout == 0:
+        raise ConfigError(
+            f"sample.guidance {settings.guidance} needs the unconditional model, which this "
+            "prior never learned (prior_train.condition_dropout was 0); sample with guidance 1"
+        )
+    if prior.autoregressive and settings.decoding_steps != SampleConfig().decoding_steps:
+        logger.warning("sample.decoding_steps has no effect on an autoregressive prior")
 
 
 def _described_conditions(conditions, extras: dict, settings) -> dict[str, Any]:

@@ -292,6 +292,12 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     assert (written["settings"]["guidance"], written["settings"]["decoding_steps"]) == (2.0, 3)
     assert main([*at_apex, "--overwrite", "--label", "parity=prime"]) == 2
     assert "no value 'prime'" in capsys.readouterr().err
+    # A resumed prior refuses labels whose values changed under it.
+    table = demo / "conditions.csv"
+    table.write_text(table.read_text().replace(",odd", ",uneven"))
+    resume = ["-q", "train-prior", "--vqvae", vqvae, "--data", str(demo), "--out"]
+    assert main([*resume, str(conditioned), "--resume", "prior_train.epochs=2"]) == 2
+    assert "label indices would change meaning" in capsys.readouterr().err
 
 
 def test_train_prior_refuses_an_existing_prior_and_a_bad_vqvae(demo: Path, tmp_path: Path, capsys):

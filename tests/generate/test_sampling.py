@@ -3,6 +3,7 @@ parallel decoding, classifier-free guidance, conditions drawn from training, and
 write_samples leaves on disk."""
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -173,9 +174,58 @@ def test_conditions_not_given_are_drawn_from_training():
         draw_conditions(extras, 1, generator, labels={"case": "a"})
     plain = {"condition_sizes": ConditionSizes().to_dict()}
     assert draw_conditions(plain, 3, generator) is None
-    with pytest.raises(ValueError, match="without conditions"):
+    with pytest.raises(ValueError, match=r"without slice positions.*sample\.slice_position"):
         draw_conditions(plain, 3, generator, 0.5)
+    with pytest.raises(ValueError, match=r"without labels.*sample\.labels"):
+        draw_conditions(plain, 3, generator, labels={"orientation": "axial"})
     assert isinstance(drawn, PriorConditions)
+
+
+def test_drawn_conditions_agree_with_the_given_ones():
+    extras = {
+        "condition_sizes": ConditionSizes(position=True, labels=(2,)).to_dict(),
+        "label_vocabulary": [["orientation", ["axial", "sagittal"]]],
+        "training_conditions": {
+            "position": torch.linspace(0, 1, 40),
+            "labels": torch.tensor([1] * 20 + [2] * 20)[:, None],
+        },
+    }
+    generator = torch.Generator().manual_seed(0)
+    # Given the label, positions come from that label's slices only (the second half).
+    sagittal = draw_conditions(extras, 100, generator, labels={"orientation": "sagittal"})
+    assert sagittal.position.min() >= 0.5 and set(sagittal.labels[:, 0].tolist()) == {2}
+    # Given the position, the labels come from the slices nearest to it.
+    near_start = draw_conditions(extras, 100, generator, slice_position=0.0)
+    assert set(near_start.labels[:, 0].tolist()) == {1}
+    assert near_start.position.tolist() == [0.0] * 100
+
+
+def test_a_prior_on_augmentation_alone_samples_with_none():
+    extras = {
+        "condition_sizes": ConditionSizes(augmentation=7).to_dict(),
+        "label_vocabulary": [],
+        "training_conditions": {"position": None, "labels": None},
+    }
+    drawn = draw_conditions(extras, 5, torch.Generator().manual_seed(0))
+    assert drawn.position is None and drawn.labels is None
+    assert drawn.augmentation.shape == (5, 7) and not drawn.augmentation.any()
+
+
+def test_a_partly_known_map_is_filled_on_the_schedule_of_its_unknown_codes():
+    from mri_vqvae.generate.sampling import _still_unknown
+
+    unknown = torch.zeros(1, 1024, dtype=torch.bool)
+    unknown[0, :100] = True
+    initially = unknown.sum(dim=1)
+    left = []
+    for step in range(12):
+        count = int(_still_unknown(unknown, initially, step, 12))
+        left.append(count)
+        unknown = torch.zeros_like(unknown)
+        unknown[0, :count] = True
+    # The cosine schedule over the 100 unknown codes, not over the whole map.
+    expected = [math.floor(100 * math.cos(math.pi / 2 * (s + 1) / 12) + 1e-9) for s in range(11)]
+    assert left == [*expected, 0]
 
 
 def test_bfloat16_sampling_draws_valid_codes_with_either_prior():
@@ -183,3 +233,11 @@ def test_bfloat16_sampling_draws_valid_codes_with_either_prior():
     for architecture in ("transformer", "masked"):
         codes = sample_codes(tiny_prior(architecture, (4, 3)), 3, settings)
         assert codes.shape == (3, 4, 3) and codes.min() >= 0 and codes.max() < NUM_CODES
+
+
+def test_sampler_settings_are_checked():
+    with pytest.raises(ValueError, match=r"sample\.labels gives side more than once"):
+        SampleConfig(labels=("side=left", "side =right"))
+    assert SampleConfig(labels=(" side = left ",)).label_values() == {"side": "left"}
+    with pytest.raises(ValueError, match=r"sample\.guidance must be a finite number"):
+        SampleConfig(guidance=float("inf"))

@@ -70,20 +70,24 @@ def draw_conditions(
     """Conditions for ``count`` samples of the prior whose checkpoint ``extras`` are given.
 
     What is given (``slice_position``; ``labels``, a value for some of the labels by name)
-    holds for every sample; the rest is drawn jointly from the training slices' conditions,
-    so unconditioned samples follow the training distribution. The augmentation is always
-    "none".
+    holds for every sample; the rest is drawn from the training slices that agree with what is
+    given (the same label values; the tenth nearest in position), so that every sample's
+    conditions occur together in training. The augmentation is always "none".
     """
     sizes = ConditionSizes.from_dict(extras["condition_sizes"])
     labels = labels or {}
-    if not sizes.any:
-        if slice_position is not None or labels:
-            raise ConfigError("this prior was trained without conditions; give none")
-        return None
     if slice_position is not None and not sizes.position:
-        raise ConfigError("this prior was trained without slice positions; drop --slice-position")
+        raise ConfigError(
+            "this prior was trained without slice positions; drop --slice-position "
+            "(sample.slice_position)"
+        )
+    if labels and not sizes.labels:
+        raise ConfigError("this prior was trained without labels; drop --label (sample.labels)")
+    if not sizes.any:
+        return None
     trained = extras["training_conditions"]
-    rows = torch.randint(len(_first_part(trained)), (count,), generator=generator)
+    given = _given_labels(extras["label_vocabulary"], labels) if sizes.labels else {}
+    rows = _matching_rows(trained, given, slice_position, count, generator)
     position = label_indices = augmentation = None
     if sizes.position:
         position = trained["position"][rows].float()
@@ -91,17 +95,36 @@ def draw_conditions(
             position = torch.full((count,), float(slice_position))
     if sizes.labels:
         label_indices = trained["labels"][rows].clone()
-        for column, index in _given_labels(extras["label_vocabulary"], labels).items():
-            label_indices[:, column] = index
-    elif labels:
-        raise ConfigError("this prior was trained without labels; drop --label")
     if sizes.augmentation:
         augmentation = torch.zeros(count, sizes.augmentation)
     return PriorConditions(position, label_indices, augmentation)
 
 
-def _first_part(trained: dict[str, Any]) -> torch.Tensor:
-    return next(part for part in trained.values() if part is not None)
+def _matching_rows(
+    trained: dict[str, Any],
+    given_labels: dict[int, int],
+    slice_position: float | None,
+    count: int,
+    generator: torch.Generator,
+) -> torch.Tensor | None:
+    """``count`` random training rows among those with the given label values and, with a
+    given position, the tenth of them nearest to it; None when training recorded neither
+    positions nor labels (a prior conditioned on augmentation alone)."""
+    position, labels = trained["position"], trained["labels"]
+    if position is None and labels is None:
+        return None
+    candidates = torch.arange(len(position if position is not None else labels))
+    for column, index in given_labels.items():
+        candidates = candidates[labels[candidates, column] == index]
+    if len(candidates) == 0:
+        raise ConfigError(
+            "no training slice has all the labels given together (sample.labels); give fewer"
+        )
+    if slice_position is not None and position is not None:
+        distance = (position[candidates].float() - slice_position).abs()
+        nearest = max(1, len(candidates) // 10)
+        candidates = candidates[distance.argsort()[:nearest]]
+    return candidates[torch.randint(len(candidates), (count,), generator=generator)]
 
 
 def _given_labels(vocabulary: list, given: dict[str, str]) -> dict[int, int]:
@@ -254,6 +277,7 @@ def decode_masked(
     forward_conditions, copies, combine = _guided(conditions, settings.guidance)
     codes = codes.reshape(batch, length).clone()
     unknown = codes == prior.mask_token
+    initially_unknown = unknown.sum(dim=1)
     for step in range(steps):
         if not unknown.any():
             break
@@ -272,7 +296,7 @@ def decode_masked(
         noise_scale = settings.choice_temperature * (1 - (step + 1) / steps)
         confidence = chosen.clamp_min(1e-30).log() + noise_scale * _gumbel(chosen, generator)
         confidence = confidence.masked_fill(~unknown, math.inf)
-        still_unknown = _still_unknown(unknown, step, steps, length)
+        still_unknown = _still_unknown(unknown, initially_unknown, step, steps)
         # The least confident of the new codes are masked again.
         order = confidence.argsort(dim=1)
         rank = order.argsort(dim=1)
@@ -282,16 +306,19 @@ def decode_masked(
     return codes.reshape(batch, *prior.grid_shape)
 
 
-def _still_unknown(unknown: torch.Tensor, step: int, steps: int, length: int) -> torch.Tensor:
+def _still_unknown(
+    unknown: torch.Tensor, initially_unknown: torch.Tensor, step: int, steps: int
+) -> torch.Tensor:
     """How many positions of each map stay masked after ``step``: the cosine schedule's share
-    of the sequence, at most one fewer than are unknown now (each step fills at least one),
-    and none after the last step."""
-    progress = torch.tensor((step + 1) / steps)
-    scheduled = math.floor(float(cosine_mask_ratio(progress)) * length)
+    of the positions unknown at the start, at most one fewer than are unknown now (each step
+    fills at least one), and none after the last step."""
     if step == steps - 1:
-        scheduled = 0
+        return torch.zeros_like(initially_unknown)
+    ratio = float(cosine_mask_ratio(torch.tensor((step + 1) / steps, dtype=torch.float64)))
+    # The nudge keeps cos(pi/3) * 100, 49.99999..., at the schedule's 50.
+    scheduled = (initially_unknown.double() * ratio + 1e-9).floor().long()
     now = unknown.sum(dim=1)
-    return torch.minimum(torch.full_like(now, scheduled), (now - 1).clamp_min(0))
+    return torch.minimum(scheduled, (now - 1).clamp_min(0))
 
 
 def _gumbel(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
