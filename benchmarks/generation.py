@@ -160,13 +160,15 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
         snapshots = train_with_snapshots(dataset, architecture, vqvae, sources, root, options)
         summary = json.loads((root / f"prior_{architecture}" / "prior_summary.json").read_text())
         for minutes, path in sorted(snapshots.items()):
+            if options.sweep_only:
+                break
             row = measure(dataset, architecture, minutes, path, vqvae, sources, root, {})
             row["prior_summary"] = summary
             rows.append(row)
             print_table([row])
-        if options.sweep:
+        if options.sweep or options.sweep_only:
             last = snapshots[options.prior_minutes]
-            for sample_settings in sweep_settings(architecture):
+            for sample_settings in sweep_settings(architecture, dataset == "mni"):
                 rows.append(
                     measure(dataset, architecture, options.prior_minutes, last, vqvae, sources,
                             root, sample_settings)
@@ -175,14 +177,10 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
     return rows
 
 
-def sweep_settings(architecture: str) -> list[dict]:
-    shared = [
-        {"temperature": 0.9},
-        {"temperature": 1.1},
-        {"top_k": 32},
-        {"top_p": 0.9},
-        {"guidance": 2.0},
-    ]
+def sweep_settings(architecture: str, conditioned: bool) -> list[dict]:
+    shared = [{"temperature": 0.9}, {"temperature": 1.1}, {"top_k": 32}, {"top_p": 0.9}]
+    if conditioned:
+        shared += [{"guidance": 2.0}]
     if architecture == "masked":
         shared += [{"decoding_steps": 6}, {"decoding_steps": 24}, {"choice_temperature": 1.0}]
     return shared
@@ -230,6 +228,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     plain = [row for row in rows if not row["sample_settings"]]
+    if not plain:
+        return
     datasets = sorted({row["dataset"] for row in plain})
     measures = ("c2st_train", "kid_ratio_trained", "coverage_trained", "memorised")
     figure, axes = plt.subplots(
@@ -242,13 +242,13 @@ def plot(rows: list[dict], path: Path) -> None:
             for architecture in sorted({row["architecture"] for row in plain}):
                 chosen = [
                     r for r in plain if (r["dataset"], r["architecture"]) == (dataset, architecture)
-                ]  # noqa: E501
+                ]
                 axis.plot(
                     [r["minutes"] for r in chosen],
                     [flat(r)[measure_name] for r in chosen],
                     "o-",
                     label=architecture,
-                )  # noqa: E501
+                )
             if measure_name == "c2st_train":
                 nulls = [flat(r)["c2st_null"] for r in plain if r["dataset"] == dataset]
                 axis.axhline(sum(nulls) / len(nulls), color="grey", ls=":", label="null")
@@ -269,6 +269,9 @@ def main() -> None:
     parser.add_argument("--marks", type=float, nargs="*", default=[1, 2, 4, 8])
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--sweep", action="store_true", help="also sweep the sampling controls")
+    parser.add_argument(
+        "--sweep-only", action="store_true", help="only the sweep, on priors already trained"
+    )
     parser.add_argument("--phantom-vqvae", type=Path, help="reuse this VQ-VAE for the phantom")
     parser.add_argument("--mni-vqvae", type=Path, help="reuse this VQ-VAE for MNI slices")
     parser.add_argument("--prior-overrides", nargs="*", default=[], metavar="KEY=VALUE")
