@@ -246,27 +246,36 @@ class TransformerBlock(nn.Module):
 
 class _TransformerTrunk(nn.Module):
     """What both transformer priors share: code, row, column and condition embeddings, the
-    blocks, and the head. ``extra_tokens`` rows follow the codebook in the code embedding (the
-    start token of the autoregressive prior, the mask token of the masked one)."""
+    blocks, and the head. One extra row follows the codebook in the code embedding (the start
+    token of the autoregressive prior, the mask token of the masked one); ``causal`` says
+    whether a position sees only those before it.
+
+    Args:
+        num_embeddings: codebook size ``K``.
+        grid_shape: ``(h, w)`` of the code maps; any shape, square or not.
+        width, num_layers, num_heads, dropout: the transformer's size.
+        conditions: what it is conditioned on.
+    """
 
     supports_cache = False
+    causal: bool
 
     def __init__(
         self,
         num_embeddings: int,
         grid_shape: tuple[int, int],
-        width: int,
-        num_layers: int,
-        num_heads: int,
-        dropout: float,
-        conditions: ConditionSizes,
-        causal: bool,
+        width: int = 192,
+        num_layers: int = 6,
+        num_heads: int = 3,
+        dropout: float = 0.1,
+        conditions: ConditionSizes | None = None,
     ) -> None:
         super().__init__()
         if width % num_heads:
             raise ValueError(f"width {width} must be divisible by num_heads {num_heads}")
         self.num_embeddings = num_embeddings
         self.grid_shape = (int(grid_shape[0]), int(grid_shape[1]))
+        conditions = conditions or ConditionSizes()
         self.condition_sizes = conditions
         self.num_heads = num_heads
         self.code_embedding = nn.Embedding(num_embeddings + 1, width)
@@ -275,7 +284,7 @@ class _TransformerTrunk(nn.Module):
         self.condition = ConditionEmbedding(conditions, width) if conditions.any else None
         self.input_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(width, num_heads, dropout, causal) for _ in range(num_layers)
+            TransformerBlock(width, num_heads, dropout, self.causal) for _ in range(num_layers)
         )
         self.final_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_embeddings, bias=False)
@@ -337,38 +346,16 @@ class TransformerPrior(_TransformerTrunk):
 
     The input at position ``t`` is the code at ``t - 1`` (a start token at ``t = 0``) plus the
     learned embeddings of ``t``'s row and column, so the network knows where it predicts.
-
-    Args:
-        num_embeddings: codebook size ``K``.
-        grid_shape: ``(h, w)`` of the code maps; any shape, square or not.
-        width, num_layers, num_heads, dropout: the transformer's size.
-        conditions: what it is conditioned on.
     """
 
     supports_cache = True
     autoregressive = True
+    causal = True
 
-    def __init__(
-        self,
-        num_embeddings: int,
-        grid_shape: tuple[int, int],
-        width: int = 192,
-        num_layers: int = 6,
-        num_heads: int = 3,
-        dropout: float = 0.1,
-        conditions: ConditionSizes | None = None,
-    ) -> None:
-        super().__init__(
-            num_embeddings,
-            grid_shape,
-            width,
-            num_layers,
-            num_heads,
-            dropout,
-            conditions or ConditionSizes(),
-            True,
-        )
-        self.start_token = num_embeddings  # the extra embedding row
+    @property
+    def start_token(self) -> int:
+        """The input before the first position: the embedding's extra row."""
+        return self.num_embeddings
 
     def _shifted_inputs(self, codes: torch.Tensor) -> torch.Tensor:
         start = torch.full_like(codes[:, :1], self.start_token)
@@ -429,28 +416,12 @@ class MaskedTransformerPrior(_TransformerTrunk):
     """
 
     autoregressive = False
+    causal = False
 
-    def __init__(
-        self,
-        num_embeddings: int,
-        grid_shape: tuple[int, int],
-        width: int = 192,
-        num_layers: int = 6,
-        num_heads: int = 3,
-        dropout: float = 0.1,
-        conditions: ConditionSizes | None = None,
-    ) -> None:
-        super().__init__(
-            num_embeddings,
-            grid_shape,
-            width,
-            num_layers,
-            num_heads,
-            dropout,
-            conditions or ConditionSizes(),
-            False,
-        )
-        self.mask_token = num_embeddings  # the extra embedding row
+    @property
+    def mask_token(self) -> int:
+        """The input where a code is unknown: the embedding's extra row."""
+        return self.num_embeddings
 
     def forward(
         self, indices: torch.Tensor, conditions: PriorConditions | None = None
