@@ -164,8 +164,8 @@ def test_prior_steps_with_a_non_finite_loss_are_skipped_then_stop_the_run(
     real_loss = prior_training.prior_loss
 
     def nan_loss(*args):
-        loss, hits = real_loss(*args)
-        return loss * float("nan"), hits
+        loss, hits, count = real_loss(*args)
+        return loss * float("nan"), hits, count
 
     monkeypatch.setattr(prior_training, "prior_loss", nan_loss)
     with pytest.raises(NonFiniteTraining, match=r"3 steps in a row .*prior_train\.lr"):
