@@ -47,7 +47,21 @@ def read_out(activations: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-class RandomFeatureNet(nn.Module):
+class _StagedNet(nn.Module):
+    """A network whose features are the outputs of its stride-2 ``stages``."""
+
+    stages: nn.ModuleList
+
+    def activations(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every stage."""
+        outputs = []
+        for stage in self.stages:
+            images = stage(images)
+            outputs.append(images)
+        return outputs
+
+
+class RandomFeatureNet(_StagedNet):
     """Stride-2 3x3 convolutions with He-normal weights drawn from ``seed`` and zero biases."""
 
     def __init__(self, widths: tuple[int, ...], seed: int) -> None:
@@ -63,16 +77,8 @@ class RandomFeatureNet(nn.Module):
                 )
                 conv.bias.zero_()
 
-    def activations(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The output of every stage."""
-        outputs = []
-        for stage in self.stages:
-            images = stage(images)
-            outputs.append(images)
-        return outputs
 
-
-class SliceAutoencoder(nn.Module):
+class SliceAutoencoder(_StagedNet):
     """A small convolutional autoencoder: stride-2 encoder stages, a mirrored decoder."""
 
     def __init__(self, widths: tuple[int, ...]) -> None:
@@ -83,14 +89,6 @@ class SliceAutoencoder(nn.Module):
             decoder += [nn.Upsample(scale_factor=2), nn.Conv2d(width, width_out, 3, padding=1)]
             decoder.append(nn.ReLU() if width_out != 1 else nn.Tanh())
         self.decoder = nn.Sequential(*decoder)
-
-    def activations(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The output of every encoder stage."""
-        outputs = []
-        for stage in self.stages:
-            images = stage(images)
-            outputs.append(images)
-        return outputs
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         decoded = self.decoder(self.activations(images)[-1])
