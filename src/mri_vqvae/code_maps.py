@@ -100,9 +100,15 @@ class CodeMaps:
         return torch.arange(len(self))
 
     @property
+    def slice_count(self) -> int:
+        """The number of slices the maps came from: rows ``0 .. slice_count - 1`` are their
+        plain maps (:func:`code_maps_for` puts the augmented copies after them)."""
+        return len(self) if self.source is None else int(self.source.max()) + 1
+
+    @property
     def maps_per_slice(self) -> float:
         """Maps per distinct slice: 1 for a plain split, 1 + copies for an augmented one."""
-        return len(self) / max(1, len(torch.unique(self.source_slices)))
+        return len(self) / max(1, self.slice_count)
 
     def plain(self) -> CodeMaps:
         """Only the unaugmented maps (those whose parameters are all zero)."""
@@ -122,7 +128,7 @@ class CodeMaps:
         """For each augmented copy, the share of code positions that differ from the plain
         map of the same slice: 0 means the copies add nothing, near 1 that they are
         unrelated maps. Assumes :func:`code_maps_for`'s order (plain block, then copies)."""
-        plain_count = int(self.augmentation_parameters.eq(0).all(dim=1).sum())
+        plain_count = self.slice_count
         if plain_count == 0 or len(self) == plain_count:
             return []
         plain = self.indices[:plain_count]

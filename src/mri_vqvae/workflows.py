@@ -342,8 +342,8 @@ def _attach_labels(
     files = data.files()
     values = {}
     for split, maps in codes.items():
-        plain = len(maps) if maps.source is None else int(maps.source.max()) + 1
-        values[split] = split_label_values(files[split], maps.names[:plain], columns)
+        plain_names = maps.names[: maps.slice_count]
+        values[split] = split_label_values(files[split], plain_names, columns)
     vocabulary = build_vocabulary(columns, values["train"])
     for split, maps in codes.items():
         labels = encode_labels(values[split], vocabulary)

@@ -118,7 +118,7 @@ def training_conditions(codes: CodeMaps, sizes: ConditionSizes) -> dict[str, Any
     """The slice positions and labels of the plain training maps, kept in the checkpoint so
     that sampling without a given condition draws them from the training distribution."""
     # The plain maps come first; augmented copies after them repeat their slices' conditions.
-    plain = torch.arange(len(codes) if codes.source is None else int(codes.source.max()) + 1)
+    plain = torch.arange(codes.slice_count)
     return {
         "position": codes.slice_positions[plain].float() if sizes.position else None,
         "labels": codes.labels[plain] if sizes.labels else None,
