@@ -12,6 +12,10 @@ with its null and the shift, KID and density/coverage, memorisation. Prints one 
 
     python benchmarks/generation.py --datasets phantom mni --prior-minutes 15 --marks 1 2 4 8
 
+With ``--augment-copies 0 4 8``, each architecture trains one prior per count of augmented code
+maps per training slice (``augment.copies``), on the same data, so their payoff is measured side
+by side.
+
 Then, with ``--sweep``, the sampling controls (temperature, top-k, top-p, guidance, decoding
 steps) on the last snapshot of each prior. Needs the benchmark extras for MNI (nilearn).
 """
@@ -19,6 +23,7 @@ steps) on the last snapshot of each prior. Needs the benchmark extras for MNI (n
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -108,10 +113,16 @@ def vqvae_for(dataset: str, given: Path | None, root: Path, options) -> Path:
     return run / "best.pt"
 
 
-def train_with_snapshots(dataset, architecture, vqvae, sources, root, options) -> dict:
-    prior = root / f"prior_{architecture}"
+def variant(architecture: str, copies: int) -> str:
+    """The folder-name part of one prior: its architecture, and its augmented copies if any."""
+    return architecture if copies == 0 else f"{architecture}_{copies}copies"
+
+
+def train_with_snapshots(dataset, architecture, copies, vqvae, sources, root, options) -> dict:
+    prior = root / f"prior_{variant(architecture, copies)}"
     overrides = [
         f"prior.architecture={architecture}",
+        f"augment.copies={copies}",
         "prior_train.epochs=1000",
         f"prior_train.max_minutes={options.prior_minutes}",
         "prior_train.precision=auto",
@@ -132,9 +143,10 @@ def train_with_snapshots(dataset, architecture, vqvae, sources, root, options) -
     return paths
 
 
-def measure(dataset, architecture, minutes, prior_path, vqvae, sources, root, sample_settings):
+def measure(dataset, architecture, copies, minutes, prior_path, vqvae, sources, root,
+            sample_settings):  # fmt: skip
     name = "_".join(f"{k}{v}" for k, v in sample_settings.items()) or "defaults"
-    samples = root / f"samples_{architecture}_{minutes:g}min_{name}"
+    samples = root / f"samples_{variant(architecture, copies)}_{minutes:g}min_{name}"
     overrides = [f"sample.{key}={value}" for key, value in sample_settings.items()]
     run = workflows.sample(vqvae, prior_path, samples, settings(*overrides), overwrite=True)
     started = time.monotonic()
@@ -142,6 +154,7 @@ def measure(dataset, architecture, minutes, prior_path, vqvae, sources, root, sa
     return {
         "dataset": dataset,
         "architecture": architecture,
+        "augment_copies": copies,
         "minutes": minutes,
         "sample_settings": sample_settings,
         "sampling_seconds": run.sampling_seconds,
@@ -156,13 +169,16 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
     sources = workflows.DataSources(root=root / "data")
     vqvae = vqvae_for(dataset, given_vqvae, root, options)
     rows = []
-    for architecture in options.architectures:
-        snapshots = train_with_snapshots(dataset, architecture, vqvae, sources, root, options)
-        summary = json.loads((root / f"prior_{architecture}" / "prior_summary.json").read_text())
+    for architecture, copies in itertools.product(options.architectures, options.augment_copies):
+        snapshots = train_with_snapshots(
+            dataset, architecture, copies, vqvae, sources, root, options
+        )
+        prior_folder = root / f"prior_{variant(architecture, copies)}"
+        summary = json.loads((prior_folder / "prior_summary.json").read_text())
         for minutes, path in sorted(snapshots.items()):
             if options.sweep_only:
                 break
-            row = measure(dataset, architecture, minutes, path, vqvae, sources, root, {})
+            row = measure(dataset, architecture, copies, minutes, path, vqvae, sources, root, {})
             row["prior_summary"] = summary
             rows.append(row)
             print_table([row])
@@ -170,8 +186,8 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
             last = snapshots[options.prior_minutes]
             for sample_settings in sweep_settings(architecture, dataset == "mni"):
                 rows.append(
-                    measure(dataset, architecture, options.prior_minutes, last, vqvae, sources,
-                            root, sample_settings)
+                    measure(dataset, architecture, copies, options.prior_minutes, last, vqvae,
+                            sources, root, sample_settings)
                 )  # fmt: skip
                 print_table(rows[-1:])
     return rows
@@ -210,15 +226,19 @@ def print_table(rows: list[dict]) -> None:
         "kid_ratio_random", "kid_ratio_trained", "coverage_trained", "density_trained",
         "memorised",
     )  # fmt: skip
-    print(f"{'data':8} {'prior':12} {'min':>4} {'settings':22} " + " ".join(f"{c:>9.9}" for c in columns) + f" {'s/samp':>7} {'s/score':>7}")  # fmt: skip  # noqa: E501
+    print(f"{'data':8} {'prior':20} {'min':>4} {'settings':22} " + " ".join(f"{c:>9.9}" for c in columns) + f" {'s/samp':>7} {'s/score':>7}")  # fmt: skip  # noqa: E501
     for row in rows:
         figures = flat(row)
         shown = json.dumps(row["sample_settings"])[:22] if row["sample_settings"] else "defaults"
         print(
-            f"{row['dataset']:8} {row['architecture']:12} {row['minutes']:4g} {shown:22} "
+            f"{row['dataset']:8} {row_variant(row):20} {row['minutes']:4g} {shown:22} "
             + " ".join(f"{figures[c]:9.3f}" for c in columns)
             + f" {row['sampling_seconds']:7.1f} {row['scoring_seconds']:7.1f}"
         )
+
+
+def row_variant(row: dict) -> str:
+    return variant(row["architecture"], row.get("augment_copies", 0))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -239,15 +259,13 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, dataset in enumerate(datasets):
         for j, measure_name in enumerate(measures):
             axis = axes[i][j]
-            for architecture in sorted({row["architecture"] for row in plain}):
-                chosen = [
-                    r for r in plain if (r["dataset"], r["architecture"]) == (dataset, architecture)
-                ]
+            for name in sorted({row_variant(row) for row in plain}):
+                chosen = [r for r in plain if (r["dataset"], row_variant(r)) == (dataset, name)]
                 axis.plot(
                     [r["minutes"] for r in chosen],
                     [flat(r)[measure_name] for r in chosen],
                     "o-",
-                    label=architecture,
+                    label=name,
                 )
             if measure_name == "c2st_train":
                 nulls = [flat(r)["c2st_null"] for r in plain if r["dataset"] == dataset]
@@ -266,6 +284,10 @@ def main() -> None:
     parser.add_argument("--architectures", nargs="+", default=["transformer", "masked"])
     parser.add_argument("--vqvae-minutes", type=float, default=8.0)
     parser.add_argument("--prior-minutes", type=float, default=15.0)
+    parser.add_argument(
+        "--augment-copies", type=int, nargs="+", default=[0],
+        help="augmented code maps per training slice; each count trains its own prior",
+    )  # fmt: skip
     parser.add_argument("--marks", type=float, nargs="*", default=[1, 2, 4, 8])
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--sweep", action="store_true", help="also sweep the sampling controls")
