@@ -247,7 +247,7 @@ class TrainConfig(LoopConfig):
 
 PRIOR_ARCHITECTURES = ("transformer", "masked", "pixelcnn")
 # The names of evaluate.protocol.PROTOCOLS (listed here so a setting is checked on loading).
-SAMPLE_PROTOCOLS = ("frozen-v1",)
+SAMPLE_PROTOCOLS = ("frozen-v1", "frozen-v2")
 
 
 @dataclass(frozen=True)
@@ -453,7 +453,7 @@ class SampleMetricsConfig:
 
     # The named, versioned settings of the feature networks, the two-sample classifier, KID
     # and density/coverage (evaluate/protocol.py); written beside every result.
-    protocol: str = "frozen-v1"
+    protocol: str = "frozen-v2"
     # Training slices reconstructed as the reference, split into two random halves: samples
     # are compared with one, the other gives the null. More slices cost time, not accuracy of
     # the null's calibration.

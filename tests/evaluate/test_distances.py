@@ -8,6 +8,7 @@ import torch
 from mri_vqvae.evaluate.distances import (
     density_and_coverage,
     kernel_inception_distance,
+    median_distance,
     standardiser,
 )
 from mri_vqvae.evaluate.features import FeatureSpaces, RandomFeatureNet, extract_features
@@ -21,14 +22,18 @@ def gaussian(count: int, seed: int, shift: float = 0.0, dims: int = 16) -> torch
     return torch.randn(count, dims, generator=generator, dtype=torch.float64) + shift
 
 
-def kid(first: torch.Tensor, second: torch.Tensor) -> dict:
-    return kernel_inception_distance(first, second, subsets=20, max_subset_size=1000, seed=0)
+def kid(first: torch.Tensor, second: torch.Tensor, kernel: str = "cubic") -> dict:
+    width = median_distance(first) if kernel == "gaussian" else None
+    return kernel_inception_distance(
+        first, second, subsets=20, max_subset_size=1000, seed=0, kernel=kernel, width=width
+    )
 
 
-def test_kid_is_near_zero_for_one_distribution_and_clearly_positive_for_a_shift():
+@pytest.mark.parametrize("kernel", ["cubic", "gaussian"])
+def test_kid_is_near_zero_for_one_distribution_and_clearly_positive_for_a_shift(kernel):
     reference = gaussian(200, 0)
-    same = kid(reference, gaussian(200, 1))
-    shifted = kid(reference, gaussian(200, 2, shift=0.5))
+    same = kid(reference, gaussian(200, 1), kernel)
+    shifted = kid(reference, gaussian(200, 2, shift=0.5), kernel)
     assert abs(same["mean"]) < 2 * same["std"] + 1e-3
     assert shifted["mean"] > 10 * (abs(same["mean"]) + same["std"])
     # Subsets hold half the smaller set, so they differ and their spread is a noise level.
@@ -41,6 +46,26 @@ def test_kid_of_a_set_with_itself_is_small_beside_a_shift():
     reference = gaussian(200, 3)
     itself = kid(reference, reference)["mean"]
     assert abs(itself) < 0.1 * kid(reference, reference + 0.5)["mean"]
+
+
+def test_one_outlying_vector_cannot_swing_the_gaussian_kid_as_it_swings_the_cubic():
+    # The MNI failure of frozen-v1: one sample far out in a few features.
+    reference, compared = gaussian(200, 8), gaussian(200, 9)
+    outlier = compared.clone()
+    outlier[0, :3] = 100.0
+    for kernel, bound in (("gaussian", 0.05), ("cubic", None)):
+        clean, spoiled = kid(reference, compared, kernel), kid(reference, outlier, kernel)
+        shift = kid(reference, gaussian(200, 10, shift=0.5), kernel)["mean"]
+        change = spoiled["mean"] - clean["mean"]
+        if bound is None:
+            assert change > shift  # one vector outweighs a shift of half a standard deviation
+        else:
+            assert abs(change) < bound * shift
+
+
+def test_the_median_distance_is_the_median_over_distinct_pairs():
+    points = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)  # distances 1, 2, 3
+    assert median_distance(points) == 2.0
 
 
 def test_density_and_coverage_of_identical_and_shifted_sets():

@@ -32,8 +32,9 @@ def test_the_summary_carries_the_protocol_and_every_figure_beside_its_null(
     tmp_path: Path, monkeypatch
 ):
     # A shorter autoencoder fit keeps the test fast; the summary must name what was used.
-    quick = dataclasses.replace(PROTOCOLS["frozen-v1"], autoencoder_steps=10, kid_subsets=10)
-    monkeypatch.setitem(PROTOCOLS, "frozen-v1", quick)
+    default = SampleMetricsConfig().protocol
+    quick = dataclasses.replace(PROTOCOLS[default], autoencoder_steps=10, kid_subsets=10)
+    monkeypatch.setitem(PROTOCOLS, default, quick)
     torch.manual_seed(0)
     vqvae = VQVAE.from_config(tiny_model_config()).eval()
     settings = SampleMetricsConfig(reference_slices=24, diversity_pairs=20, device="cpu")
@@ -45,7 +46,7 @@ def test_the_summary_carries_the_protocol_and_every_figure_beside_its_null(
     assert summary["protocol"] == quick.to_dict()
     assert summary["protocol"]["autoencoder_steps"] == 10
     assert summary["protocol"]["classifier_folds"] == 5
-    assert summary["settings"]["protocol"] == "frozen-v1"
+    assert summary["settings"]["protocol"] == default == "frozen-v2"
     assert summary["num_train_reconstructed"] == 24
     comparisons = (
         "samples_vs_train_reconstructions",
@@ -61,6 +62,8 @@ def test_the_summary_carries_the_protocol_and_every_figure_beside_its_null(
         assert set(comparisons) <= set(summary["kid"][space])
         assert set(comparisons) <= set(summary["density_coverage"][space])
         assert summary["kid"][space]["null_level"] > 0
+        assert summary["kid"][space]["kernel"] == "gaussian"
+        assert summary["kid"][space]["kernel_width"] > 0
     for name in comparisons:
         assert 0 <= two_sample[name]["accuracy"] <= 1
     targets = summary["targets"]

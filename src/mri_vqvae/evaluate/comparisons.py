@@ -26,6 +26,7 @@ from mri_vqvae.errors import InputError
 from mri_vqvae.evaluate.distances import (
     density_and_coverage,
     kernel_inception_distance,
+    median_distance,
     standardiser,
 )
 from mri_vqvae.evaluate.features import FeatureSpaces
@@ -69,7 +70,13 @@ def _kid_family(
     features: dict[str, torch.Tensor], protocol: SampleProtocol, seed: int
 ) -> dict[str, object]:
     """KID of every comparison, the null's level and the figure's ratio to it."""
-    result: dict[str, object] = {}
+    result: dict[str, object] = {"kernel": protocol.kid_kernel}
+    width = None
+    if protocol.kid_kernel == "gaussian":
+        # One width per feature space, from the whole training reference, so every comparison
+        # in the space is measured on one scale.
+        width = median_distance(torch.cat([features["train_half_a"], features["train_half_b"]]))
+        result["kernel_width"] = width
     for name, (compared, reference) in COMPARISONS.items():
         result[name] = kernel_inception_distance(
             features[compared],
@@ -77,6 +84,8 @@ def _kid_family(
             protocol.kid_subsets,
             protocol.kid_subset_size,
             seed,
+            protocol.kid_kernel,
+            width,
         )
     null = result[NULL]
     # The null's expectation is 0; the size a KID between two halves of one set reaches at this

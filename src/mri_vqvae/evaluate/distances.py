@@ -1,8 +1,13 @@
 """Distances between two sets of feature vectors ``(N, F)``.
 
-- KID (Binkowski et al. 2018): the unbiased estimate of MMD^2 with the cubic polynomial kernel
-  ``k(x, y) = (x.y / F + 1)^3``, averaged over random subsets. Its expectation is 0 when both
-  sets come from one distribution, whatever their size.
+- KID (Binkowski et al. 2018): the unbiased estimate of MMD^2, averaged over random subsets.
+  Its expectation is 0 when both sets come from one distribution, whatever their size. Two
+  kernels: ``cubic``, Binkowski's ``k(x, y) = (x.y / F + 1)^3``, and ``gaussian``,
+  ``k(x, y) = exp(-|x - y|^2 / (2 s^2))`` with ``s`` the median distance between reference
+  vectors. The cubic kernel is unbounded: one outlying sample, far out in a few standardised
+  features, can raise the estimate a hundredfold (measured on MNI: 1.7x, 648x and -4.6x its
+  null at three successive snapshots of one prior). The Gaussian kernel lies in [0, 1], so no
+  single vector moves an estimate over n vectors by more than about 2/n.
 - Density and coverage (Naeem et al. 2020): each reference vector gets a ball reaching its
   k-th nearest reference neighbour. Density is the mean number of balls a compared vector
   falls in, over k (about 1 for one distribution, above 1 where the compared set crowds the
@@ -38,14 +43,37 @@ def standardiser(reference: torch.Tensor):
     return standardise
 
 
+KID_KERNELS = ("cubic", "gaussian")
+
+
 def _polynomial_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x @ y.T / x.shape[1] + 1) ** 3
 
 
-def unbiased_mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
-    """The unbiased MMD^2 estimate between two equal-sized sets, cubic polynomial kernel."""
+def median_distance(reference: torch.Tensor) -> float:
+    """The median distance between two distinct vectors of ``reference``: the Gaussian kernel's
+    width, so "near" means near on the reference's own scale."""
+    distances = torch.cdist(reference, reference)
+    above_diagonal = torch.triu(torch.ones_like(distances, dtype=torch.bool), diagonal=1)
+    return float(distances[above_diagonal].median())
+
+
+def _kernel(name: str, width: float | None):
+    if name == "cubic":
+        return _polynomial_kernel
+    if width is None or width <= 0:
+        raise ValueError(f"the gaussian kernel needs a positive width, got {width}")
+    return lambda x, y: torch.exp(-torch.cdist(x, y).square() / (2 * width**2))
+
+
+def unbiased_mmd2(
+    x: torch.Tensor, y: torch.Tensor, kernel: str = "cubic", width: float | None = None
+) -> float:
+    """The unbiased MMD^2 estimate between two equal-sized sets under ``kernel`` (one of
+    ``KID_KERNELS``; ``width`` is the Gaussian kernel's)."""
     m = len(x)
-    k_xx, k_yy, k_xy = _polynomial_kernel(x, x), _polynomial_kernel(y, y), _polynomial_kernel(x, y)
+    k = _kernel(kernel, width)
+    k_xx, k_yy, k_xy = k(x, x), k(y, y), k(x, y)
     within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (
         m * (m - 1)
     )
@@ -53,12 +81,19 @@ def unbiased_mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def kernel_inception_distance(
-    first: torch.Tensor, second: torch.Tensor, subsets: int, max_subset_size: int, seed: int
+    first: torch.Tensor,
+    second: torch.Tensor,
+    subsets: int,
+    max_subset_size: int,
+    seed: int,
+    kernel: str = "cubic",
+    width: float | None = None,
 ) -> dict[str, float]:
     """KID's mean and standard deviation over ``subsets`` random subsets of each set.
 
     A subset holds at most half of the smaller set, so subsets differ and their spread
-    measures the estimate's noise at this sample size.
+    measures the estimate's noise at this sample size. ``kernel`` and ``width`` as in
+    :func:`unbiased_mmd2`.
     """
     size = min(max_subset_size, min(len(first), len(second)) // 2)
     if size < 2:
@@ -71,6 +106,8 @@ def kernel_inception_distance(
             unbiased_mmd2(
                 first[torch.randperm(len(first), generator=generator)[:size]],
                 second[torch.randperm(len(second), generator=generator)[:size]],
+                kernel,
+                width,
             )
             for _ in range(subsets)
         ],

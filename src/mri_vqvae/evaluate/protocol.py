@@ -42,7 +42,9 @@ class SampleProtocol:
     # A figure is untrustworthy when its null (two random halves of one set) reaches this
     # accuracy, or its 95% interval lies wholly above 0.5.
     null_max_accuracy: float = 0.55
-    # KID: unbiased MMD^2, cubic polynomial kernel, averaged over random subsets.
+    # KID: unbiased MMD^2 averaged over random subsets, under the cubic polynomial kernel or
+    # a Gaussian kernel as wide as the median distance between training reconstructions.
+    kid_kernel: str = "cubic"
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     # Density and coverage: k nearest neighbours among the reference features.
@@ -58,7 +60,11 @@ class SampleProtocol:
 
 # Never edit a protocol that has been released: add a new name instead (and list it in
 # config.SAMPLE_PROTOCOLS, which validates the setting without importing this module).
-PROTOCOLS: dict[str, SampleProtocol] = {"frozen-v1": SampleProtocol(name="frozen-v1")}
+PROTOCOLS: dict[str, SampleProtocol] = {
+    "frozen-v1": SampleProtocol(name="frozen-v1"),
+    # v2: KID under a bounded kernel, so one outlying sample cannot swing it (distances.py).
+    "frozen-v2": SampleProtocol(name="frozen-v2", kid_kernel="gaussian"),
+}
 
 
 def protocol_named(name: str) -> SampleProtocol:
