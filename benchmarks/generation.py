@@ -144,10 +144,11 @@ def train_with_snapshots(dataset, architecture, copies, vqvae, sources, root, op
 
 
 def measure(dataset, architecture, copies, minutes, prior_path, vqvae, sources, root,
-            sample_settings):  # fmt: skip
+            sample_settings, count):  # fmt: skip
     name = "_".join(f"{k}{v}" for k, v in sample_settings.items()) or "defaults"
     samples = root / f"samples_{variant(architecture, copies)}_{minutes:g}min_{name}"
     overrides = [f"sample.{key}={value}" for key, value in sample_settings.items()]
+    overrides.append(f"sample.num_samples={count}")
     run = workflows.sample(vqvae, prior_path, samples, settings(*overrides), overwrite=True)
     started = time.monotonic()
     metrics = workflows.evaluate_samples(samples, sources, overwrite=True)
@@ -156,6 +157,7 @@ def measure(dataset, architecture, copies, minutes, prior_path, vqvae, sources, 
         "architecture": architecture,
         "augment_copies": copies,
         "minutes": minutes,
+        "num_samples": metrics["num_samples"],
         "sample_settings": sample_settings,
         "sampling_seconds": run.sampling_seconds,
         "scoring_seconds": time.monotonic() - started,
@@ -178,7 +180,10 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
         for minutes, path in sorted(snapshots.items()):
             if options.sweep_only:
                 break
-            row = measure(dataset, architecture, copies, minutes, path, vqvae, sources, root, {})
+            row = measure(
+                dataset, architecture, copies, minutes, path, vqvae, sources, root, {},
+                options.samples,
+            )  # fmt: skip
             row["prior_summary"] = summary
             rows.append(row)
             print_table([row])
@@ -187,7 +192,7 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
             for sample_settings in sweep_settings(architecture, dataset == "mni"):
                 rows.append(
                     measure(dataset, architecture, copies, options.prior_minutes, last, vqvae,
-                            sources, root, sample_settings)
+                            sources, root, sample_settings, options.samples)
                 )  # fmt: skip
                 print_table(rows[-1:])
     return rows
@@ -196,9 +201,10 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
 def sweep_settings(architecture: str, conditioned: bool) -> list[dict]:
     shared = [{"temperature": 0.9}, {"temperature": 1.1}, {"top_k": 32}, {"top_p": 0.9}]
     if conditioned:
-        shared += [{"guidance": 2.0}]
+        shared += [{"guidance": 1.5}, {"guidance": 2.0}, {"guidance": 3.0}]
     if architecture == "masked":
-        shared += [{"decoding_steps": 6}, {"decoding_steps": 24}, {"choice_temperature": 1.0}]
+        shared += [{"decoding_steps": steps} for steps in (8, 16, 24)]
+        shared += [{"choice_temperature": 1.0}]
     return shared
 
 
