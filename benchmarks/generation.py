@@ -5,9 +5,10 @@ For each dataset: write the data (the phantom with 64 training cases, 2048 train
 4 validation and 4 test cases; or MNI152 slices as in quality.py, with their orientation as a
 label in conditions.csv), train the default VQ-VAE (or take one with --phantom-vqvae /
 --mni-vqvae), then for each prior architecture train one prior for --prior-minutes, keeping
-its averaged weights at each of --marks minutes. Each snapshot draws --samples slices, which
-``evaluate-samples`` scores: two-sample accuracy against reconstructions of training slices
-with its null and the shift, KID and density/coverage, memorisation. Prints one table, writes
+the prior a user would sample (best.pt as it stands) at each of --marks minutes. Each snapshot
+draws --samples slices, which ``evaluate-samples`` scores: two-sample accuracy against
+reconstructions of training slices with its null and the shift, KID and density/coverage,
+memorisation. Prints one table, writes
 ``generation.json`` and ``generation.png`` (each measure against minutes) under ``--out``.
 
     python benchmarks/generation.py --datasets phantom mni --prior-minutes 15 --marks 1 2 4 8
@@ -26,6 +27,7 @@ import argparse
 import itertools
 import json
 import logging
+import shutil
 import sys
 import time
 from datetime import date
@@ -63,8 +65,12 @@ def settings(*overrides: str) -> Config:
 
 
 class Snapshots:
-    """Saves the prior's averaged weights as a prior checkpoint when training passes each mark
-    (minutes since the task was made, after encoding), by wrapping PriorTask.after_step."""
+    """Keeps, when training passes each mark (minutes since the task was made, after encoding),
+    the prior a user would sample from had training stopped there: ``best.pt`` as it stands
+    (the averaged weights of the epoch with the best validation loss so far), or the current
+    averaged weights before the first epoch ends. Wraps PriorTask.after_step. The current
+    weights would measure an overfitting prior: on MNI the validation loss rises after about
+    5 minutes while best.pt, which ``sample`` is given, stays put."""
 
     def __init__(self, folder: Path, marks: list[float]) -> None:
         self.folder, self.marks, self.saved = folder, sorted(marks), {}
@@ -91,10 +97,14 @@ class Snapshots:
 
     def save(self, task, mark: float) -> None:
         path = self.folder / f"snapshot_{mark:g}min.pt"
-        extras = {**task.extras(), "ema": None}  # the averaged weights are the model's here
-        save_checkpoint(
-            Checkpoint("prior", task.config, task.evaluated.state_dict(), extras=extras), path
-        )
+        best = self.folder / "best.pt"
+        if best.is_file():
+            shutil.copyfile(best, path)
+        else:
+            extras = {**task.extras(), "ema": None}  # the averaged weights are the model's here
+            save_checkpoint(
+                Checkpoint("prior", task.config, task.evaluated.state_dict(), extras=extras), path
+            )
         self.saved[mark] = path
 
     def __exit__(self, *exc) -> None:
@@ -139,7 +149,7 @@ def train_with_snapshots(dataset, architecture, copies, vqvae, sources, root, op
     else:
         paths = {m: prior / f"snapshot_{m:g}min.pt" for m in marks}
         paths = {m: p for m, p in paths.items() if p.is_file()}
-    paths[options.prior_minutes] = prior / "last.pt"
+    paths[options.prior_minutes] = prior / "best.pt"
     return paths
 
 
