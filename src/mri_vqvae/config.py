@@ -386,8 +386,10 @@ class SampleConfig:
     # unconditional). 1 samples the conditional model as trained, 0 the unconditional one.
     guidance: float = 1.0
     # Masked prior: parallel decoding steps, and the scale of the Gumbel noise that makes
-    # which codes are kept random (annealed to 0 over the steps, as in MaskGIT).
-    decoding_steps: int = 12
+    # which codes are kept random (annealed to 0 over the steps, as in MaskGIT). 8 steps
+    # scored as well as 12, 16 and 24 at two thirds of 12's time, which keeps 64 slices
+    # under 10 s on 2 CPU cores (docs/benchmarks.md, 2026-12-02, 15-minute priors).
+    decoding_steps: int = 8
     choice_temperature: float = 4.5
     batch_size: int = 64  # maps sampled together
     # Position in the volume, 0 to 1, for a prior trained with slice positions.
