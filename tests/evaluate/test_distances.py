@@ -63,6 +63,14 @@ def test_one_outlying_vector_cannot_swing_the_gaussian_kid_as_it_swings_the_cubi
             assert abs(change) < bound * shift
 
 
+def test_an_unknown_kernel_or_a_gaussian_without_width_is_refused():
+    points = gaussian(8, 11)
+    with pytest.raises(ValueError, match="KID kernel must be one of"):
+        kernel_inception_distance(points, points, 2, 4, 0, kernel="laplace", width=1.0)
+    with pytest.raises(ValueError, match="positive width"):
+        kernel_inception_distance(points, points, 2, 4, 0, kernel="gaussian")
+
+
 def test_the_median_distance_is_the_median_over_distinct_pairs():
     points = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)  # distances 1, 2, 3
     assert median_distance(points) == 2.0

@@ -59,6 +59,8 @@ def median_distance(reference: torch.Tensor) -> float:
 
 
 def _kernel(name: str, width: float | None):
+    if name not in KID_KERNELS:
+        raise ValueError(f"KID kernel must be one of {KID_KERNELS}, got {name!r}")
     if name == "cubic":
         return _polynomial_kernel
     if width is None or width <= 0:
