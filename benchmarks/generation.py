@@ -8,8 +8,8 @@ label in conditions.csv), train the default VQ-VAE (or take one with --phantom-v
 the prior a user would sample (best.pt as it stands) at each of --marks minutes. Each snapshot
 draws --samples slices, which ``evaluate-samples`` scores: two-sample accuracy against
 reconstructions of training slices with its null and the shift, KID and density/coverage,
-memorisation. Prints one table, writes
-``generation.json`` and ``generation.png`` (each measure against minutes) under ``--out``.
+memorisation. Prints one table, writes ``generation.json`` and ``generation.png`` (each measure
+against minutes) under ``--out``.
 
     python benchmarks/generation.py --datasets phantom mni --prior-minutes 15 --marks 1 2 4 8
 
@@ -17,8 +17,8 @@ With ``--augment-copies 0 4 8``, each architecture trains one prior per count of
 maps per training slice (``augment.copies``), on the same data, so their payoff is measured side
 by side.
 
-Then, with ``--sweep``, the sampling controls (temperature, top-k, top-p, guidance, decoding
-steps) on the last snapshot of each prior. Needs the benchmark extras for MNI (nilearn).
+Then, with ``--sweep``, the sampling controls (temperature, guidance, decoding steps) on the
+last snapshot of each prior. Needs the benchmark extras for MNI (nilearn).
 """
 
 from __future__ import annotations
@@ -128,8 +128,12 @@ def variant(architecture: str, copies: int) -> str:
     return architecture if copies == 0 else f"{architecture}_{copies}copies"
 
 
+def prior_folder(root: Path, architecture: str, copies: int) -> Path:
+    return root / f"prior_{variant(architecture, copies)}"
+
+
 def train_with_snapshots(dataset, architecture, copies, vqvae, sources, root, options) -> dict:
-    prior = root / f"prior_{variant(architecture, copies)}"
+    prior = prior_folder(root, architecture, copies)
     overrides = [
         f"prior.architecture={architecture}",
         f"augment.copies={copies}",
@@ -185,8 +189,8 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
         snapshots = train_with_snapshots(
             dataset, architecture, copies, vqvae, sources, root, options
         )
-        prior_folder = root / f"prior_{variant(architecture, copies)}"
-        summary = json.loads((prior_folder / "prior_summary.json").read_text())
+        prior = prior_folder(root, architecture, copies)
+        summary = json.loads((prior / "prior_summary.json").read_text())
         for minutes, path in sorted(snapshots.items()):
             if options.sweep_only:
                 break
@@ -209,8 +213,9 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
 
 
 def sweep_settings(architecture: str, conditioned: bool) -> list[dict]:
-    """The sampling controls tried on each prior's last snapshot. Top-k 32 and top-p 0.9 lost
-    to plain sampling on the phantom (docs/benchmarks.md, 2026-12-01) and are not repeated."""
+    """The sampling controls tried on each prior's last snapshot. Top-k 32 and top-p 0.9 raised
+    both KIDs on the phantom (docs/benchmarks.md, the 8-minute entry of 2026-12-02) and are not
+    repeated."""
     settings_tried: list[dict] = []
     if architecture == "transformer":
         settings_tried += [{"temperature": 0.9}, {"temperature": 1.1}]
