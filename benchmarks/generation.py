@@ -15,7 +15,8 @@ against minutes) under ``--out``.
 
 With ``--augment-copies 0 4 8``, each architecture trains one prior per count of augmented code
 maps per training slice (``augment.copies``), on the same data, so their payoff is measured side
-by side.
+by side. ``--slice-position off on`` does the same for conditioning on each slice's position in
+its volume (parsed from ``..._slice_<S>`` in the file names).
 
 Then, with ``--sweep``, the sampling controls (temperature, guidance, decoding steps) on the
 last snapshot of each prior. Needs the benchmark extras for MNI (nilearn).
@@ -53,7 +54,7 @@ def write_data(name: str, root: Path) -> None:
         write_phantom_dataset(root, PHANTOM)
         return
     write_mni_dataset(root)
-    # The orientation, from names like mni_axial_083.nii.gz, is a label to condition on.
+    # The orientation, from names like mni_axial_slice_083.nii.gz, is a label to condition on.
     rows = [
         f"{path.name},{path.name.split('_')[1]}" for path in sorted(root.glob("keras_slices_*/*"))
     ]
@@ -123,20 +124,25 @@ def vqvae_for(dataset: str, given: Path | None, root: Path, options) -> Path:
     return run / "best.pt"
 
 
-def variant(architecture: str, copies: int) -> str:
-    """The folder-name part of one prior: its architecture, and its augmented copies if any."""
-    return architecture if copies == 0 else f"{architecture}_{copies}copies"
+def variant(architecture: str, copies: int, position: bool = False) -> str:
+    """The folder-name part of one prior: its architecture, its augmented copies if any, and
+    whether it is conditioned on slice position."""
+    name = architecture if copies == 0 else f"{architecture}_{copies}copies"
+    return f"{name}_position" if position else name
 
 
-def prior_folder(root: Path, architecture: str, copies: int) -> Path:
-    return root / f"prior_{variant(architecture, copies)}"
+def prior_folder(root: Path, architecture: str, copies: int, position: bool) -> Path:
+    return root / f"prior_{variant(architecture, copies, position)}"
 
 
-def train_with_snapshots(dataset, architecture, copies, vqvae, sources, root, options) -> dict:
-    prior = prior_folder(root, architecture, copies)
+def train_with_snapshots(
+    dataset, architecture, copies, position, vqvae, sources, root, options
+) -> dict:
+    prior = prior_folder(root, architecture, copies, position)
     overrides = [
         f"prior.architecture={architecture}",
         f"augment.copies={copies}",
+        f"prior.condition_on_slice_position={str(position).lower()}",
         "prior_train.epochs=1000",
         f"prior_train.max_minutes={options.prior_minutes}",
         "prior_train.precision=auto",
@@ -157,10 +163,10 @@ def train_with_snapshots(dataset, architecture, copies, vqvae, sources, root, op
     return paths
 
 
-def measure(dataset, architecture, copies, minutes, prior_path, vqvae, sources, root,
+def measure(dataset, architecture, copies, position, minutes, prior_path, vqvae, sources, root,
             sample_settings, count):  # fmt: skip
     name = "_".join(f"{k}{v}" for k, v in sample_settings.items()) or "defaults"
-    samples = root / f"samples_{variant(architecture, copies)}_{minutes:g}min_{name}"
+    samples = root / f"samples_{variant(architecture, copies, position)}_{minutes:g}min_{name}"
     overrides = [f"sample.{key}={value}" for key, value in sample_settings.items()]
     overrides.append(f"sample.num_samples={count}")
     run = workflows.sample(vqvae, prior_path, samples, settings(*overrides), overwrite=True)
@@ -170,6 +176,7 @@ def measure(dataset, architecture, copies, minutes, prior_path, vqvae, sources, 
         "dataset": dataset,
         "architecture": architecture,
         "augment_copies": copies,
+        "slice_position": position,
         "minutes": minutes,
         "num_samples": metrics["num_samples"],
         "sample_settings": sample_settings,
@@ -185,17 +192,21 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
     sources = workflows.DataSources(root=root / "data")
     vqvae = vqvae_for(dataset, given_vqvae, root, options)
     rows = []
-    for architecture, copies in itertools.product(options.architectures, options.augment_copies):
+    variants = itertools.product(
+        options.architectures, options.augment_copies, options.slice_position
+    )
+    for architecture, copies, position in variants:
+        position = position == "on"
         snapshots = train_with_snapshots(
-            dataset, architecture, copies, vqvae, sources, root, options
+            dataset, architecture, copies, position, vqvae, sources, root, options
         )
-        prior = prior_folder(root, architecture, copies)
+        prior = prior_folder(root, architecture, copies, position)
         summary = json.loads((prior / "prior_summary.json").read_text())
         for minutes, path in sorted(snapshots.items()):
             if options.sweep_only:
                 break
             row = measure(
-                dataset, architecture, copies, minutes, path, vqvae, sources, root, {},
+                dataset, architecture, copies, position, minutes, path, vqvae, sources, root, {},
                 options.samples,
             )  # fmt: skip
             row["prior_summary"] = summary
@@ -205,8 +216,8 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
             last = snapshots[options.prior_minutes]
             for sample_settings in sweep_settings(architecture, dataset == "mni"):
                 rows.append(
-                    measure(dataset, architecture, copies, options.prior_minutes, last, vqvae,
-                            sources, root, sample_settings, options.samples)
+                    measure(dataset, architecture, copies, position, options.prior_minutes, last,
+                            vqvae, sources, root, sample_settings, options.samples)
                 )  # fmt: skip
                 print_table(rows[-1:])
     return rows
@@ -262,7 +273,9 @@ def print_table(rows: list[dict]) -> None:
 
 
 def row_variant(row: dict) -> str:
-    return variant(row["architecture"], row.get("augment_copies", 0))
+    return variant(
+        row["architecture"], row.get("augment_copies", 0), row.get("slice_position", False)
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -311,6 +324,10 @@ def main() -> None:
     parser.add_argument(
         "--augment-copies", type=int, nargs="+", default=[0],
         help="augmented code maps per training slice; each count trains its own prior",
+    )  # fmt: skip
+    parser.add_argument(
+        "--slice-position", nargs="+", choices=["off", "on"], default=["off"],
+        help="condition the prior on slice position (from the file names): off, on, or both",
     )  # fmt: skip
     parser.add_argument("--marks", type=float, nargs="*", default=[1, 2, 4, 8])
     parser.add_argument("--samples", type=int, default=256)

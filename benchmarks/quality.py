@@ -70,7 +70,8 @@ def write_mni_dataset(root: Path, min_foreground: float = 0.15, block: int = 10)
             split = "test" if group == 3 else "val" if group == 7 else "train"
             # Rows from anterior/superior down, so every orientation stands upright.
             pixels = np.rot90(pixels)
-            name = f"mni_{orientation}_{position:03d}.nii.gz"
+            # "_slice_<S>" as in HipMRI names, so a prior can condition on the position.
+            name = f"mni_{orientation}_slice_{position:03d}.nii.gz"
             write_slice(pixels, root / HIPMRI_SPLIT_FOLDERS[split] / name)
             counts[split] += 1
     return counts
