@@ -167,3 +167,70 @@ def test_a_group_member_ends_without_the_interpreters_shutdown(joined: bool):
     assert result.returncode == 5, result.stderr
     assert result.stdout.startswith("work done\n")
     assert ("interpreter shut down" in result.stdout) is not joined
+
+
+class Crash(Exception):
+    pass
+
+
+def resume_rank(rank: int, world_size: int, port: int, root: str, out: str) -> None:
+    os.environ["MRI_VQVAE_CACHE"] = str(Path(out) / f"cache{rank}")
+    processes, device = join_test_group(rank, world_size, port)
+    try:
+        checkpoint = load_checkpoint(Path(out) / "crashed" / "last.pt")
+        config = checkpoint.config
+        data = load_splits(resolve_split_files(root), config.data, splits=("train", "val"))
+        model = VQVAE.from_config(config.model)
+        model.load_state_dict(checkpoint.model_state)
+        train_vqvae(
+            model, data["train"], data["val"], config, Path(out) / "crashed", device,
+            checkpoint, processes,
+        )  # fmt: skip
+    finally:
+        leave_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_mid_epoch_checkpoint_of_one(
+    phantom_root: Path, tmp_path: Path, monkeypatch
+):
+    # Only the main process takes back the saved step sums; the other must hold as many rows
+    # (of zeros), or the sums across processes would meet tensors of different shapes.
+    config = replace(distributed_config(), train=replace(distributed_config().train,
+                     checkpoint_every=1))  # fmt: skip
+    data = load_splits(resolve_split_files(phantom_root), config.data)
+    torch.manual_seed(config.train.seed)
+    straight = train_vqvae(
+        VQVAE.from_config(config.model), data["train"], data["val"], config,
+        tmp_path / "straight", torch.device("cpu"),
+    )  # fmt: skip
+    from mri_vqvae.train import vqvae as training
+
+    real_loss, calls = training.VQVAETask.loss, []
+
+    def crashing_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after the mid-epoch checkpoint of step 2 of epoch 1
+            raise Crash
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training.VQVAETask, "loss", crashing_loss)
+    torch.manual_seed(config.train.seed)
+    with pytest.raises(Crash):
+        train_vqvae(
+            VQVAE.from_config(config.model), data["train"], data["val"], config,
+            tmp_path / "crashed", torch.device("cpu"),
+        )  # fmt: skip
+    assert load_checkpoint(tmp_path / "crashed" / "last.pt").progress.mid_epoch
+    mp.start_processes(
+        resume_rank,
+        args=(2, free_port(), str(phantom_root), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    resumed = load_checkpoint(tmp_path / "crashed" / "last.pt").progress.history
+    assert [row["images_seen"] for row in resumed] == [24, 48]
+    assert [row["train_loss"] for row in resumed] == pytest.approx(
+        [row["train_loss"] for row in straight.history], rel=1e-4
+    )

@@ -365,8 +365,16 @@ class _Fit:
         if partial is None:
             return 0
         self.seconds_before, self.skipped = partial["seconds"], partial["skipped_steps"]
-        if self.main:  # the saved sums are every process's; the others add theirs to them
-            self.step_sums = list(partial["step_sums"].to(self.task.device).unbind(0))
+        saved = partial["step_sums"].to(self.task.device)
+        missing = self.task.sum_width - saved.shape[1]
+        if missing > 0:  # written before the task summed its newer figures (zero then)
+            saved = torch.cat([saved, saved.new_zeros(saved.shape[0], missing)], dim=1)
+        if not self.main:
+            # The saved sums are every process's, so only the main process takes them back;
+            # the others hold as many zero rows, so every process's stack of step sums has
+            # the same shape when they are summed across processes.
+            saved = torch.zeros_like(saved)
+        self.step_sums = list(saved.unbind(0))
         return self.progress.step_in_epoch
 
     def agreed_clock(self, stop: StopRequest) -> tuple[float, int]:
