@@ -39,6 +39,28 @@ def test_compression_presets():
     assert load_config(preset="4x").model.num_downsamplings == 2
 
 
+def test_gan_presets_add_the_adversarial_and_spectral_terms_to_their_compression():
+    for compression, levels in (("8x", 3), ("4x", 2)):
+        config = load_config(preset=f"{compression}-gan")
+        assert config.model == load_config(preset=compression).model
+        assert config.model.num_downsamplings == levels
+        assert config.train.adversarial_weight > 0 and config.train.spectral_loss_weight > 0
+    assert Config().train.adversarial_weight == 0 == Config().train.spectral_loss_weight
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.adversarial_weight=-1", "train.adversarial_weight must be >= 0"),
+        ("train.discriminator_layers=0", "train.discriminator_layers must be at least 1"),
+        ("train.discriminator_lr=0", "train.discriminator_lr must be > 0"),
+    ],
+)
+def test_bad_adversarial_settings_are_named(override: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
 def test_preset_then_file_then_overrides(tmp_path: Path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  num_embeddings: 64\ntrain:\n  epochs: 3\n")

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from mri_vqvae.losses import ms_ssim_window, structural_loss, vqvae_loss
+from mri_vqvae.losses import (
+    adaptive_adversarial_weight,
+    generator_adversarial_loss,
+    hinge_discriminator_loss,
+    ms_ssim_window,
+    spectral_loss,
+    structural_loss,
+    vqvae_loss,
+)
 from mri_vqvae.metrics import ssim_per_image
 
 
@@ -61,3 +69,51 @@ def test_the_ssim_term_has_the_libraries_value_and_gradient():
     torch.testing.assert_close(value, reference)
     torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-9)
     assert ours.grad.abs().sum() > 0
+
+
+def blurred(images: torch.Tensor) -> torch.Tensor:
+    kernel = torch.full((1, 1, 5, 5), 1 / 25)
+    return torch.nn.functional.conv2d(images, kernel, padding=2)
+
+
+def test_the_spectral_loss_is_zero_for_identical_images_and_positive_for_a_blurred_copy():
+    torch.manual_seed(0)
+    images = torch.rand(2, 1, 64, 32) * 2 - 1
+    assert spectral_loss(images, images) == 0
+    assert spectral_loss(images, blurred(images)) > 0.1
+    # Magnitudes only: a copy shifted (circularly) has the same spectrum.
+    shifted = torch.roll(images, shifts=(3, 5), dims=(2, 3))
+    assert spectral_loss(images, shifted) < 1e-5
+    loss = vqvae_loss(images, blurred(images), torch.tensor(0.0), spectral_weight=0.5)
+    torch.testing.assert_close(loss.spectral, spectral_loss(images, blurred(images)))
+    torch.testing.assert_close(
+        loss.total, loss.reconstruction + 0.5 * spectral_loss(images, blurred(images))
+    )
+    assert vqvae_loss(images, blurred(images), torch.tensor(0.0)).spectral is None
+
+
+def test_hinge_losses_on_known_logits():
+    confident = hinge_discriminator_loss(torch.full((4,), 2.0), torch.full((4,), -2.0))
+    assert confident == 0  # beyond the margin on both sides
+    undecided = hinge_discriminator_loss(torch.zeros(4), torch.zeros(4))
+    assert undecided == 1
+    assert generator_adversarial_loss(torch.tensor([1.0, 3.0])) == -2
+
+
+def test_the_adaptive_weight_matches_the_gradient_norms_and_is_clipped():
+    weight = torch.tensor([1.0, 2.0], requires_grad=True)
+    # Gradients at `weight`: (3, 4) for the first loss (norm 5), (0, 5) for the second.
+    first = 3 * weight[0] + 4 * weight[1]
+    second = 5 * weight[1]
+    equal = adaptive_adversarial_weight(first, second, weight)
+    torch.testing.assert_close(equal, torch.tensor(5 / (5 + 1e-4)))
+    assert equal == pytest.approx(1, abs=1e-4)
+    smaller = 0.5 * weight[1]  # norm 0.5: the weight doubles the term's gradient to match
+    torch.testing.assert_close(
+        adaptive_adversarial_weight(first, smaller, weight), torch.tensor(5 / (0.5 + 1e-4))
+    )
+    vanishing = 0.0 * weight[1]  # no gradient at all: clipped to the bound, not infinite
+    assert adaptive_adversarial_weight(first, vanishing, weight, max_weight=100.0) == 100.0
+    assert not equal.requires_grad
+    (first + second).backward()  # both graphs were kept for the step's backward pass
+    torch.testing.assert_close(weight.grad, torch.tensor([3.0, 9.0]))

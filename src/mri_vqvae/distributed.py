@@ -9,6 +9,7 @@ process (no ``torchrun``) every helper here does nothing.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -79,6 +80,22 @@ class ProcessGroup:
 
 
 SINGLE_PROCESS = ProcessGroup()
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` wrapped in DDP, which averages its gradients over the processes. Buffers are
+    not broadcast each step: the VQ-VAE's codebook statistics are kept equal by the
+    quantiser's own collectives, and a discriminator has none."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    buffer_option = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}  # its name before torch 2.13
+    )
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, **buffer_option
+    )
 
 
 def is_main_process() -> bool:

@@ -99,6 +99,13 @@ def test_a_training_run_records_the_override_not_the_flag(phantom_root: Path, tm
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["image_size"] == [64, 32]
 
 
+def test_every_preset_is_a_choice_of_train(tmp_path: Path):
+    for preset in ("8x", "4x", "8x-gan", "4x-gan", "seed"):
+        args = parse_args(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                           "--preset", preset])  # fmt: skip
+        assert args.preset == preset
+
+
 def test_a_stray_argument_is_still_refused(tmp_path: Path, capsys):
     assert main(["train", "--data", "d", "--out", str(tmp_path / "o"), "stray"]) == 2
     assert "override 'stray' must look like section.key=value" in capsys.readouterr().err

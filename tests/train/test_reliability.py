@@ -77,7 +77,7 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_exactly_as_one_never_sto
         checkpoint.progress.step_in_epoch,
         checkpoint.progress.global_step,
     ) == (1, 2, 7)
-    assert checkpoint.progress.epoch_progress["step_sums"].shape == (2, 4)
+    assert checkpoint.progress.epoch_progress["step_sums"].shape == (2, 8)
 
     # A crash soon after resuming loses no more than a step: the resumed epoch still writes
     # its mid-epoch checkpoints.

@@ -187,10 +187,10 @@ def _add_train(commands, data: argparse.ArgumentParser, device: argparse.Argumen
     train.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
     train.add_argument(
         "--preset",
-        choices=["8x", "4x", "seed"],
+        choices=sorted(PRESETS),
         help="starting recipe: 8x (the default: 32x16 codes per 256x128 slice), 4x (64x32 "
-        "codes), or seed (the seed's recipe, to compare with); --config and overrides apply "
-        "on top",
+        "codes), 8x-gan / 4x-gan (the same with the adversarial and spectral terms), or seed "
+        "(the seed's recipe, to compare with); --config and overrides apply on top",
     )
     train.add_argument("--size", type=_size, help="HxW to resize slices to, or 'native'")
     train.add_argument(

@@ -118,6 +118,14 @@ class VQVAE(nn.Module):
         )
 
     @property
+    def last_decoder_weight(self) -> torch.Tensor:
+        """The weight of the decoder's last layer (the one that makes the image channels),
+        where an adaptive loss weight compares gradients (Esser et al. 2021)."""
+        convolutions = (nn.Conv2d, nn.ConvTranspose2d)
+        layers = [m for m in self.decoder.modules() if isinstance(m, convolutions)]
+        return layers[-1].weight
+
+    @property
     def num_embeddings(self) -> int:
         return self.quantizer.num_embeddings
 

@@ -69,6 +69,8 @@ class TrainingTask:
         epoch_name: how log lines name an epoch ("epoch", "prior epoch").
         sum_width: the length of the vectors :meth:`step_sums` returns.
         device: where the batches are made.
+        global_step: the steps taken before the current one; the loop sets it before each
+            :meth:`loss` (for terms that start at a given step).
     """
 
     kind: str
@@ -82,6 +84,7 @@ class TrainingTask:
     epoch_name: str = "epoch"
     sum_width: int
     device: torch.device
+    global_step: int = 0
 
     def __len__(self) -> int:
         """The number of training examples (the loop draws batches of their indices)."""
@@ -126,6 +129,10 @@ class TrainingTask:
     def describe(self, row: dict[str, Any]) -> str:
         """One log line for an epoch's row."""
         raise NotImplementedError
+
+    def score(self, row: dict[str, Any]) -> float:
+        """The epoch's score for choosing ``best.pt`` (lowest wins): ``row[score_column]``."""
+        return row[self.score_column]
 
     def after_epoch(
         self, epoch: int, global_step: int, last: bool, board: TensorBoardLog | None
@@ -403,6 +410,7 @@ class _Fit:
         )
         for group in task.optimizer.param_groups:
             group["lr"] = self.lr
+        task.global_step = self.progress.global_step
         loss, output = task.loss(mine)
         loss_scale = len(mine) * processes.world_size / len(batch)
         applied = optimisation_step(
@@ -503,7 +511,7 @@ class _Fit:
             }
         )
         progress.history.append({column: row[column] for column in task.metric_columns})
-        score = row[task.score_column]
+        score = task.score(row)
         improved = score < progress.best_score
         progress.best_score = min(progress.best_score, score)
         if self.main:

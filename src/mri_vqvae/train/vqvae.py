@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from mri_vqvae import plots
 from mri_vqvae.checkpoint import DATA_REFERENCE, Checkpoint, load_weights
 from mri_vqvae.config import Config, TrainConfig
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.data.reference import data_reference
-from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
+from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup, data_parallel
 from mri_vqvae.errors import UserError
 from mri_vqvae.files import RunFolder, epoch_picture
 from mri_vqvae.losses import VQVAELoss, ms_ssim_window, vqvae_loss
 from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
 from mri_vqvae.model import VQVAE, VQVAEOutput
 from mri_vqvae.runtime import autocast, resolve_precision
+from mri_vqvae.train.adversarial import DISCRIMINATOR_STATE, AdversarialTerm
 from mri_vqvae.train.loop import FitResult, TrainingTask, fit, optimisation_step
 from mri_vqvae.train.tensorboard import TensorBoardLog
 
 logger = logging.getLogger(__name__)
+
+# Added to the validation score of epochs that end before the adversarial term starts, so that
+# any epoch after it ranks first (validation losses are far below this).
+_BEFORE_ADVERSARIAL_PENALTY = 1e6
 
 # The VQ-VAE's columns of metrics.csv, in order.
 METRIC_COLUMNS = (
@@ -39,6 +42,9 @@ METRIC_COLUMNS = (
     "train_codebook_usage",
     "train_perplexity",
     "train_dead_code_restarts",
+    "train_adversarial_loss",
+    "train_adversarial_weight",
+    "train_discriminator_loss",
     "train_skipped_steps",
     "lr",
     "val_loss",
@@ -64,6 +70,7 @@ def compute_loss(
         pixel_loss=settings.pixel_loss,
         ssim_loss=settings.ssim_loss,
         ssim_weight=settings.ssim_loss_weight,
+        spectral_weight=settings.spectral_loss_weight,
     )
 
 
@@ -195,16 +202,7 @@ def _prepare_model(
     trainer: torch.nn.Module = model
     if processes.enabled:
         _match_single_channel_weights_to_their_gradients(model)
-        # Buffers (the EMA codebook statistics) are kept equal by the quantiser's own
-        # collectives, so DDP need not broadcast them every step.
-        buffer_option = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-            else {"broadcast_buffers": False}  # its name before torch 2.13
-        )
-        trainer = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **buffer_option
-        )
+        trainer = data_parallel(model, device)
     if settings.compile:
         trainer = torch.compile(trainer)
     return trainer
@@ -234,8 +232,10 @@ class VQVAETask(TrainingTask):
     kind = "vqvae"
     metric_columns = METRIC_COLUMNS
     score_column = "val_loss"
-    # loss, reconstruction loss and SSIM summed over the step's images, and the image count
-    sum_width = 4
+    # loss, reconstruction loss and SSIM summed over the step's images, the image count, and
+    # the adversarial loss, its weight and the discriminator's loss (each summed over steps
+    # with the term on), and the count of those steps
+    sum_width = 8
 
     def __init__(
         self,
@@ -252,6 +252,17 @@ class VQVAETask(TrainingTask):
         self.is_main = processes.is_main
         self.trainer = _prepare_model(model, self.settings, device, processes)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.settings.lr)
+        self.adversarial = (
+            AdversarialTerm(
+                self.settings,
+                (config.model.in_channels, *train_set.image_size),
+                device,
+                processes,
+            )
+            if self.settings.adversarial_weight > 0
+            else None
+        )
+        self.discriminator_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.batch_losses: list[float] = []
         # Recorded in every checkpoint, so samples drawn from this model later can be written
         # in the training slices' geometry and intensity scale.
@@ -282,7 +293,34 @@ class VQVAETask(TrainingTask):
     def loss(self, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
         images = self.train_images[rows.to(self.device)].float()
         loss, output = forward_loss(self.trainer, images, self.settings)
+        self.discriminator_batch = None
+        if self.adversarial is not None:
+            loss = self.add_adversarial_term(self.adversarial, loss, output, images)
         return loss.total, (images, loss, output)
+
+    def add_adversarial_term(
+        self, term: AdversarialTerm, loss: VQVAELoss, output: VQVAEOutput, images: torch.Tensor
+    ) -> VQVAELoss:
+        """``loss`` with the decoder's weighted adversarial term (exactly zero before
+        ``train.adversarial_start_step``); keeps the step's batch for the discriminator."""
+        zero = torch.zeros((), device=images.device)
+        if not term.active(self.global_step):
+            return loss._replace(adversarial=zero, adversarial_weight=zero)
+        adversarial, weight = term.generator_loss(
+            output.reconstruction, loss.total, self.model.last_decoder_weight
+        )
+        self.discriminator_batch = (images, output.reconstruction.detach())
+        return loss._replace(
+            total=loss.total + weight * adversarial,
+            adversarial=adversarial,
+            adversarial_weight=weight,
+        )
+
+    def after_step(self) -> None:
+        """With the adversarial term on, the discriminator's step on this step's batch."""
+        if self.adversarial is not None and self.discriminator_batch is not None:
+            self.discriminator_loss = self.adversarial.discriminator_step(*self.discriminator_batch)
+            self.discriminator_batch = None
 
     def step_sums(self, rows: torch.Tensor, output: Any) -> torch.Tensor:
         images, loss, forward = output
@@ -298,12 +336,31 @@ class VQVAETask(TrainingTask):
         self.counts += torch.bincount(
             forward.indices.flatten(), minlength=self.model.num_embeddings
         )
-        return torch.stack(
+        adversarial = torch.zeros(4, dtype=torch.float64, device=self.device)
+        total = loss.total.detach()
+        if self.adversarial is not None and self.adversarial.active(self.global_step):
+            # train_loss stays the objective validation measures (the adversarial term is
+            # logged on its own), so the two remain comparable and positive.
+            total = total - (loss.adversarial_weight * loss.adversarial).detach()
+            adversarial = torch.stack(
+                [
+                    loss.adversarial.detach().double(),
+                    loss.adversarial_weight.detach().double(),
+                    self.discriminator_loss.double(),
+                    torch.ones((), dtype=torch.float64, device=self.device),
+                ]
+            )
+        return torch.cat(
             [
-                loss.total.detach().double() * size,
-                loss.reconstruction.detach().double() * size,
-                ssim_sum.detach().double(),
-                torch.full((), size, dtype=torch.float64, device=self.device),
+                torch.stack(
+                    [
+                        total.double() * size,
+                        loss.reconstruction.detach().double() * size,
+                        ssim_sum.detach().double(),
+                        torch.full((), size, dtype=torch.float64, device=self.device),
+                    ]
+                ),
+                adversarial,
             ]
         )
 
@@ -314,8 +371,13 @@ class VQVAETask(TrainingTask):
         epoch_losses = (sums[:, 1] / sums[:, 3]).tolist()
         self.batch_losses.extend(epoch_losses)
         self.epoch_batch_losses = epoch_losses
-        loss_sum, reconstruction_sum, ssim_sum, seen = sums.sum(0).tolist()
+        loss_sum, reconstruction_sum, ssim_sum, seen, *adversarial = sums.sum(0).tolist()
         per_image = 1 / seen if seen else float("nan")
+        adversarial_steps = adversarial[-1]  # summed over processes, as the figures are
+        # None (empty in metrics.csv, null in metrics.jsonl) for an epoch without the term.
+        adversarial_means = [
+            value / adversarial_steps if adversarial_steps else None for value in adversarial[:-1]
+        ]
         return {
             "images_seen": (history[-1]["images_seen"] if history else 0) + int(seen),
             "train_loss": loss_sum * per_image,
@@ -325,6 +387,9 @@ class VQVAETask(TrainingTask):
             "train_perplexity": float(perplexity(self.counts)),
             "train_dead_code_restarts": int(self.model.quantizer.restart_count)
             - self.restarts_before,
+            "train_adversarial_loss": adversarial_means[0],
+            "train_adversarial_weight": adversarial_means[1],
+            "train_discriminator_loss": adversarial_means[2],
         }
 
     def validate(self, processes: ProcessGroup) -> dict[str, Any]:
@@ -332,12 +397,31 @@ class VQVAETask(TrainingTask):
         return {f"val_{key}": value for key, value in val.items()}
 
     def describe(self, row: dict[str, Any]) -> str:
+        adversarial = ""
+        if row["train_adversarial_loss"] is not None:
+            adversarial = (
+                f" | adversarial {row['train_adversarial_loss']:.3f} x "
+                f"{row['train_adversarial_weight']:.3f}, discriminator "
+                f"{row['train_discriminator_loss']:.3f}"
+            )
         return (
             f"train loss {row['train_loss']:.4f} ssim {row['train_ssim']:.4f} | val loss "
             f"{row['val_loss']:.4f} ssim {row['val_ssim']:.4f} | codes used "
-            f"{100 * row['val_codebook_usage']:.1f}% perplexity {row['val_perplexity']:.1f} | "
-            f"{row['epoch_seconds']:.1f} s"
+            f"{100 * row['val_codebook_usage']:.1f}% perplexity {row['val_perplexity']:.1f}"
+            f"{adversarial} | {row['epoch_seconds']:.1f} s"
         )
+
+    def score(self, row: dict[str, Any]) -> float:
+        """``val_loss``. With the adversarial term, ``best.pt`` follows the newest epoch once
+        the term has started, as VQGAN keeps its last weights: the term trades a little pixel
+        loss for texture, so ``val_loss`` would choose the epoch that used it least, and no
+        validation figure measures the texture it buys. Epochs before the start rank behind
+        every epoch after it."""
+        if self.adversarial is None:
+            return row["val_loss"]
+        if self.adversarial.active(row["global_step"] - 1):
+            return -float(row["global_step"])  # newer is better
+        return row["val_loss"] + _BEFORE_ADVERSARIAL_PENALTY
 
     def after_epoch(
         self, epoch: int, global_step: int, last: bool, board: TensorBoardLog | None
@@ -353,12 +437,27 @@ class VQVAETask(TrainingTask):
 
     def extras(self) -> dict[str, Any]:
         extras: dict[str, Any] = {"batch_losses": self.batch_losses}
+        if self.adversarial is not None:
+            extras[DISCRIMINATOR_STATE] = self.adversarial.state_dict()
         if self.data_reference is not None:
             extras[DATA_REFERENCE] = self.data_reference.to_plain()
         return extras
 
     def restore(self, extras: dict[str, Any]) -> None:
         self.batch_losses = list(extras["batch_losses"])
+        saved = extras.get(DISCRIMINATOR_STATE)
+        if self.adversarial is not None and saved is not None:
+            self.adversarial.load_state_dict(saved)
+        elif self.adversarial is not None:
+            logger.warning(
+                "the checkpoint has no discriminator (it was trained without the adversarial "
+                "term): a new one trains from train.adversarial_start_step, at once if the run "
+                "is past it"
+            )
+        elif saved is not None:
+            logger.warning(
+                "the checkpoint's discriminator is dropped: train.adversarial_weight is 0 now"
+            )
 
     def finish(self, history: list[dict[str, Any]]) -> None:
         plots.ssim_curves(history, self.run.ssim_curves)
