@@ -10,6 +10,8 @@ from mri_vqvae.metrics import (
     foreground_ssim_psnr,
     perplexity,
     psnr_per_image,
+    radial_power_spectrum,
+    spectrum_gap_db,
     ssim_map,
     ssim_per_image,
     ssim_seed_protocol,
@@ -114,3 +116,25 @@ def test_foreground_of_an_empty_image_is_nan():
     blank = -torch.ones(1, 1, 32, 32)
     ssim, psnr = foreground_ssim_psnr(blank, blank)
     assert torch.isnan(ssim).all() and torch.isnan(psnr).all()
+
+
+def test_the_power_spectrum_of_white_noise_is_flat_at_its_variance():
+    torch.manual_seed(0)
+    noise = torch.rand(64, 1, 64, 32) * 2 - 1  # [0, 1] pixels of variance 1/12
+    frequencies, power = radial_power_spectrum(noise)
+    assert frequencies[0] == pytest.approx(1 / 64) and frequencies[-1] == pytest.approx(0.5)
+    assert len(frequencies) == len(power) == 32
+    np.testing.assert_allclose(power[2:], 1 / 12, rtol=0.15)  # the first rings hold few
+    # A blurred copy keeps the low frequencies and loses the high ones.
+    blurred = torch.nn.functional.avg_pool2d(noise, 3, stride=1, padding=1)
+    gap = spectrum_gap_db(power, radial_power_spectrum(blurred)[1])
+    assert gap[1] > -1.5 and gap[-1] < -10
+
+
+def test_the_power_spectrum_finds_a_stripe_at_its_frequency():
+    # Vertical stripes with a period of 8 pixels: all power at 1/8 cycles per pixel.
+    columns = torch.cos(2 * torch.pi * torch.arange(32) / 8)
+    stripes = columns.expand(2, 1, 64, 32).clone()
+    frequencies, power = radial_power_spectrum(stripes)
+    assert frequencies[power.argmax()] == pytest.approx(1 / 8)
+    assert power.max() > 100 * np.delete(power, power.argmax()).max()

@@ -92,6 +92,7 @@ MEMORISATION_TABLE = "memorisation.csv"
 BEST_IMAGE = "best_image.png"
 WORST_IMAGE = "worst_image.png"
 RANDOM_RECONSTRUCTIONS = "reconstructed_images.png"
+POWER_SPECTRUM = "power_spectrum.png"
 CLOSEST_TO_TRAINING = "closest_to_training.png"
 SAMPLES_WITH_NEAREST = "samples_with_nearest_training.png"
 NEAREST_TRAINING_SSIM = "nearest_training_ssim.png"
@@ -170,6 +171,7 @@ EVALUATION = FolderKind(
         BEST_IMAGE,
         WORST_IMAGE,
         RANDOM_RECONSTRUCTIONS,
+        POWER_SPECTRUM,
         EXAMPLES_FILE,
         CODEBOOK_FILE,
     ),

@@ -167,3 +167,39 @@ def foreground_ssim_psnr(
     weights = mask.float()
     mse = ((x - y) ** 2 * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)
     return ssim, 10 * torch.log10(1.0 / mse)
+
+
+def radial_power_spectrum(images: torch.Tensor, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The mean power of ``(N, 1, H, W)`` images (in the model's [-1, 1], measured on [0, 1])
+    at each spatial frequency,
+    averaged over rings: ``(frequencies, power)``, frequencies in cycles per pixel from one
+    ring's width (``1 / max(H, W)``) up to Nyquist (0.5), the zero frequency left out.
+
+    Each image's mean is removed first, and the power is ``|FFT|^2 / (H W)``, so it does not
+    depend on the image size. Non-square images are fine: a ring holds the frequencies whose
+    radius ``sqrt(fy^2 + fx^2)`` falls in it, whatever their direction."""
+    height, width = images.shape[-2:]
+    step = 1 / max(height, width)
+    radius = torch.sqrt(
+        torch.fft.fftfreq(height, dtype=torch.float64)[:, None] ** 2
+        + torch.fft.fftfreq(width, dtype=torch.float64)[None, :] ** 2
+    )
+    ring = torch.round(radius / step).long().flatten()  # ring 0: the zero frequency alone
+    rings = round(0.5 / step)
+    totals = torch.zeros(rings + 1, dtype=torch.float64)
+    for part in images.split(chunk):
+        pixels = _unit(part).double()[:, 0]
+        pixels = pixels - pixels.mean(dim=(1, 2), keepdim=True)
+        power = torch.fft.fft2(pixels).abs().pow(2).sum(0) / (height * width)
+        kept = ring <= rings  # the corners beyond Nyquist along both axes are left out
+        totals += torch.bincount(ring[kept], weights=power.flatten()[kept], minlength=rings + 1)
+    counts = torch.bincount(ring[ring <= rings], minlength=rings + 1).double()
+    power = totals / counts.clamp(min=1) / len(images)
+    frequencies = torch.arange(rings + 1, dtype=torch.float64) * step
+    return frequencies[1:].numpy(), power[1:].numpy()
+
+
+def spectrum_gap_db(real: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """``other``'s power relative to ``real``'s at each frequency, in dB (negative: weaker)."""
+    tiny = np.finfo(np.float64).tiny
+    return 10 * np.log10(np.maximum(other, tiny) / np.maximum(real, tiny))

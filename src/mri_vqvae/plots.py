@@ -318,6 +318,37 @@ def ssim_distribution(scores: Sequence[float], split: str):
     return fig
 
 
+def power_spectra(frequencies: Sequence[float], spectra: dict[str, Sequence[float]], split: str):
+    """Radially averaged power spectra on log axes, with the gap of each to the first in dB
+    below; half the Nyquist frequency marked (the decoder's reach is judged up to there)."""
+    frequencies = np.asarray(frequencies, dtype=np.float64)
+    fig, (power_axis, gap_axis) = plt.subplots(
+        2, 1, figsize=(7, 5.2), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+    )
+    names = list(spectra)
+    reference = np.maximum(np.asarray(spectra[names[0]], dtype=np.float64), 1e-300)
+    for name in names:
+        power = np.maximum(np.asarray(spectra[name], dtype=np.float64), 1e-300)
+        power_axis.loglog(frequencies, power, label=name)
+        gap_axis.semilogx(frequencies, 10 * np.log10(power / reference), label=name)
+    for axis in (power_axis, gap_axis):
+        axis.axvline(0.25, color="grey", ls=":", lw=1)
+        axis.grid(alpha=0.3, which="both")
+    gap_axis.axhspan(-3, 3, color="tab:green", alpha=0.1, label="within 3 dB")
+    power_axis.set_ylabel("power")
+    power_axis.set_title(f"Radially averaged power spectrum, {split} split")
+    power_axis.legend()
+    gap_axis.set_ylabel(f"dB vs {names[0]}")
+    gap_axis.set_xlabel("spatial frequency (cycles per pixel; dotted: half Nyquist)")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a figure to ``path`` (folders made as needed) and close it."""
+    return _save(fig, path)
+
+
 def code_frequency(counts: np.ndarray):
     """How often each code was chosen: by code index, and ranked (log scale)."""
     counts = np.asarray(counts, dtype=np.float64)

@@ -57,6 +57,7 @@ from mri_vqvae.distributed import (
     leave_process_group,
 )
 from mri_vqvae.errors import UserError
+from mri_vqvae.evaluate.protocol import protocol_named
 from mri_vqvae.evaluate.reconstruction import reconstruct_file, write_evaluation
 from mri_vqvae.evaluate.samples import evaluate_samples as measure_samples
 from mri_vqvae.files import (
@@ -243,7 +244,8 @@ def write_validation_report(
     try:
         model, _ = load_model(run.best_checkpoint, device)
         batch_size, seed = config.train.batch_size, config.train.seed
-        write_evaluation(model, val_set, run.validation, device, batch_size, seed, split="val")
+        protocol = protocol_named(config.sample_metrics.protocol)
+        write_evaluation(model, val_set, run.validation, device, batch_size, seed, "val", protocol)
         report = write_report(run_dir)
     except OSError as err:
         logger.warning(
@@ -483,7 +485,10 @@ def evaluate_checkpoint(
     with folder:
         folder.remove_previous_outputs()
         batch_size = batch_size or trained.train.batch_size
-        summary = write_evaluation(model, slices, out, torch_device, batch_size, trained.train.seed)
+        protocol = protocol_named((config or Config()).sample_metrics.protocol)
+        summary = write_evaluation(
+            model, slices, out, torch_device, batch_size, trained.train.seed, "test", protocol
+        )
     refresh_report(checkpoint)
     return summary
 

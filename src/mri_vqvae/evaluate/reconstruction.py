@@ -15,12 +15,17 @@ from mri_vqvae import plots
 from mri_vqvae.config import DataConfig
 from mri_vqvae.data.dataset import SliceSet, postprocess, preprocess
 from mri_vqvae.data.nifti import read_slice, write_slice
+from mri_vqvae.evaluate.comparisons import split_in_halves
+from mri_vqvae.evaluate.features import RandomFeatureNet, extract_features
+from mri_vqvae.evaluate.protocol import PROTOCOLS, SampleProtocol
+from mri_vqvae.evaluate.sample_metrics import classifier_two_sample_test, null_verdict
 from mri_vqvae.files import (
     BEST_IMAGE,
     CODEBOOK_FILE,
     EVALUATION_SUMMARY,
     EXAMPLES_FILE,
     PER_IMAGE_METRICS,
+    POWER_SPECTRUM,
     RANDOM_RECONSTRUCTIONS,
     WORST_IMAGE,
     replaced_atomically,
@@ -32,6 +37,8 @@ from mri_vqvae.metrics import (
     foreground_ssim_psnr,
     perplexity,
     psnr_per_image,
+    radial_power_spectrum,
+    spectrum_gap_db,
     ssim_per_image,
     ssim_seed_protocol,
 )
@@ -63,6 +70,13 @@ class SplitEvaluation:
     ssim_seed_protocol: np.ndarray
     code_counts: torch.Tensor
     code_maps: torch.Tensor  # (N, h, w) code indices, on the CPU
+    # Random-CNN features (N, F) of the real slices and of their reconstructions, for the
+    # two-sample test between them, and both sets' radially averaged power spectra.
+    real_features: torch.Tensor
+    reconstruction_features: torch.Tensor
+    frequencies: np.ndarray
+    real_power: np.ndarray
+    reconstruction_power: np.ndarray
 
     def per_image(self) -> dict[str, np.ndarray]:
         """The per-image columns of ``per_image_metrics.csv``."""
@@ -106,9 +120,15 @@ def reconstruct_batches(model: VQVAE, slices: SliceSet, batch_size: int, device:
 
 
 def evaluate_split(
-    model: VQVAE, slices: SliceSet, batch_size: int, device: torch.device
+    model: VQVAE,
+    slices: SliceSet,
+    batch_size: int,
+    device: torch.device,
+    protocol: SampleProtocol = PROTOCOLS["frozen-v2"],
 ) -> SplitEvaluation:
-    """SSIM and PSNR of every image's reconstruction (clamped to the image range), and code use."""
+    """SSIM and PSNR of every image's reconstruction (clamped to the image range), code use,
+    and what tells reconstructions from the real slices: ``protocol``'s random-CNN features
+    of both, and both power spectra."""
     columns: dict[str, list[torch.Tensor]] = {
         "ssim": [],
         "psnr": [],
@@ -118,8 +138,16 @@ def evaluate_split(
     }
     counts = torch.zeros(model.num_embeddings, dtype=torch.long)
     code_maps = []
+    features = RandomFeatureNet(protocol.random_features_widths, protocol.random_features_seed)
+    features.to(device)
+    realism: dict[str, list] = {"real": [], "reconstruction": []}
+    power: dict[str, np.ndarray | float] = {"real": 0.0, "reconstruction": 0.0}
     for _, images, output in reconstruct_batches(model, slices, batch_size, device):
         reconstruction = output.reconstruction.clamp(-1, 1)
+        for name, batch in (("real", images), ("reconstruction", reconstruction)):
+            realism[name].append(extract_features(features, batch.float()).cpu())
+            frequencies, batch_power = radial_power_spectrum(batch.cpu())
+            power[name] = power[name] + batch_power * len(batch)
         foreground_ssim, foreground_psnr = foreground_ssim_psnr(images, reconstruction)
         scores = {
             "ssim": ssim_per_image(images, reconstruction),
@@ -134,8 +162,62 @@ def evaluate_split(
         code_maps.append(output.indices.cpu())
     arrays = {name: torch.cat(values).double().numpy() for name, values in columns.items()}
     return SplitEvaluation(
-        names=list(slices.names), code_counts=counts, code_maps=torch.cat(code_maps), **arrays
+        names=list(slices.names),
+        code_counts=counts,
+        code_maps=torch.cat(code_maps),
+        real_features=torch.cat(realism["real"]),
+        reconstruction_features=torch.cat(realism["reconstruction"]),
+        frequencies=frequencies,
+        real_power=np.asarray(power["real"]) / len(slices),
+        reconstruction_power=np.asarray(power["reconstruction"]) / len(slices),
+        **arrays,
     )
+
+
+def realism_summary(
+    result: SplitEvaluation, protocol: SampleProtocol, seed: int = 0
+) -> dict[str, object]:
+    """How far reconstructions are from passing for the real slices: the two-sample
+    classifier of the sample measures, and the power spectra's gap in dB.
+
+    The slices are split into two random halves, A and B. The figure tells reconstructions
+    of half A from the real slices of half B: unpaired, since a slice and its own
+    reconstruction in the classifier's training and held-out folds would leak; the null
+    tells real half A from real half B, at the same size. Both are left out (with the reason)
+    when a half is smaller than the classifier's folds."""
+    first, second = split_in_halves(len(result.names), seed)
+    two_sample: dict[str, object] = {"features": "random_cnn", "protocol": protocol.name}
+    if len(first) < protocol.classifier_folds:
+        two_sample["skipped"] = (
+            f"{len(result.names)} slices: halves of {len(first)} are fewer than the "
+            f"classifier's {protocol.classifier_folds} folds"
+        )
+    else:
+        two_sample["reconstructions_vs_real"] = classifier_two_sample_test(
+            result.reconstruction_features[first], result.real_features[second], protocol, seed
+        )
+        two_sample["null_real_halves"] = classifier_two_sample_test(
+            result.real_features[first], result.real_features[second], protocol, seed
+        )
+        two_sample.update(null_verdict(two_sample["null_real_halves"], protocol))
+    gap = spectrum_gap_db(result.real_power, result.reconstruction_power)
+    # The two lowest rings hold a handful of coefficients each, too few for a steady mean.
+    steady = np.arange(len(gap)) >= 2
+    up_to_half_nyquist = result.frequencies <= 0.25
+    return {
+        "two_sample": two_sample,
+        "power_spectrum": {
+            "frequencies": result.frequencies.round(6).tolist(),
+            "real": result.real_power.tolist(),
+            "reconstructions": result.reconstruction_power.tolist(),
+            "largest_gap_db_up_to_half_nyquist": float(
+                np.abs(gap[steady & up_to_half_nyquist]).max()
+            ),
+            "mean_gap_db_above_half_nyquist": float(gap[~up_to_half_nyquist].mean())
+            if (~up_to_half_nyquist).any()
+            else None,
+        },
+    }
 
 
 def write_evaluation(
@@ -146,13 +228,14 @@ def write_evaluation(
     batch_size: int = 32,
     seed: int = 0,
     split: str = "test",
+    protocol: SampleProtocol = PROTOCOLS["frozen-v2"],
 ) -> dict:
     """Evaluate a split (named ``split`` in the outputs) and write ``per_image_metrics.csv``,
     ``metrics.json``, the figures and the arrays of the run's report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = evaluate_split(model, slices, batch_size, device)
-    summary = {"split": split, **result.summary()}
+    result = evaluate_split(model, slices, batch_size, device, protocol)
+    summary = {"split": split, **result.summary(), **realism_summary(result, protocol, seed)}
     with open(out_dir / PER_IMAGE_METRICS, "w", newline="") as handle:
         writer = csv.writer(handle)
         columns = result.per_image()
@@ -186,6 +269,15 @@ def write_evaluation(
         f"{summary['ssim_mean']:.4f})",
     )
     write_codebook_atlas(slices, result, out_dir / CODEBOOK_FILE, seed)
+    spectrum = summary["power_spectrum"]
+    plots.save_figure(
+        plots.power_spectra(
+            spectrum["frequencies"],
+            {"real slices": spectrum["real"], "reconstructions": spectrum["reconstructions"]},
+            split,
+        ),
+        out_dir / POWER_SPECTRUM,
+    )
     return summary
 
 

@@ -323,7 +323,19 @@ def _evaluation_section(folder: Path | None, run_dir: Path) -> dict | None:
         "error_scale": _image(plots.colour_scale_png("magma")),
         "error_scale_max": ERROR_SCALE_MAX,
         "codebook": None,
+        "spectrum": None,
     }
+    if "power_spectrum" in summary:  # evaluations before issue 16 have neither figure
+        section.update(_realism(summary, split))
+        two_sample = summary["two_sample"]
+        accuracy = two_sample.get("reconstructions_vs_real", {}).get("accuracy", math.nan)
+        metrics += [
+            ("two-sample accuracy, reconstructions vs real", _number(accuracy, 3)),
+            (
+                "largest spectrum gap up to half Nyquist (dB)",
+                _number(summary["power_spectrum"]["largest_gap_db_up_to_half_nyquist"], 2),
+            ),
+        ]
     examples = _load_npz(folder / EXAMPLES_FILE)
     if examples is not None:
         section["examples"] = _example_tables(examples)
@@ -340,6 +352,29 @@ def _evaluation_section(folder: Path | None, run_dir: Path) -> dict | None:
     if atlas is not None:
         section["codebook"] = _codebook_section(atlas)
     return section
+
+
+def _realism(summary: dict, split: str) -> dict:
+    """The two-sample figure of reconstructions against real slices, and the spectra."""
+    two_sample, spectrum = summary["two_sample"], summary["power_spectrum"]
+    figure = two_sample.get("reconstructions_vs_real")
+    return {
+        "realism_skipped": two_sample.get("skipped"),
+        "realism_accuracy": f"{figure['accuracy']:.3f} (95% interval "
+        f"{figure['ci95_low']:.3f}-{figure['ci95_high']:.3f}, "
+        f"{figure['images_per_set']} slices each)"
+        if figure
+        else None,
+        "realism_null": _number(two_sample["null_real_halves"]["accuracy"], 3) if figure else None,
+        "realism_trustworthy": two_sample.get("trustworthy", False),
+        "spectrum": _figure(
+            plots.power_spectra(
+                spectrum["frequencies"],
+                {"real slices": spectrum["real"], "reconstructions": spectrum["reconstructions"]},
+                split,
+            )
+        ),
+    }
 
 
 # The top of the error maps' colour scale, on [0, 1] images: one scale for every run, so

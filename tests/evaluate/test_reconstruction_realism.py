@@ -1,0 +1,65 @@
+"""Whether reconstructions pass for the real slices: the two-sample figure on unpaired halves
+with its null, and the power spectra's gap."""
+
+import numpy as np
+import pytest
+import torch
+
+from mri_vqvae.evaluate.protocol import PROTOCOLS
+from mri_vqvae.evaluate.reconstruction import SplitEvaluation, realism_summary
+
+
+def evaluation(real: torch.Tensor, reconstructions: torch.Tensor, gap_db: float = 0.0):
+    count = len(real)
+    frequencies = np.arange(1, 33) / 64
+    power = np.full(32, 1e-3)
+    weaker = power * 10 ** (np.where(frequencies > 0.2, gap_db, 0.0) / 10)
+    empty = np.zeros(count)
+    return SplitEvaluation(
+        names=[f"s{i}" for i in range(count)],
+        ssim=empty, psnr=empty, foreground_ssim=empty, foreground_psnr=empty,
+        ssim_seed_protocol=empty, code_counts=torch.zeros(4), code_maps=torch.zeros(count, 2, 2),
+        real_features=real, reconstruction_features=reconstructions,
+        frequencies=frequencies, real_power=power, reconstruction_power=weaker,
+    )  # fmt: skip
+
+
+def test_reconstructions_like_the_real_slices_score_near_chance_and_shifted_ones_near_one():
+    torch.manual_seed(0)
+    real = torch.randn(200, 16).double()
+    protocol = PROTOCOLS["frozen-v2"]
+    alike = realism_summary(evaluation(real, real + 0.01 * torch.randn_like(real)), protocol)
+    two_sample = alike["two_sample"]
+    assert two_sample["reconstructions_vs_real"]["accuracy"] < 0.62
+    assert two_sample["reconstructions_vs_real"]["images_per_set"] == 100  # halves
+    assert two_sample["null_real_halves"]["images_per_set"] == 100
+    # Reconstructions that are the real slices score as the null does.
+    null = two_sample["null_real_halves"]["accuracy"]
+    assert abs(two_sample["reconstructions_vs_real"]["accuracy"] - null) < 0.05
+    assert "trustworthy" in two_sample
+    shifted = real.clone()
+    shifted[:, 3] += 2.0
+    assert (
+        realism_summary(evaluation(real, shifted), protocol)["two_sample"][
+            "reconstructions_vs_real"
+        ]["accuracy"]
+        > 0.8
+    )
+
+
+def test_the_spectrum_gap_is_reported_up_to_half_nyquist_and_above():
+    real = torch.randn(20, 4).double()
+    spectrum = realism_summary(evaluation(real, real, gap_db=-6.0), PROTOCOLS["frozen-v2"])[
+        "power_spectrum"
+    ]
+    # -6 dB from 0.2 cycles per pixel on: up to 0.25 the largest gap is 6 dB; above, all -6.
+    assert spectrum["largest_gap_db_up_to_half_nyquist"] == pytest.approx(6.0)
+    assert spectrum["mean_gap_db_above_half_nyquist"] == pytest.approx(-6.0)
+    assert len(spectrum["frequencies"]) == len(spectrum["reconstructions"]) == 32
+
+
+def test_a_split_too_small_for_the_classifiers_folds_skips_the_test_with_its_reason():
+    real = torch.randn(9, 4).double()
+    two_sample = realism_summary(evaluation(real, real), PROTOCOLS["frozen-v2"])["two_sample"]
+    assert "reconstructions_vs_real" not in two_sample
+    assert two_sample["skipped"].startswith("9 slices: halves of 4")
