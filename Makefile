@@ -83,7 +83,8 @@ format: $(VENV)/.installed-dev
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-# Reconstruction quality at equal time: seed preset vs default vs MONAI (minutes per recipe).
+# Reconstruction quality at equal time: seed preset vs default vs the adversarial preset vs
+# MONAI (minutes per recipe).
 QUALITY_MINUTES ?= 20
 bench-quality: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/quality.py --minutes $(QUALITY_MINUTES)
