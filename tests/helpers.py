@@ -161,3 +161,23 @@ def prior_extras(num_embeddings: int, grid: tuple[int, int], sha256: str, path: 
         "training_conditions": {"position": None, "labels": None},
         "ema": None,
     }
+
+
+def tiny_splits(root: Path) -> dict:
+    """The train, val and test splits of a phantom folder at the tiny size."""
+    from mri_vqvae.data.dataset import load_splits, resolve_split_files
+
+    return load_splits(resolve_split_files(root), DataConfig(image_size=TINY_SIZE))
+
+
+def train_tiny_vqvae(config: Config, data: dict, out: Path, resume=None):
+    """A fresh seeded VQ-VAE trained on ``data`` into ``out`` on the CPU (resumed from the
+    checkpoint ``resume`` if given); returns the loop's result."""
+    from mri_vqvae.model import VQVAE
+    from mri_vqvae.train.vqvae import train_vqvae
+
+    torch.manual_seed(config.train.seed)
+    model = VQVAE.from_config(config.model)
+    if resume is not None:
+        model.load_state_dict(resume.model_state)
+    return train_vqvae(model, data["train"], data["val"], config, out, torch.device("cpu"), resume)

@@ -229,6 +229,11 @@ class TrainConfig(LoopConfig):
     # that end after it.
     adversarial_weight: float = 0.0
     adversarial_start_step: int = 500
+    # The decoder's side ramps up linearly over this many steps after the start, while the
+    # discriminator trains at full rate: a discriminator fresh from its initialisation points
+    # the decoder in arbitrary directions (on the phantom, switching the term on at full
+    # weight took validation SSIM from 0.86 to 0.57 within 30 steps).
+    adversarial_warmup_steps: int = 200
     # The discriminator's first width (doubling per strided layer, up to 8x) and depth; with
     # 32 and 3 it costs about as much per image as the default VQ-VAE.
     discriminator_channels: int = 32
@@ -260,7 +265,12 @@ class TrainConfig(LoopConfig):
             f"train.ssim_loss_weight must be >= 0, got {self.ssim_loss_weight}",
         )
         _require(self.num_preview_images >= 1, "train.num_preview_images must be at least 1")
-        for name in ("spectral_loss_weight", "adversarial_weight", "adversarial_start_step"):
+        for name in (
+            "spectral_loss_weight",
+            "adversarial_weight",
+            "adversarial_start_step",
+            "adversarial_warmup_steps",
+        ):
             value = getattr(self, name)
             _require(value >= 0, f"train.{name} must be >= 0, got {value}")
         for name in ("discriminator_channels", "discriminator_layers"):

@@ -173,13 +173,15 @@ def radial_power_spectrum(images: torch.Tensor, chunk: int = 64) -> tuple[np.nda
     """The mean power of ``(N, 1, H, W)`` images (in the model's [-1, 1], measured on [0, 1])
     at each spatial frequency,
     averaged over rings: ``(frequencies, power)``, frequencies in cycles per pixel from one
-    ring's width (``1 / max(H, W)``) up to Nyquist (0.5), the zero frequency left out.
+    ring's width (``1 / min(H, W)``) up to Nyquist (0.5), the zero frequency left out.
 
     Each image's mean is removed first, and the power is ``|FFT|^2 / (H W)``, so it does not
     depend on the image size. Non-square images are fine: a ring holds the frequencies whose
-    radius ``sqrt(fy^2 + fx^2)`` falls in it, whatever their direction."""
+    radius ``sqrt(fy^2 + fx^2)`` falls in it, whatever their direction. The rings are as wide
+    as the coarser axis's frequency spacing: with narrower ones, every other ring of a tall
+    slice would miss that axis's frequencies and the curve would zig-zag."""
     height, width = images.shape[-2:]
-    step = 1 / max(height, width)
+    step = 1 / min(height, width)
     radius = torch.sqrt(
         torch.fft.fftfreq(height, dtype=torch.float64)[:, None] ** 2
         + torch.fft.fftfreq(width, dtype=torch.float64)[None, :] ** 2

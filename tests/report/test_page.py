@@ -117,14 +117,14 @@ def test_training_ends_with_a_validation_evaluation_and_its_report(full_run):
     ):
         assert (validation / name).is_file(), name
     # Whether reconstructions pass for the real slices: the frozen two-sample classifier with
-    # its null, and the power spectra (one value per ring up to Nyquist, 64x32 slices: 32).
+    # its null, and the power spectra (one value per ring up to Nyquist, 64x32 slices: 16).
     # 8 validation slices: halves of 4 are too few for the classifier's 5 folds, so the test
     # is left out with its reason (tests/evaluate covers it on a larger split).
     two_sample = summary["two_sample"]
     assert two_sample["protocol"] == "frozen-v2"
     assert "fewer than the classifier's 5 folds" in two_sample["skipped"]
     spectrum = summary["power_spectrum"]
-    assert len(spectrum["frequencies"]) == len(spectrum["real"]) == 32
+    assert len(spectrum["frequencies"]) == len(spectrum["real"]) == 16
     assert spectrum["largest_gap_db_up_to_half_nyquist"] >= 0
     page = PageParts(full_run.report_after_training)
     text = " ".join(page.text)

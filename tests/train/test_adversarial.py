@@ -12,16 +12,23 @@ import torch
 import torch.multiprocessing as mp
 
 from mri_vqvae.checkpoint import load_checkpoint
-from mri_vqvae.config import DataConfig
 from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.distributed import leave_process_group
+from mri_vqvae.errors import ConfigError
 from mri_vqvae.files import RunFolder
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.discriminator import PatchDiscriminator
 from mri_vqvae.train import vqvae as training
-from mri_vqvae.train.adversarial import DISCRIMINATOR_STATE
+from mri_vqvae.train.adversarial import DISCRIMINATOR_STATE, AdversarialTerm
 from mri_vqvae.train.vqvae import VQVAETask, compute_loss, train_vqvae
-from tests.helpers import TINY_SIZE, free_port, join_test_group, tiny_config
+from tests.helpers import (
+    TINY_SIZE,
+    free_port,
+    join_test_group,
+    tiny_config,
+    tiny_splits,
+    train_tiny_vqvae,
+)
 
 CPU = torch.device("cpu")
 
@@ -32,18 +39,6 @@ def adversarial_config(**changes):
     return tiny_config(**settings)
 
 
-def splits(root: Path):
-    return load_splits(resolve_split_files(root), DataConfig(image_size=TINY_SIZE))
-
-
-def run(config, data, out: Path, resume=None):
-    torch.manual_seed(config.train.seed)
-    model = VQVAE.from_config(config.model)
-    if resume is not None:
-        model.load_state_dict(resume.model_state)
-    return train_vqvae(model, data["train"], data["val"], config, out, CPU, resume)
-
-
 def discriminator_weights(task: VQVAETask) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in task.adversarial.discriminator.state_dict().items()}
 
@@ -51,7 +46,7 @@ def discriminator_weights(task: VQVAETask) -> dict[str, torch.Tensor]:
 def test_the_term_is_exactly_zero_before_its_start_step_and_trains_the_discriminator_after(
     phantom_root: Path, tmp_path: Path
 ):
-    data = splits(phantom_root)
+    data = tiny_splits(phantom_root)
     config = adversarial_config(precision="float32")
     torch.manual_seed(0)
     model = VQVAE.from_config(config.model)
@@ -85,8 +80,24 @@ def test_the_term_is_exactly_zero_before_its_start_step_and_trains_the_discrimin
     assert any(not torch.equal(changed[name], before[name]) for name in before)
 
 
-def test_best_checkpoint_follows_the_newest_epoch_once_the_term_has_started(phantom_root: Path, tmp_path: Path):
-    data = splits(phantom_root)
+def test_the_decoders_term_ramps_up_after_the_start_while_the_discriminator_learns():
+    settings = adversarial_config(adversarial_warmup_steps=3).train  # start at step 4
+    term = AdversarialTerm(settings, (1, *TINY_SIZE), CPU)
+    assert [term.ramp(step) for step in range(3, 9)] == [0, 0.25, 0.5, 0.75, 1, 1]
+    immediate = AdversarialTerm(adversarial_config(adversarial_warmup_steps=0).train,
+                                (1, *TINY_SIZE), CPU)  # fmt: skip
+    assert immediate.ramp(4) == 1
+
+
+def test_a_discriminator_too_deep_for_the_slices_is_refused_before_training():
+    with pytest.raises(ConfigError, match="discriminator_layers=5 halves 64x32 slices"):
+        AdversarialTerm(adversarial_config(discriminator_layers=5).train, (1, *TINY_SIZE), CPU)
+
+
+def test_best_checkpoint_follows_the_newest_epoch_once_the_term_has_started(
+    phantom_root: Path, tmp_path: Path
+):
+    data = tiny_splits(phantom_root)
     config = adversarial_config()
     model = VQVAE.from_config(config.model)
     task = VQVAETask(model, data["train"], data["val"], config, RunFolder(tmp_path), CPU)
@@ -109,10 +120,10 @@ class Crash(Exception):
 def test_resume_across_the_start_step_ends_exactly_as_a_run_that_never_stopped(
     phantom_root: Path, tmp_path: Path, monkeypatch
 ):
-    data = splits(phantom_root)
+    data = tiny_splits(phantom_root)
     # 24 slices in batches of 8: 3 steps an epoch; the term starts at the 2nd step of epoch 2.
     config = adversarial_config(epochs=3, batch_size=8, checkpoint_every=1)
-    straight = run(config, data, tmp_path / "straight")
+    straight = train_tiny_vqvae(config, data, tmp_path / "straight")
     assert straight.history[0]["train_adversarial_loss"] is None  # epoch 1 ran without it
     assert isinstance(straight.history[-1]["train_discriminator_loss"], float)
     # Once the term is on, best.pt follows the newest epoch.
@@ -132,18 +143,18 @@ def test_resume_across_the_start_step_ends_exactly_as_a_run_that_never_stopped(
 
     crash_at(3)  # the 3rd step: the checkpoint holds steps 0-1, before the term starts
     with pytest.raises(Crash):
-        run(config, data, tmp_path / "crashed")
+        train_tiny_vqvae(config, data, tmp_path / "crashed")
     checkpoint = load_checkpoint(tmp_path / "crashed" / "last.pt")
     assert checkpoint.progress.global_step == 2
     crash_at(4)  # resumed at step 2: a mid-epoch checkpoint after step 4, the term's first
     with pytest.raises(Crash):
-        run(config, data, tmp_path / "crashed", resume=checkpoint)
+        train_tiny_vqvae(config, data, tmp_path / "crashed", resume=checkpoint)
     checkpoint = load_checkpoint(tmp_path / "crashed" / "last.pt")
     assert (checkpoint.progress.global_step, checkpoint.progress.step_in_epoch) == (5, 2)
     step_sums = checkpoint.progress.epoch_progress["step_sums"]
     assert step_sums.shape == (2, 8) and step_sums[:, -1].tolist() == [0.0, 1.0]
     monkeypatch.setattr(training.VQVAETask, "loss", real_loss)
-    run(config, data, tmp_path / "crashed", resume=checkpoint)
+    train_tiny_vqvae(config, data, tmp_path / "crashed", resume=checkpoint)
 
     ends = [load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "crashed")]
     for name, weight in ends[0].model_state.items():

@@ -15,29 +15,20 @@ import torch
 
 from mri_vqvae.checkpoint import load_checkpoint
 from mri_vqvae.cli.main import main
-from mri_vqvae.config import DataConfig
-from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.errors import UserError
-from mri_vqvae.model import VQVAE
 from mri_vqvae.train import loop
 from mri_vqvae.train import vqvae as training
 from mri_vqvae.train.loop import NonFiniteTraining
-from mri_vqvae.train.vqvae import train_vqvae
-from tests.helpers import TINY_SIZE, cli_command, cli_env, tiny_config, wait_for
+from tests.helpers import (
+    cli_command,
+    cli_env,
+    tiny_config,
+    tiny_splits,
+    train_tiny_vqvae,
+    wait_for,
+)
 
 CPU = torch.device("cpu")
-
-
-def splits(root: Path):
-    return load_splits(resolve_split_files(root), DataConfig(image_size=TINY_SIZE))
-
-
-def fresh_run(config, data, out: Path, resume=None):
-    torch.manual_seed(config.train.seed)
-    model = VQVAE.from_config(config.model)
-    if resume is not None:
-        model.load_state_dict(resume.model_state)
-    return train_vqvae(model, data["train"], data["val"], config, out, CPU, resume)
 
 
 def assert_same_weights(first: Path, second: Path) -> None:
@@ -54,10 +45,10 @@ class Crash(Exception):
 def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_exactly_as_one_never_stopped(
     phantom_root: Path, tmp_path: Path, monkeypatch
 ):
-    data = splits(phantom_root)
+    data = tiny_splits(phantom_root)
     # batch 5 of 24 slices: 5 steps an epoch, the last of 4 images.
     config = tiny_config(epochs=2, batch_size=5, checkpoint_every=1)
-    fresh_run(config, data, tmp_path / "straight")
+    train_tiny_vqvae(config, data, tmp_path / "straight")
 
     real_loss, calls = training.VQVAETask.loss, []
 
@@ -69,7 +60,7 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_exactly_as_one_never_sto
 
     monkeypatch.setattr(training.VQVAETask, "loss", crashing_loss)
     with pytest.raises(Crash):
-        fresh_run(config, data, tmp_path / "crashed")
+        train_tiny_vqvae(config, data, tmp_path / "crashed")
     monkeypatch.setattr(training.VQVAETask, "loss", real_loss)
     checkpoint = load_checkpoint(tmp_path / "crashed" / "last.pt")
     assert (
@@ -91,12 +82,12 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_ends_exactly_as_one_never_sto
 
     monkeypatch.setattr(training.VQVAETask, "loss", crash_on_second_step)
     with pytest.raises(Crash):
-        fresh_run(config, data, tmp_path / "crashed", resume=checkpoint)
+        train_tiny_vqvae(config, data, tmp_path / "crashed", resume=checkpoint)
     monkeypatch.setattr(training.VQVAETask, "loss", real_loss)
     checkpoint = load_checkpoint(tmp_path / "crashed" / "last.pt")
     assert (checkpoint.progress.step_in_epoch, checkpoint.progress.global_step) == (3, 8)
 
-    resumed = fresh_run(config, data, tmp_path / "crashed", resume=checkpoint)
+    resumed = train_tiny_vqvae(config, data, tmp_path / "crashed", resume=checkpoint)
     assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "crashed" / "last.pt")
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     # The resumed epoch's logged means include the steps taken before the crash.
@@ -191,9 +182,9 @@ def poisoned(data, indices):
 
 
 def test_a_nan_batch_is_skipped_and_counted(phantom_root: Path, tmp_path: Path):
-    data = splits(phantom_root)
+    data = tiny_splits(phantom_root)
     config = tiny_config(epochs=2, batch_size=8)  # 3 steps an epoch; one image poisoned
-    result = fresh_run(config, poisoned(data, [5]), tmp_path / "run")
+    result = train_tiny_vqvae(config, poisoned(data, [5]), tmp_path / "run")
     skipped = [row["train_skipped_steps"] for row in result.history]
     assert skipped == [1, 1]  # the batch holding image 5, once an epoch
     for row in result.history:
@@ -208,15 +199,15 @@ def test_a_nan_batch_is_skipped_and_counted(phantom_root: Path, tmp_path: Path):
 def test_steps_that_stay_non_finite_stop_the_run_and_keep_the_last_checkpoint(
     phantom_root: Path, tmp_path: Path
 ):
-    data = splits(phantom_root)
+    data = tiny_splits(phantom_root)
     config = tiny_config(epochs=3, batch_size=8, max_nonfinite_steps=2)
     run_dir = tmp_path / "run"
-    fresh_run(replace(config, train=replace(config.train, epochs=1)), data, run_dir)
+    train_tiny_vqvae(replace(config, train=replace(config.train, epochs=1)), data, run_dir)
     before = (run_dir / "last.pt").read_bytes()
     checkpoint = load_checkpoint(run_dir / "last.pt")
     checkpoint.config = config
     with pytest.raises(NonFiniteTraining, match=r"2 steps in a row.*epoch 2 step 2"):
-        fresh_run(config, poisoned(data, list(range(24))), run_dir, resume=checkpoint)
+        train_tiny_vqvae(config, poisoned(data, list(range(24))), run_dir, resume=checkpoint)
     assert (run_dir / "last.pt").read_bytes() == before
 
 
@@ -255,17 +246,17 @@ def test_train_refuses_an_existing_run_unless_told_to_overwrite(
 def test_a_full_disk_or_unwritable_folder_is_refused_before_training(
     phantom_root: Path, tmp_path: Path, monkeypatch
 ):
-    data = splits(phantom_root)
+    data = tiny_splits(phantom_root)
     config = tiny_config(epochs=1)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(UserError, match="cannot write to the run folder"):
-        fresh_run(config, data, blocker / "run")
+        train_tiny_vqvae(config, data, blocker / "run")
 
     class Usage:
         free = 1 << 20
 
     monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: Usage)
     with pytest.raises(UserError, match=r"only 1 MiB free; a run needs about \d+ MiB"):
-        fresh_run(config, data, tmp_path / "run")
+        train_tiny_vqvae(config, data, tmp_path / "run")
     assert not (tmp_path / "run" / "config.yaml").exists()

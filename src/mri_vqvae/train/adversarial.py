@@ -65,16 +65,26 @@ class AdversarialTerm:
         """Whether the term is on at this step (0-based count of steps taken before it)."""
         return global_step >= self.settings.adversarial_start_step
 
+    def ramp(self, global_step: int) -> float:
+        """The share of its weight the decoder's term has at this step: rising linearly from
+        ``1 / (warmup + 1)`` at the start step to 1 after ``train.adversarial_warmup_steps``
+        (0 before the start)."""
+        if not self.active(global_step):
+            return 0.0
+        steps_on = global_step - self.settings.adversarial_start_step + 1
+        return min(1.0, steps_on / (self.settings.adversarial_warmup_steps + 1))
+
     def generator_loss(
         self,
         reconstructions: torch.Tensor,
         reconstruction_loss: torch.Tensor,
         last_layer_weight: torch.Tensor,
+        global_step: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's adversarial loss on its ``reconstructions`` and the weight it enters
         the total with: ``train.adversarial_weight`` times the adaptive weight at
         ``last_layer_weight`` (the decoder's last layer), averaged over the processes so
-        every one weighs the term alike."""
+        every one weighs the term alike, times the warm-up's :meth:`ramp`."""
         # The plain module, its weights frozen for this pass: the decoder's gradient flows
         # through the discriminator, but the discriminator's own is not wanted here (its
         # update is discriminator_step's), so neither is it computed nor synchronised.
@@ -88,7 +98,7 @@ class AdversarialTerm:
         weight = adaptive_adversarial_weight(reconstruction_loss, loss, last_layer_weight)
         if self.processes.enabled:
             weight = self.processes.sum(weight.clone()) / self.processes.world_size
-        return loss, weight * self.settings.adversarial_weight
+        return loss, weight * self.settings.adversarial_weight * self.ramp(global_step)
 
     def discriminator_step(
         self, images: torch.Tensor, reconstructions: torch.Tensor

@@ -307,7 +307,7 @@ class VQVAETask(TrainingTask):
         if not term.active(self.global_step):
             return loss._replace(adversarial=zero, adversarial_weight=zero)
         adversarial, weight = term.generator_loss(
-            output.reconstruction, loss.total, self.model.last_decoder_weight
+            output.reconstruction, loss.total, self.model.last_decoder_weight, self.global_step
         )
         self.discriminator_batch = (images, output.reconstruction.detach())
         return loss._replace(
