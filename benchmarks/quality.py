@@ -252,7 +252,7 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="section.key=value",
-        help="settings changed in the default and gan recipes, not the seed's or MONAI's (to try a variant)",
+        help="settings changed in the default and gan recipes, not the seed's or MONAI's",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
