@@ -54,6 +54,7 @@ def test_gan_presets_add_the_adversarial_and_spectral_terms_to_their_compression
         ("train.adversarial_weight=-1", "train.adversarial_weight must be >= 0"),
         ("train.discriminator_layers=0", "train.discriminator_layers must be at least 1"),
         ("train.discriminator_lr=0", "train.discriminator_lr must be > 0"),
+        ("train.adaptive_weight_max=0", "train.adaptive_weight_max must be > 0"),
     ],
 )
 def test_bad_adversarial_settings_are_named(override: str, message: str):

@@ -89,6 +89,22 @@ def test_the_decoders_term_ramps_up_after_the_start_while_the_discriminator_lear
     assert immediate.ramp(4) == 1
 
 
+def test_a_faint_discriminator_gradient_is_not_scaled_up_past_the_bound():
+    # The reconstructions hang on `last` by a thread, so the discriminator's gradient there is
+    # faint beside the reconstruction loss's and the unbounded ratio would be huge.
+    last = torch.ones(1, 1, *TINY_SIZE, requires_grad=True)
+    reconstructions = torch.rand(2, 1, *TINY_SIZE) * 2 - 1 + 1e-6 * last
+    reconstruction_loss = 1000 * last.sum()
+    weights = []
+    for bound in (0.1, 5.0):
+        settings = adversarial_config(adaptive_weight_max=bound, adversarial_warmup_steps=0)
+        term = AdversarialTerm(settings.train, (1, *TINY_SIZE), CPU)
+        _, weight = term.generator_loss(reconstructions, reconstruction_loss, last, 4)
+        weights.append(weight.item())
+    # adversarial_weight 0.5 times the bound, full ramp at the start without warm-up.
+    assert weights == pytest.approx([0.05, 2.5])
+
+
 def test_a_discriminator_too_deep_for_the_slices_is_refused_before_training():
     with pytest.raises(ConfigError, match="discriminator_layers=5 halves 64x32 slices"):
         AdversarialTerm(adversarial_config(discriminator_layers=5).train, (1, *TINY_SIZE), CPU)

@@ -83,7 +83,8 @@ class AdversarialTerm:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's adversarial loss on its ``reconstructions`` and the weight it enters
         the total with: ``train.adversarial_weight`` times the adaptive weight at
-        ``last_layer_weight`` (the decoder's last layer), averaged over the processes so
+        ``last_layer_weight`` (the decoder's last layer, at most
+        ``train.adaptive_weight_max``), averaged over the processes so
         every one weighs the term alike, times the warm-up's :meth:`ramp`."""
         # The plain module, its weights frozen for this pass: the decoder's gradient flows
         # through the discriminator, but the discriminator's own is not wanted here (its
@@ -95,7 +96,9 @@ class AdversarialTerm:
         finally:
             self.discriminator.requires_grad_(True)
         loss = generator_adversarial_loss(logits)
-        weight = adaptive_adversarial_weight(reconstruction_loss, loss, last_layer_weight)
+        weight = adaptive_adversarial_weight(
+            reconstruction_loss, loss, last_layer_weight, self.settings.adaptive_weight_max
+        )
         if self.processes.enabled:
             weight = self.processes.sum(weight.clone()) / self.processes.world_size
         return loss, weight * self.settings.adversarial_weight * self.ramp(global_step)
