@@ -314,10 +314,6 @@ def plot_spectra(results: list[dict], path: Path, key: str) -> None:
     plots.save_figure(plots.power_spectra(spectra["frequencies"], curves, f"{key} test"), path)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def plot_reconstructions(
     run_dir: Path, recipes: list[str], compression: int, test: SliceSet, path: Path, count: int = 3
 ) -> None:
@@ -345,3 +341,7 @@ def plot_reconstructions(
             rows.append(with_centres(model(real).reconstruction.clamp(-1, 1)))
     titles = [title for i in indices for title in (test.names[i][:28], "centre x4")]
     plots.image_rows(rows, ["real", *recipes], path, f"{path.stem}: test slices", titles)
+
+
+if __name__ == "__main__":
+    main()
