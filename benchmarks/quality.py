@@ -299,9 +299,11 @@ def main() -> None:
                 (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
             print(f"\n## {key}, {args.minutes} min per recipe\n{table(results)}\n", flush=True)
             plot_spectra(results, args.out / f"spectra_{key}.png", key)
-            plot_reconstructions(
-                run_dir, args.recipes, compression, data["test"], args.out / f"pictures_{key}.png"
-            )
+            configs = {
+                recipe: recipe_config(recipe, compression, 1.0, "float32", args.default_overrides)
+                for recipe in args.recipes
+            }
+            plot_reconstructions(run_dir, configs, data["test"], args.out / f"pictures_{key}.png")
 
 
 def plot_spectra(results: list[dict], path: Path, key: str) -> None:
@@ -315,11 +317,12 @@ def plot_spectra(results: list[dict], path: Path, key: str) -> None:
 
 
 def plot_reconstructions(
-    run_dir: Path, recipes: list[str], compression: int, test: SliceSet, path: Path, count: int = 3
+    run_dir: Path, configs: dict[str, Config], test: SliceSet, path: Path, count: int = 3
 ) -> None:
     """``count`` test slices, evenly spaced through the split, each beside its centre enlarged
     four-fold (where the noise and the thinnest lines a decoder drops or draws can be seen): a
-    row of the real slices, then a row per recipe's best checkpoint reconstructing them."""
+    row of the real slices, then a row per recipe's best checkpoint reconstructing them.
+    ``configs`` holds each recipe's settings as trained, so its model is built to fit."""
     from mri_vqvae import plots
 
     indices = np.linspace(0, len(test) - 1, count).round().astype(int).tolist()
@@ -333,14 +336,14 @@ def plot_reconstructions(
         return torch.stack([images, centres], 1).flatten(0, 1).numpy()
 
     rows = [with_centres(real)]
-    for recipe in recipes:
-        model = build_model(recipe, recipe_config(recipe, compression, 1.0, "float32", []))
+    for recipe, config in configs.items():
+        model = build_model(recipe, config)
         model.load_state_dict(torch.load(run_dir / recipe / "best.pt", weights_only=True)["model"])
         model.eval()
         with torch.no_grad():
             rows.append(with_centres(model(real).reconstruction.clamp(-1, 1)))
     titles = [title for i in indices for title in (test.names[i][:28], "centre x4")]
-    plots.image_rows(rows, ["real", *recipes], path, f"{path.stem}: test slices", titles)
+    plots.image_rows(rows, ["real", *configs], path, f"{path.stem}: test slices", titles)
 
 
 if __name__ == "__main__":
