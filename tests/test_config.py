@@ -102,7 +102,7 @@ def test_overrides_are_typed():
         ("data.image_size=[250, 128]", "data.image_size"),
         ("model.ema_decay=1.5", "model.ema_decay"),
         ("nodots", "section.key=value"),
-        ("train.precision=float16", "train.precision"),
+        ("train.precision=float8", "train.precision"),
         ("train.memory_format=nhwc", "train.memory_format"),
         ("augment.copies=-1", "augment.copies must be >= 0, got -1"),
         ("augment.copies=1.5", "augment.copies must be an integer"),
@@ -119,6 +119,12 @@ def test_overrides_are_typed():
 def test_bad_settings_are_refused_by_name(override: str, named: str):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_float16_is_a_precision_but_not_with_the_adversarial_term():
+    assert load_config(None, ["train.precision=float16"]).train.precision == "float16"
+    with pytest.raises(ConfigError, match="float16 does not support the adversarial term"):
+        load_config(None, ["train.precision=float16"], preset="8x-gan")
 
 
 def test_unknown_key_in_yaml_file(tmp_path: Path):

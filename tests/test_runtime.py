@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mri_vqvae import runtime
+from mri_vqvae.errors import ConfigError
 from mri_vqvae.model import VQVAE
 from mri_vqvae.runtime import autocast, keep_freed_memory, resolve_precision
 from mri_vqvae.train.vqvae import train_vqvae, uses_channels_last
@@ -18,8 +19,29 @@ def test_auto_precision_is_bfloat16_only_on_cpus_with_matrix_units(monkeypatch, 
     assert resolve_precision("auto", CPU) == expected
     assert resolve_precision("float32", CPU) == "float32"
     assert resolve_precision("bfloat16", CPU) == "bfloat16"
-    with pytest.raises(ValueError, match="float16"):
-        resolve_precision("float16", CPU)
+    with pytest.raises(ValueError, match="float8"):
+        resolve_precision("float8", CPU)
+
+
+def test_float16_is_refused_on_a_cpu_naming_the_setting(phantom_root, tmp_path):
+    from tests.helpers import tiny_splits
+
+    with pytest.raises(ConfigError, match=r"prior_train\.precision=float16 is for CUDA GPUs"):
+        resolve_precision("float16", CPU, "prior_train.precision")
+    # Checked before any work: a CPU run asking for it stops before its run folder is made.
+    data = tiny_splits(phantom_root)
+    model = VQVAE.from_config(tiny_model_config())
+    config = tiny_config(precision="float16")
+    with pytest.raises(ConfigError, match=r"train\.precision=float16"):
+        train_vqvae(model, data["train"], data["val"], config, tmp_path / "run", CPU)
+    assert not (tmp_path / "run").exists()
+
+
+def test_only_float16_gets_a_loss_scaler():
+    assert runtime.gradient_scaler(CPU, "float32") is None
+    assert runtime.gradient_scaler(CPU, "bfloat16") is None
+    scaler = runtime.gradient_scaler(CPU, "float16")
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()
 
 
 def test_auto_autocast_follows_the_resolved_precision(monkeypatch):

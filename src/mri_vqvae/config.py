@@ -48,7 +48,7 @@ OUTPUT_ACTIVATIONS = ("tanh", "none")
 LR_SCHEDULES = ("cosine", "constant")
 PIXEL_LOSSES = ("mse", "l1")
 SSIM_LOSSES = ("ssim", "ms-ssim", "none")
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
@@ -164,8 +164,9 @@ class LoopConfig:
     grad_clip_norm: float | None = 1.0
     # "bfloat16" autocasts the training forward pass (2.5-3x faster on CPUs with AMX, at equal
     # test SSIM on the phantom); "auto" picks it on GPUs that support it and on CPUs with AMX,
-    # else float32, and the run's saved config records which. Validation, evaluation and
-    # sampling always run in float32.
+    # else float32, and the run's saved config records which. "float16" (CUDA only, for GPUs
+    # without bfloat16) autocasts to float16 and scales the loss so small gradients do not
+    # underflow. Validation and evaluation run in float32.
     precision: str = "auto"
     # Wall-clock budget in minutes; None trains for all epochs.
     max_minutes: float | None = None
@@ -286,6 +287,13 @@ class TrainConfig(LoopConfig):
         for name in ("discriminator_lr", "adaptive_weight_max"):
             value = getattr(self, name)
             _require(value > 0, f"train.{name} must be > 0, got {value}")
+        # The adaptive weight compares gradients taken outside the loss scaler, which in
+        # float16 can underflow to zero; bfloat16 has float32's range and does not.
+        _require(
+            self.precision != "float16" or self.adversarial_weight == 0,
+            "train.precision=float16 does not support the adversarial term "
+            "(train.adversarial_weight > 0); use train.precision=bfloat16 or float32",
+        )
 
 
 PRIOR_ARCHITECTURES = ("transformer", "masked", "pixelcnn")

@@ -18,7 +18,7 @@ from mri_vqvae.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-PRECISION_CHOICES = ("auto", "float32", "bfloat16")
+PRECISION_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def seed_everything(seed: int) -> None:
@@ -59,12 +59,18 @@ def cpu_has_bfloat16_matrix_units() -> bool:
     )
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, setting: str = "precision") -> str:
     """``"auto"`` becomes ``"bfloat16"`` where it is faster than float32 at equal quality
     (CUDA GPUs with bfloat16 support; CPUs with AMX, where it trained 2.5-3x faster, see
-    docs/benchmarks.md) and ``"float32"`` elsewhere; the other choices are returned as given."""
+    docs/benchmarks.md) and ``"float32"`` elsewhere; the other choices are returned as given.
+    ``"float16"`` (for GPUs without bfloat16) is refused on a CPU, naming ``setting``."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
+    if precision == "float16" and device.type != "cuda":
+        raise ConfigError(
+            f"{setting}=float16 is for CUDA GPUs; on {device.type} use bfloat16 (fast on CPUs "
+            "with AMX) or float32"
+        )
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -74,17 +80,29 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "float32"
 
 
+AUTOCAST_TYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for the forward pass: ``"bfloat16"`` autocasts matrix work on
-    ``device`` (the quantiser keeps its distances and codebook update in float32);
-    ``"float32"`` changes nothing; ``"auto"`` is :func:`resolve_precision`'s choice."""
+    """Mixed-precision context for the forward pass: ``"bfloat16"`` and ``"float16"``
+    autocast matrix work on ``device`` (the quantiser keeps its distances and codebook update
+    in float32); ``"float32"`` changes nothing; ``"auto"`` is :func:`resolve_precision`'s
+    choice."""
     if precision == "auto":
         precision = resolve_precision(precision, device)
     if precision == "float32":
         return contextlib.nullcontext()
-    if precision == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
+    if precision in AUTOCAST_TYPES:
+        return torch.autocast(device_type=device.type, dtype=AUTOCAST_TYPES[precision])
+    raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
+
+
+def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A loss scaler for float16 training, whose small gradients would otherwise underflow
+    (bfloat16 has float32's range and needs none); None for the other precisions."""
+    if precision != "float16":
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 # mallopt(3) parameter numbers, from glibc's malloc.h.

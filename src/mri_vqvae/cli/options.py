@@ -102,8 +102,9 @@ def _loop_options() -> argparse.ArgumentParser:
     group.add_argument("--max-minutes", type=_positive, help="wall-clock training budget")
     group.add_argument(
         "--precision",
-        choices=["auto", "float32", "bfloat16"],
-        help="training precision; auto is bfloat16 on GPUs and AMX CPUs",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="training precision; auto is bfloat16 on GPUs and AMX CPUs; float16 (loss-scaled) "
+        "is for CUDA GPUs without bfloat16",
     )
     group.add_argument(
         "--checkpoint-every",

@@ -35,7 +35,7 @@ from mri_vqvae.model.prior import (
     PriorConditions,
     cosine_mask_ratio,
 )
-from mri_vqvae.runtime import autocast
+from mri_vqvae.runtime import autocast, resolve_precision
 
 
 def filter_logits(
@@ -211,7 +211,7 @@ def _sampling_precision(prior: Prior, precision: str, device: torch.device) -> s
     (docs/benchmarks.md)."""
     if precision == "auto" and prior.autoregressive and device.type == "cpu":
         return "float32"
-    return precision
+    return resolve_precision(precision, device, "sample.precision")
 
 
 def _raster_codes(

@@ -36,6 +36,7 @@ from mri_vqvae.config import Config, LoopConfig, save_config
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
 from mri_vqvae.errors import UserError
 from mri_vqvae.files import RunFolder, write_text_atomic
+from mri_vqvae.runtime import gradient_scaler
 from mri_vqvae.train.schedule import learning_rate
 from mri_vqvae.train.tensorboard import TensorBoardLog
 
@@ -49,6 +50,10 @@ LOOP_COLUMNS = (
     "elapsed_seconds",
     "stopped_by_time_budget",
 )
+
+
+# The key under which a float16 run's loss-scaler state rides in a checkpoint's extras.
+GRADIENT_SCALER_STATE = "gradient_scaler"
 
 
 class TrainingTask:
@@ -213,21 +218,30 @@ def optimisation_step(
     loss: torch.Tensor,
     grad_clip_norm: float | None,
     loss_scale: float = 1.0,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> bool:
     """Backpropagate ``loss`` (times ``loss_scale``), clip the gradient norm and step; returns
     whether the update was applied. A non-finite gradient norm (from a non-finite loss, or an
     overflow) skips it: the parameters and optimiser state stay as they were. A distributed
     run passes its shard's share of the batch times the number of processes as
-    ``loss_scale``, so the averaged gradients are the whole batch's even when shards differ."""
+    ``loss_scale``, so the averaged gradients are the whole batch's even when shards differ.
+    With a float16 ``scaler`` the loss is scaled for the backward pass and the gradients
+    unscaled before clipping; an overflow also lowers the scale for the next step."""
     optimizer.zero_grad(set_to_none=True)
-    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    scaled = loss * loss_scale if loss_scale != 1.0 else loss
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     max_norm = grad_clip_norm if grad_clip_norm is not None else math.inf
     # Gradients are averaged over processes before this, so every process decides alike.
     norm = torch.nn.utils.clip_grad_norm_(trainer.parameters(), max_norm)
     applied = bool(torch.isfinite(norm))
-    if applied:
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the update itself when unscale_ found an overflow
+        scaler.update()
+    elif applied:
         optimizer.step()
-    else:
+    if not applied:
         optimizer.zero_grad(set_to_none=True)
     return applied
 
@@ -305,9 +319,12 @@ class _Fit:
             self.settings.max_minutes * 60 if self.settings.max_minutes is not None else None
         )
         self.partial: dict[str, Any] | None = None  # a mid-epoch checkpoint's epoch so far
+        self.scaler = gradient_scaler(task.device, self.settings.precision)
         if resume is not None:
             task.optimizer.load_state_dict(resume.optimizer_state)
             task.restore(resume.extras)
+            if self.scaler is not None and GRADIENT_SCALER_STATE in resume.extras:
+                self.scaler.load_state_dict(resume.extras[GRADIENT_SCALER_STATE])
             self.progress = resume.progress
             self.progress.history = list(self.progress.history)
             if self.progress.rng_state is not None:
@@ -336,6 +353,9 @@ class _Fit:
         )
         progress.rng_state = capture_rng_state()
         task = self.task
+        extras = task.extras()
+        if self.scaler is not None:
+            extras = {**extras, GRADIENT_SCALER_STATE: self.scaler.state_dict()}
         save_checkpoint(
             Checkpoint(
                 kind=task.kind,
@@ -343,7 +363,7 @@ class _Fit:
                 model_state=task.model.state_dict(),
                 optimizer_state=task.optimizer.state_dict(),
                 progress=progress,
-                extras=task.extras(),
+                extras=extras,
             ),
             path,
         )
@@ -414,16 +434,34 @@ class _Fit:
         loss, output = task.loss(mine)
         loss_scale = len(mine) * processes.world_size / len(batch)
         applied = optimisation_step(
-            task.trainer, task.optimizer, loss, self.settings.grad_clip_norm, loss_scale
+            task.trainer,
+            task.optimizer,
+            loss,
+            self.settings.grad_clip_norm,
+            loss_scale,
+            self.scaler,
         )
         self.progress.global_step += 1
         if applied:
             self.skipped_in_a_row = 0
             task.after_step()
             self.step_sums.append(task.step_sums(mine, output))
+        elif self.is_scaler_overflow(loss):
+            self.skipped += 1
+            logger.debug("float16 gradient overflow: step skipped, loss scale lowered")
         else:
             self.count_skipped(epoch, step)
         return loss
+
+    def is_scaler_overflow(self, loss: torch.Tensor) -> bool:
+        """Whether a skipped step was the float16 loss scaler's routine overflow (a finite
+        loss, and a scale still above 1, which the scaler has just lowered) rather than a
+        fault that counts towards ``max_nonfinite_steps``."""
+        return (
+            self.scaler is not None
+            and bool(torch.isfinite(loss.detach()))
+            and self.scaler.get_scale() >= 1.0
+        )
 
     def count_skipped(self, epoch: int, step: int) -> None:
         """Log a skipped non-finite step; too many in a row stop the run."""

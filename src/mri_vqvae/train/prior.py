@@ -308,7 +308,7 @@ def train_prior(
     ``samples/epoch_<N>.png`` through ``vqvae``. ``label_vocabulary`` names the labels and
     their values, in the order the maps' label indices count them.
     """
-    precision = resolve_precision(config.prior_train.precision, device)
+    precision = resolve_precision(config.prior_train.precision, device, "prior_train.precision")
     # The run records what "auto" became here, as the VQ-VAE's does.
     config = replace(config, prior_train=replace(config.prior_train, precision=precision))
     if resume is not None:

@@ -487,7 +487,7 @@ def train_vqvae(
         raise UserError(f"training slices: {err}; set data.image_size to a size that is") from err
     if config.train.ssim_loss == "ms-ssim":
         ms_ssim_window(*train_set.image_size)  # refuses slices too small, before any work
-    precision = resolve_precision(config.train.precision, device)
+    precision = resolve_precision(config.train.precision, device, "train.precision")
     config = replace(config, train=replace(config.train, precision=precision))
     if resume is not None:
         load_weights(model, resume, run_dir)
