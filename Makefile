@@ -11,7 +11,7 @@ DEMO_MINUTES ?= 5
 DEMO_PRIOR_MINUTES ?= 4
 DEMO_SAMPLES ?= 64
 
-.PHONY: demo test test-fast browser lint format clean bench-quality bench-generation bench-sampling bench-throughput bench-epoch
+.PHONY: demo test test-fast gpu-check browser lint format clean bench-quality bench-generation bench-sampling bench-throughput bench-epoch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ test: $(VENV)/.installed-dev browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# On a machine with a CUDA GPU, in under 8 minutes: the CUDA tests, the throughput rows, a
+# HipMRI-sized 20-epoch run and the demo at GPU speed, then one table
+# (benchmarks/gpu_check.py; its figures go in docs/benchmarks.md). Any Python whose torch sees
+# the GPU can run the script itself: `python benchmarks/gpu_check.py`.
+gpu-check: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/gpu_check.py
 
 # The quick check while working, under a minute on 2 cores: the same linting, and every test
 # but those marked slow (subprocesses, the browser, hypothesis fuzzing, runs of several

@@ -61,3 +61,20 @@ def test_dataset_layout(tmp_path: Path):
         cases[split] = {name.split("_week")[0] for name in names}
         assert read_slice(tmp_path / images / names[0]).pixels.shape == (64, 32)
     assert not (cases["train"] & cases["val"]) and not (cases["train"] & cases["test"])
+
+
+def test_cases_written_in_parallel_are_the_same_files(tmp_path: Path):
+    spec = PhantomSpec(
+        train_cases=3, val_cases=1, test_cases=1, weeks=1, slices=2, height=32, width=16
+    )
+    serial = write_phantom_dataset(tmp_path / "serial", spec)
+    parallel = write_phantom_dataset(tmp_path / "parallel", spec, workers=2)
+    assert serial == parallel == {"train": 6, "val": 2, "test": 2}
+    names = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*.gz"))
+    assert len(names) == 20
+    assert names == sorted(
+        p.relative_to(tmp_path / "parallel") for p in (tmp_path / "parallel").rglob("*.gz")
+    )
+    for name in names:
+        a, b = read_slice(tmp_path / "serial" / name), read_slice(tmp_path / "parallel" / name)
+        assert np.array_equal(a.pixels, b.pixels), name

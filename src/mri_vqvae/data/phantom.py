@@ -15,6 +15,7 @@ and whose second runs anterior-posterior, with a segmentation beside each (0 bac
 
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,26 +269,37 @@ def case_id(split: str, index: int) -> int:
     return offset + index
 
 
-def write_phantom_dataset(root: str | Path, spec: PhantomSpec = PhantomSpec()) -> dict[str, int]:
-    """Write a HipMRI-layout phantom dataset under ``root``; returns the slice count per split."""
+def write_phantom_dataset(
+    root: str | Path, spec: PhantomSpec = PhantomSpec(), workers: int = 1
+) -> dict[str, int]:
+    """Write a HipMRI-layout phantom dataset under ``root``; returns the slice count per split.
+    ``workers`` processes write cases side by side (every slice depends only on the seed, its
+    case, week and position, so the files are the same for any count)."""
     root = Path(root)
-    counts = {}
-    affine = np.diag([1.5625, 1.5625, 3.0, 1.0])
     cases = {"train": spec.train_cases, "val": spec.val_cases, "test": spec.test_cases}
-    for split, (image_folder, mask_folder) in LAYOUT.items():
-        counts[split] = 0
-        for index in range(cases[split]):
-            case = case_id(split, index)
-            for week in range(spec.weeks):
-                for number in range(spec.slices):
-                    position = number / max(spec.slices - 1, 1)
-                    pixels, labels = phantom_slice(
-                        spec.seed, case, week, position, spec.height, spec.width
-                    )
-                    stem = f"{case:03d}_week_{week}_slice_{number}.nii.gz"
-                    write_slice(pixels, root / image_folder / f"case_{stem}", affine)
-                    write_slice(
-                        labels.astype(np.float32), root / mask_folder / f"seg_{stem}", affine
-                    )
-                    counts[split] += 1
+    jobs = [(root, spec, split, index) for split in LAYOUT for index in range(cases[split])]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            written = list(pool.map(_write_phantom_case, jobs))
+    else:
+        written = [_write_phantom_case(job) for job in jobs]
+    counts = dict.fromkeys(LAYOUT, 0)
+    for split, count in written:
+        counts[split] += count
     return counts
+
+
+def _write_phantom_case(job: tuple[Path, PhantomSpec, str, int]) -> tuple[str, int]:
+    """Every slice and mask of one case (all its weeks); returns its split and slice count."""
+    root, spec, split, index = job
+    image_folder, mask_folder = LAYOUT[split]
+    affine = np.diag([1.5625, 1.5625, 3.0, 1.0])
+    case = case_id(split, index)
+    for week in range(spec.weeks):
+        for number in range(spec.slices):
+            position = number / max(spec.slices - 1, 1)
+            pixels, labels = phantom_slice(spec.seed, case, week, position, spec.height, spec.width)
+            stem = f"{case:03d}_week_{week}_slice_{number}.nii.gz"
+            write_slice(pixels, root / image_folder / f"case_{stem}", affine)
+            write_slice(labels.astype(np.float32), root / mask_folder / f"seg_{stem}", affine)
+    return split, spec.weeks * spec.slices
