@@ -55,9 +55,12 @@ test: $(VENV)/.installed-dev browser
 # On a machine with a CUDA GPU, in under 8 minutes: the CUDA tests, the throughput rows, a
 # HipMRI-sized 20-epoch run and the demo at GPU speed, then one table
 # (benchmarks/gpu_check.py; its figures go in docs/benchmarks.md). Any Python whose torch sees
-# the GPU can run the script itself: `python benchmarks/gpu_check.py`.
-gpu-check: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/gpu_check.py
+# the GPU can run the script itself: `python benchmarks/gpu_check.py`. No .venv is built: this
+# Makefile's torch is the CPU build; the check takes .venv's Python if there is one (with a
+# CUDA torch in it), else GPU_PYTHON.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
 
 # The quick check while working, under a minute on 2 cores: the same linting, and every test
 # but those marked slow (subprocesses, the browser, hypothesis fuzzing, runs of several

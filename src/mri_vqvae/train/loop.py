@@ -236,11 +236,14 @@ def optimisation_step(
     # Gradients are averaged over processes before this, so every process decides alike.
     norm = torch.nn.utils.clip_grad_norm_(trainer.parameters(), max_norm)
     applied = bool(torch.isfinite(norm))
-    if scaler is not None:
-        scaler.step(optimizer)  # skips the update itself when unscale_ found an overflow
-        scaler.update()
+    # The scaler's step would skip an overflow by itself, but a finite gradient whose norm
+    # overflows float32 must be skipped too, so the clipped norm decides for both.
+    if applied and scaler is not None:
+        scaler.step(optimizer)
     elif applied:
         optimizer.step()
+    if scaler is not None:
+        scaler.update()  # lowers the scale after an overflow, raises it after enough steps
     if not applied:
         optimizer.zero_grad(set_to_none=True)
     return applied
@@ -455,13 +458,18 @@ class _Fit:
 
     def is_scaler_overflow(self, loss: torch.Tensor) -> bool:
         """Whether a skipped step was the float16 loss scaler's routine overflow (a finite
-        loss, and a scale still above 1, which the scaler has just lowered) rather than a
-        fault that counts towards ``max_nonfinite_steps``."""
-        return (
-            self.scaler is not None
-            and bool(torch.isfinite(loss.detach()))
-            and self.scaler.get_scale() >= 1.0
+        loss on every process, and a scale of at least 1, which the scaler has just lowered)
+        rather than a fault that counts towards ``max_nonfinite_steps``. Every process must
+        call it, and every one decides alike. The quantiser's EMA codebook has followed the
+        step's latents all the same: a few such steps move it a little, not the weights."""
+        if self.scaler is None:
+            return False
+        not_finite = torch.tensor(
+            [0.0 if bool(torch.isfinite(loss.detach())) else 1.0], device=self.task.device
         )
+        if self.processes.enabled:
+            not_finite = self.processes.max(not_finite)
+        return not_finite.item() == 0 and self.scaler.get_scale() >= 1.0
 
     def count_skipped(self, epoch: int, step: int) -> None:
         """Log a skipped non-finite step; too many in a row stop the run."""
