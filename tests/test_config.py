@@ -221,3 +221,16 @@ def test_augment_settings_refuse_nan_when_built_by_hand():
 
     with pytest.raises(ConfigError, match=r"augment\.max_gamma must be in \[0, 1\.0\], got nan"):
         AugmentConfig(max_gamma=float("nan"))
+
+
+def test_each_prior_architecture_has_its_own_default_depth_unless_one_is_given():
+    from mri_vqvae.config import PRIOR_DEFAULT_LAYERS, PriorConfig
+
+    assert PRIOR_DEFAULT_LAYERS == {"transformer": 4, "masked": 6, "pixelcnn": 6}
+    assert load_config(None, []).prior.num_layers == 4
+    assert load_config(None, ["prior.architecture=pixelcnn"]).prior.num_layers == 6
+    assert load_config(None, ["prior.architecture=masked"]).prior.num_layers == 6
+    assert load_config(None, ["prior.num_layers=8"]).prior.num_layers == 8
+    assert PriorConfig(architecture="pixelcnn", num_layers=3).num_layers == 3
+    with pytest.raises(ConfigError, match=r"prior\.num_layers must be at least 1"):
+        load_config(None, ["prior.num_layers=0"])

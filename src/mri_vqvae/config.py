@@ -297,6 +297,12 @@ class TrainConfig(LoopConfig):
 
 
 PRIOR_ARCHITECTURES = ("transformer", "masked", "pixelcnn")
+# Blocks (transformer, masked) or gated layers (pixelcnn) when prior.num_layers is not given.
+# The autoregressive transformer has 4: on MNI slices and the phantom, side by side with 6,
+# it reached 6's final validation bits per code in 54-58% of the time and ended lower
+# (4.13 against 4.14 bits in 6 minutes on MNI, 4.73 against 4.77 in 4 on the phantom;
+# docs/benchmarks.md, issue 17). The masked prior and the PixelCNN were not measured so.
+PRIOR_DEFAULT_LAYERS = {"transformer": 4, "masked": 6, "pixelcnn": 6}
 # The names of evaluate.protocol.PROTOCOLS (listed here so a setting is checked on loading).
 SAMPLE_PROTOCOLS = ("frozen-v1", "frozen-v2")
 
@@ -310,9 +316,11 @@ class PriorConfig:
     # codes and sampled by iterative parallel decoding (MaskGIT, Chang et al. 2022);
     # "pixelcnn": the gated PixelCNN of van den Oord et al. 2016, the VQ-VAE paper's prior.
     architecture: str = "transformer"
-    # transformer: width, blocks and heads; pixelcnn: channels and gated layers.
+    # transformer: width, blocks and heads; pixelcnn: channels and gated layers. num_layers
+    # None is the architecture's own default, PRIOR_DEFAULT_LAYERS (and the saved config
+    # records the number).
     width: int = 192
-    num_layers: int = 6
+    num_layers: int | None = None
     num_heads: int = 3
     dropout: float = 0.1
     # Condition on the slice's position within its volume (from "slice_<S>" in the file
@@ -324,6 +332,8 @@ class PriorConfig:
 
     def __post_init__(self) -> None:
         _check_choice("prior", "architecture", self.architecture, PRIOR_ARCHITECTURES)
+        if self.num_layers is None:
+            object.__setattr__(self, "num_layers", PRIOR_DEFAULT_LAYERS[self.architecture])
         for name in ("width", "num_layers", "num_heads"):
             value = getattr(self, name)
             _require(value >= 1, f"prior.{name} must be at least 1, got {value}")
