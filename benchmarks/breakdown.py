@@ -137,6 +137,19 @@ def profile_top_operators(step: Callable[[], None], steps: int = 3) -> list[dict
     ]
 
 
+def part_rows(parts: dict[str, nn.Module], captured: dict, device, precision, repeats) -> list:
+    """A row per part: its output shape, and the FLOPs and seconds of its isolated pass."""
+    rows = []
+    for name, module in parts.items():
+        args, kwargs = captured[name]
+        run = isolated_pass(module, args, kwargs, device, precision)
+        flops, seconds = timed(run, device, repeats)
+        with torch.no_grad(), autocast(device, precision):
+            shape = tuple(_tensors(module(*args, **kwargs))[0].shape[1:])
+        rows.append({"part": name, "output": shape, "flops": flops, "seconds": seconds})
+    return rows
+
+
 def vqvae_parts(model: VQVAE) -> dict[str, nn.Module]:
     parts: dict[str, nn.Module] = {}
     for index, level in enumerate(model.encoder.levels):
@@ -172,15 +185,7 @@ def breakdown_vqvae(precision: str, batch_size: int, repeats: int, device) -> di
             (last_level(*captured[f"encoder level {len(model.encoder.levels) - 1}"][0]),),
             {},
         )
-    rows = []
-    for name, module in parts.items():
-        args, kwargs = captured[name]
-        flops, seconds = timed(
-            isolated_pass(module, args, kwargs, device, precision), device, repeats
-        )
-        with torch.no_grad(), autocast(device, precision):
-            shape = tuple(_tensors(module(*args, **kwargs))[0].shape[1:])
-        rows.append({"part": name, "output": shape, "flops": flops, "seconds": seconds})
+    rows = part_rows(parts, captured, device, precision, repeats)
 
     with torch.no_grad():
         output = model(images)
@@ -240,15 +245,7 @@ def breakdown_prior(precision: str, batch_size: int, repeats: int, device) -> di
 
     parts = prior_parts(prior)
     captured = capture_inputs(parts, step)
-    rows = []
-    for name, module in parts.items():
-        args, kwargs = captured[name]
-        flops, seconds = timed(
-            isolated_pass(module, args, kwargs, device, precision), device, repeats
-        )
-        with torch.no_grad(), autocast(device, precision):
-            shape = tuple(_tensors(module(*args, **kwargs))[0].shape[1:])
-        rows.append({"part": name, "output": shape, "flops": flops, "seconds": seconds})
+    rows = part_rows(parts, captured, device, precision, repeats)
     with torch.no_grad():
         logits = prior(indices).float()
 

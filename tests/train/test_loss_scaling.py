@@ -16,6 +16,18 @@ from mri_vqvae.train.loop import GRADIENT_SCALER_STATE, optimisation_step
 from tests.helpers import tiny_config, tiny_splits, train_tiny_vqvae
 
 
+@pytest.fixture
+def float16_on_cpu(monkeypatch):
+    """float16 is refused on a CPU (it is for CUDA GPUs); this lets it through, to run the
+    loop's scaler on a CPU, where torch's float16 autocast works, slowly."""
+    resolve = training.resolve_precision
+    monkeypatch.setattr(
+        training,
+        "resolve_precision",
+        lambda precision, *args: precision if precision == "float16" else resolve(precision, *args),
+    )
+
+
 def linear_model() -> torch.nn.Linear:
     torch.manual_seed(0)
     return torch.nn.Linear(4, 2)
@@ -55,16 +67,8 @@ def test_an_overflow_skips_the_update_and_halves_the_scale():
 
 @pytest.mark.slow
 def test_a_float16_run_resumed_keeps_its_loss_scale_and_ends_as_one_never_stopped(
-    phantom_root: Path, tmp_path: Path, monkeypatch
+    phantom_root: Path, tmp_path: Path, float16_on_cpu
 ):
-    # float16 is refused on a CPU (it is for CUDA GPUs); let it through to run the loop's
-    # scaler on a CPU, where torch's float16 autocast works, slowly.
-    resolve = training.resolve_precision
-    monkeypatch.setattr(
-        training,
-        "resolve_precision",
-        lambda precision, *args: precision if precision == "float16" else resolve(precision, *args),
-    )
     data = tiny_splits(phantom_root)
     straight = train_tiny_vqvae(tiny_config(precision="float16"), data, tmp_path / "straight")
     assert all(math.isfinite(row["train_loss"]) for row in straight.history)
@@ -81,16 +85,10 @@ def test_a_float16_run_resumed_keeps_its_loss_scale_and_ends_as_one_never_stoppe
 
 @pytest.mark.slow
 def test_loss_scaler_overflows_are_skipped_without_stopping_the_run(
-    phantom_root: Path, tmp_path: Path, monkeypatch
+    phantom_root: Path, tmp_path: Path, float16_on_cpu, monkeypatch
 ):
     from mri_vqvae.train import loop
 
-    resolve = training.resolve_precision
-    monkeypatch.setattr(
-        training,
-        "resolve_precision",
-        lambda precision, *args: precision if precision == "float16" else resolve(precision, *args),
-    )
     # A scale so large that the first steps' gradients overflow float32 as well.
     monkeypatch.setattr(
         loop,
