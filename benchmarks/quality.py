@@ -175,13 +175,16 @@ def recipe_config(
     return load_config(None, overrides, preset=preset)
 
 
+def value_at_minute(history: list[dict], column: str, minute: float):
+    """``column`` of the last epoch finished by ``minute`` (None before the first)."""
+    done = [row for row in history if row["elapsed_seconds"] <= minute * 60]
+    return done[-1][column] if done else None
+
+
 def ssim_by_minute(history: list[dict], minutes: float) -> list[float | None]:
     """Validation SSIM of the last epoch finished by the end of each whole minute."""
-    reached = []
-    for minute in range(1, int(minutes) + 1):
-        done = [row for row in history if row["elapsed_seconds"] <= minute * 60]
-        reached.append(round(done[-1]["val_ssim"], 4) if done else None)
-    return reached
+    reached = [value_at_minute(history, "val_ssim", m) for m in range(1, int(minutes) + 1)]
+    return [None if ssim is None else round(ssim, 4) for ssim in reached]
 
 
 def run_recipe(

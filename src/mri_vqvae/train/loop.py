@@ -229,9 +229,11 @@ def optimisation_step(
     unscaled before clipping; an overflow also lowers the scale for the next step."""
     optimizer.zero_grad(set_to_none=True)
     scaled = loss * loss_scale if loss_scale != 1.0 else loss
-    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
+    if scaler is None:
+        scaled.backward()
+    else:
+        scaler.scale(scaled).backward()
+        scaler.unscale_(optimizer)  # clipping and the finiteness check see true gradients
     max_norm = grad_clip_norm if grad_clip_norm is not None else math.inf
     # Gradients are averaged over processes before this, so every process decides alike.
     norm = torch.nn.utils.clip_grad_norm_(trainer.parameters(), max_norm)
