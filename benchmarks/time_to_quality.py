@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mri_vqvae import workflows
 from mri_vqvae.config import DataConfig, load_config
 from mri_vqvae.data.dataset import load_splits, resolve_split_files
+from mri_vqvae.errors import UserError
 from mri_vqvae.evaluate.reconstruction import evaluate_split
 from mri_vqvae.model import VQVAE
 from quality import cpu_name, recipe_config, value_at_minute, write_dataset
@@ -244,4 +245,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # an existing run folder, bad data: one line, as the CLI does
+        raise SystemExit(f"time_to_quality: {err}") from None
