@@ -227,9 +227,16 @@ def folder_kind(folder: Path) -> FolderKind | None:
     return KINDS.get(marker.get("kind")) if isinstance(marker, dict) else None
 
 
+def _is_own(name: str) -> bool:
+    """The marker or lock, or the marker's temporary while it is written
+    (:func:`replaced_atomically`): another process of a distributed run may list the folder
+    just then."""
+    return name in _OWN_FILES or any(name.startswith(f".{own}.tmp") for own in _OWN_FILES)
+
+
 def _user_entries(folder: Path) -> list[Path]:
     try:
-        return sorted(p for p in folder.iterdir() if p.name not in _OWN_FILES)
+        return sorted(p for p in folder.iterdir() if not _is_own(p.name))
     except OSError as err:
         raise OutputError(f"{folder}: cannot be listed ({err.strerror or err})") from err
 
