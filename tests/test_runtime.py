@@ -23,6 +23,37 @@ def test_auto_precision_is_bfloat16_only_on_cpus_with_matrix_units(monkeypatch, 
         resolve_precision("float8", CPU)
 
 
+@pytest.mark.parametrize(
+    "cap, amx_allowed",
+    [
+        (None, True),
+        ("ALL", True),
+        ("avx512_core_amx", True),
+        ("AVX2", False),
+        ("avx512_core_bf16", False),
+    ],
+)
+def test_a_onednn_cap_below_amx_makes_auto_float32(monkeypatch, cap, amx_allowed):
+    # On a CPU with AMX, oneDNN capped below it runs bfloat16 products emulated: auto must
+    # not pick bfloat16 there.
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.setattr(runtime, "_cpuinfo_has_amx_bf16", lambda: True)
+    assert runtime.onednn_may_use_amx() is amx_allowed
+    assert resolve_precision("auto", CPU) == ("bfloat16" if amx_allowed else "float32")
+    monkeypatch.setattr(runtime, "_cpuinfo_has_amx_bf16", lambda: False)
+    assert resolve_precision("auto", CPU) == "float32"
+
+
+def test_the_old_onednn_variable_name_caps_too(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert not runtime.onednn_may_use_amx()
+
+
 def test_float16_is_refused_on_a_cpu_naming_the_setting(phantom_root, tmp_path):
     from tests.helpers import tiny_splits
 

@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 import platform
 import random
 from pathlib import Path
@@ -46,10 +47,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def onednn_may_use_amx() -> bool:
+    """False when ``ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``) caps oneDNN,
+    which runs torch's bfloat16 matrix products on a CPU, below AMX: capped at AVX2 on an AMX
+    CPU, a bfloat16 product ran 1500x slower than uncapped (docs/benchmarks.md)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    cap = cap.strip().upper()
+    return cap in ("", "ALL", "DEFAULT") or "AMX" in cap
+
+
 @functools.cache
-def cpu_has_bfloat16_matrix_units() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX), read from
-    ``/proc/cpuinfo``; False where that cannot be read."""
+def _cpuinfo_has_amx_bf16() -> bool:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -57,6 +65,12 @@ def cpu_has_bfloat16_matrix_units() -> bool:
     return any(
         line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines()
     )
+
+
+def cpu_has_bfloat16_matrix_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX, read from
+    ``/proc/cpuinfo``; False where that cannot be read) and oneDNN is allowed to use it."""
+    return _cpuinfo_has_amx_bf16() and onednn_may_use_amx()
 
 
 def resolve_precision(precision: str, device: torch.device, setting: str = "precision") -> str:
