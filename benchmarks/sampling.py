@@ -1,5 +1,6 @@
 """Sampling speed: codes per second and seconds per 64 samples of 32x16 codes, with and
-without the transformer's key/value cache, and for the gated PixelCNN, in one run.
+without the transformer's key/value cache, for the masked prior (its default decoding steps)
+and for the gated PixelCNN, in one run.
 
 Priors are built at the default configuration (a trained prior costs the same per code; pass
 --prior to time one). Uncached sampling recomputes the whole prefix for every code, so it is
@@ -29,8 +30,8 @@ from mri_vqvae.model.prior import build_prior
 from quality import cpu_name
 
 
-def time_sampling(prior, count: int, use_cache: bool) -> float:
-    settings = SampleConfig(use_cache=use_cache, batch_size=count)
+def time_sampling(prior, count: int, use_cache: bool, precision: str) -> float:
+    settings = SampleConfig(use_cache=use_cache, batch_size=count, precision=precision)
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     sample_codes(prior, count, settings, generator=generator)
@@ -45,6 +46,11 @@ def main() -> None:
     parser.add_argument("--uncached-samples", type=int, default=16)
     parser.add_argument("--pixelcnn-samples", type=int, default=4)
     parser.add_argument("--prior", type=Path, help="time this trained prior's transformer")
+    parser.add_argument(
+        "--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+        help="sample.precision; float32 with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
+        "stands in for a CPU without bfloat16 units",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sampling"))
     options = parser.parse_args()
     torch.manual_seed(0)
@@ -58,17 +64,19 @@ def main() -> None:
         grid, num_embeddings = checkpoint.grid_shape, checkpoint.num_embeddings
     else:
         transformer = build_prior(PriorConfig(), num_embeddings, grid)
+    masked = build_prior(replace(PriorConfig(), architecture="masked"), num_embeddings, grid)
     pixelcnn = build_prior(replace(PriorConfig(), architecture="pixelcnn"), num_embeddings, grid)
     codes_per_map = grid[0] * grid[1]
     runs = [
         ("transformer, KV cache", transformer, True, options.samples),
         ("transformer, no cache", transformer, False, options.uncached_samples),
+        (f"masked, {SampleConfig().decoding_steps} steps", masked, False, options.samples),
         ("gated PixelCNN (no cache)", pixelcnn, False, options.pixelcnn_samples),
     ]
     rows = []
     for name, prior, use_cache, count in runs:
         prior.eval()
-        seconds = time_sampling(prior, count, use_cache)
+        seconds = time_sampling(prior, count, use_cache, options.precision)
         per_64 = seconds * 64 / count
         rows.append(
             {
@@ -81,7 +89,7 @@ def main() -> None:
             }
         )
     cached = rows[0]["seconds_per_64"]
-    print(f"{grid[0]}x{grid[1]} codes per map, {num_embeddings} codes, float32")
+    print(f"{grid[0]}x{grid[1]} codes per map, {num_embeddings} codes, {options.precision}")
     print(f"{'prior':28} {'maps timed':>10} {'s timed':>8} {'s per 64':>9} {'codes/s':>9} {'x':>6}")
     for row in rows:
         row["slowdown_vs_cached"] = row["seconds_per_64"] / cached
@@ -96,6 +104,8 @@ def main() -> None:
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
         "torch": str(torch.__version__),
         "command": "python " + " ".join(sys.argv),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "precision": options.precision,
         "grid": list(grid),
         "rows": rows,
     }

@@ -58,9 +58,9 @@ def first_minute(history: list[dict], column: str, target: float, lower: bool = 
 
 def train_vqvae_recipe(name: str, overrides: list[str], root: Path, out: Path, options) -> dict:
     # quality.py's recipe settings: the seed preset, or the 8x default with the candidate's
-    # overrides, ended by the time budget, in the precision the tool picks.
+    # overrides, ended by the time budget, in --precision (by default the one the tool picks).
     recipe = "seed" if name == "seed" else "default"
-    config = recipe_config(recipe, 8, options.minutes, "auto", overrides)
+    config = recipe_config(recipe, 8, options.minutes, options.precision, overrides)
     started = time.monotonic()
     result = workflows.train_vqvae_run(out, workflows.DataSources(root=root), config)
     seconds = time.monotonic() - started
@@ -95,7 +95,7 @@ def train_prior_recipe(name: str, overrides: list[str], vqvae: str, root: Path, 
         [
             "prior_train.epochs=100000",
             f"prior_train.max_minutes={options.prior_minutes}",
-            "prior_train.precision=auto",
+            f"prior_train.precision={options.precision}",
             "prior_train.sample_every=0",
             *overrides,
         ],
@@ -195,6 +195,11 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--no-seed", action="store_true", help="leave the seed preset out")
     parser.add_argument("--candidate", nargs="+", action="append", metavar="NAME OVERRIDE")
     parser.add_argument("--prior-candidate", nargs="+", action="append", metavar="NAME OVERRIDE")
+    parser.add_argument(
+        "--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+        help="every recipe's training precision; float32 with ATEN_CPU_CAPABILITY=avx2 "
+        "ONEDNN_MAX_CPU_ISA=AVX2 stands in for a CPU without bfloat16 units",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/time_to_quality"))
     options = parser.parse_args()
     given = {c[0]: c[1:] for c in options.candidate} if options.candidate else None
@@ -211,6 +216,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "precision": options.precision,
         "command": "python benchmarks/time_to_quality.py " + " ".join(sys.argv[1:]),
         "datasets": {},
     }
