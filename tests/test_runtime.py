@@ -27,7 +27,9 @@ def test_auto_precision_is_bfloat16_only_on_cpus_with_matrix_units(monkeypatch, 
     "cap, amx_allowed",
     [
         (None, True),
+        ("", True),
         ("ALL", True),
+        ("DEFAULT", True),
         ("avx512_core_amx", True),
         ("AVX2", False),
         ("avx512_core_bf16", False),
@@ -48,10 +50,13 @@ def test_a_onednn_cap_below_amx_makes_auto_float32(monkeypatch, cap, amx_allowed
     assert resolve_precision("auto", CPU) == "float32"
 
 
-def test_the_old_onednn_variable_name_caps_too(monkeypatch):
+def test_the_old_onednn_variable_name_caps_too_unless_the_new_one_is_set(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
     assert not runtime.onednn_may_use_amx()
+    # oneDNN reads ONEDNN_MAX_CPU_ISA first.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert runtime.onednn_may_use_amx()
 
 
 def test_float16_is_refused_on_a_cpu_naming_the_setting(phantom_root, tmp_path):

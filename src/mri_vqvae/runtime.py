@@ -70,7 +70,21 @@ def _cpuinfo_has_amx_bf16() -> bool:
 def cpu_has_bfloat16_matrix_units() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX, read from
     ``/proc/cpuinfo``; False where that cannot be read) and oneDNN is allowed to use it."""
-    return _cpuinfo_has_amx_bf16() and onednn_may_use_amx()
+    if not _cpuinfo_has_amx_bf16():
+        return False
+    if onednn_may_use_amx():
+        return True
+    _say_amx_is_capped()
+    return False
+
+
+@functools.cache
+def _say_amx_is_capped() -> None:
+    # Once per process: a user who set the cap long ago sees why auto chose float32.
+    logger.info(
+        "precision auto: this CPU has AMX, but ONEDNN_MAX_CPU_ISA caps oneDNN below it, so "
+        "bfloat16 would be emulated; float32 instead"
+    )
 
 
 def resolve_precision(precision: str, device: torch.device, setting: str = "precision") -> str:
