@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from mri_vqvae.checkpoint import load_prior_checkpoint
 from mri_vqvae.config import PriorConfig
-from mri_vqvae.generate.sampling import SampleConfig, sample_codes
+from mri_vqvae.generate.sampling import SampleConfig, sample_codes, sampling_precision
 from mri_vqvae.model.prior import build_prior
 from quality import cpu_name
 
@@ -82,6 +82,7 @@ def main() -> None:
             {
                 "prior": name,
                 "parameters": sum(p.numel() for p in prior.parameters()),
+                "precision": sampling_precision(prior, options.precision, torch.device("cpu")),
                 "maps_timed": count,
                 "seconds_timed": seconds,
                 "seconds_per_64": per_64,
@@ -89,12 +90,19 @@ def main() -> None:
             }
         )
     cached = rows[0]["seconds_per_64"]
-    print(f"{grid[0]}x{grid[1]} codes per map, {num_embeddings} codes, {options.precision}")
-    print(f"{'prior':28} {'maps timed':>10} {'s timed':>8} {'s per 64':>9} {'codes/s':>9} {'x':>6}")
+    print(
+        f"{grid[0]}x{grid[1]} codes per map, {num_embeddings} codes, sample.precision "
+        f"{options.precision}"
+    )
+    print(
+        f"{'prior':28} {'precision':>9} {'maps timed':>10} {'s timed':>8} {'s per 64':>9} "
+        f"{'codes/s':>9} {'x':>6}"
+    )
     for row in rows:
         row["slowdown_vs_cached"] = row["seconds_per_64"] / cached
         print(
-            f"{row['prior']:28} {row['maps_timed']:10d} {row['seconds_timed']:8.1f} "
+            f"{row['prior']:28} {row['precision']:>9} {row['maps_timed']:10d} "
+            f"{row['seconds_timed']:8.1f} "
             f"{row['seconds_per_64']:9.1f} {row['codes_per_second']:9.0f} "
             f"{row['slowdown_vs_cached']:6.1f}"
         )

@@ -199,15 +199,16 @@ def sample_codes(
         if batch_conditions is not None:
             batch_conditions = batch_conditions.to(device)
         draw = _raster_codes if prior.autoregressive else _masked_codes
-        with autocast(device, _sampling_precision(prior, settings.precision, device)):
+        with autocast(device, sampling_precision(prior, settings.precision, device)):
             maps.append(draw(prior, batch, settings, batch_conditions, generator).cpu())
     return torch.cat(maps)
 
 
-def _sampling_precision(prior: Prior, precision: str, device: torch.device) -> str:
-    """``"auto"`` is float32 for an autoregressive prior on a CPU: its single-code steps are
-    too small for bfloat16 to pay, and on an AMX CPU 64 maps took 334 s in bfloat16 against
-    188 s in float32, while a masked prior's whole-map steps ran 1.6x faster in bfloat16
+def sampling_precision(prior: Prior, precision: str, device: torch.device) -> str:
+    """The precision ``prior`` samples in on ``device`` for ``sample.precision``. ``"auto"``
+    is float32 for an autoregressive prior on a CPU: its single-code steps are too small for
+    bfloat16 to pay, and on an AMX CPU 64 maps took 334 s in bfloat16 against 188 s in
+    float32, while a masked prior's whole-map steps ran 1.6x faster in bfloat16
     (docs/benchmarks.md)."""
     if precision == "auto" and prior.autoregressive and device.type == "cpu":
         return "float32"
