@@ -185,7 +185,12 @@ def test_the_two_loop_sections_share_fields_but_keep_their_own_defaults():
     shared = {f.name for f in dataclasses.fields(LoopConfig)}
     assert shared <= {f.name for f in dataclasses.fields(TrainConfig)}
     assert shared <= {f.name for f in dataclasses.fields(PriorTrainConfig)}
-    assert (TrainConfig().batch_size, PriorTrainConfig().batch_size) == (32, 16)
+    assert (TrainConfig().batch_size, PriorTrainConfig().batch_size) == (8, 16)
+    assert (TrainConfig().warmup_steps, PriorTrainConfig().warmup_steps) == (25, 20)
+    # The adversarial presets keep the batch and rate they were measured with: their start
+    # step counts steps.
+    gan = load_config(None, [], preset="8x-gan").train
+    assert (gan.batch_size, gan.lr, gan.adversarial_start_step) == (32, 1e-3, 500)
     # A bad value is named with its own section.
     with pytest.raises(ConfigError, match=r"prior_train\.lr must be > 0"):
         load_config(overrides=["prior_train.lr=0"])
