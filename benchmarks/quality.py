@@ -50,6 +50,22 @@ from mri_vqvae.train.vqvae import train_vqvae
 RECIPES = ("seed", "default", "gan", "monai")
 
 
+# Environment settings under which a CPU with AMX runs torch's, oneDNN's and MKL's AVX2 kernels
+# and precision auto picks float32: a stand-in for a CPU without bfloat16 units
+# (docs/benchmarks.md, 2026-12-03).
+AVX2_STAND_IN = "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"
+
+
+def add_precision_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--precision`` (auto, float32 or bfloat16) for ``what``."""
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help=f"{what}; auto under {AVX2_STAND_IN} stands in for a CPU without bfloat16 units",
+    )
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

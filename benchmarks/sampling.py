@@ -27,7 +27,7 @@ from mri_vqvae.checkpoint import load_prior_checkpoint
 from mri_vqvae.config import PriorConfig
 from mri_vqvae.generate.sampling import SampleConfig, sample_codes, sampling_precision
 from mri_vqvae.model.prior import build_prior
-from quality import cpu_name
+from quality import add_precision_option, cpu_name
 
 
 def time_sampling(prior, count: int, use_cache: bool, precision: str) -> float:
@@ -46,11 +46,7 @@ def main() -> None:
     parser.add_argument("--uncached-samples", type=int, default=16)
     parser.add_argument("--pixelcnn-samples", type=int, default=4)
     parser.add_argument("--prior", type=Path, help="time this trained prior's transformer")
-    parser.add_argument(
-        "--precision", choices=["auto", "float32", "bfloat16"], default="auto",
-        help="sample.precision; float32 with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
-        "stands in for a CPU without bfloat16 units",
-    )  # fmt: skip
+    add_precision_option(parser, "sample.precision")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sampling"))
     options = parser.parse_args()
     torch.manual_seed(0)

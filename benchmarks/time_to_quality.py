@@ -36,7 +36,7 @@ from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.errors import UserError
 from mri_vqvae.evaluate.reconstruction import evaluate_split
 from mri_vqvae.model import VQVAE
-from quality import cpu_name, recipe_config, value_at_minute, write_dataset
+from quality import add_precision_option, cpu_name, recipe_config, value_at_minute, write_dataset
 
 # Less work at full resolution: the finest level at 16 channels instead of 32 (widths 16, 64,
 # 128), which train_step spends about a quarter of its time on (benchmarks/breakdown.py).
@@ -195,11 +195,7 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--no-seed", action="store_true", help="leave the seed preset out")
     parser.add_argument("--candidate", nargs="+", action="append", metavar="NAME OVERRIDE")
     parser.add_argument("--prior-candidate", nargs="+", action="append", metavar="NAME OVERRIDE")
-    parser.add_argument(
-        "--precision", choices=["auto", "float32", "bfloat16"], default="auto",
-        help="every recipe's training precision; float32 with ATEN_CPU_CAPABILITY=avx2 "
-        "ONEDNN_MAX_CPU_ISA=AVX2 stands in for a CPU without bfloat16 units",
-    )  # fmt: skip
+    add_precision_option(parser, "every recipe's training precision")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/time_to_quality"))
     options = parser.parse_args()
     given = {c[0]: c[1:] for c in options.candidate} if options.candidate else None
