@@ -27,6 +27,7 @@ from mri_vqvae.errors import UserError
 from mri_vqvae.files import save_atomic
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import ConditionSizes, Prior, build_prior
+from mri_vqvae.model.texture import ResidualTexture
 
 # 3: one format for both kinds (kind, config tree, weights, progress, extras). Files of
 # earlier formats are refused with their version named; retrain, or use the release that
@@ -313,6 +314,33 @@ def read_data_reference(checkpoint: Checkpoint, path: str | Path) -> DataReferen
             f"{path}: its {DATA_REFERENCE} is not what training records (damaged or edited: "
             f"{type(err).__name__}: {err})"
         ) from err
+
+
+# The key of a VQ-VAE's extras that holds its acquisition texture (ResidualTexture, plain).
+TEXTURE = "texture"
+
+
+def read_texture(checkpoint: Checkpoint, path: str | Path) -> ResidualTexture | None:
+    """The acquisition texture a VQ-VAE checkpoint keeps; None for one trained without it
+    (``train.texture_slices: 0``, or before textures were fitted)."""
+    value = checkpoint.extras.get(TEXTURE)
+    if value is None:
+        return None
+    try:
+        return ResidualTexture.from_plain(value)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise CheckpointError(
+            f"{path}: its {TEXTURE} is not what training records (damaged or edited: "
+            f"{type(err).__name__}: {err})"
+        ) from err
+
+
+def keep_texture(path: str | Path, texture: ResidualTexture) -> None:
+    """Write ``texture`` into the VQ-VAE checkpoint at ``path`` (atomically; the weights and
+    everything else stay as they are)."""
+    checkpoint = load_checkpoint(path, "vqvae")
+    checkpoint.extras[TEXTURE] = texture.to_plain()
+    save_checkpoint(checkpoint, path)
 
 
 def file_sha256(path: str | Path) -> str:

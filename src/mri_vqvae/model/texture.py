@@ -1,0 +1,193 @@
+"""The acquisition texture a decoder smooths away, as a stochastic observation model.
+
+A decoder trained on pixel losses draws the conditional mean of a slice given its codes: the
+acquisition noise and the finest detail, which the codes do not determine, average out, so a
+decoded slice is smoother than any acquired one (its power spectrum falls below the real
+slices' at high frequencies, and a classifier tells it from them by that alone). Restoring that
+texture inside the decoder costs the distortion measures by construction: independent noise of
+the right power doubles the squared error where it is added (the perception-distortion
+trade-off, Blau & Michaeli 2018). So the mean stays the reconstruction, and this model adds the
+texture as a separate, optional draw: ``p(x | codes) = mean + residual``.
+
+:class:`ResidualTexture` is fitted to the residuals ``real - reconstruction`` of training
+slices, with no assumption about the scanner's noise:
+
+- **the distribution at each intensity**: the residual's quantiles in bins of the
+  reconstructed intensity, so a magnitude image's Rician floor in the background, the larger
+  spread in tissue and any bias of the decoder are each where they belong;
+- **the spatial correlation**: the mean 2D power spectrum of the residual standardised per
+  bin, so noise left white by the scanner stays white and noise coloured by the
+  reconstruction's filtering or resampling keeps its colour and direction.
+
+A draw filters white Gaussian noise by the spectrum's square root, maps it through the
+normal CDF to a uniform field and reads the residual at that level from the quantiles of the
+pixel's intensity (a Gaussian copula), blending the two nearest bins' quantiles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Most pixels per bin whose residual quantiles are computed (torch.quantile's input limit is
+# 16M; a million random pixels fix 129 quantiles far more finely than they are used).
+_PIXELS_PER_BIN = 1_000_000
+
+
+@dataclass(frozen=True)
+class ResidualTexture:
+    """Residual quantiles ``(bins, levels)`` at probabilities ``levels`` for the
+    reconstructed intensities ``bin_centres (bins,)``, and the square root of the
+    standardised residual's power spectrum ``amplitude (H, W // 2 + 1)`` (an ``rfft2``
+    half-plane) for slices of ``image_size``; fitted on ``fitted_slices`` slices."""
+
+    bin_centres: torch.Tensor
+    levels: torch.Tensor
+    quantiles: torch.Tensor
+    amplitude: torch.Tensor
+    image_size: tuple[int, int]
+    fitted_slices: int
+
+    @classmethod
+    def fit(
+        cls,
+        images: torch.Tensor,
+        reconstructions: torch.Tensor,
+        bins: int = 16,
+        levels: int = 129,
+        seed: int = 0,
+    ) -> ResidualTexture:
+        """Fit to real ``images`` and their ``reconstructions``, both ``(N, 1, H, W)`` in
+        the model's [-1, 1] range."""
+        if images.shape != reconstructions.shape or images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(
+                "images and reconstructions must both be (N, 1, H, W), got "
+                f"{tuple(images.shape)} and {tuple(reconstructions.shape)}"
+            )
+        if bins < 1 or levels < 3:
+            raise ValueError(f"need bins >= 1 and levels >= 3, got {bins} and {levels}")
+        generator = torch.Generator().manual_seed(seed)
+        mean = reconstructions.float().clamp(-1, 1)
+        residual = images.float() - mean
+        flat_mean, flat_residual = mean.flatten(), residual.flatten()
+        edges = _bin_edges(flat_mean, bins, generator)
+        which = torch.bucketize(flat_mean, edges[1:-1])
+        probabilities = torch.linspace(0.5 / levels, 1 - 0.5 / levels, levels)
+        centres, quantiles, centre_of_bin, spread = [], [], [], []
+        for b in range(len(edges) - 1):
+            chosen = which == b
+            if not chosen.any():
+                continue
+            values = _at_most(flat_residual[chosen], _PIXELS_PER_BIN, generator)
+            centre = _at_most(flat_mean[chosen], _PIXELS_PER_BIN, generator).median()
+            centres.append(centre)
+            quantiles.append(torch.quantile(values, probabilities))
+            centre_of_bin.append(values.mean())
+            spread.append(values.std().clamp_min(1e-6) if len(values) > 1 else torch.tensor(1.0))
+        location = torch.stack(centre_of_bin)
+        scale = torch.stack(spread)
+        kept = torch.tensor([(which == b).any() for b in range(len(edges) - 1)])
+        # Each pixel's bin among those kept (bins without pixels were skipped above).
+        renumbered = torch.cumsum(kept.long(), 0) - 1
+        index = renumbered[which]
+        standardised = ((flat_residual - location[index]) / scale[index]).reshape(residual.shape)
+        power = torch.fft.rfft2(standardised[:, 0]).abs().square().mean(0)
+        power[0, 0] = 0  # each slice's mean offset is the bins' business, not the field's
+        return cls(
+            bin_centres=torch.stack(centres),
+            levels=probabilities,
+            quantiles=torch.stack(quantiles),
+            amplitude=power.sqrt(),
+            image_size=(int(images.shape[-2]), int(images.shape[-1])),
+            fitted_slices=int(images.shape[0]),
+        )
+
+    def residual_field(
+        self, shape: tuple[int, ...], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Gaussian fields ``shape = (N, 1, H, W)`` with the residual's spatial correlation,
+        each standardised to mean 0 and standard deviation 1."""
+        white = torch.randn(shape, generator=generator)
+        coloured = torch.fft.irfft2(torch.fft.rfft2(white) * self.amplitude, s=shape[-2:])
+        centred = coloured - coloured.mean(dim=(-2, -1), keepdim=True)
+        return centred / centred.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+
+    def sample(
+        self, reconstructions: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``reconstructions (N, 1, H, W)`` in [-1, 1] with a draw of the texture added,
+        clamped to [-1, 1]; on the CPU (``generator`` is a CPU generator)."""
+        if tuple(reconstructions.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"this texture was fitted to {self.image_size[0]}x{self.image_size[1]} "
+                f"slices, got {tuple(reconstructions.shape[-2:])}"
+            )
+        mean = reconstructions.detach().float().cpu().clamp(-1, 1)
+        field = self.residual_field(tuple(mean.shape), generator)
+        uniform = 0.5 * (1 + torch.erf(field / math.sqrt(2)))
+        residual = self._residual_at(mean.flatten(), uniform.flatten()).reshape(mean.shape)
+        return (mean + residual).clamp(-1, 1)
+
+    def _residual_at(self, mean: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """The residual at level ``uniform`` for reconstructed intensity ``mean`` (both
+        flat): each quantile function read linearly, then the two nearest bins' blended."""
+        count = len(self.levels)
+        position = (uniform - self.levels[0]) / (self.levels[-1] - self.levels[0]) * (count - 1)
+        position = position.clamp(0, count - 1)
+        low_level = position.floor().long().clamp(max=count - 2) if count > 1 else position.long()
+        level_weight = position - low_level
+
+        def read(bin_index: torch.Tensor) -> torch.Tensor:
+            table = self.quantiles[bin_index]
+            low = table.gather(1, low_level[:, None])[:, 0]
+            high = table.gather(1, (low_level + 1).clamp(max=count - 1)[:, None])[:, 0]
+            return low + (high - low) * level_weight
+
+        centres = self.bin_centres
+        if len(centres) == 1:
+            return read(torch.zeros_like(low_level))
+        upper = torch.bucketize(mean, centres).clamp(1, len(centres) - 1)
+        lower = upper - 1
+        span = (centres[upper] - centres[lower]).clamp_min(1e-12)
+        weight = ((mean - centres[lower]) / span).clamp(0, 1)
+        return read(lower) * (1 - weight) + read(upper) * weight
+
+    def to_plain(self) -> dict[str, Any]:
+        """Tensors and plain values, for a checkpoint's extras."""
+        return {
+            "bin_centres": self.bin_centres,
+            "levels": self.levels,
+            "quantiles": self.quantiles,
+            "amplitude": self.amplitude,
+            "image_size": list(self.image_size),
+            "fitted_slices": self.fitted_slices,
+        }
+
+    @classmethod
+    def from_plain(cls, values: dict[str, Any]) -> ResidualTexture:
+        return cls(
+            bin_centres=values["bin_centres"].float(),
+            levels=values["levels"].float(),
+            quantiles=values["quantiles"].float(),
+            amplitude=values["amplitude"].float(),
+            image_size=(int(values["image_size"][0]), int(values["image_size"][1])),
+            fitted_slices=int(values["fitted_slices"]),
+        )
+
+
+def _at_most(values: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    if len(values) <= count:
+        return values
+    return values[torch.randint(len(values), (count,), generator=generator)]
+
+
+def _bin_edges(values: torch.Tensor, bins: int, generator: torch.Generator) -> torch.Tensor:
+    """Edges of up to ``bins`` bins holding equal shares of ``values`` (fewer where many values
+    are equal, as in a flat background), from -inf to inf."""
+    sample = _at_most(values, 4 * _PIXELS_PER_BIN, generator)
+    inner = torch.quantile(sample, torch.linspace(0, 1, bins + 1)[1:-1]).unique()
+    infinity = torch.tensor([math.inf])
+    return torch.cat([-infinity, inner, infinity])
