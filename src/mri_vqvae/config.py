@@ -270,9 +270,18 @@ class TrainConfig(LoopConfig):
     # At the end of training, evaluate best.pt on the validation split (RUN_DIR/validation)
     # and write the run's page, RUN_DIR/report.html.
     report: bool = True
+    # At the end of training, fit the acquisition texture (mri_vqvae.model.texture) to this
+    # many random training slices and their reconstructions by best.pt, and keep it in
+    # best.pt: what `sample` adds to decoded slices so that they carry the scanner's noise
+    # and fine grain, and what `evaluate` scores textured reconstructions with. 0: none.
+    texture_slices: int = 512
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(
+            self.texture_slices >= 0,
+            f"train.texture_slices must be >= 0, got {self.texture_slices}",
+        )
         _check_choice("train", "pixel_loss", self.pixel_loss, PIXEL_LOSSES)
         _check_choice("train", "ssim_loss", self.ssim_loss, SSIM_LOSSES)
         _check_choice("train", "memory_format", self.memory_format, MEMORY_FORMATS)
@@ -461,6 +470,11 @@ class SampleConfig:
     decoding_steps: int = 8
     choice_temperature: float = 4.5
     batch_size: int = 64  # maps sampled together
+    # Add the VQ-VAE's acquisition texture (noise and grain fitted to its training slices'
+    # residuals; train.texture_slices) to each decoded sample, so that it carries what an
+    # acquired slice does; off, the samples are the decoder's smooth mean. A VQ-VAE trained
+    # without one gives smooth samples either way (samples.json says which).
+    texture: bool = True
     # Position in the volume, 0 to 1, for a prior trained with slice positions.
     slice_position: float | None = None
     # Labels every sample is drawn with, as "name=value" (a prior trained on labels); a label

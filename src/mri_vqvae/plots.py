@@ -344,6 +344,15 @@ def power_spectra(frequencies: Sequence[float], spectra: dict[str, Sequence[floa
     return fig
 
 
+def evaluation_spectra(spectrum: dict, split: str):
+    """:func:`power_spectra` of an evaluation's ``power_spectrum`` record: the real slices,
+    the reconstructions and, where they were scored, the textured reconstructions."""
+    series = {"real slices": spectrum["real"], "reconstructions": spectrum["reconstructions"]}
+    if "textured_reconstructions" in spectrum:
+        series["with acquisition texture"] = spectrum["textured_reconstructions"]
+    return power_spectra(spectrum["frequencies"], series, split)
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Write a figure to ``path`` (folders made as needed) and close it."""
     return _save(fig, path)

@@ -18,12 +18,14 @@ from mri_vqvae.checkpoint import (
     build_prior_model,
     check_prior_matches,
     file_sha256,
+    keep_texture,
     load_checkpoint,
     load_model,
     load_prior,
     load_prior_checkpoint,
     load_vqvae,
     read_data_reference,
+    read_texture,
 )
 from mri_vqvae.code_maps import CodeMaps, code_maps_for, require_slice_positions
 from mri_vqvae.config import (
@@ -58,7 +60,8 @@ from mri_vqvae.distributed import (
 )
 from mri_vqvae.errors import UserError
 from mri_vqvae.evaluate.protocol import protocol_named
-from mri_vqvae.evaluate.reconstruction import reconstruct_file, write_evaluation
+from mri_vqvae.evaluate.reconstruction import fit_texture, reconstruct_file, write_evaluation
+from mri_vqvae.evaluate.samples import as_loaded
 from mri_vqvae.evaluate.samples import evaluate_samples as measure_samples
 from mri_vqvae.files import (
     EVALUATION,
@@ -81,6 +84,7 @@ from mri_vqvae.files import (
 from mri_vqvae.generate.sampling import (
     SampleRun,
     check_prior_fits,
+    decode_codes,
     draw_conditions,
     generate_samples,
     load_sample_codes,
@@ -88,6 +92,7 @@ from mri_vqvae.generate.sampling import (
 )
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import ConditionSizes, build_prior
+from mri_vqvae.model.texture import ResidualTexture
 from mri_vqvae.report.page import is_report_page, write_report
 from mri_vqvae.runtime import resolve_device, seed_everything
 from mri_vqvae.train.loop import FitResult
@@ -227,9 +232,34 @@ def _train_in(
         leave_process_group()
     if not processes.is_main:
         return None
+    if config.train.texture_slices and result.history:
+        attach_texture(RunFolder(result.run_dir).best_checkpoint, splits["train"], device, config)
     if config.train.report and result.history:
         write_validation_report(result.run_dir, splits["val"], device, config)
     return result
+
+
+def attach_texture(
+    checkpoint: Path, train_set: SliceSet, device: torch.device, config: Config
+) -> None:
+    """Fit the acquisition texture to ``train.texture_slices`` training slices and their
+    reconstructions by the VQ-VAE in ``checkpoint`` (its best weights), and keep it there.
+
+    A checkpoint that keeps one already is left alone: the loop writes ``best.pt`` without a
+    texture, so one there was fitted to these very weights (a resumed run that did not improve
+    on them), and rewriting the file would change the hash its priors were trained against."""
+    model, saved = load_vqvae(checkpoint, device)
+    if read_texture(saved, checkpoint) is not None:
+        return
+    count = min(config.train.texture_slices, len(train_set))
+    texture = fit_texture(model, train_set, device, count, config.train.seed)
+    keep_texture(checkpoint, texture)
+    logger.info(
+        "acquisition texture fitted to %d training slices (%d intensity bins) and kept in %s",
+        count,
+        len(texture.bin_centres),
+        checkpoint,
+    )
 
 
 def write_validation_report(
@@ -242,10 +272,13 @@ def write_validation_report(
     say) is logged and the run still ends as done: ``mri-vqvae report`` writes it later."""
     run = RunFolder(run_dir)
     try:
-        model, _ = load_model(run.best_checkpoint, device)
+        model, checkpoint = load_vqvae(run.best_checkpoint, device)
+        texture = read_texture(checkpoint, run.best_checkpoint)
         batch_size, seed = config.train.batch_size, config.train.seed
         protocol = protocol_named(config.sample_metrics.protocol)
-        write_evaluation(model, val_set, run.validation, device, batch_size, seed, "val", protocol)
+        write_evaluation(
+            model, val_set, run.validation, device, batch_size, seed, "val", protocol, texture
+        )
         report = write_report(run_dir)
     except OSError as err:
         logger.warning(
@@ -479,15 +512,17 @@ def evaluate_checkpoint(
     checkpoint, out = Path(checkpoint), Path(out)
     folder = OutputFolder(out, EVALUATION, overwrite=overwrite, inputs=(checkpoint,))
     torch_device = resolve_device(device)
-    model, trained = load_model(checkpoint, torch_device)
+    model, saved = load_vqvae(checkpoint, torch_device)
+    trained, texture = saved.config, read_texture(saved, checkpoint)
     data_config = data_settings(trained.data, (config or Config()).data)
     slices = load_split(data.test_files(), data_config, label="test")
     with folder:
         folder.remove_previous_outputs()
         batch_size = batch_size or trained.train.batch_size
         protocol = protocol_named((config or Config()).sample_metrics.protocol)
+        seed = trained.train.seed
         summary = write_evaluation(
-            model, slices, out, torch_device, batch_size, trained.train.seed, "test", protocol
+            model, slices, out, torch_device, batch_size, seed, "test", protocol, texture
         )
     refresh_report(checkpoint)
     return summary
@@ -547,6 +582,7 @@ def sample(
         settings.label_values(),
     )
     run = generate_samples(vqvae, prior, settings.num_samples, settings, conditions, settings.seed)
+    run, texture_record = _with_texture(run, vqvae_checkpoint, vqvae_path, settings)
     metadata = {
         # Absolute, so evaluate-samples finds them from any working folder.
         "vqvae": str(vqvae_path.resolve()),
@@ -558,6 +594,7 @@ def sample(
         "seed": settings.seed,
         "slice_position": settings.slice_position,
         "conditions": _described_conditions(conditions, checkpoint.extras, settings),
+        "texture": texture_record,
         "device": str(device),
     }
     with folder:
@@ -565,6 +602,31 @@ def sample(
         write_samples(run, out, metadata, reference)
     refresh_report(vqvae_path)
     return run
+
+
+def _with_texture(
+    run: SampleRun, checkpoint: Checkpoint, path: Path, settings: SampleConfig
+) -> tuple[SampleRun, dict[str, Any]]:
+    """The decoded samples with a draw of the VQ-VAE's acquisition texture added (when
+    ``sample.texture`` is on and the VQ-VAE has one), and what samples.json says of it."""
+    texture = read_texture(checkpoint, path)
+    if not settings.texture:
+        return run, {"applied": False, "reason": "sample.texture is off: the decoder's mean"}
+    if texture is None:
+        logger.warning(
+            "%s keeps no acquisition texture (trained with train.texture_slices 0, or by an "
+            "older mri-vqvae): the samples are the decoder's smooth mean",
+            path,
+        )
+        return run, {"applied": False, "reason": "the VQ-VAE keeps no acquisition texture"}
+    generator = torch.Generator().manual_seed(settings.seed)
+    textured = replace(run, images=texture.sample(run.images, generator))
+    return textured, {
+        "applied": True,
+        "fitted_slices": texture.fitted_slices,
+        "intensity_bins": len(texture.bin_centres),
+        "seed": settings.seed,
+    }
 
 
 def _check_sampler_settings(prior, checkpoint: Checkpoint, settings) -> None:
@@ -663,8 +725,8 @@ def evaluate_samples(
     )
     settings = (config or Config()).sample_metrics
     device = resolve_device(settings.device)
-    vqvae, vqvae_config = load_model(vqvae_file, device)
-    data_config = data_settings(vqvae_config.data, (config or Config()).data)
+    vqvae, vqvae_checkpoint = load_vqvae(vqvae_file, device)
+    data_config = data_settings(vqvae_checkpoint.config.data, (config or Config()).data)
     generated = load_split(
         list_slices(samples), replace(data_config, use_cache=False), label="samples"
     )
@@ -672,15 +734,44 @@ def evaluate_samples(
     if (samples / SAMPLE_CODES).is_file() and not generated.skipped:
         codes = load_sample_codes(samples / SAMPLE_CODES)
         codes = codes if len(codes) == len(generated) else None
+    texture, plain = _sample_texture(samples, vqvae, vqvae_checkpoint, vqvae_file, codes)
     splits = load_splits(data.files(), data_config)
     held_out = concat_slice_sets([splits["val"], splits["test"]])
     with folder:
         folder.remove_previous_outputs()
         summary = measure_samples(
-            generated, codes, splits["train"], held_out, vqvae, target, device, settings
+            generated,
+            codes,
+            splits["train"],
+            held_out,
+            vqvae,
+            target,
+            device,
+            settings,
+            texture,
+            plain,
         )
     refresh_report(vqvae_file)
     return summary
+
+
+def _sample_texture(
+    samples: Path, vqvae: VQVAE, checkpoint: Checkpoint, path: Path, codes: torch.Tensor | None
+) -> tuple[ResidualTexture | None, torch.Tensor | None]:
+    """The acquisition texture the samples in ``samples`` carry (None when samples.json says
+    they carry none), and the decoder's mean of their ``codes``, prepared as loaded slices
+    are, for the memorisation search (None without codes)."""
+    record = read_samples_metadata(samples / SAMPLES_SUMMARY).get("texture")
+    if not isinstance(record, dict) or not record.get("applied"):
+        return None, None
+    texture = read_texture(checkpoint, path)
+    if texture is None:
+        raise UserError(
+            f"{samples / SAMPLES_SUMMARY} says the samples carry the VQ-VAE's acquisition "
+            f"texture, but {path} keeps none: not the VQ-VAE they were drawn with"
+        )
+    plain = None if codes is None else as_loaded(decode_codes(vqvae, codes.long()))
+    return texture, plain
 
 
 def make_phantom(out: str | Path, spec: PhantomSpec) -> dict[str, int]:

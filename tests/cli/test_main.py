@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from mri_vqvae import __version__
@@ -96,6 +97,14 @@ def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
     ):
         assert math.isfinite(metrics[key]), key
     assert metrics["n_images"] == 8
+    # The acquisition texture fitted at the end of training is scored beside the plain mean.
+    assert math.isfinite(metrics["textured_ssim_mean"])
+    assert metrics["textured_psnr_mean"] != metrics["psnr_mean"]
+    assert "skipped" in metrics["two_sample"]  # 8 test slices: too few for the classifier
+    assert metrics["power_spectrum"]["textured"]["largest_gap_db_up_to_half_nyquist"] >= 0
+    assert len(metrics["power_spectrum"]["textured_reconstructions"]) == len(
+        metrics["power_spectrum"]["real"]
+    )
     assert metrics["best_image"].startswith("case_") and metrics["worst_image"].endswith(".nii.gz")
     rows = (tmp_path / "eval" / "per_image_metrics.csv").read_text().splitlines()
     assert rows[0] == "file,ssim,psnr,foreground_ssim,foreground_psnr,ssim_seed_protocol"
@@ -258,9 +267,28 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     assert len(list(from_file.glob("sample_*.nii.gz"))) == 3
     assert (drawn["seed"], drawn["settings"]["top_k"]) == (3, 4)
 
+    assert json.loads((samples / "samples.json").read_text())["texture"]["applied"]
+    # --no-texture writes the decoder's mean of the same codes: the same seed draws the same
+    # maps, and only the texture tells the two folders' slices apart.
+    smooth = tmp_path / "smooth"
+    assert (
+        main([*sample_args, "--n", "8", "--out", str(smooth), "--top-k", "8", "--no-texture"]) == 0
+    )
+    assert not json.loads((smooth / "samples.json").read_text())["texture"]["applied"]
+    assert torch.equal(
+        torch.load(smooth / "codes.pt")["codes"], torch.load(samples / "codes.pt")["codes"]
+    )
+    first = [
+        nib.load(str(f)).get_fdata()
+        for f in (samples / "sample_0000.nii.gz", smooth / "sample_0000.nii.gz")
+    ]
+    assert not np.allclose(*first)
+
     judge = ["-q", "evaluate-samples", "--samples", str(samples), "--data", str(demo)]
     assert main([*judge, "--reference-slices", "32", "--device", "cpu"]) == 0
     metrics = json.loads((samples / "evaluation" / "sample_metrics.json").read_text())
+    assert metrics["texture"]["references_textured"]
+    assert metrics["texture"]["memorisation_searched_with"].startswith("the decoder's mean")
     assert metrics["num_samples"] == 8 and metrics["num_held_out"] == 16
     assert metrics["protocol"]["name"] == metrics["settings"]["protocol"] == "frozen-v2"
     for test in ("samples_vs_train_reconstructions", "samples_vs_held_out_real"):

@@ -63,3 +63,29 @@ def test_a_split_too_small_for_the_classifiers_folds_skips_the_test_with_its_rea
     two_sample = realism_summary(evaluation(real, real), PROTOCOLS["frozen-v2"])["two_sample"]
     assert "reconstructions_vs_real" not in two_sample
     assert two_sample["skipped"].startswith("9 slices: halves of 4")
+
+
+def test_textured_reconstructions_are_scored_beside_the_plain_ones():
+    from dataclasses import replace
+
+    torch.manual_seed(1)
+    real = torch.randn(200, 16).double()
+    smooth = real.clone()
+    smooth[:, 3] += 2.0  # the plain reconstructions miss something the classifier sees
+    plain = evaluation(real, smooth, gap_db=-6.0)
+    textured = replace(
+        plain,
+        textured_features=real + 0.01 * torch.randn_like(real),
+        textured_power=plain.real_power,
+    )
+    summary = realism_summary(textured, PROTOCOLS["frozen-v2"])
+    two_sample, spectrum = summary["two_sample"], summary["power_spectrum"]
+    assert two_sample["reconstructions_vs_real"]["accuracy"] > 0.8
+    assert two_sample["textured_reconstructions_vs_real"]["accuracy"] < 0.62
+    assert spectrum["largest_gap_db_up_to_half_nyquist"] == pytest.approx(6.0)
+    assert spectrum["textured"]["largest_gap_db_up_to_half_nyquist"] == pytest.approx(0.0)
+    assert len(spectrum["textured_reconstructions"]) == 32
+    # Without a texture, neither entry appears.
+    bare = realism_summary(plain, PROTOCOLS["frozen-v2"])
+    assert "textured_reconstructions_vs_real" not in bare["two_sample"]
+    assert "textured" not in bare["power_spectrum"]

@@ -152,9 +152,11 @@ def test_the_report_holds_every_section_and_needs_nothing_else(full_run):
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert page.rows("epochs") == [len(history)] == [2]
     test_metrics = json.loads((run / "evaluation" / "metrics.json").read_text())
-    assert page.rows("metrics") == [14]
+    # 14 rows, and 4 of the acquisition texture the run fitted after training.
+    assert page.rows("metrics") == [18]
     # The test evaluation, not the validation one, once there is one.
     text = " ".join(page.text)
+    assert f"{test_metrics['textured_psnr_mean']:.2f}" in text
     assert "the best checkpoint on the test split" in text
     assert f"{test_metrics['ssim_mean']:.4f} / {test_metrics['ssim_min']:.4f}" in text
     assert page.rows("examples") == [4, 4, 4]  # best, worst and random
@@ -163,7 +165,8 @@ def test_the_report_holds_every_section_and_needs_nothing_else(full_run):
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert page.rows("config") == [sum(len(section) for section in config.values())]
     assert page.rows("prior") == [7]
-    assert page.rows("samples") == [7]
+    assert page.rows("samples") == [8]
+    assert "added (fitted to" in text  # the samples carry the acquisition texture
     assert page.rows("sample-metrics")[0] >= 9
     assert "two-sample accuracy, samples vs training reconstructions" in text
     assert "null: two halves of training reconstructions" in text

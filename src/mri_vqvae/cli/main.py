@@ -239,7 +239,7 @@ _SAMPLE_FLAGS = {
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    switches = {"no_cache": "sample.use_cache=false"}
+    switches = {"no_cache": "sample.use_cache=false", "no_texture": "sample.texture=false"}
     lists = {"label": "sample.labels"}
     config = _settings(args, _settings_overrides(args, _SAMPLE_FLAGS, switches, lists))
     run = workflows.sample(args.vqvae, args.prior, args.out, config, overwrite=args.overwrite)

@@ -328,6 +328,12 @@ def _add_sample(commands, data: argparse.ArgumentParser, device: argparse.Argume
     sample.add_argument(
         "--no-cache", action="store_true", help="recompute the prefix per code (slow; to compare)"
     )
+    sample.add_argument(
+        "--no-texture",
+        action="store_true",
+        help="write the decoder's smooth mean, without the acquisition texture (noise and "
+        "grain) the VQ-VAE fitted to its training slices (sample.texture=false)",
+    )
     sample.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 

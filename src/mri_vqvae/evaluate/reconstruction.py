@@ -43,6 +43,7 @@ from mri_vqvae.metrics import (
     ssim_seed_protocol,
 )
 from mri_vqvae.model import VQVAE
+from mri_vqvae.model.texture import ResidualTexture
 
 SSIM_PROTOCOLS = {
     "ssim": "Wang et al. 2004 on [0, 1], data range 1, 11x11 Gaussian window (sigma 1.5); "
@@ -77,6 +78,12 @@ class SplitEvaluation:
     frequencies: np.ndarray
     real_power: np.ndarray
     reconstruction_power: np.ndarray
+    # The same for the reconstructions with a draw of the acquisition texture added, and their
+    # mean SSIM and PSNR against the real slices; None without a texture.
+    textured_features: torch.Tensor | None = None
+    textured_power: np.ndarray | None = None
+    textured_ssim_mean: float | None = None
+    textured_psnr_mean: float | None = None
 
     def per_image(self) -> dict[str, np.ndarray]:
         """The per-image columns of ``per_image_metrics.csv``."""
@@ -107,6 +114,9 @@ class SplitEvaluation:
         summary["best_image"] = self.names[best]
         summary["worst_image"] = self.names[worst]
         summary["protocols"] = SSIM_PROTOCOLS
+        if self.textured_ssim_mean is not None:
+            summary["textured_ssim_mean"] = self.textured_ssim_mean
+            summary["textured_psnr_mean"] = self.textured_psnr_mean
         return summary
 
 
@@ -125,10 +135,13 @@ def evaluate_split(
     batch_size: int,
     device: torch.device,
     protocol: SampleProtocol = PROTOCOLS["frozen-v2"],
+    texture: ResidualTexture | None = None,
+    seed: int = 0,
 ) -> SplitEvaluation:
     """SSIM and PSNR of every image's reconstruction (clamped to the image range), code use,
     and what tells reconstructions from the real slices: ``protocol``'s random-CNN features
-    of both, and both power spectra."""
+    of both, and both power spectra; with a ``texture``, the same for the reconstructions
+    with a draw of it (from ``seed``) added."""
     columns: dict[str, list[torch.Tensor]] = {
         "ssim": [],
         "psnr": [],
@@ -138,16 +151,10 @@ def evaluate_split(
     }
     counts = torch.zeros(model.num_embeddings, dtype=torch.long)
     code_maps = []
-    features = RandomFeatureNet(protocol.random_features_widths, protocol.random_features_seed)
-    features.to(device)
-    realism: dict[str, list] = {"real": [], "reconstruction": []}
-    power: dict[str, np.ndarray | float] = {"real": 0.0, "reconstruction": 0.0}
+    realism = _RealismTally(protocol, device, texture, seed)
     for _, images, output in reconstruct_batches(model, slices, batch_size, device):
         reconstruction = output.reconstruction.clamp(-1, 1)
-        for name, batch in (("real", images), ("reconstruction", reconstruction)):
-            realism[name].append(extract_features(features, batch.float()).cpu())
-            frequencies, batch_power = radial_power_spectrum(batch.cpu())
-            power[name] = power[name] + batch_power * len(batch)
+        realism.add(images, reconstruction)
         foreground_ssim, foreground_psnr = foreground_ssim_psnr(images, reconstruction)
         scores = {
             "ssim": ssim_per_image(images, reconstruction),
@@ -165,20 +172,89 @@ def evaluate_split(
         names=list(slices.names),
         code_counts=counts,
         code_maps=torch.cat(code_maps),
-        real_features=torch.cat(realism["real"]),
-        reconstruction_features=torch.cat(realism["reconstruction"]),
-        frequencies=frequencies,
-        real_power=np.asarray(power["real"]) / len(slices),
-        reconstruction_power=np.asarray(power["reconstruction"]) / len(slices),
+        **realism.results(len(slices)),
         **arrays,
     )
+
+
+class _RealismTally:
+    """Random-CNN features, power spectra and (textured) scores, batch by batch."""
+
+    def __init__(
+        self,
+        protocol: SampleProtocol,
+        device: torch.device,
+        texture: ResidualTexture | None,
+        seed: int,
+    ) -> None:
+        self.features = RandomFeatureNet(
+            protocol.random_features_widths, protocol.random_features_seed
+        ).to(device)
+        self.texture = texture
+        self.generator = torch.Generator().manual_seed(seed)
+        names = ("real", "reconstruction") + (("textured",) if texture is not None else ())
+        self.vectors: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        self.power: dict[str, np.ndarray | float] = {name: 0.0 for name in names}
+        self.textured_scores: dict[str, list[torch.Tensor]] = {"ssim": [], "psnr": []}
+        self.frequencies = np.zeros(0)
+
+    def add(self, images: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        batches = {"real": images, "reconstruction": reconstruction}
+        if self.texture is not None:
+            textured = self.texture.sample(reconstruction, self.generator).to(images.device)
+            batches["textured"] = textured
+            self.textured_scores["ssim"].append(ssim_per_image(images, textured).cpu())
+            self.textured_scores["psnr"].append(psnr_per_image(images, textured).cpu())
+        for name, batch in batches.items():
+            self.vectors[name].append(extract_features(self.features, batch.float()).cpu())
+            self.frequencies, batch_power = radial_power_spectrum(batch.cpu())
+            self.power[name] = self.power[name] + batch_power * len(batch)
+
+    def results(self, count: int) -> dict:
+        result = {
+            "real_features": torch.cat(self.vectors["real"]),
+            "reconstruction_features": torch.cat(self.vectors["reconstruction"]),
+            "frequencies": self.frequencies,
+            "real_power": np.asarray(self.power["real"]) / count,
+            "reconstruction_power": np.asarray(self.power["reconstruction"]) / count,
+        }
+        if self.texture is not None:
+            result["textured_features"] = torch.cat(self.vectors["textured"])
+            result["textured_power"] = np.asarray(self.power["textured"]) / count
+            result["textured_ssim_mean"] = float(torch.cat(self.textured_scores["ssim"]).mean())
+            result["textured_psnr_mean"] = float(torch.cat(self.textured_scores["psnr"]).mean())
+        return result
+
+
+@torch.no_grad()
+def fit_texture(
+    model: VQVAE,
+    slices: SliceSet,
+    device: torch.device,
+    count: int = 512,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> ResidualTexture:
+    """The acquisition texture of ``count`` random slices of ``slices`` (the training split)
+    against their reconstructions by ``model``."""
+    rows = torch.randperm(len(slices), generator=torch.Generator().manual_seed(seed))
+    rows = rows[:count].sort().values
+    images = slices.batch(rows)
+    reconstructions = torch.cat(
+        [
+            model.eval()(images[start : start + batch_size].to(device)).reconstruction.float().cpu()
+            for start in range(0, len(images), batch_size)
+        ]
+    )
+    return ResidualTexture.fit(images, reconstructions, seed=seed)
 
 
 def realism_summary(
     result: SplitEvaluation, protocol: SampleProtocol, seed: int = 0
 ) -> dict[str, object]:
     """How far reconstructions are from passing for the real slices: the two-sample
-    classifier of the sample measures, and the power spectra's gap in dB.
+    classifier of the sample measures, and the power spectra's gap in dB; the same for the
+    textured reconstructions where the evaluation has them.
 
     The slices are split into two random halves, A and B. The figure tells reconstructions
     of half A from the real slices of half B: unpaired, since a slice and its own
@@ -193,30 +269,40 @@ def realism_summary(
             f"classifier's {protocol.classifier_folds} folds"
         )
     else:
+        real_b = result.real_features[second]
         two_sample["reconstructions_vs_real"] = classifier_two_sample_test(
-            result.reconstruction_features[first], result.real_features[second], protocol, seed
+            result.reconstruction_features[first], real_b, protocol, seed
         )
+        if result.textured_features is not None:
+            two_sample["textured_reconstructions_vs_real"] = classifier_two_sample_test(
+                result.textured_features[first], real_b, protocol, seed
+            )
         two_sample["null_real_halves"] = classifier_two_sample_test(
-            result.real_features[first], result.real_features[second], protocol, seed
+            result.real_features[first], real_b, protocol, seed
         )
         two_sample.update(null_verdict(two_sample["null_real_halves"], protocol))
-    gap = spectrum_gap_db(result.real_power, result.reconstruction_power)
+    spectrum = {
+        "frequencies": result.frequencies.round(6).tolist(),
+        "real": result.real_power.tolist(),
+        "reconstructions": result.reconstruction_power.tolist(),
+        **_spectrum_gaps(result, result.reconstruction_power),
+    }
+    if result.textured_power is not None:
+        spectrum["textured_reconstructions"] = result.textured_power.tolist()
+        spectrum["textured"] = _spectrum_gaps(result, result.textured_power)
+    return {"two_sample": two_sample, "power_spectrum": spectrum}
+
+
+def _spectrum_gaps(result: SplitEvaluation, power: np.ndarray) -> dict[str, float | None]:
+    gap = spectrum_gap_db(result.real_power, power)
     # The two lowest rings hold a handful of coefficients each, too few for a steady mean.
     steady = np.arange(len(gap)) >= 2
     up_to_half_nyquist = result.frequencies <= 0.25
     return {
-        "two_sample": two_sample,
-        "power_spectrum": {
-            "frequencies": result.frequencies.round(6).tolist(),
-            "real": result.real_power.tolist(),
-            "reconstructions": result.reconstruction_power.tolist(),
-            "largest_gap_db_up_to_half_nyquist": float(
-                np.abs(gap[steady & up_to_half_nyquist]).max()
-            ),
-            "mean_gap_db_above_half_nyquist": float(gap[~up_to_half_nyquist].mean())
-            if (~up_to_half_nyquist).any()
-            else None,
-        },
+        "largest_gap_db_up_to_half_nyquist": float(np.abs(gap[steady & up_to_half_nyquist]).max()),
+        "mean_gap_db_above_half_nyquist": float(gap[~up_to_half_nyquist].mean())
+        if (~up_to_half_nyquist).any()
+        else None,
     }
 
 
@@ -229,12 +315,14 @@ def write_evaluation(
     seed: int = 0,
     split: str = "test",
     protocol: SampleProtocol = PROTOCOLS["frozen-v2"],
+    texture: ResidualTexture | None = None,
 ) -> dict:
     """Evaluate a split (named ``split`` in the outputs) and write ``per_image_metrics.csv``,
-    ``metrics.json``, the figures and the arrays of the run's report."""
+    ``metrics.json``, the figures and the arrays of the run's report; with the VQ-VAE's
+    ``texture``, textured reconstructions are scored beside the plain ones."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = evaluate_split(model, slices, batch_size, device, protocol)
+    result = evaluate_split(model, slices, batch_size, device, protocol, texture, seed)
     summary = {"split": split, **result.summary(), **realism_summary(result, protocol, seed)}
     with open(out_dir / PER_IMAGE_METRICS, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -269,14 +357,8 @@ def write_evaluation(
         f"{summary['ssim_mean']:.4f})",
     )
     write_codebook_atlas(slices, result, out_dir / CODEBOOK_FILE, seed)
-    spectrum = summary["power_spectrum"]
     plots.save_figure(
-        plots.power_spectra(
-            spectrum["frequencies"],
-            {"real slices": spectrum["real"], "reconstructions": spectrum["reconstructions"]},
-            split,
-        ),
-        out_dir / POWER_SPECTRUM,
+        plots.evaluation_spectra(summary["power_spectrum"], split), out_dir / POWER_SPECTRUM
     )
     return summary
 

@@ -42,6 +42,7 @@ from mri_vqvae.files import (
     write_text_atomic,
 )
 from mri_vqvae.model import VQVAE
+from mri_vqvae.model.texture import ResidualTexture
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +66,26 @@ def as_loaded(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruct(
-    vqvae: VQVAE, images: torch.Tensor, device: torch.device, batch_size: int = 64
+    vqvae: VQVAE,
+    images: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 64,
+    texture: ResidualTexture | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The VQ-VAE's reconstructions of ``images`` ``(N, 1, H, W)``, prepared as loaded slices
-    are, and the code maps ``(N, h, w)`` it chose for them."""
+    are, and the code maps ``(N, h, w)`` it chose for them; with ``texture``, a draw of it
+    (from ``seed``) is added first, as ``sample`` adds it to samples."""
     vqvae.eval()
     images_out, codes = [], []
     for start in range(0, len(images), batch_size):
         output = vqvae(images[start : start + batch_size].float().to(device))
         images_out.append(output.reconstruction.clamp(-1, 1).cpu())
         codes.append(output.indices.cpu())
-    return as_loaded(torch.cat(images_out)), torch.cat(codes)
+    decoded = torch.cat(images_out)
+    if texture is not None:
+        decoded = texture.sample(decoded, torch.Generator().manual_seed(seed))
+    return as_loaded(decoded), torch.cat(codes)
 
 
 def reference_sets(
@@ -86,13 +96,17 @@ def reference_sets(
     vqvae: VQVAE,
     device: torch.device,
     settings: SampleMetricsConfig,
+    texture: ResidualTexture | None = None,
 ) -> ReferenceSets:
     """The sets to compare: up to ``settings.reference_slices`` random training slices are
-    reconstructed and split into two random halves."""
+    reconstructed (with a draw of ``texture`` where the samples carry one) and split into
+    two random halves."""
     count = min(settings.reference_slices, len(train))
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed))
     rows = rows[:count]
-    train_reconstructions, _ = reconstruct(vqvae, train.images[rows], device)
+    train_reconstructions, _ = reconstruct(
+        vqvae, train.images[rows], device, texture=texture, seed=settings.seed + 1
+    )
     half_a, half_b = split_in_halves(count, settings.seed)
     return ReferenceSets(
         samples=samples,
@@ -113,13 +127,18 @@ def evaluate_samples(
     out_dir: str | Path,
     device: torch.device,
     settings: SampleMetricsConfig | None = None,
+    texture: ResidualTexture | None = None,
+    plain_samples: torch.Tensor | None = None,
 ) -> dict:
     """Two-sample tests, KID, density and coverage (each with its null and the shift),
     memorisation, diversity and code statistics of ``samples``; writes ``sample_metrics.json``,
     ``memorisation.csv`` and figures to ``out_dir``.
 
     ``held_out`` are real slices the VQ-VAE and prior never trained on; ``sample_codes`` are
-    the drawn code maps (encoded from the images when ``None``).
+    the drawn code maps (encoded from the images when ``None``). Samples that carry the
+    VQ-VAE's acquisition ``texture`` are compared with reconstructions carrying it too, like
+    with like; memorisation is then searched with ``plain_samples`` (the decoder's mean of
+    the same codes), since added noise would lower every SSIM and hide a copy.
     """
     settings = settings or SampleMetricsConfig()
     protocol = protocol_named(settings.protocol)
@@ -132,16 +151,27 @@ def evaluate_samples(
             f"samples are {tuple(sample_images.shape[-2:])} but real slices are "
             f"{tuple(real_images.shape[-2:])}; load both at the VQ-VAE's image size"
         )
-    reconstructions, held_out_codes = reconstruct(vqvae, held_out.images, device)
-    sets = reference_sets(sample_images, train, held_out, reconstructions, vqvae, device, settings)
+    reconstructions, held_out_codes = reconstruct(
+        vqvae, held_out.images, device, texture=texture, seed=settings.seed
+    )
+    sets = reference_sets(
+        sample_images, train, held_out, reconstructions, vqvae, device, settings, texture
+    )
     logger.info("comparing samples with training reconstructions (protocol %s)", protocol.name)
     comparisons = compare_sets(sets, protocol, settings.seed)
     logger.info("nearest training slices")
-    nearest = Nearest.of(sample_images, real_images, train, settings)
+    searched = sample_images if plain_samples is None else plain_samples.float()
+    nearest = Nearest.of(searched, real_images, train, settings)
     if sample_codes is None:
         sample_codes = encode_slices(vqvae, samples, device)
     summary = {
         "protocol": protocol.to_dict(),
+        "texture": {
+            "references_textured": texture is not None,
+            "memorisation_searched_with": "samples"
+            if plain_samples is None
+            else "the decoder's mean of the samples' codes",
+        },
         "num_samples": len(samples),
         "num_held_out": len(held_out),
         "num_train": len(train),

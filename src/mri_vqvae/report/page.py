@@ -336,6 +336,21 @@ def _evaluation_section(folder: Path | None, run_dir: Path) -> dict | None:
                 _number(summary["power_spectrum"]["largest_gap_db_up_to_half_nyquist"], 2),
             ),
         ]
+        textured = summary["power_spectrum"].get("textured")
+        if textured is not None:  # a VQ-VAE with an acquisition texture
+            figure = two_sample.get("textured_reconstructions_vs_real", {})
+            metrics += [
+                (
+                    "two-sample accuracy, textured reconstructions vs real",
+                    _number(figure.get("accuracy", math.nan), 3),
+                ),
+                (
+                    "largest spectrum gap up to half Nyquist, textured (dB)",
+                    _number(textured["largest_gap_db_up_to_half_nyquist"], 2),
+                ),
+                ("SSIM, textured reconstructions", _number(summary["textured_ssim_mean"], 4)),
+                ("PSNR, textured reconstructions (dB)", _number(summary["textured_psnr_mean"], 2)),
+            ]
     examples = _load_npz(folder / EXAMPLES_FILE)
     if examples is not None:
         section["examples"] = _example_tables(examples)
@@ -367,13 +382,7 @@ def _realism(summary: dict, split: str) -> dict:
         else None,
         "realism_null": _number(two_sample["null_real_halves"]["accuracy"], 3) if figure else None,
         "realism_trustworthy": two_sample.get("trustworthy", False),
-        "spectrum": _figure(
-            plots.power_spectra(
-                spectrum["frequencies"],
-                {"real slices": spectrum["real"], "reconstructions": spectrum["reconstructions"]},
-                split,
-            )
-        ),
+        "spectrum": _figure(plots.evaluation_spectra(spectrum, split)),
     }
 
 
@@ -493,6 +502,18 @@ def _prior_section(folder: Path | None, run_dir: Path) -> dict | None:
     }
 
 
+def _texture_note(record: Any) -> str:
+    """What samples.json says of the acquisition texture, in a few words."""
+    if not isinstance(record, dict):
+        return "none (drawn before textures existed)"
+    if record.get("applied"):
+        return (
+            f"added (fitted to {record.get('fitted_slices')} training slices; "
+            "references scored with it too)"
+        )
+    return f"none: {record.get('reason', 'not applied')}"
+
+
 def _samples_section(folder: Path | None, run_dir: Path) -> dict | None:
     if folder is None:
         return None
@@ -504,6 +525,7 @@ def _samples_section(folder: Path | None, run_dir: Path) -> dict | None:
         ("top-p", str(metadata.get("settings", {}).get("top_p"))),
         ("seed", _number(metadata.get("seed"))),
         ("sampling time (s)", _number(metadata.get("sampling_seconds", math.nan), 2)),
+        ("acquisition texture", _texture_note(metadata.get("texture"))),
         ("prior", str(metadata.get("prior", ""))),
     ]
     metrics_rows = []
