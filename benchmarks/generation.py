@@ -227,7 +227,8 @@ def sweep_settings(architecture: str, conditioned: bool) -> list[dict]:
     """The sampling controls tried on each prior's last snapshot. Top-k 32 and top-p 0.9 raised
     both KIDs on the phantom (docs/benchmarks.md, the 8-minute entry of 2026-12-02) and are not
     repeated."""
-    settings_tried: list[dict] = []
+    # Without the VQ-VAE's acquisition texture: what the texture changes, like for like.
+    settings_tried: list[dict] = [{"texture": "false"}]
     if architecture == "transformer":
         settings_tried += [{"temperature": 0.9}, {"temperature": 1.1}]
     if conditioned:
