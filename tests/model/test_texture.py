@@ -62,6 +62,18 @@ def test_correlated_noise_keeps_its_spectrum():
     assert drawn.std() == pytest.approx(float((real - mean).std()), rel=0.1)
 
 
+def test_structure_drawn_a_pixel_off_is_not_taken_for_noise():
+    real = smooth_slices()
+    real[:, :, 20:44, 10:22] += 0.5  # a sharp-edged square
+    shifted = torch.roll(real, shifts=1, dims=-1)  # the same square one pixel to the right
+    texture = ResidualTexture.fit(real, shifted)
+    drawn = texture.sample(shifted, torch.Generator().manual_seed(10)) - shifted
+    # The residual is large along the edges, but the shifted slices have the real ones'
+    # power at every frequency: next to nothing is missing, so next to nothing is drawn.
+    assert (real - shifted).abs().max() > 0.4
+    assert drawn.std() < 0.1 * (real - shifted).std()
+
+
 def test_no_residual_means_nothing_is_added_and_draws_repeat_by_seed():
     mean = smooth_slices(4)
     texture = ResidualTexture.fit(mean, mean)

@@ -15,9 +15,12 @@ slices, with no assumption about the scanner's noise:
 - **the distribution at each intensity**: the residual's quantiles in bins of the
   reconstructed intensity, so a magnitude image's Rician floor in the background, the larger
   spread in tissue and any bias of the decoder are each where they belong;
-- **the spatial correlation**: the mean 2D power spectrum of the residual standardised per
-  bin, so noise left white by the scanner stays white and noise coloured by the
-  reconstruction's filtering or resampling keeps its colour and direction.
+- **the spatial correlation**: the mean 2D power spectrum the reconstructions lack against
+  the real slices (the real slices' minus the reconstructions', where positive), so the
+  textured slices have the real slices' spectrum; noise left white by the scanner stays white,
+  and noise coloured by filtering or resampling keeps its colour and direction. Only that
+  deficit's share of the residual's power is drawn: the rest of the residual is structure the
+  decoder drew slightly out of place, whose power the reconstruction already carries.
 
 A draw filters white Gaussian noise by the spectrum's square root, maps it through the
 normal CDF to a uniform field and reads the residual at that level from the quantiles of the
@@ -33,16 +36,17 @@ from typing import Any
 import torch
 
 # Most pixels per bin whose residual quantiles are computed (torch.quantile's input limit is
-# 16M; a million random pixels fix 129 quantiles far more finely than they are used).
-_PIXELS_PER_BIN = 1_000_000
+# 16M; a quarter of a million random pixels fix 129 quantiles more finely than they are used).
+_PIXELS_PER_BIN = 250_000
 
 
 @dataclass(frozen=True)
 class ResidualTexture:
     """Residual quantiles ``(bins, levels)`` at probabilities ``levels`` for the
-    reconstructed intensities ``bin_centres (bins,)``, and the square root of the
-    standardised residual's power spectrum ``amplitude (H, W // 2 + 1)`` (an ``rfft2``
-    half-plane) for slices of ``image_size``; fitted on ``fitted_slices`` slices."""
+    reconstructed intensities ``bin_centres (bins,)`` (narrowed about each bin's median to the
+    power the reconstructions lack), and the square root of that lacking power spectrum
+    ``amplitude (H, W // 2 + 1)`` (an ``rfft2`` half-plane) for slices of ``image_size``;
+    fitted on ``fitted_slices`` slices."""
 
     bin_centres: torch.Tensor
     levels: torch.Tensor
@@ -76,31 +80,25 @@ class ResidualTexture:
         edges = _bin_edges(flat_mean, bins, generator)
         which = torch.bucketize(flat_mean, edges[1:-1])
         probabilities = torch.linspace(0.5 / levels, 1 - 0.5 / levels, levels)
-        centres, quantiles, centre_of_bin, spread = [], [], [], []
+        centres, quantiles = [], []
         for b in range(len(edges) - 1):
             chosen = which == b
             if not chosen.any():
                 continue
             values = _at_most(flat_residual[chosen], _PIXELS_PER_BIN, generator)
-            centre = _at_most(flat_mean[chosen], _PIXELS_PER_BIN, generator).median()
-            centres.append(centre)
+            centres.append(_at_most(flat_mean[chosen], _PIXELS_PER_BIN, generator).median())
             quantiles.append(torch.quantile(values, probabilities))
-            centre_of_bin.append(values.mean())
-            spread.append(values.std().clamp_min(1e-6) if len(values) > 1 else torch.tensor(1.0))
-        location = torch.stack(centre_of_bin)
-        scale = torch.stack(spread)
-        kept = torch.tensor([(which == b).any() for b in range(len(edges) - 1)])
-        # Each pixel's bin among those kept (bins without pixels were skipped above).
-        renumbered = torch.cumsum(kept.long(), 0) - 1
-        index = renumbered[which]
-        standardised = ((flat_residual - location[index]) / scale[index]).reshape(residual.shape)
-        power = torch.fft.rfft2(standardised[:, 0]).abs().square().mean(0)
-        power[0, 0] = 0  # each slice's mean offset is the bins' business, not the field's
+        deficit, share = _power_deficit(images.float(), mean, residual)
+        # The residual also holds what the decoder drew in the wrong place (an edge a pixel
+        # off), whose power the reconstruction already has: only the share of the residual's
+        # power that the reconstructions lack is drawn, about each bin's median.
+        table = torch.stack(quantiles)
+        middle = table[:, levels // 2 : levels // 2 + 1]
         return cls(
             bin_centres=torch.stack(centres),
             levels=probabilities,
-            quantiles=torch.stack(quantiles),
-            amplitude=power.sqrt(),
+            quantiles=middle + share**0.5 * (table - middle),
+            amplitude=deficit.sqrt(),
             image_size=(int(images.shape[-2]), int(images.shape[-1])),
             fitted_slices=int(images.shape[0]),
         )
@@ -176,6 +174,31 @@ class ResidualTexture:
             image_size=(int(values["image_size"][0]), int(values["image_size"][1])),
             fitted_slices=int(values["fitted_slices"]),
         )
+
+
+def _power_deficit(
+    images: torch.Tensor, reconstructions: torch.Tensor, residual: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """The mean power spectrum (an ``rfft2`` half-plane, without the mean) that the
+    reconstructions lack against the real slices, never negative, and its total as a share of
+    the residual's (at most 1)."""
+
+    def power(fields: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.fft.rfft2(fields[:, 0]).abs().square().mean(0)
+        spectrum[0, 0] = 0  # each slice's mean offset is the bins' business
+        return spectrum
+
+    deficit = (power(images) - power(reconstructions)).clamp_min(0)
+    residual_power = power(residual)
+    # Parseval on a half-plane: the columns between 0 and Nyquist stand for two each.
+    width = images.shape[-1]
+    counted = torch.full((deficit.shape[-1],), 2.0)
+    counted[0] = 1
+    if width % 2 == 0:
+        counted[-1] = 1
+    total = float((residual_power * counted).sum())
+    share = min(1.0, float((deficit * counted).sum()) / total) if total > 0 else 0.0
+    return deficit, share
 
 
 def _at_most(values: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
