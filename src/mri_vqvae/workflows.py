@@ -92,7 +92,7 @@ from mri_vqvae.generate.sampling import (
 )
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import ConditionSizes, build_prior
-from mri_vqvae.model.texture import ResidualTexture
+from mri_vqvae.model.texture import ResidualTexture, texture_generator
 from mri_vqvae.report.page import is_report_page, write_report
 from mri_vqvae.runtime import resolve_device, seed_everything
 from mri_vqvae.train.loop import FitResult
@@ -218,6 +218,7 @@ def _train_in(
         if processes.is_main and checkpoint is None:
             # Only now, with the settings and data known good, is an old run let go.
             folder.remove_previous_outputs()
+        best_before = _file_stamp(RunFolder(folder.path).best_checkpoint)
         result = train_vqvae(
             model,
             splits["train"],
@@ -232,11 +233,28 @@ def _train_in(
         leave_process_group()
     if not processes.is_main:
         return None
+    best = RunFolder(result.run_dir).best_checkpoint
     if config.train.texture_slices and result.history:
-        attach_texture(RunFolder(result.run_dir).best_checkpoint, splits["train"], device, config)
+        if _file_stamp(best) != best_before:
+            attach_texture(best, splits["train"], device, config)
+        else:
+            logger.info(
+                "%s is the one this run resumed from, left as it is (priors are tied to its "
+                "hash): no acquisition texture is fitted to it",
+                best,
+            )
     if config.train.report and result.history:
         write_validation_report(result.run_dir, splits["val"], device, config)
     return result
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    """The modification time and size of ``path``; None when there is no such file."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return status.st_mtime_ns, status.st_size
 
 
 def attach_texture(
@@ -252,7 +270,9 @@ def attach_texture(
     if read_texture(saved, checkpoint) is not None:
         return
     count = min(config.train.texture_slices, len(train_set))
-    texture = fit_texture(model, train_set, device, count, config.train.seed)
+    texture = fit_texture(
+        model, train_set, device, count, config.train.seed, precision=config.train.precision
+    )
     keep_texture(checkpoint, texture)
     logger.info(
         "acquisition texture fitted to %d training slices (%d intensity bins) and kept in %s",
@@ -609,9 +629,9 @@ def _with_texture(
 ) -> tuple[SampleRun, dict[str, Any]]:
     """The decoded samples with a draw of the VQ-VAE's acquisition texture added (when
     ``sample.texture`` is on and the VQ-VAE has one), and what samples.json says of it."""
-    texture = read_texture(checkpoint, path)
     if not settings.texture:
         return run, {"applied": False, "reason": "sample.texture is off: the decoder's mean"}
+    texture = read_texture(checkpoint, path)
     if texture is None:
         logger.warning(
             "%s keeps no acquisition texture (trained with train.texture_slices 0, or by an "
@@ -619,7 +639,7 @@ def _with_texture(
             path,
         )
         return run, {"applied": False, "reason": "the VQ-VAE keeps no acquisition texture"}
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = texture_generator(settings.seed, "samples")
     textured = replace(run, images=texture.sample(run.images, generator))
     return textured, {
         "applied": True,
@@ -770,8 +790,14 @@ def _sample_texture(
             f"{samples / SAMPLES_SUMMARY} says the samples carry the VQ-VAE's acquisition "
             f"texture, but {path} keeps none: not the VQ-VAE they were drawn with"
         )
-    plain = None if codes is None else as_loaded(decode_codes(vqvae, codes.long()))
-    return texture, plain
+    if codes is None:
+        logger.warning(
+            "%s: no codes.pt for every sample, so memorisation is searched with the textured "
+            "files alone (their noise lowers each SSIM to a training slice a little)",
+            samples,
+        )
+        return texture, None
+    return texture, as_loaded(decode_codes(vqvae, codes.long()))
 
 
 def make_phantom(out: str | Path, spec: PhantomSpec) -> dict[str, int]:

@@ -87,3 +87,24 @@ def test_every_protocol_is_a_valid_setting():
 
     assert sorted(PROTOCOLS) == sorted(SAMPLE_PROTOCOLS)
     assert all(name == protocol.name for name, protocol in PROTOCOLS.items())
+
+
+def test_a_copied_training_slice_is_found_behind_its_texture():
+    from mri_vqvae.evaluate.samples import Nearest
+    from mri_vqvae.model.texture import ResidualTexture
+
+    train = slice_set(20, 3)
+    settings = SampleMetricsConfig(neighbour_candidates=20)
+    copy = train.images[5:6].float()  # a "sample" that is training slice 5, decoded smooth
+    noisy = copy + 0.6 * torch.randn(copy.shape, generator=torch.Generator().manual_seed(0))
+    texture = ResidualTexture.fit(
+        noisy.clamp(-1, 1).expand(4, -1, -1, -1), copy.expand(4, -1, -1, -1)
+    )
+    textured = texture.sample(copy, torch.Generator().manual_seed(1))  # what the file holds
+    by_file = Nearest.of(textured, copy, train, settings)
+    assert by_file.samples[0] < 0.95  # the noise alone would hide the copy
+    both = by_file.or_closer(copy, train, settings)
+    assert both.samples[0] > 0.99 and int(both.sample_index[0]) == 5
+    # Never weaker than the file alone, whatever the other rendering is.
+    other = by_file.or_closer(-torch.ones_like(copy), train, settings)
+    assert (other.samples >= by_file.samples).all()

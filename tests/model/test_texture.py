@@ -14,7 +14,7 @@ from mri_vqvae.checkpoint import (
     save_checkpoint,
 )
 from mri_vqvae.config import Config
-from mri_vqvae.model.texture import ResidualTexture
+from mri_vqvae.model.texture import ResidualTexture, texture_generator
 
 
 def smooth_slices(count: int = 40, size: tuple[int, int] = (64, 32)) -> torch.Tensor:
@@ -122,3 +122,28 @@ def test_the_texture_is_kept_in_the_checkpoint_and_read_back(tmp_path):
     kept.extras[TEXTURE] = {"levels": "edited"}
     with pytest.raises(CheckpointError, match="texture is not what training records"):
         read_texture(kept, path)
+
+
+def test_odd_widths_one_bin_and_the_streams():
+    mean = smooth_slices(8, (20, 13))  # an odd width: the half-plane has no Nyquist column
+    real = mean + 0.1 * torch.randn(mean.shape, generator=torch.Generator().manual_seed(11))
+    texture = ResidualTexture.fit(real, mean, bins=1)
+    assert len(texture.bin_centres) == 1 and texture.amplitude.shape == (20, 7)
+    drawn = texture.sample(mean, torch.Generator().manual_seed(12)) - mean
+    assert drawn.std() == pytest.approx(0.1, rel=0.25)
+    with pytest.raises(ValueError, match="odd levels"):
+        ResidualTexture.fit(real, mean, levels=64)
+    # Each use draws its own field from the same seed: samples never share their references'.
+    fields = [
+        texture_generator(0, name).initial_seed() for name in ("samples", "held_out", "train")
+    ]
+    assert len(set(fields)) == 3
+
+
+def test_a_texture_whose_parts_do_not_fit_is_named(tmp_path):
+    mean = smooth_slices(4)
+    plain = ResidualTexture.fit(mean + 0.05 * torch.randn(mean.shape), mean).to_plain()
+    plain["amplitude"] = plain["amplitude"][:, :-1]
+    checkpoint = Checkpoint("vqvae", Config(), {}, extras={TEXTURE: plain})
+    with pytest.raises(CheckpointError, match=r"amplitude is \(64, 16\), not \(64, 17\)"):
+        read_texture(checkpoint, tmp_path / "best.pt")

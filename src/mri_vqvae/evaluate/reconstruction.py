@@ -43,7 +43,7 @@ from mri_vqvae.metrics import (
     ssim_seed_protocol,
 )
 from mri_vqvae.model import VQVAE
-from mri_vqvae.model.texture import ResidualTexture
+from mri_vqvae.model.texture import ResidualTexture, texture_generator
 from mri_vqvae.runtime import autocast, resolve_precision
 
 SSIM_PROTOCOLS = {
@@ -192,7 +192,7 @@ class _RealismTally:
             protocol.random_features_widths, protocol.random_features_seed
         ).to(device)
         self.texture = texture
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = texture_generator(seed, "evaluation")
         names = ("real", "reconstruction") + (("textured",) if texture is not None else ())
         self.vectors: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         self.power: dict[str, np.ndarray | float] = {name: 0.0 for name in names}

@@ -42,7 +42,7 @@ from mri_vqvae.files import (
     write_text_atomic,
 )
 from mri_vqvae.model import VQVAE
-from mri_vqvae.model.texture import ResidualTexture
+from mri_vqvae.model.texture import ResidualTexture, texture_generator
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ def reconstruct(
     device: torch.device,
     batch_size: int = 64,
     texture: ResidualTexture | None = None,
-    seed: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The VQ-VAE's reconstructions of ``images`` ``(N, 1, H, W)``, prepared as loaded slices
     are, and the code maps ``(N, h, w)`` it chose for them; with ``texture``, a draw of it
-    (from ``seed``) is added first, as ``sample`` adds it to samples."""
+    (from ``generator``) is added first, as ``sample`` adds it to samples."""
     vqvae.eval()
     images_out, codes = [], []
     for start in range(0, len(images), batch_size):
@@ -84,7 +84,7 @@ def reconstruct(
         codes.append(output.indices.cpu())
     decoded = torch.cat(images_out)
     if texture is not None:
-        decoded = texture.sample(decoded, torch.Generator().manual_seed(seed))
+        decoded = texture.sample(decoded, generator)
     return as_loaded(decoded), torch.cat(codes)
 
 
@@ -105,8 +105,9 @@ def reference_sets(
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed))
     rows = rows[:count]
     train_reconstructions, _ = reconstruct(
-        vqvae, train.images[rows], device, texture=texture, seed=settings.seed + 1
-    )
+        vqvae, train.images[rows], device, texture=texture,
+        generator=texture_generator(settings.seed, "train"),
+    )  # fmt: skip
     half_a, half_b = split_in_halves(count, settings.seed)
     return ReferenceSets(
         samples=samples,
@@ -137,8 +138,9 @@ def evaluate_samples(
     ``held_out`` are real slices the VQ-VAE and prior never trained on; ``sample_codes`` are
     the drawn code maps (encoded from the images when ``None``). Samples that carry the
     VQ-VAE's acquisition ``texture`` are compared with reconstructions carrying it too, like
-    with like; memorisation is then searched with ``plain_samples`` (the decoder's mean of
-    the same codes), since added noise would lower every SSIM and hide a copy.
+    with like; memorisation is then searched with the samples and ``plain_samples`` (the
+    decoder's mean of the same codes), the closer of the two, since added noise lowers every
+    SSIM and would hide a copy.
     """
     settings = settings or SampleMetricsConfig()
     protocol = protocol_named(settings.protocol)
@@ -152,16 +154,18 @@ def evaluate_samples(
             f"{tuple(real_images.shape[-2:])}; load both at the VQ-VAE's image size"
         )
     reconstructions, held_out_codes = reconstruct(
-        vqvae, held_out.images, device, texture=texture, seed=settings.seed
-    )
+        vqvae, held_out.images, device, texture=texture,
+        generator=texture_generator(settings.seed, "held_out"),
+    )  # fmt: skip
     sets = reference_sets(
         sample_images, train, held_out, reconstructions, vqvae, device, settings, texture
     )
     logger.info("comparing samples with training reconstructions (protocol %s)", protocol.name)
     comparisons = compare_sets(sets, protocol, settings.seed)
     logger.info("nearest training slices")
-    searched = sample_images if plain_samples is None else plain_samples.float()
-    nearest = Nearest.of(searched, real_images, train, settings)
+    nearest = Nearest.of(sample_images, real_images, train, settings)
+    if plain_samples is not None:
+        nearest = nearest.or_closer(plain_samples.float(), train, settings)
     if sample_codes is None:
         sample_codes = encode_slices(vqvae, samples, device)
     summary = {
@@ -170,7 +174,7 @@ def evaluate_samples(
             "references_textured": texture is not None,
             "memorisation_searched_with": "samples"
             if plain_samples is None
-            else "the decoder's mean of the samples' codes",
+            else "samples and the decoder's mean of their codes, the closer of the two",
         },
         "num_samples": len(samples),
         "num_held_out": len(held_out),
@@ -210,6 +214,19 @@ class Nearest:
         candidates = settings.neighbour_candidates
         best, index = nearest_by_ssim(samples, train.images, candidates)
         return cls(best, index, nearest_by_ssim(held_out, train.images, candidates)[0])
+
+    def or_closer(
+        self, images: torch.Tensor, train: SliceSet, settings: SampleMetricsConfig
+    ) -> Nearest:
+        """Each sample's nearest training slice by its own image or by ``images`` (another
+        rendering of the same samples), whichever is closer: never a weaker search."""
+        best, index = nearest_by_ssim(images, train.images, settings.neighbour_candidates)
+        closer = best > self.samples
+        return Nearest(
+            torch.where(closer, best, self.samples),
+            torch.where(closer, index, self.sample_index),
+            self.held_out,
+        )
 
     def summary(self) -> dict[str, object]:
         """Distributions and the shares above the memorisation threshold."""

@@ -407,8 +407,10 @@ def write_samples(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unit = to_unit_range(run.images).numpy()
+    # Wide enough that the names sort in drawing order, as codes.pt holds the maps.
+    digits = max(4, len(str(len(unit) - 1)))
     for i, image in enumerate(run.images):
-        path = out_dir / f"sample_{i:04d}.nii.gz"
+        path = out_dir / f"sample_{i:0{digits}d}.nii.gz"
         if reference is None:
             write_slice(unit[i, 0], path)
         else:

@@ -71,8 +71,8 @@ class ResidualTexture:
                 "images and reconstructions must both be (N, 1, H, W), got "
                 f"{tuple(images.shape)} and {tuple(reconstructions.shape)}"
             )
-        if bins < 1 or levels < 3:
-            raise ValueError(f"need bins >= 1 and levels >= 3, got {bins} and {levels}")
+        if bins < 1 or levels < 3 or levels % 2 == 0:
+            raise ValueError(f"need bins >= 1 and an odd levels >= 3, got {bins} and {levels}")
         generator = torch.Generator().manual_seed(seed)
         mean = reconstructions.float().clamp(-1, 1)
         residual = images.float() - mean
@@ -138,10 +138,13 @@ class ResidualTexture:
         low_level = position.floor().long().clamp(max=count - 2) if count > 1 else position.long()
         level_weight = position - low_level
 
+        flat_table = self.quantiles.reshape(-1)
+        high_level = (low_level + 1).clamp(max=count - 1)
+
         def read(bin_index: torch.Tensor) -> torch.Tensor:
-            table = self.quantiles[bin_index]
-            low = table.gather(1, low_level[:, None])[:, 0]
-            high = table.gather(1, (low_level + 1).clamp(max=count - 1)[:, None])[:, 0]
+            # Two values per pixel from the flat table, never a (pixels, levels) copy.
+            low = flat_table[bin_index * count + low_level]
+            high = flat_table[bin_index * count + high_level]
             return low + (high - low) * level_weight
 
         centres = self.bin_centres
@@ -166,7 +169,8 @@ class ResidualTexture:
 
     @classmethod
     def from_plain(cls, values: dict[str, Any]) -> ResidualTexture:
-        return cls(
+        """Undo :meth:`to_plain`; ``ValueError`` when the parts do not fit together."""
+        texture = cls(
             bin_centres=values["bin_centres"].float(),
             levels=values["levels"].float(),
             quantiles=values["quantiles"].float(),
@@ -174,6 +178,32 @@ class ResidualTexture:
             image_size=(int(values["image_size"][0]), int(values["image_size"][1])),
             fitted_slices=int(values["fitted_slices"]),
         )
+        height, width = texture.image_size
+        expected = {
+            "quantiles": (len(texture.bin_centres), len(texture.levels)),
+            "amplitude": (height, width // 2 + 1),
+        }
+        for name, shape in expected.items():
+            if tuple(getattr(texture, name).shape) != shape:
+                raise ValueError(f"{name} is {tuple(getattr(texture, name).shape)}, not {shape}")
+        return texture
+
+
+# Offsets that give each use of the texture its own random stream from a user's seed, so that
+# samples and the references they are scored against never share a noise field (seed 0 for
+# both would otherwise draw identical fields, and flatter every comparison).
+_STREAMS = {
+    "samples": 1_000_003,
+    "held_out": 2_000_003,
+    "train": 3_000_017,
+    "evaluation": 4_000_037,
+}
+
+
+def texture_generator(seed: int, stream: str) -> torch.Generator:
+    """A CPU generator for drawing textures for ``stream`` (samples, held_out, train or
+    evaluation) from ``seed``."""
+    return torch.Generator().manual_seed(seed + _STREAMS[stream])
 
 
 def _power_deficit(

@@ -336,21 +336,7 @@ def _evaluation_section(folder: Path | None, run_dir: Path) -> dict | None:
                 _number(summary["power_spectrum"]["largest_gap_db_up_to_half_nyquist"], 2),
             ),
         ]
-        textured = summary["power_spectrum"].get("textured")
-        if textured is not None:  # a VQ-VAE with an acquisition texture
-            figure = two_sample.get("textured_reconstructions_vs_real", {})
-            metrics += [
-                (
-                    "two-sample accuracy, textured reconstructions vs real",
-                    _number(figure.get("accuracy", math.nan), 3),
-                ),
-                (
-                    "largest spectrum gap up to half Nyquist, textured (dB)",
-                    _number(textured["largest_gap_db_up_to_half_nyquist"], 2),
-                ),
-                ("SSIM, textured reconstructions", _number(summary["textured_ssim_mean"], 4)),
-                ("PSNR, textured reconstructions (dB)", _number(summary["textured_psnr_mean"], 2)),
-            ]
+        metrics += _texture_rows(summary)
     examples = _load_npz(folder / EXAMPLES_FILE)
     if examples is not None:
         section["examples"] = _example_tables(examples)
@@ -367,6 +353,26 @@ def _evaluation_section(folder: Path | None, run_dir: Path) -> dict | None:
     if atlas is not None:
         section["codebook"] = _codebook_section(atlas)
     return section
+
+
+def _texture_rows(summary: dict) -> list[tuple[str, str]]:
+    """The textured reconstructions' rows, for a VQ-VAE with an acquisition texture."""
+    textured = summary["power_spectrum"].get("textured")
+    if textured is None:
+        return []
+    figure = summary["two_sample"].get("textured_reconstructions_vs_real", {})
+    return [
+        (
+            "two-sample accuracy, textured reconstructions vs real",
+            _number(figure.get("accuracy", math.nan), 3),
+        ),
+        (
+            "largest spectrum gap up to half Nyquist, textured (dB)",
+            _number(textured["largest_gap_db_up_to_half_nyquist"], 2),
+        ),
+        ("SSIM, textured reconstructions", _number(summary["textured_ssim_mean"], 4)),
+        ("PSNR, textured reconstructions (dB)", _number(summary["textured_psnr_mean"], 2)),
+    ]
 
 
 def _realism(summary: dict, split: str) -> dict:
