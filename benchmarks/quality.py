@@ -347,12 +347,17 @@ def main() -> None:
 
 
 def plot_spectra(results: list[dict], path: Path, key: str) -> None:
-    """The test slices' power spectrum and each recipe's reconstructions', on one plot."""
+    """The test slices' power spectrum and each recipe's reconstructions', plain and with the
+    acquisition texture, on one plot."""
     from mri_vqvae import plots
 
     spectra = results[0]["test"]["power_spectrum"]
     curves = {"real slices": spectra["real"]}
-    curves.update({r["recipe"]: r["test"]["power_spectrum"]["reconstructions"] for r in results})
+    for row in results:
+        curves[row["recipe"]] = row["test"]["power_spectrum"]["reconstructions"]
+        curves[f"{row['recipe']} + texture"] = row["test"]["power_spectrum"][
+            "textured_reconstructions"
+        ]
     plots.save_figure(plots.power_spectra(spectra["frequencies"], curves, f"{key} test"), path)
 
 
