@@ -71,6 +71,7 @@ def test_the_summary_carries_the_protocol_and_every_figure_beside_its_null(
     assert "kid_autoencoder_at_most_2x_null" in targets
     assert all(isinstance(value, bool) for value in targets.values())
     assert (tmp_path / "memorisation.csv").is_file()
+    assert summary["texture"] == {"samples_textured": False}
 
 
 def test_an_unknown_protocol_is_a_config_error_naming_the_setting():
@@ -108,3 +109,38 @@ def test_a_copied_training_slice_is_found_behind_its_texture():
     # Never weaker than the file alone, whatever the other rendering is.
     other = by_file.or_closer(-torch.ones_like(copy), train, settings)
     assert (other.samples >= by_file.samples).all()
+
+
+def test_textured_samples_meet_reconstructions_as_their_mean_and_real_slices_as_written(
+    tmp_path: Path, monkeypatch
+):
+    from mri_vqvae.model.texture import ResidualTexture
+
+    default = SampleMetricsConfig().protocol
+    quick = dataclasses.replace(PROTOCOLS[default], autoencoder_steps=10, kid_subsets=10)
+    monkeypatch.setitem(PROTOCOLS, default, quick)
+    torch.manual_seed(0)
+    vqvae = VQVAE.from_config(tiny_model_config()).eval()
+    settings = SampleMetricsConfig(reference_slices=24, diversity_pairs=20, device="cpu")
+    train, held_out = slice_set(30, 1), slice_set(12, 2)
+    from mri_vqvae.evaluate.samples import reconstruct
+
+    plain, _ = reconstruct(vqvae, train.images[:12], torch.device("cpu"))
+    # Files far from anything real (a flat grey), whose codes decode to training slices.
+    written = dataclasses.replace(slice_set(12, 0), images=torch.zeros(12, 1, *TINY_SIZE).half())
+    texture = ResidualTexture.fit(plain + 0.05 * torch.randn(plain.shape), plain)
+    summary = evaluate_samples(
+        written, None, train, held_out, vqvae, tmp_path, torch.device("cpu"), settings,
+        texture, plain,
+    )  # fmt: skip
+    two_sample = summary["two_sample"]
+    # Against reconstructions the decoded mean counts: like the training reconstructions.
+    assert two_sample["samples_vs_train_reconstructions"]["accuracy"] < 0.8
+    assert summary["texture"]["against_real_slices"] == "the sample files, texture and all"
+    # Against real slices the files count: with a decoded mean that is the held-out slices
+    # themselves, the flat grey files are still told from them at once.
+    summary = evaluate_samples(
+        written, None, train, held_out, vqvae, tmp_path / "real", torch.device("cpu"),
+        settings, texture, held_out.images.float(),
+    )  # fmt: skip
+    assert summary["two_sample"]["samples_vs_held_out_real"]["accuracy"] > 0.9

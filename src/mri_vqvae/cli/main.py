@@ -149,6 +149,23 @@ def run_evaluate(args: argparse.Namespace) -> None:
     _print_evaluation(summary, args.out)
 
 
+def _print_realism(s: dict) -> None:
+    """Whether reconstructions, plain and with the acquisition texture, pass for real."""
+    spectrum, two_sample = s.get("power_spectrum"), s.get("two_sample", {})
+    if spectrum is None:
+        return
+    gap = "largest_gap_db_up_to_half_nyquist"
+    plain = two_sample.get("reconstructions_vs_real", {}).get("accuracy")
+    line = "told from real slices at " + ("-" if plain is None else f"{plain:.3f}")
+    line += f", spectrum gap {spectrum[gap]:.1f} dB"
+    if "textured" in spectrum:
+        textured = two_sample.get("textured_reconstructions_vs_real", {}).get("accuracy")
+        line += "; with the acquisition texture " + ("-" if textured is None else f"{textured:.3f}")
+        line += f", {spectrum['textured'][gap]:.1f} dB (SSIM {s['textured_ssim_mean']:.4f})"
+    null = two_sample.get("null_real_halves", {}).get("accuracy")
+    print(line if null is None else f"{line} (null {null:.3f})")
+
+
 def _print_evaluation(s: dict, out: Path) -> None:
     print(
         f"test SSIM {s['ssim_mean']:.4f} (min {s['ssim_min']:.4f}), PSNR {s['psnr_mean']:.2f} "
@@ -160,6 +177,7 @@ def _print_evaluation(s: dict, out: Path) -> None:
         f"{s['foreground_psnr_mean']:.2f} dB; SSIM under the seed's protocol "
         f"{s['ssim_seed_protocol_mean']:.4f} (to compare with its 0.799 only)"
     )
+    _print_realism(s)
     print(
         f"results in {out}: metrics.json, per_image_metrics.csv, ssim_scores_test_set.png, "
         "best_image.png, worst_image.png, reconstructed_images.png"

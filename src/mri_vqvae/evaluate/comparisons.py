@@ -11,6 +11,10 @@ are split into two random halves, A and B:
   A, how much of a figure is merely other cases;
 - ``samples_vs_held_out_reconstructions`` and ``samples_vs_held_out_real``: read beside the shift.
 
+Samples that carry the VQ-VAE's acquisition texture are compared with reconstructions as the
+decoder's mean of their codes (``samples``), since noise on both sides would only blunt the
+classifier, and with real slices as written, texture and all (``samples_as_written``).
+
 Each pair is compared by a two-sample classifier, KID and density/coverage, the last two in both
 feature spaces of :mod:`mri_vqvae.evaluate.features`.
 """
@@ -42,7 +46,7 @@ COMPARISONS = {
     NULL: ("train_half_b", "train_half_a"),
     SHIFT: ("held_out_reconstructions", "train_half_a"),
     "samples_vs_held_out_reconstructions": ("samples", "held_out_reconstructions"),
-    "samples_vs_held_out_real": ("samples", "held_out_real"),
+    "samples_vs_held_out_real": ("samples_as_written", "held_out_real"),
 }
 
 
@@ -51,6 +55,7 @@ class ReferenceSets:
     """The image sets ``(N, 1, H, W)`` one evaluation compares."""
 
     samples: torch.Tensor
+    samples_as_written: torch.Tensor  # the same samples as their files hold them
     train_half_a: torch.Tensor
     train_half_b: torch.Tensor
     held_out_reconstructions: torch.Tensor

@@ -96,21 +96,19 @@ def reference_sets(
     vqvae: VQVAE,
     device: torch.device,
     settings: SampleMetricsConfig,
-    texture: ResidualTexture | None = None,
+    samples_as_written: torch.Tensor | None = None,
 ) -> ReferenceSets:
     """The sets to compare: up to ``settings.reference_slices`` random training slices are
-    reconstructed (with a draw of ``texture`` where the samples carry one) and split into
-    two random halves."""
+    reconstructed and split into two random halves. ``samples`` meet the reconstructions,
+    ``samples_as_written`` (default: the same) the real slices."""
     count = min(settings.reference_slices, len(train))
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed))
     rows = rows[:count]
-    train_reconstructions, _ = reconstruct(
-        vqvae, train.images[rows], device, texture=texture,
-        generator=texture_generator(settings.seed, "train"),
-    )  # fmt: skip
+    train_reconstructions, _ = reconstruct(vqvae, train.images[rows], device)
     half_a, half_b = split_in_halves(count, settings.seed)
     return ReferenceSets(
         samples=samples,
+        samples_as_written=samples if samples_as_written is None else samples_as_written,
         train_half_a=train_reconstructions[half_a],
         train_half_b=train_reconstructions[half_b],
         held_out_reconstructions=held_out_reconstructions,
@@ -153,13 +151,20 @@ def evaluate_samples(
             f"samples are {tuple(sample_images.shape[-2:])} but real slices are "
             f"{tuple(real_images.shape[-2:])}; load both at the VQ-VAE's image size"
         )
+    # Textured samples meet the reconstructions as the decoder's mean of their codes; without
+    # their codes, as written, against reconstructions given the texture too.
+    compared, reference_texture = sample_images, texture
+    if plain_samples is not None:
+        compared, reference_texture = plain_samples.float(), None
     reconstructions, held_out_codes = reconstruct(
-        vqvae, held_out.images, device, texture=texture,
+        vqvae, held_out.images, device, texture=reference_texture,
         generator=texture_generator(settings.seed, "held_out"),
     )  # fmt: skip
     sets = reference_sets(
-        sample_images, train, held_out, reconstructions, vqvae, device, settings, texture
+        compared, train, held_out, reconstructions, vqvae, device, settings, sample_images
     )
+    if reference_texture is not None:
+        sets = _with_texture(sets, reference_texture, settings.seed)
     logger.info("comparing samples with training reconstructions (protocol %s)", protocol.name)
     comparisons = compare_sets(sets, protocol, settings.seed)
     logger.info("nearest training slices")
@@ -170,19 +175,14 @@ def evaluate_samples(
         sample_codes = encode_slices(vqvae, samples, device)
     summary = {
         "protocol": protocol.to_dict(),
-        "texture": {
-            "references_textured": texture is not None,
-            "memorisation_searched_with": "samples"
-            if plain_samples is None
-            else "samples and the decoder's mean of their codes, the closer of the two",
-        },
+        "texture": _texture_record(texture, plain_samples is not None),
         "num_samples": len(samples),
         "num_held_out": len(held_out),
         "num_train": len(train),
         "num_train_reconstructed": len(sets.train_half_a) + len(sets.train_half_b),
         **comparisons,
         **nearest.summary(),
-        **_diversity(sample_images, real_images, reconstructions, settings),
+        **_diversity(compared, real_images, reconstructions, settings),
         **_code_statistics(sample_codes, held_out_codes, train, vqvae, device),
     }
     summary["targets"] = targets(summary)
@@ -192,6 +192,38 @@ def evaluate_samples(
     _write_memorisation_table(samples, train, nearest, out_dir)
     _figures(samples, train, nearest, out_dir, settings)
     return summary
+
+
+def _with_texture(sets: ReferenceSets, texture: ResidualTexture, seed: int) -> ReferenceSets:
+    """``sets`` with a draw of ``texture`` on the training reconstructions' halves (the
+    held-out ones got theirs in :func:`reconstruct`), for samples that carry it and whose
+    codes are unknown."""
+    generator = texture_generator(seed, "train")
+    halves = [
+        as_loaded(texture.sample(half, generator))
+        for half in (sets.train_half_a, sets.train_half_b)
+    ]
+    return dataclasses.replace(sets, train_half_a=halves[0], train_half_b=halves[1])
+
+
+def _texture_record(texture: ResidualTexture | None, decoded: bool) -> dict[str, object]:
+    """What sample_metrics.json says of the acquisition texture and how it was handled."""
+    if texture is None:
+        return {"samples_textured": False}
+    if decoded:
+        return {
+            "samples_textured": True,
+            "against_reconstructions": "the decoder's mean of the samples' codes",
+            "against_real_slices": "the sample files, texture and all",
+            "memorisation_searched_with": "the files and the decoder's mean, the closer",
+        }
+    return {
+        "samples_textured": True,
+        "against_reconstructions": "the sample files, against reconstructions with a draw "
+        "of the texture (no codes to decode)",
+        "against_real_slices": "the sample files, texture and all",
+        "memorisation_searched_with": "the files alone",
+    }
 
 
 @dataclass
