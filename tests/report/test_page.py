@@ -454,3 +454,21 @@ def test_a_report_that_cannot_be_written_leaves_the_finished_run_whole(
     assert len(result.history) == 1 and result.best_checkpoint.is_file()
     assert "No space left on device" in caplog.text and "mri-vqvae report" in caplog.text
     assert not (tmp_path / "report.html").exists()
+
+
+def test_the_realism_paragraph_gives_the_textured_figure_when_there_is_one():
+    from mri_vqvae.report.page import _realism
+
+    figure = {"accuracy": 0.969, "ci95_low": 0.9, "ci95_high": 1.0, "images_per_set": 32}
+    spectrum = {"frequencies": [0.1, 0.2], "real": [1.0, 1.0], "reconstructions": [1.0, 0.5]}
+    summary = {
+        "two_sample": {
+            "reconstructions_vs_real": figure,
+            "null_real_halves": {"accuracy": 0.516},
+            "trustworthy": True,
+        },
+        "power_spectrum": spectrum,
+    }
+    assert _realism(summary, "test")["textured_accuracy"] is None
+    summary["two_sample"]["textured_reconstructions_vs_real"] = {**figure, "accuracy": 0.641}
+    assert _realism(summary, "test")["textured_accuracy"] == "0.641"

@@ -379,6 +379,7 @@ def _realism(summary: dict, split: str) -> dict:
     """The two-sample figure of reconstructions against real slices, and the spectra."""
     two_sample, spectrum = summary["two_sample"], summary["power_spectrum"]
     figure = two_sample.get("reconstructions_vs_real")
+    textured = two_sample.get("textured_reconstructions_vs_real")
     return {
         "realism_skipped": two_sample.get("skipped"),
         "realism_accuracy": f"{figure['accuracy']:.3f} (95% interval "
@@ -388,6 +389,7 @@ def _realism(summary: dict, split: str) -> dict:
         else None,
         "realism_null": _number(two_sample["null_real_halves"]["accuracy"], 3) if figure else None,
         "realism_trustworthy": two_sample.get("trustworthy", False),
+        "textured_accuracy": _number(textured["accuracy"], 3) if textured else None,
         "spectrum": _figure(plots.evaluation_spectra(spectrum, split)),
     }
 
