@@ -28,16 +28,22 @@ def slice_set(count: int, seed: int) -> SliceSet:
     )
 
 
-def test_the_summary_carries_the_protocol_and_every_figure_beside_its_null(
-    tmp_path: Path, monkeypatch
-):
-    # A shorter autoencoder fit keeps the test fast; the summary must name what was used.
+@pytest.fixture
+def quick(monkeypatch):
+    """The default protocol with a shorter autoencoder fit and fewer KID subsets (fast; the
+    summary must name what was used), a tiny random VQ-VAE, and small settings."""
     default = SampleMetricsConfig().protocol
-    quick = dataclasses.replace(PROTOCOLS[default], autoencoder_steps=10, kid_subsets=10)
-    monkeypatch.setitem(PROTOCOLS, default, quick)
+    protocol = dataclasses.replace(PROTOCOLS[default], autoencoder_steps=10, kid_subsets=10)
+    monkeypatch.setitem(PROTOCOLS, default, protocol)
     torch.manual_seed(0)
     vqvae = VQVAE.from_config(tiny_model_config()).eval()
     settings = SampleMetricsConfig(reference_slices=24, diversity_pairs=20, device="cpu")
+    return protocol, vqvae, settings
+
+
+def test_the_summary_carries_the_protocol_and_every_figure_beside_its_null(tmp_path: Path, quick):
+    quick, vqvae, settings = quick
+    default = SampleMetricsConfig().protocol
     summary = evaluate_samples(
         slice_set(12, 0), None, slice_set(30, 1), slice_set(12, 2), vqvae, tmp_path,
         torch.device("cpu"), settings,
@@ -112,16 +118,11 @@ def test_a_copied_training_slice_is_found_behind_its_texture():
 
 
 def test_textured_samples_meet_reconstructions_as_their_mean_and_real_slices_as_written(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, quick
 ):
     from mri_vqvae.model.texture import ResidualTexture
 
-    default = SampleMetricsConfig().protocol
-    quick = dataclasses.replace(PROTOCOLS[default], autoencoder_steps=10, kid_subsets=10)
-    monkeypatch.setitem(PROTOCOLS, default, quick)
-    torch.manual_seed(0)
-    vqvae = VQVAE.from_config(tiny_model_config()).eval()
-    settings = SampleMetricsConfig(reference_slices=24, diversity_pairs=20, device="cpu")
+    _, vqvae, settings = quick
     train, held_out = slice_set(30, 1), slice_set(12, 2)
     from mri_vqvae.evaluate.samples import reconstruct
 
