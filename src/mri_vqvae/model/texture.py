@@ -38,6 +38,8 @@ import torch
 # Most pixels per bin whose residual quantiles are computed (torch.quantile's input limit is
 # 16M; a quarter of a million random pixels fix 129 quantiles more finely than they are used).
 _PIXELS_PER_BIN = 250_000
+# Slices drawn together: bounds the memory of a draw for thousands of samples.
+_SLICES_PER_DRAW = 64
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,10 @@ class ResidualTexture:
                 f"slices, got {tuple(reconstructions.shape[-2:])}"
             )
         mean = reconstructions.detach().float().cpu().clamp(-1, 1)
+        # A few dozen slices at a time: each pixel's draw needs several temporaries.
+        return torch.cat([self._draw(part, generator) for part in mean.split(_SLICES_PER_DRAW)])
+
+    def _draw(self, mean: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         field = self.residual_field(tuple(mean.shape), generator)
         uniform = 0.5 * (1 + torch.erf(field / math.sqrt(2)))
         residual = self._residual_at(mean.flatten(), uniform.flatten()).reshape(mean.shape)
