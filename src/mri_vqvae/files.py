@@ -93,6 +93,7 @@ BEST_IMAGE = "best_image.png"
 WORST_IMAGE = "worst_image.png"
 RANDOM_RECONSTRUCTIONS = "reconstructed_images.png"
 POWER_SPECTRUM = "power_spectrum.png"
+TEXTURED_RECONSTRUCTIONS = "textured_reconstructions.png"
 CLOSEST_TO_TRAINING = "closest_to_training.png"
 SAMPLES_WITH_NEAREST = "samples_with_nearest_training.png"
 NEAREST_TRAINING_SSIM = "nearest_training_ssim.png"
@@ -172,6 +173,7 @@ EVALUATION = FolderKind(
         WORST_IMAGE,
         RANDOM_RECONSTRUCTIONS,
         POWER_SPECTRUM,
+        TEXTURED_RECONSTRUCTIONS,
         EXAMPLES_FILE,
         CODEBOOK_FILE,
     ),

@@ -81,6 +81,7 @@ def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
         "best_image.png",
         "worst_image.png",
         "reconstructed_images.png",
+        "textured_reconstructions.png",
     ):
         assert (tmp_path / "eval" / name).is_file(), name
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -178,9 +178,10 @@ def _print_evaluation(s: dict, out: Path) -> None:
         f"{s['ssim_seed_protocol_mean']:.4f} (to compare with its 0.799 only)"
     )
     _print_realism(s)
+    textured = ", textured_reconstructions.png" if "textured_ssim_mean" in s else ""
     print(
         f"results in {out}: metrics.json, per_image_metrics.csv, ssim_scores_test_set.png, "
-        "best_image.png, worst_image.png, reconstructed_images.png"
+        f"best_image.png, worst_image.png, reconstructed_images.png{textured}"
     )
 
 

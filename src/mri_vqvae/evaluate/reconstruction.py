@@ -27,6 +27,7 @@ from mri_vqvae.files import (
     PER_IMAGE_METRICS,
     POWER_SPECTRUM,
     RANDOM_RECONSTRUCTIONS,
+    TEXTURED_RECONSTRUCTIONS,
     WORST_IMAGE,
     replaced_atomically,
     ssim_scores_file,
@@ -361,6 +362,15 @@ def write_evaluation(
         title=f"{len(chosen)} random {split} images (mean SSIM over the split "
         f"{summary['ssim_mean']:.4f})",
     )
+    if texture is not None:
+        textured = texture.sample(reconstructions, texture_generator(seed, "evaluation"))
+        plots.reconstruction_grid(
+            images.cpu().numpy(),
+            textured.numpy(),
+            out_dir / TEXTURED_RECONSTRUCTIONS,
+            title=f"the same {len(chosen)} {split} images over their reconstructions with a "
+            "draw of the acquisition texture",
+        )
     write_codebook_atlas(slices, result, out_dir / CODEBOOK_FILE, seed)
     plots.save_figure(
         plots.evaluation_spectra(summary["power_spectrum"], split), out_dir / POWER_SPECTRUM
