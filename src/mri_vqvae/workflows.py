@@ -780,7 +780,8 @@ def _sample_texture(
 ) -> tuple[ResidualTexture | None, torch.Tensor | None]:
     """The acquisition texture the samples in ``samples`` carry (None when samples.json says
     they carry none), and the decoder's mean of their ``codes``, prepared as loaded slices
-    are, for the memorisation search (None without codes)."""
+    are (None without codes): what meets the reconstructions and joins the memorisation
+    search."""
     record = read_samples_metadata(samples / SAMPLES_SUMMARY).get("texture")
     if not isinstance(record, dict) or not record.get("applied"):
         return None, None
@@ -792,8 +793,9 @@ def _sample_texture(
         )
     if codes is None:
         logger.warning(
-            "%s: no codes.pt for every sample, so memorisation is searched with the textured "
-            "files alone (their noise lowers each SSIM to a training slice a little)",
+            "%s: no codes.pt for every sample, so the textured files meet reconstructions "
+            "given the texture too, and memorisation is searched with the files alone (their "
+            "noise lowers each SSIM to a training slice a little)",
             samples,
         )
         return texture, None

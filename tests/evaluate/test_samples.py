@@ -145,3 +145,10 @@ def test_textured_samples_meet_reconstructions_as_their_mean_and_real_slices_as_
         settings, texture, held_out.images.float(),
     )  # fmt: skip
     assert summary["two_sample"]["samples_vs_held_out_real"]["accuracy"] > 0.9
+    # Without the codes' decoded mean, the files meet reconstructions given the texture too.
+    summary = evaluate_samples(
+        written, None, train, held_out, vqvae, tmp_path / "files", torch.device("cpu"),
+        settings, texture,
+    )  # fmt: skip
+    assert summary["texture"]["against_reconstructions"].startswith("the sample files")
+    assert summary["texture"]["memorisation_searched_with"] == "the files alone"

@@ -97,14 +97,19 @@ def reference_sets(
     device: torch.device,
     settings: SampleMetricsConfig,
     samples_as_written: torch.Tensor | None = None,
+    texture: ResidualTexture | None = None,
 ) -> ReferenceSets:
     """The sets to compare: up to ``settings.reference_slices`` random training slices are
-    reconstructed and split into two random halves. ``samples`` meet the reconstructions,
-    ``samples_as_written`` (default: the same) the real slices."""
+    reconstructed (with a draw of ``texture``, if given) and split into two random halves.
+    ``samples`` meet the reconstructions, ``samples_as_written`` (default: the same) the real
+    slices."""
     count = min(settings.reference_slices, len(train))
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed))
     rows = rows[:count]
-    train_reconstructions, _ = reconstruct(vqvae, train.images[rows], device)
+    train_reconstructions, _ = reconstruct(
+        vqvae, train.images[rows], device, texture=texture,
+        generator=texture_generator(settings.seed, "train"),
+    )  # fmt: skip
     half_a, half_b = split_in_halves(count, settings.seed)
     return ReferenceSets(
         samples=samples,
@@ -135,10 +140,12 @@ def evaluate_samples(
 
     ``held_out`` are real slices the VQ-VAE and prior never trained on; ``sample_codes`` are
     the drawn code maps (encoded from the images when ``None``). Samples that carry the
-    VQ-VAE's acquisition ``texture`` are compared with reconstructions carrying it too, like
-    with like; memorisation is then searched with the samples and ``plain_samples`` (the
-    decoder's mean of the same codes), the closer of the two, since added noise lowers every
-    SSIM and would hide a copy.
+    VQ-VAE's acquisition ``texture`` meet the reconstructions as ``plain_samples`` (the
+    decoder's mean of their codes; noise on both sides would only blunt the classifier) and
+    the real slices as written; without ``plain_samples``, the files meet reconstructions
+    given a draw of the texture too. Memorisation is searched with the files and
+    ``plain_samples``, the closer of the two, since added noise lowers every SSIM and would
+    hide a copy.
     """
     settings = settings or SampleMetricsConfig()
     protocol = protocol_named(settings.protocol)
@@ -161,10 +168,9 @@ def evaluate_samples(
         generator=texture_generator(settings.seed, "held_out"),
     )  # fmt: skip
     sets = reference_sets(
-        compared, train, held_out, reconstructions, vqvae, device, settings, sample_images
-    )
-    if reference_texture is not None:
-        sets = _with_texture(sets, reference_texture, settings.seed)
+        compared, train, held_out, reconstructions, vqvae, device, settings, sample_images,
+        reference_texture,
+    )  # fmt: skip
     logger.info("comparing samples with training reconstructions (protocol %s)", protocol.name)
     comparisons = compare_sets(sets, protocol, settings.seed)
     logger.info("nearest training slices")
@@ -192,18 +198,6 @@ def evaluate_samples(
     _write_memorisation_table(samples, train, nearest, out_dir)
     _figures(samples, train, nearest, out_dir, settings)
     return summary
-
-
-def _with_texture(sets: ReferenceSets, texture: ResidualTexture, seed: int) -> ReferenceSets:
-    """``sets`` with a draw of ``texture`` on the training reconstructions' halves (the
-    held-out ones got theirs in :func:`reconstruct`), for samples that carry it and whose
-    codes are unknown."""
-    generator = texture_generator(seed, "train")
-    halves = [
-        as_loaded(texture.sample(half, generator))
-        for half in (sets.train_half_a, sets.train_half_b)
-    ]
-    return dataclasses.replace(sets, train_half_a=halves[0], train_half_b=halves[1])
 
 
 def _texture_record(texture: ResidualTexture | None, decoded: bool) -> dict[str, object]:

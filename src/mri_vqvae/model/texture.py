@@ -141,11 +141,12 @@ class ResidualTexture:
         count = len(self.levels)
         position = (uniform - self.levels[0]) / (self.levels[-1] - self.levels[0]) * (count - 1)
         position = position.clamp(0, count - 1)
-        low_level = position.floor().long().clamp(max=count - 2) if count > 1 else position.long()
+        # levels is odd and at least 3 (fit checks), so low_level + 1 is a level too.
+        low_level = position.floor().long().clamp(max=count - 2)
         level_weight = position - low_level
 
         flat_table = self.quantiles.reshape(-1)
-        high_level = (low_level + 1).clamp(max=count - 1)
+        high_level = low_level + 1
 
         def read(bin_index: torch.Tensor) -> torch.Tensor:
             # Two values per pixel from the flat table, never a (pixels, levels) copy.

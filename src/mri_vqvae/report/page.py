@@ -515,10 +515,7 @@ def _texture_note(record: Any) -> str:
     if not isinstance(record, dict):
         return "none (drawn before textures existed)"
     if record.get("applied"):
-        return (
-            f"added (fitted to {record.get('fitted_slices')} training slices; "
-            "references scored with it too)"
-        )
+        return f"added (fitted to {record.get('fitted_slices')} training slices)"
     return f"none: {record.get('reason', 'not applied')}"
 
 
