@@ -89,3 +89,34 @@ def test_textured_reconstructions_are_scored_beside_the_plain_ones():
     bare = realism_summary(plain, PROTOCOLS["frozen-v2"])
     assert "textured_reconstructions_vs_real" not in bare["two_sample"]
     assert "textured" not in bare["power_spectrum"]
+
+
+def test_each_figure_is_the_mean_over_random_halvings_of_the_slices():
+    from mri_vqvae.evaluate.comparisons import split_in_halves
+    from mri_vqvae.evaluate.sample_metrics import classifier_two_sample_test
+
+    torch.manual_seed(2)
+    real = torch.randn(60, 8).double()
+    reconstructions = real.clone()
+    reconstructions[:, 0] += 0.8  # a partial shift, so halvings disagree
+    protocol = PROTOCOLS["frozen-v2"]
+    by_halving = []
+    for seed in (5, 6, 7):
+        first, second = split_in_halves(60, seed)
+        by_halving.append(
+            classifier_two_sample_test(reconstructions[first], real[second], protocol, seed)[
+                "accuracy"
+            ]
+        )
+    summary = realism_summary(evaluation(real, reconstructions), protocol, seed=5, halvings=3)
+    figure = summary["two_sample"]["reconstructions_vs_real"]
+    assert figure["accuracy"] == pytest.approx(np.mean(by_halving))
+    assert figure["accuracy_range"] == [min(by_halving), max(by_halving)]
+    assert figure["accuracy_sd"] == pytest.approx(np.std(by_halving))
+    assert figure["halvings"] == summary["two_sample"]["halvings"] == 3
+    assert figure["ci95_low"] < figure["accuracy"] < figure["ci95_high"]
+    # One halving is the single test on those halves, as before.
+    single = realism_summary(evaluation(real, reconstructions), protocol, seed=5, halvings=1)
+    assert single["two_sample"]["reconstructions_vs_real"]["accuracy"] == by_halving[0]
+    with pytest.raises(ValueError, match="halvings must be at least 1"):
+        realism_summary(evaluation(real, reconstructions), protocol, halvings=0)

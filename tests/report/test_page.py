@@ -472,3 +472,32 @@ def test_the_realism_paragraph_gives_the_textured_figure_when_there_is_one():
     assert _realism(summary, "test")["textured_accuracy"] is None
     summary["two_sample"]["textured_reconstructions_vs_real"] = {**figure, "accuracy": 0.641}
     assert _realism(summary, "test")["textured_accuracy"] == "0.641"
+
+
+def test_the_realism_figure_says_how_many_halvings_it_averages_and_their_range():
+    from mri_vqvae.report.page import _realism
+
+    single = {"accuracy": 0.8, "ci95_low": 0.64, "ci95_high": 0.91, "images_per_set": 20}
+    spectrum = {"frequencies": [0.1, 0.2], "real": [1.0, 1.0], "reconstructions": [1.0, 0.5]}
+    summary = {
+        "two_sample": {
+            "reconstructions_vs_real": single,
+            "null_real_halves": {"accuracy": 0.6},
+            "trustworthy": True,
+        },
+        "power_spectrum": spectrum,
+    }
+    # An evaluation written before the averaging: one halving, no word of it.
+    assert _realism(summary, "test")["realism_accuracy"] == (
+        "0.800 (95% interval 0.640-0.910, 20 slices each)"
+    )
+    summary["two_sample"]["reconstructions_vs_real"] = {
+        **single,
+        "accuracy": 0.7275,
+        "halvings": 10,
+        "accuracy_range": [0.6, 0.875],
+    }
+    assert _realism(summary, "test")["realism_accuracy"] == (
+        "0.728 (95% interval 0.640-0.910, 20 slices each; the mean of 10 random halvings, "
+        "which ranged 0.600-0.875)"
+    )

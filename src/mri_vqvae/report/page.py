@@ -384,7 +384,7 @@ def _realism(summary: dict, split: str) -> dict:
         "realism_skipped": two_sample.get("skipped"),
         "realism_accuracy": f"{figure['accuracy']:.3f} (95% interval "
         f"{figure['ci95_low']:.3f}-{figure['ci95_high']:.3f}, "
-        f"{figure['images_per_set']} slices each)"
+        f"{figure['images_per_set']} slices each{_halvings_note(figure)})"
         if figure
         else None,
         "realism_null": _number(two_sample["null_real_halves"]["accuracy"], 3) if figure else None,
@@ -392,6 +392,16 @@ def _realism(summary: dict, split: str) -> dict:
         "textured_accuracy": _number(textured["accuracy"], 3) if textured else None,
         "spectrum": _figure(plots.evaluation_spectra(spectrum, split)),
     }
+
+
+def _halvings_note(figure: dict) -> str:
+    """How many random halvings a two-sample figure averages (evaluations before the
+    averaging have one, and no record of it)."""
+    halvings = figure.get("halvings", 1)
+    if halvings == 1:
+        return ""
+    low, high = figure["accuracy_range"]
+    return f"; the mean of {halvings} random halvings, which ranged {low:.3f}-{high:.3f}"
 
 
 # The top of the error maps' colour scale, on [0, 1] images: one scale for every run, so
