@@ -220,8 +220,9 @@ def run_recipe(
     texture = fit_texture(model, data["train"], device, config.train.texture_slices)
     evaluation = evaluate_split(model, data["test"], 32, device, texture=texture)
     summary = evaluation.summary()
-    realism = realism_summary(evaluation, PROTOCOLS["frozen-v2"])
+    realism = realism_summary(evaluation, PROTOCOLS["frozen-v3"])
     two_sample = realism["two_sample"]
+    summary["two_sample"] = two_sample  # every figure with its spread over the halvings
     summary["two_sample_vs_real"] = two_sample["reconstructions_vs_real"]["accuracy"]
     summary["two_sample_textured_vs_real"] = two_sample["textured_reconstructions_vs_real"][
         "accuracy"

@@ -321,7 +321,7 @@ PRIOR_ARCHITECTURES = ("transformer", "masked", "pixelcnn")
 # docs/benchmarks.md, issue 17). The masked prior and the PixelCNN were not measured so.
 PRIOR_DEFAULT_LAYERS = {"transformer": 4, "masked": 6, "pixelcnn": 6}
 # The names of evaluate.protocol.PROTOCOLS (listed here so a setting is checked on loading).
-SAMPLE_PROTOCOLS = ("frozen-v1", "frozen-v2")
+SAMPLE_PROTOCOLS = ("frozen-v1", "frozen-v2", "frozen-v3")
 
 
 @dataclass(frozen=True)
@@ -538,7 +538,7 @@ class SampleMetricsConfig:
 
     # The named, versioned settings of the feature networks, the two-sample classifier, KID
     # and density/coverage (evaluate/protocol.py); written beside every result.
-    protocol: str = "frozen-v2"
+    protocol: str = "frozen-v3"
     # Training slices reconstructed as the reference, split into two random halves: samples
     # are compared with one, the other gives the null. More slices cost time, not accuracy of
     # the null's calibration.

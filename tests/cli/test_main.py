@@ -297,7 +297,7 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     assert metrics["texture"]["samples_textured"]
     assert metrics["texture"]["against_reconstructions"].startswith("the decoder's mean")
     assert metrics["num_samples"] == 8 and metrics["num_held_out"] == 16
-    assert metrics["protocol"]["name"] == metrics["settings"]["protocol"] == "frozen-v2"
+    assert metrics["protocol"]["name"] == metrics["settings"]["protocol"] == "frozen-v3"
     for test in ("samples_vs_train_reconstructions", "samples_vs_held_out_real"):
         result = metrics["two_sample"][test]
         assert 0 <= result["accuracy"] <= 1 and result["images_per_set"] == 8

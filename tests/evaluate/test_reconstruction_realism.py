@@ -91,16 +91,21 @@ def test_textured_reconstructions_are_scored_beside_the_plain_ones():
     assert "textured" not in bare["power_spectrum"]
 
 
-def test_each_figure_is_the_mean_over_random_halvings_of_the_slices():
+def test_each_figure_is_the_mean_over_the_protocols_random_halvings_of_the_slices():
+    import json
+    from dataclasses import replace
+
     from mri_vqvae.evaluate.comparisons import split_in_halves
     from mri_vqvae.evaluate.sample_metrics import classifier_two_sample_test
 
+    assert PROTOCOLS["frozen-v3"].realism_halvings == 10
+    assert PROTOCOLS["frozen-v2"].realism_halvings == 1  # released protocols stay as they were
     torch.manual_seed(2)
     real = torch.randn(60, 8).double()
     reconstructions = real.clone()
     reconstructions[:, 0] += 0.8  # a partial shift, so halvings disagree
-    protocol = PROTOCOLS["frozen-v2"]
-    by_halving = []
+    protocol = replace(PROTOCOLS["frozen-v3"], realism_halvings=3)
+    by_halving, null_by_halving = [], []
     for seed in (5, 6, 7):
         first, second = split_in_halves(60, seed)
         by_halving.append(
@@ -108,15 +113,25 @@ def test_each_figure_is_the_mean_over_random_halvings_of_the_slices():
                 "accuracy"
             ]
         )
-    summary = realism_summary(evaluation(real, reconstructions), protocol, seed=5, halvings=3)
-    figure = summary["two_sample"]["reconstructions_vs_real"]
+        null_by_halving.append(
+            classifier_two_sample_test(real[first], real[second], protocol, seed)["accuracy"]
+        )
+    assert len(set(by_halving)) > 1  # else a loop repeating one halving would pass
+    summary = realism_summary(evaluation(real, reconstructions), protocol, seed=5)
+    two_sample = summary["two_sample"]
+    figure = two_sample["reconstructions_vs_real"]
     assert figure["accuracy"] == pytest.approx(np.mean(by_halving))
     assert figure["accuracy_range"] == [min(by_halving), max(by_halving)]
     assert figure["accuracy_sd"] == pytest.approx(np.std(by_halving))
-    assert figure["halvings"] == summary["two_sample"]["halvings"] == 3
+    assert figure["halvings"] == two_sample["halvings"] == 3
     assert figure["ci95_low"] < figure["accuracy"] < figure["ci95_high"]
+    # The null, and so the verdict, is averaged over the same halvings.
+    assert two_sample["null_real_halves"]["accuracy"] == pytest.approx(np.mean(null_by_halving))
+    json.dumps(summary)  # plain numbers only, for metrics.json
     # One halving is the single test on those halves, as before.
-    single = realism_summary(evaluation(real, reconstructions), protocol, seed=5, halvings=1)
+    single = realism_summary(
+        evaluation(real, reconstructions), replace(protocol, realism_halvings=1), seed=5
+    )
     assert single["two_sample"]["reconstructions_vs_real"]["accuracy"] == by_halving[0]
-    with pytest.raises(ValueError, match="halvings must be at least 1"):
-        realism_summary(evaluation(real, reconstructions), protocol, halvings=0)
+    with pytest.raises(ValueError, match="realism_halvings must be at least 1"):
+        realism_summary(evaluation(real, reconstructions), replace(protocol, realism_halvings=0))

@@ -52,7 +52,7 @@ def test_the_summary_carries_the_protocol_and_every_figure_beside_its_null(tmp_p
     assert summary["protocol"] == quick.to_dict()
     assert summary["protocol"]["autoencoder_steps"] == 10
     assert summary["protocol"]["classifier_folds"] == 5
-    assert summary["settings"]["protocol"] == default == "frozen-v2"
+    assert summary["settings"]["protocol"] == default == "frozen-v3"
     assert summary["num_train_reconstructed"] == 24
     comparisons = (
         "samples_vs_train_reconstructions",

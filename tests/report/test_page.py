@@ -121,7 +121,7 @@ def test_training_ends_with_a_validation_evaluation_and_its_report(full_run):
     # 8 validation slices: halves of 4 are too few for the classifier's 5 folds, so the test
     # is left out with its reason (tests/evaluate covers it on a larger split).
     two_sample = summary["two_sample"]
-    assert two_sample["protocol"] == "frozen-v2"
+    assert two_sample["protocol"] == "frozen-v3"
     assert "fewer than the classifier's 5 folds" in two_sample["skipped"]
     spectrum = summary["power_spectrum"]
     assert len(spectrum["frequencies"]) == len(spectrum["real"]) == 16
@@ -498,6 +498,6 @@ def test_the_realism_figure_says_how_many_halvings_it_averages_and_their_range()
         "accuracy_range": [0.6, 0.875],
     }
     assert _realism(summary, "test")["realism_accuracy"] == (
-        "0.728 (95% interval 0.640-0.910, 20 slices each; the mean of 10 random halvings, "
-        "which ranged 0.600-0.875)"
+        "0.728 (the mean of 10 random halvings, which ranged 0.600-0.875; one halving's 95% "
+        "interval 0.640-0.910, 20 slices each)"
     )

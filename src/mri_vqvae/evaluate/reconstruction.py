@@ -140,7 +140,7 @@ def evaluate_split(
     slices: SliceSet,
     batch_size: int,
     device: torch.device,
-    protocol: SampleProtocol = PROTOCOLS["frozen-v2"],
+    protocol: SampleProtocol = PROTOCOLS["frozen-v3"],
     texture: ResidualTexture | None = None,
     seed: int = 0,
 ) -> SplitEvaluation:
@@ -259,19 +259,8 @@ def fit_texture(
     return ResidualTexture.fit(images, reconstructions, seed=seed)
 
 
-# Random halvings the reconstructions' two-sample figure is averaged over. One halving of a
-# small test split is a noisy draw: on 40 MNI test slices, twenty halvings of one evaluation
-# ranged from 0.600 to 0.875 (standard deviation 0.064) and the null's from 0.350 to 0.725.
-# The classifier is a logistic regression on a few hundred feature vectors, so ten cost
-# seconds.
-REALISM_HALVINGS = 10
-
-
 def realism_summary(
-    result: SplitEvaluation,
-    protocol: SampleProtocol,
-    seed: int = 0,
-    halvings: int = REALISM_HALVINGS,
+    result: SplitEvaluation, protocol: SampleProtocol, seed: int = 0
 ) -> dict[str, object]:
     """How far reconstructions are from passing for the real slices: the two-sample
     classifier of the sample measures, and the power spectra's gap in dB; the same for the
@@ -281,17 +270,14 @@ def realism_summary(
     of half A from the real slices of half B: unpaired, since a slice and its own
     reconstruction in the classifier's training and held-out folds would leak; the null
     tells real half A from real half B, at the same size. Each figure is the mean over
-    ``halvings`` random halvings (seeds ``seed``, ``seed + 1``, ...), so it does not hang on
-    one draw of the halves. Both are left out (with the reason) when a half is smaller than
-    the classifier's folds."""
+    ``protocol.realism_halvings`` random halvings (seeds ``seed``, ``seed + 1``, ...), so it
+    does not hang on one draw of the halves. Both are left out (with the reason) when a half
+    is smaller than the classifier's folds."""
+    halvings = protocol.realism_halvings
     if halvings < 1:
-        raise ValueError(f"halvings must be at least 1, got {halvings}")
+        raise ValueError(f"{protocol.name}: realism_halvings must be at least 1, got {halvings}")
     half = len(result.names) // 2
-    two_sample: dict[str, object] = {
-        "features": "random_cnn",
-        "protocol": protocol.name,
-        "halvings": halvings,
-    }
+    two_sample: dict[str, object] = {"features": "random_cnn", "protocol": protocol.name}
     if half < protocol.classifier_folds:
         two_sample["skipped"] = (
             f"{len(result.names)} slices: halves of {half} are fewer than the "
@@ -303,6 +289,7 @@ def realism_summary(
             "textured_reconstructions_vs_real": result.textured_features,
             "null_real_halves": result.real_features,
         }
+        two_sample["halvings"] = halvings
         for name, features in compared.items():
             if features is not None:
                 two_sample[name] = _over_halvings(result, features, protocol, seed, halvings)
@@ -328,8 +315,9 @@ def _over_halvings(
 ) -> dict[str, object]:
     """The two-sample test of ``half_a_features`` (rows of half A) against the real slices of
     half B, averaged over ``halvings`` random halvings. The 95% interval is one halving's
-    Clopper-Pearson interval about the mean: averaging over halvings of the same slices only
-    narrows the true one, so this errs wide."""
+    Clopper-Pearson interval about the mean (the mean of several halvings of the same slices
+    is no less certain than one), and ``accuracy_sd`` the spread between halvings (ddof 0),
+    not an uncertainty of the mean."""
     runs = []
     for offset in range(halvings):
         first, second = split_in_halves(len(result.names), seed + offset)
@@ -375,7 +363,7 @@ def write_evaluation(
     batch_size: int = 32,
     seed: int = 0,
     split: str = "test",
-    protocol: SampleProtocol = PROTOCOLS["frozen-v2"],
+    protocol: SampleProtocol = PROTOCOLS["frozen-v3"],
     texture: ResidualTexture | None = None,
 ) -> dict:
     """Evaluate a split (named ``split`` in the outputs) and write ``per_image_metrics.csv``,

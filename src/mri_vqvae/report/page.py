@@ -382,13 +382,14 @@ def _realism(summary: dict, split: str) -> dict:
     textured = two_sample.get("textured_reconstructions_vs_real")
     return {
         "realism_skipped": two_sample.get("skipped"),
-        "realism_accuracy": f"{figure['accuracy']:.3f} (95% interval "
+        "realism_accuracy": f"{figure['accuracy']:.3f} ({_halvings_note(figure)}95% interval "
         f"{figure['ci95_low']:.3f}-{figure['ci95_high']:.3f}, "
-        f"{figure['images_per_set']} slices each{_halvings_note(figure)})"
+        f"{figure['images_per_set']} slices each)"
         if figure
         else None,
         "realism_null": _number(two_sample["null_real_halves"]["accuracy"], 3) if figure else None,
         "realism_trustworthy": two_sample.get("trustworthy", False),
+        "realism_halvings": two_sample.get("halvings", 1),
         "textured_accuracy": _number(textured["accuracy"], 3) if textured else None,
         "spectrum": _figure(plots.evaluation_spectra(spectrum, split)),
     }
@@ -401,7 +402,9 @@ def _halvings_note(figure: dict) -> str:
     if halvings == 1:
         return ""
     low, high = figure["accuracy_range"]
-    return f"; the mean of {halvings} random halvings, which ranged {low:.3f}-{high:.3f}"
+    return (
+        f"the mean of {halvings} random halvings, which ranged {low:.3f}-{high:.3f}; one halving's "
+    )
 
 
 # The top of the error maps' colour scale, on [0, 1] images: one scale for every run, so
