@@ -456,19 +456,27 @@ def test_a_report_that_cannot_be_written_leaves_the_finished_run_whole(
     assert not (tmp_path / "report.html").exists()
 
 
+def realism_summary_with(figure: dict, null: float) -> dict:
+    """An evaluation summary's realism part around one two-sample ``figure``."""
+    return {
+        "two_sample": {
+            "reconstructions_vs_real": figure,
+            "null_real_halves": {"accuracy": null},
+            "trustworthy": True,
+        },
+        "power_spectrum": {
+            "frequencies": [0.1, 0.2],
+            "real": [1.0, 1.0],
+            "reconstructions": [1.0, 0.5],
+        },
+    }
+
+
 def test_the_realism_paragraph_gives_the_textured_figure_when_there_is_one():
     from mri_vqvae.report.page import _realism
 
     figure = {"accuracy": 0.969, "ci95_low": 0.9, "ci95_high": 1.0, "images_per_set": 32}
-    spectrum = {"frequencies": [0.1, 0.2], "real": [1.0, 1.0], "reconstructions": [1.0, 0.5]}
-    summary = {
-        "two_sample": {
-            "reconstructions_vs_real": figure,
-            "null_real_halves": {"accuracy": 0.516},
-            "trustworthy": True,
-        },
-        "power_spectrum": spectrum,
-    }
+    summary = realism_summary_with(figure, 0.516)
     assert _realism(summary, "test")["textured_accuracy"] is None
     summary["two_sample"]["textured_reconstructions_vs_real"] = {**figure, "accuracy": 0.641}
     assert _realism(summary, "test")["textured_accuracy"] == "0.641"
@@ -478,15 +486,7 @@ def test_the_realism_figure_says_how_many_halvings_it_averages_and_their_range()
     from mri_vqvae.report.page import _realism
 
     single = {"accuracy": 0.8, "ci95_low": 0.64, "ci95_high": 0.91, "images_per_set": 20}
-    spectrum = {"frequencies": [0.1, 0.2], "real": [1.0, 1.0], "reconstructions": [1.0, 0.5]}
-    summary = {
-        "two_sample": {
-            "reconstructions_vs_real": single,
-            "null_real_halves": {"accuracy": 0.6},
-            "trustworthy": True,
-        },
-        "power_spectrum": spectrum,
-    }
+    summary = realism_summary_with(single, 0.6)
     # An evaluation written before the averaging: one halving, no word of it.
     assert _realism(summary, "test")["realism_accuracy"] == (
         "0.800 (95% interval 0.640-0.910, 20 slices each)"
