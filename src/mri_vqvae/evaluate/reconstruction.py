@@ -290,9 +290,14 @@ def realism_summary(
             "null_real_halves": result.real_features,
         }
         two_sample["halvings"] = halvings
+        # One set of halvings for every figure, so plain, textured and null are comparable.
+        halves = [
+            (seed + offset, *split_in_halves(len(result.names), seed + offset))
+            for offset in range(halvings)
+        ]
         for name, features in compared.items():
             if features is not None:
-                two_sample[name] = _over_halvings(result, features, protocol, seed, halvings)
+                two_sample[name] = _over_halvings(features, result.real_features, halves, protocol)
         two_sample.update(null_verdict(two_sample["null_real_halves"], protocol))
     spectrum = {
         "frequencies": result.frequencies.round(6).tolist(),
@@ -307,25 +312,20 @@ def realism_summary(
 
 
 def _over_halvings(
-    result: SplitEvaluation,
     half_a_features: torch.Tensor,
+    real_features: torch.Tensor,
+    halves: list[tuple[int, torch.Tensor, torch.Tensor]],
     protocol: SampleProtocol,
-    seed: int,
-    halvings: int,
 ) -> dict[str, object]:
-    """The two-sample test of ``half_a_features`` (rows of half A) against the real slices of
-    half B, averaged over ``halvings`` random halvings. The 95% interval is one halving's
-    Clopper-Pearson interval about the mean (the mean of several halvings of the same slices
-    is no less certain than one), and ``accuracy_sd`` the spread between halvings (ddof 0),
-    not an uncertainty of the mean."""
-    runs = []
-    for offset in range(halvings):
-        first, second = split_in_halves(len(result.names), seed + offset)
-        runs.append(
-            classifier_two_sample_test(
-                half_a_features[first], result.real_features[second], protocol, seed + offset
-            )
-        )
+    """The two-sample test of ``half_a_features`` (rows of half A) against ``real_features``
+    (rows of half B), averaged over the ``halves``, each ``(seed, half A, half B)``. The 95%
+    interval is one halving's Clopper-Pearson interval about the mean (the mean of several
+    halvings of the same slices is no less certain than one), and ``accuracy_sd`` the spread
+    between halvings (ddof 0), not an uncertainty of the mean."""
+    runs = [
+        classifier_two_sample_test(half_a_features[first], real_features[second], protocol, seed)
+        for seed, first, second in halves
+    ]
     accuracies = [run["accuracy"] for run in runs]
     trials = 2 * runs[0]["images_per_set"]
     mean = float(np.mean(accuracies))
@@ -336,7 +336,7 @@ def _over_halvings(
         "ci95_high": high,
         "images_per_set": runs[0]["images_per_set"],
         "train_accuracy": float(np.mean([run["train_accuracy"] for run in runs])),
-        "halvings": halvings,
+        "halvings": len(halves),
         "accuracy_sd": float(np.std(accuracies)),
         "accuracy_range": [min(accuracies), max(accuracies)],
     }
