@@ -62,7 +62,7 @@ def test_ssim_refuses_mismatched_or_tiny_images():
 
 
 def degraded_pair(noise: float = 0.1, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    pixels, _ = phantom_slice(0, 0, 0, 0.5, 96, 64)
+    pixels, _ = phantom_slice(0, 0, 0, 0.5, height=96, width=64)
     unit = (pixels - pixels.min()) / (pixels.max() - pixels.min())
     rng = np.random.default_rng(seed)
     degraded = np.clip(unit + rng.normal(0, noise, unit.shape), 0, 1)

@@ -116,151 +116,188 @@ class _Canvas:
 
 
 def phantom_slice(
-    seed: int, case: int, week: int, position: float, height: int = 256, width: int = 128
+    seed: int, case: int, week: int, position: float, *, height: int = 256, width: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:
     """One slice and its label map, both of shape (height, width) in HipMRI orientation.
 
     Args:
         position: 0 at the prostate apex (inferior) to 1 at the acetabulum roof (superior).
     """
-    case_rng = np.random.default_rng([seed, case])
-    week_rng = np.random.default_rng([seed, case, week])
-    slice_rng = np.random.default_rng([seed, case, week, round(position * 1e6)])
-    rows, cols = width, height  # drawn in display orientation, stored transposed
-    canvas = _Canvas(rows, cols, scale=rows / 128)
-    s = position
+    drawing = _PhantomDrawing(seed, case, week, position, rows=width, cols=height)
+    drawing.body()
+    drawing.bones()
+    drawing.rectum()
+    drawing.prostate()
+    drawing.bladder()
+    pixels = drawing.acquire()
+    return pixels.T.copy(), drawing.labels.T.copy()
 
-    # Body habitus and organ sizes belong to the case; filling and shifts to the week.
-    body_rx = case_rng.uniform(98, 118)
-    body_ry = case_rng.uniform(50, 58)
-    fat = case_rng.uniform(5, 16)
-    prostate_size = case_rng.uniform(0.8, 1.25)
-    hip_spread = case_rng.uniform(62, 72)
-    bladder_fill = week_rng.uniform(0.5, 1.2)
-    rectal_gas = week_rng.uniform() < 0.45
-    shift_x, shift_y = week_rng.normal(0, 1.5), week_rng.normal(0, 1.0)
-    tilt = week_rng.normal(0, 0.03)
 
-    def at(dx, dy, rx, ry, angle=0.0):
-        return canvas.ellipse(dx + shift_x, dy + shift_y, rx, ry, angle + tilt)
+class _PhantomDrawing:
+    """One phantom slice being drawn, in display orientation (stored transposed): the
+    anatomy painted structure by structure over a blank image, then acquired (coil bias,
+    blur, Rician noise). Every random draw comes from the case's, the week's or the slice's
+    own generator, in a fixed order, so a slice depends only on its seed and place."""
 
-    image = np.zeros((rows, cols))
-    labels = np.zeros((rows, cols), dtype=np.uint8)
+    def __init__(
+        self, seed: int, case: int, week: int, position: float, *, rows: int, cols: int
+    ) -> None:
+        self.case_rng = np.random.default_rng([seed, case])
+        week_rng = np.random.default_rng([seed, case, week])
+        self.slice_rng = np.random.default_rng([seed, case, week, round(position * 1e6)])
+        self.shape = (rows, cols)
+        self.canvas = _Canvas(rows, cols, scale=rows / 128)
+        self.position = position
+        # Body habitus and organ sizes belong to the case; filling and shifts to the week.
+        self.body_rx = self.case_rng.uniform(98, 118)
+        self.body_ry = self.case_rng.uniform(50, 58)
+        self.fat = self.case_rng.uniform(5, 16)
+        self.prostate_size = self.case_rng.uniform(0.8, 1.25)
+        self.hip_spread = self.case_rng.uniform(62, 72)
+        self.bladder_fill = week_rng.uniform(0.5, 1.2)
+        self.rectal_gas = week_rng.uniform() < 0.45
+        self.shift_x, self.shift_y = week_rng.normal(0, 1.5), week_rng.normal(0, 1.0)
+        self.tilt = week_rng.normal(0, 0.03)
+        self.image = np.zeros(self.shape)
+        self.labels = np.zeros(self.shape, dtype=np.uint8)
 
-    def paint(distance, signal, label=None, edge=0.8):
-        nonlocal image
-        mask = canvas.soft(distance, edge)
-        image = image * (1 - mask) + signal * mask
+    def at(self, dx, dy, rx, ry, angle=0.0) -> np.ndarray:
+        """The signed distance to an ellipse placed in this week's pose."""
+        return self.canvas.ellipse(dx + self.shift_x, dy + self.shift_y, rx, ry, angle + self.tilt)
+
+    def paint(self, distance, signal, label=None, edge=0.8) -> np.ndarray:
+        """Paint ``signal`` inside ``distance`` (and ``label`` where it covers most)."""
+        mask = self.canvas.soft(distance, edge)
+        self.image = self.image * (1 - mask) + signal * mask
         if label is not None:
-            labels[mask > 0.5] = label
+            self.labels[mask > 0.5] = label
         return mask
 
-    # Body: a rounded trunk with the buttocks posteriorly, in subcutaneous fat.
-    def trunk(inset):
+    def trunk(self, inset: float) -> np.ndarray:
+        """A rounded trunk with the buttocks posteriorly, ``inset`` pixels in."""
+        body_rx, body_ry = self.body_rx - inset, self.body_ry - inset
         return np.minimum.reduce(
             [
-                at(0, -4, body_rx - inset, body_ry - inset),
-                at(-44, 16, 60 - inset, 44 - inset),
-                at(44, 16, 60 - inset, 44 - inset),
+                self.at(0, -4, body_rx, body_ry),
+                self.at(-44, 16, 60 - inset, 44 - inset),
+                self.at(44, 16, 60 - inset, 44 - inset),
             ]
         )
 
-    texture = _smooth_noise(slice_rng, (rows, cols), 3.0)
-    paint(trunk(0), SIGNAL["fat"] * (1 + 0.04 * texture), LABELS["body"], edge=1.2)
-    muscle = SIGNAL["muscle"] * (1 + 0.12 * _smooth_noise(slice_rng, (rows, cols), 1.5))
-    paint(trunk(fat), muscle)
-    # Fascial fat planes between the gluteal and thigh muscles, inside the muscle only.
-    inside_muscle = trunk(fat) + 2
-    for side in (-1, 1):
-        ring = np.abs(at(side * 52, 22, 44, 26, side * 0.3)) - 0.9
-        paint(np.maximum(ring, inside_muscle), SIGNAL["fat"], edge=0.6)
-        ring = np.abs(at(side * 86, -16, 22, 30, side * 0.5)) - 0.8
-        paint(np.maximum(ring, inside_muscle), SIGNAL["fat"], edge=0.6)
-
-    # Pelvic cavity fat, then its muscular side walls (obturator internus).
-    paint(at(0, 2, 46, 38), SIGNAL["fat"] * (1 + 0.05 * texture))
-    for side in (-1, 1):
-        paint(at(side * 40, 4, 9, 30, side * 0.15), muscle)
-
-    # Bones: hip joints superiorly, femoral necks and ischia lower, pubis anteriorly, sacrum.
-    marrow = SIGNAL["marrow"] * (1 + 0.08 * _smooth_noise(slice_rng, (rows, cols), 2.0))
-    for side in (-1, 1):
-        if s > 0.45:
-            head_r = 17 * min(1.0, (s - 0.45) / 0.2 + 0.55)
-            paint(
-                at(side * (hip_spread - 6), 0, head_r + 9, head_r + 7),
-                SIGNAL["cortex"],
-                LABELS["bone"],
-            )
-            paint(at(side * (hip_spread - 6), 0, head_r + 7, head_r + 5), marrow)
-            paint(at(side * hip_spread, 0, head_r + 1.5, head_r + 1.5), SIGNAL["joint"])
-            paint(
-                at(side * hip_spread, 0, head_r + 0.5, head_r + 0.5),
-                SIGNAL["cortex"],
-                LABELS["bone"],
-            )
-            paint(at(side * hip_spread, 0, head_r - 1.5, head_r - 1.5), marrow)
-        else:
-            neck = side * (hip_spread + 16)
-            paint(at(neck, 2, 17, 13, side * 0.4), SIGNAL["cortex"], LABELS["bone"])
-            paint(at(neck, 2, 14.5, 10.5, side * 0.4), marrow)
-            if s < 0.55:
-                paint(at(side * 42, 28, 10, 14, side * -0.3), SIGNAL["cortex"], LABELS["bone"])
-                paint(at(side * 42, 28, 7.5, 11.5, side * -0.3), marrow)
-        if 0.2 < s < 0.62:
-            paint(at(side * 11, -42, 13, 6.5, side * 0.35), SIGNAL["cortex"], LABELS["bone"])
-            paint(at(side * 11, -42, 10.5, 4.5, side * 0.35), marrow)
-        # Femoral artery and vein: flow voids anterior to the hip.
-        paint(at(side * 52, -36, 3.5, 3.5), SIGNAL["vessel"])
-        paint(at(side * 60, -34, 4.5, 4.0), SIGNAL["vessel"] + 0.1)
-    if s > 0.6:
-        width_sacrum = 8 + 16 * (s - 0.6) / 0.4
-        paint(at(0, 46, width_sacrum + 3, 8.5), SIGNAL["cortex"], LABELS["bone"])
-        paint(at(0, 46, width_sacrum, 6), marrow)
-
-    # Rectum in its mesorectal fat, wall dark, lumen gas or stool.
-    rect_r = 13 + 4 * s
-    paint(at(0, 28, rect_r + 7, rect_r * 0.8 + 6), SIGNAL["fat"] * (1 + 0.05 * texture))
-    paint(at(0, 28, rect_r, rect_r * 0.8), SIGNAL["rectal_wall"], LABELS["rectum"])
-    lumen = SIGNAL["gas"] if rectal_gas else SIGNAL["stool"] * (1 + 0.3 * texture)
-    paint(at(0, 28, rect_r - 3.5, rect_r * 0.8 - 3.5), lumen)
-
-    # Prostate from apex to base: peripheral zone posteriorly, central gland anteriorly.
-    if s < 0.62:
-        profile = np.sin(np.pi * min(1.0, (s + 0.12) / 0.74)) * prostate_size
-        prx, pry = 22 * profile + 3, 17 * profile + 3
-        paint(at(0, 6, prx + 1.5, pry + 1.5), SIGNAL["capsule"], LABELS["prostate"])
-        pz = SIGNAL["peripheral_zone"] * (1 + 0.08 * texture)
-        paint(at(0, 6, prx, pry), pz)
-        nodules = _smooth_noise(slice_rng, (rows, cols), 1.2)
-        central = SIGNAL["central_gland"] * (1 + 0.22 * nodules)
-        paint(at(0, 2.5, prx * 0.72, pry * 0.68), central)
-        paint(at(0, -0.5 * pry + 2, 2.2, 2.2), SIGNAL["capsule"] + 0.1)  # urethra
-    if 0.5 < s < 0.78:
+    def body(self) -> None:
+        """The body in its subcutaneous fat, the muscles with their fascial planes, and the
+        pelvic cavity's fat and side walls."""
+        at, paint, shape = self.at, self.paint, self.shape
+        self.texture = _smooth_noise(self.slice_rng, shape, 3.0)
+        paint(self.trunk(0), SIGNAL["fat"] * (1 + 0.04 * self.texture), LABELS["body"], edge=1.2)
+        self.muscle = SIGNAL["muscle"] * (1 + 0.12 * _smooth_noise(self.slice_rng, shape, 1.5))
+        paint(self.trunk(self.fat), self.muscle)
+        # Fascial fat planes between the gluteal and thigh muscles, inside the muscle only.
+        inside_muscle = self.trunk(self.fat) + 2
         for side in (-1, 1):
-            paint(at(side * 15, 16, 14, 5, side * -0.35), SIGNAL["seminal_vesicle"])
+            ring = np.abs(at(side * 52, 22, 44, 26, side * 0.3)) - 0.9
+            paint(np.maximum(ring, inside_muscle), SIGNAL["fat"], edge=0.6)
+            ring = np.abs(at(side * 86, -16, 22, 30, side * 0.5)) - 0.8
+            paint(np.maximum(ring, inside_muscle), SIGNAL["fat"], edge=0.6)
+        # Pelvic cavity fat, then its muscular side walls (obturator internus).
+        paint(at(0, 2, 46, 38), SIGNAL["fat"] * (1 + 0.05 * self.texture))
+        for side in (-1, 1):
+            paint(at(side * 40, 4, 9, 30, side * 0.15), self.muscle)
 
-    # Bladder above the prostate, growing toward the dome; bright urine in a dark wall.
-    if s > 0.4:
-        growth = min(1.0, (s - 0.4) / 0.35)
-        brx, bry = (18 + 28 * growth) * bladder_fill, (10 + 20 * growth) * bladder_fill
+    def bones(self) -> None:
+        """Hip joints superiorly, femoral necks and ischia lower, the pubis anteriorly, the
+        femoral vessels, and the sacrum."""
+        at, paint, s = self.at, self.paint, self.position
+        self.marrow = SIGNAL["marrow"] * (1 + 0.08 * _smooth_noise(self.slice_rng, self.shape, 2.0))
+        for side in (-1, 1):
+            if s > 0.45:
+                self.hip_joint(side)
+            else:
+                self.femoral_neck_and_ischium(side)
+            if 0.2 < s < 0.62:
+                paint(at(side * 11, -42, 13, 6.5, side * 0.35), SIGNAL["cortex"], LABELS["bone"])
+                paint(at(side * 11, -42, 10.5, 4.5, side * 0.35), self.marrow)
+            # Femoral artery and vein: flow voids anterior to the hip.
+            paint(at(side * 52, -36, 3.5, 3.5), SIGNAL["vessel"])
+            paint(at(side * 60, -34, 4.5, 4.0), SIGNAL["vessel"] + 0.1)
+        if s > 0.6:
+            width_sacrum = 8 + 16 * (s - 0.6) / 0.4
+            paint(at(0, 46, width_sacrum + 3, 8.5), SIGNAL["cortex"], LABELS["bone"])
+            paint(at(0, 46, width_sacrum, 6), self.marrow)
+
+    def hip_joint(self, side: int) -> None:
+        """The acetabulum around the femoral head, with the joint space between."""
+        at, paint, marrow, spread = self.at, self.paint, self.marrow, self.hip_spread
+        head_r = 17 * min(1.0, (self.position - 0.45) / 0.2 + 0.55)
+        paint(at(side * (spread - 6), 0, head_r + 9, head_r + 7), SIGNAL["cortex"], LABELS["bone"])
+        paint(at(side * (spread - 6), 0, head_r + 7, head_r + 5), marrow)
+        paint(at(side * spread, 0, head_r + 1.5, head_r + 1.5), SIGNAL["joint"])
+        paint(at(side * spread, 0, head_r + 0.5, head_r + 0.5), SIGNAL["cortex"], LABELS["bone"])
+        paint(at(side * spread, 0, head_r - 1.5, head_r - 1.5), marrow)
+
+    def femoral_neck_and_ischium(self, side: int) -> None:
+        """Below the joint: the femoral neck and, lower still, the ischium."""
+        at, paint, marrow = self.at, self.paint, self.marrow
+        neck = side * (self.hip_spread + 16)
+        paint(at(neck, 2, 17, 13, side * 0.4), SIGNAL["cortex"], LABELS["bone"])
+        paint(at(neck, 2, 14.5, 10.5, side * 0.4), marrow)
+        if self.position < 0.55:
+            paint(at(side * 42, 28, 10, 14, side * -0.3), SIGNAL["cortex"], LABELS["bone"])
+            paint(at(side * 42, 28, 7.5, 11.5, side * -0.3), marrow)
+
+    def rectum(self) -> None:
+        """The rectum in its mesorectal fat: a dark wall, its lumen gas or stool."""
+        at, paint = self.at, self.paint
+        rect_r = 13 + 4 * self.position
+        paint(at(0, 28, rect_r + 7, rect_r * 0.8 + 6), SIGNAL["fat"] * (1 + 0.05 * self.texture))
+        paint(at(0, 28, rect_r, rect_r * 0.8), SIGNAL["rectal_wall"], LABELS["rectum"])
+        stool = SIGNAL["stool"] * (1 + 0.3 * self.texture)
+        lumen = SIGNAL["gas"] if self.rectal_gas else stool
+        paint(at(0, 28, rect_r - 3.5, rect_r * 0.8 - 3.5), lumen)
+
+    def prostate(self) -> None:
+        """The prostate from apex to base (peripheral zone posteriorly, central gland
+        anteriorly, the urethra), then the seminal vesicles."""
+        at, paint, s = self.at, self.paint, self.position
+        if s < 0.62:
+            profile = np.sin(np.pi * min(1.0, (s + 0.12) / 0.74)) * self.prostate_size
+            prx, pry = 22 * profile + 3, 17 * profile + 3
+            paint(at(0, 6, prx + 1.5, pry + 1.5), SIGNAL["capsule"], LABELS["prostate"])
+            paint(at(0, 6, prx, pry), SIGNAL["peripheral_zone"] * (1 + 0.08 * self.texture))
+            nodules = _smooth_noise(self.slice_rng, self.shape, 1.2)
+            central = SIGNAL["central_gland"] * (1 + 0.22 * nodules)
+            paint(at(0, 2.5, prx * 0.72, pry * 0.68), central)
+            paint(at(0, -0.5 * pry + 2, 2.2, 2.2), SIGNAL["capsule"] + 0.1)  # urethra
+        if 0.5 < s < 0.78:
+            for side in (-1, 1):
+                paint(at(side * 15, 16, 14, 5, side * -0.35), SIGNAL["seminal_vesicle"])
+
+    def bladder(self) -> None:
+        """The bladder above the prostate, growing toward the dome: bright urine in a dark
+        wall."""
+        if self.position <= 0.4:
+            return
+        growth = min(1.0, (self.position - 0.4) / 0.35)
+        brx = (18 + 28 * growth) * self.bladder_fill
+        bry = (10 + 20 * growth) * self.bladder_fill
         bdy = -14 - 6 * growth
-        paint(at(0, bdy, brx + 2.5, bry + 2.5), SIGNAL["bladder_wall"], LABELS["bladder"])
-        paint(at(0, bdy, brx, bry), SIGNAL["urine"] * (1 + 0.01 * texture))
+        self.paint(self.at(0, bdy, brx + 2.5, bry + 2.5), SIGNAL["bladder_wall"], LABELS["bladder"])
+        self.paint(self.at(0, bdy, brx, bry), SIGNAL["urine"] * (1 + 0.01 * self.texture))
 
-    # Receive-coil bias: brighter near the anterior and posterior surface coils, smooth drift.
-    drift = _smooth_noise(case_rng, (rows, cols), 24.0)
-    depth = np.abs(canvas.y - canvas.cy) / canvas.cy
-    bias = (0.78 + 0.32 * depth**2) * (1 + 0.08 * drift)
-    image = _blur(image * bias, 0.6)
-    # Rician noise: the magnitude of a signal with complex Gaussian noise.
-    sigma = case_rng.uniform(0.015, 0.03)
-    real = image + slice_rng.normal(0, sigma, image.shape)
-    imag = slice_rng.normal(0, sigma, image.shape)
-    magnitude = np.sqrt(real**2 + imag**2)
-    # Stored values look like a scanner's unsigned 12-bit range.
-    pixels = (magnitude * 1000).astype(np.float32)
-    return pixels.T.copy(), labels.T.copy()
+    def acquire(self) -> np.ndarray:
+        """The drawn anatomy as a scanner records it: receive-coil bias (brighter near the
+        anterior and posterior surface coils, a smooth drift), a slight blur and Rician noise
+        (the magnitude of a signal with complex Gaussian noise), in a 12-bit-like range."""
+        canvas = self.canvas
+        drift = _smooth_noise(self.case_rng, self.shape, 24.0)
+        depth = np.abs(canvas.y - canvas.cy) / canvas.cy
+        bias = (0.78 + 0.32 * depth**2) * (1 + 0.08 * drift)
+        image = _blur(self.image * bias, 0.6)
+        sigma = self.case_rng.uniform(0.015, 0.03)
+        real = image + self.slice_rng.normal(0, sigma, image.shape)
+        imag = self.slice_rng.normal(0, sigma, image.shape)
+        magnitude = np.sqrt(real**2 + imag**2)
+        return (magnitude * 1000).astype(np.float32)
 
 
 def case_id(split: str, index: int) -> int:
@@ -298,7 +335,9 @@ def _write_phantom_case(job: tuple[Path, PhantomSpec, str, int]) -> tuple[str, i
     for week in range(spec.weeks):
         for number in range(spec.slices):
             position = number / max(spec.slices - 1, 1)
-            pixels, labels = phantom_slice(spec.seed, case, week, position, spec.height, spec.width)
+            pixels, labels = phantom_slice(
+                spec.seed, case, week, position, height=spec.height, width=spec.width
+            )
             stem = f"{case:03d}_week_{week}_slice_{number}.nii.gz"
             write_slice(pixels, root / image_folder / f"case_{stem}", affine)
             write_slice(labels.astype(np.float32), root / mask_folder / f"seg_{stem}", affine)
