@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from mri_vqvae.checkpoint import load_model
 from mri_vqvae.code_maps import code_maps_for
 from mri_vqvae.config import AugmentConfig, DataConfig
 from mri_vqvae.data.augment import AUGMENTATION_PARAMETERS, SHIFT_UNIT, apply_augmentations
 from mri_vqvae.data.dataset import load_split, resolve_split_files
 from mri_vqvae.metrics import ssim_per_image
 from mri_vqvae.runtime import resolve_precision
+from mri_vqvae.trained import TrainedVQVAE
 
 
 def differing_share(first: torch.Tensor, second: torch.Tensor) -> float:
@@ -82,10 +82,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    model, trained = load_model(args.vqvae, device)
+    vqvae = TrainedVQVAE.load(args.vqvae, device)
+    model = vqvae.model
     files = resolve_split_files(args.data)["train"][: args.slices]
     with tempfile.TemporaryDirectory() as scratch:
-        data = DataConfig(image_size=trained.data.image_size, cache_dir=scratch)
+        data = vqvae.data_settings(DataConfig(cache_dir=scratch))
         slices = load_split(files, data, label="train")
         results: dict = {
             "slices": len(slices),
@@ -99,7 +100,10 @@ def main() -> None:
             augment = AugmentConfig(copies=copies)
             start = time.perf_counter()
             codes = code_maps_for(
-                model, "bench", slices, Path(scratch) / f"codes-{copies}.pt", device, 64, augment
+                slices,
+                vqvae=vqvae,
+                cache_file=Path(scratch) / f"codes-{copies}.pt",
+                augment=augment,
             )
             seconds = time.perf_counter() - start
             run = {"copies": copies, "maps": len(codes), "seconds": round(seconds, 2)}

@@ -201,7 +201,16 @@ def breakdown_vqvae(precision: str, batch_size: int, repeats: int, device) -> di
     flops, seconds = timed(loss_pass, device, repeats)
     rows.append({"part": "loss (pixel + SSIM)", "output": (), "flops": flops, "seconds": seconds})
     rows.append(optimiser_row(model, optimizer, device, repeats))
-    return finish("vqvae", precision, batch_size, step, rows, device, repeats, model)
+    return finish(
+        "vqvae",
+        precision,
+        batch_size=batch_size,
+        step=step,
+        rows=rows,
+        device=device,
+        repeats=repeats,
+        model=model,
+    )
 
 
 def optimiser_row(model: nn.Module, optimizer, device, repeats: int) -> dict:
@@ -256,7 +265,16 @@ def breakdown_prior(precision: str, batch_size: int, repeats: int, device) -> di
     rows.append({"part": "loss (cross-entropy)", "output": (), "flops": flops, "seconds": seconds})
     rows.append(optimiser_row(prior, optimizer, device, repeats))
     rows = merge_repeated(rows, len(prior.blocks))
-    return finish("prior", precision, batch_size, step, rows, device, repeats, prior)
+    return finish(
+        "prior",
+        precision,
+        batch_size=batch_size,
+        step=step,
+        rows=rows,
+        device=device,
+        repeats=repeats,
+        model=prior,
+    )
 
 
 def merge_repeated(rows: list[dict], blocks: int) -> list[dict]:
@@ -277,7 +295,7 @@ def merge_repeated(rows: list[dict], blocks: int) -> list[dict]:
     return merged
 
 
-def finish(kind, precision, batch_size, step, rows, device, repeats, model) -> dict:
+def finish(kind, precision, *, batch_size, step, rows, device, repeats, model) -> dict:
     """Adds the whole step and the rest to ``rows``, and the profiler's operator list."""
     step_flops, step_seconds = timed(step, device, repeats)
     parts_seconds = sum(r["seconds"] for r in rows)

@@ -127,46 +127,53 @@ def main() -> None:
         for name, seconds in report["data_path_seconds"].items():
             print(f"one epoch of batches, {name}: {seconds:.2f} s", flush=True)
 
-        report["epochs"] = {}
-        for recipe in args.recipes:
-            config = load_config(
-                preset=recipe,
-                overrides=[f"data.cache_dir={scratch}/cache", "train.epochs=1"],
-            )
-            seed_everything(0)
-            model = VQVAE.from_config(config.model)
-            start = time.perf_counter()
-            result = train_vqvae(
-                model,
-                splits["train"],
-                splits["val"],
-                config,
-                Path(scratch) / recipe,
-                device,
-            )
-            wall = time.perf_counter() - start
-            row = result.history[-1]
-            start = time.perf_counter()
-            codes = encode_slices(model, splits["train"], device)
-            encode_seconds = time.perf_counter() - start
-            precision = result_precision(Path(scratch) / recipe)
-            report["epochs"][recipe] = {
-                "wall_seconds": wall,
-                "epoch_seconds": row["epoch_seconds"],
-                "images_per_second_with_validation": len(splits["train"]) / row["epoch_seconds"],
-                "val_ssim": row["val_ssim"],
-                "precision": precision,
-                "encode_seconds": encode_seconds,
-                "encoded_shape": list(codes.shape),
-            }
-            print(
-                f"{recipe}: one epoch {wall:.1f} s end to end ({precision}), val SSIM "
-                f"{row['val_ssim']:.4f}; encoding {len(codes)} slices {encode_seconds:.1f} s",
-                flush=True,
-            )
+        report["epochs"] = {
+            recipe: time_recipe(recipe, splits=splits, scratch=Path(scratch), device=device)
+            for recipe in args.recipes
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "epoch_time.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out / 'epoch_time.json'}")
+
+
+def time_recipe(recipe: str, *, splits: dict, scratch: Path, device: torch.device) -> dict:
+    """One epoch of ``recipe`` by ``train_vqvae`` end to end, then every training slice
+    encoded by the trained model."""
+    config = load_config(
+        preset=recipe,
+        overrides=[f"data.cache_dir={scratch}/cache", "train.epochs=1"],
+    )
+    seed_everything(0)
+    model = VQVAE.from_config(config.model)
+    start = time.perf_counter()
+    result = train_vqvae(
+        model,
+        train_set=splits["train"],
+        val_set=splits["val"],
+        config=config,
+        run_dir=scratch / recipe,
+        device=device,
+    )
+    wall = time.perf_counter() - start
+    row = result.history[-1]
+    start = time.perf_counter()
+    codes = encode_slices(model, splits["train"], device)
+    encode_seconds = time.perf_counter() - start
+    precision = result_precision(scratch / recipe)
+    print(
+        f"{recipe}: one epoch {wall:.1f} s end to end ({precision}), val SSIM "
+        f"{row['val_ssim']:.4f}; encoding {len(codes)} slices {encode_seconds:.1f} s",
+        flush=True,
+    )
+    return {
+        "wall_seconds": wall,
+        "epoch_seconds": row["epoch_seconds"],
+        "images_per_second_with_validation": len(splits["train"]) / row["epoch_seconds"],
+        "val_ssim": row["val_ssim"],
+        "precision": precision,
+        "encode_seconds": encode_seconds,
+        "encoded_shape": list(codes.shape),
+    }
 
 
 def result_precision(run_dir: Path) -> str:

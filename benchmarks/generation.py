@@ -31,6 +31,7 @@ import logging
 import shutil
 import sys
 import time
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from mri_vqvae import workflows
 from mri_vqvae.checkpoint import Checkpoint, save_checkpoint
 from mri_vqvae.config import Config, load_config
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
+from mri_vqvae.records import to_plain
+from mri_vqvae.records.samples import SampleMeasures
 from mri_vqvae.train import prior as prior_training
 from quality import cpu_name, write_mni_dataset
 
@@ -102,10 +105,15 @@ class Snapshots:
         if best.is_file():
             shutil.copyfile(best, path)
         else:
-            extras = {**task.extras(), "ema": None}  # the averaged weights are the model's here
-            save_checkpoint(
-                Checkpoint("prior", task.config, task.evaluated.state_dict(), extras=extras), path
+            # The averaged weights are the model's here.
+            extras = replace(task.prior_extras(), ema=None).to_plain()
+            checkpoint = Checkpoint(
+                kind="prior",
+                config=task.config,
+                model_state=task.evaluated.state_dict(),
+                extras=extras,
             )
+            save_checkpoint(checkpoint, path)
         self.saved[mark] = path
 
     def __exit__(self, *exc) -> None:
@@ -131,54 +139,84 @@ def variant(architecture: str, copies: int, position: bool = False) -> str:
     return f"{name}_position" if position else name
 
 
-def prior_folder(root: Path, architecture: str, copies: int, position: bool) -> Path:
-    return root / f"prior_{variant(architecture, copies, position)}"
+@dataclass(frozen=True)
+class PriorVariant:
+    """One prior the benchmark trains: its architecture, its augmented code maps per training
+    slice, and whether it is conditioned on slice position."""
+
+    architecture: str
+    copies: int
+    position: bool
+
+    @property
+    def name(self) -> str:
+        return variant(self.architecture, self.copies, self.position)
+
+    def folder(self, root: Path) -> Path:
+        return root / f"prior_{self.name}"
 
 
-def train_with_snapshots(
-    dataset, architecture, copies, position, vqvae, sources, root, options
-) -> dict:
-    prior = prior_folder(root, architecture, copies, position)
+@dataclass(frozen=True)
+class Bench:
+    """What every prior of one dataset shares: the dataset's name and folder, its slices, the
+    VQ-VAE whose codes the priors model, and the command's options."""
+
+    dataset: str
+    root: Path
+    sources: workflows.DataSources
+    vqvae: Path
+    options: argparse.Namespace
+
+
+def train_with_snapshots(bench: Bench, prior: PriorVariant) -> dict:
+    """Train ``prior`` (unless a finished run is there) and return its snapshots by minute,
+    the last (``best.pt``) at ``--prior-minutes``."""
+    options, folder = bench.options, prior.folder(bench.root)
     overrides = [
-        f"prior.architecture={architecture}",
-        f"augment.copies={copies}",
-        f"prior.condition_on_slice_position={str(position).lower()}",
+        f"prior.architecture={prior.architecture}",
+        f"augment.copies={prior.copies}",
+        f"prior.condition_on_slice_position={str(prior.position).lower()}",
         "prior_train.epochs=1000",
         f"prior_train.max_minutes={options.prior_minutes}",
         "prior_train.precision=auto",
         "prior_train.sample_every=0",
         *options.prior_overrides,
     ]
-    if dataset == "mni":
+    if bench.dataset == "mni":
         overrides.append("prior.condition_labels=[orientation]")
     marks = [m for m in options.marks if m < options.prior_minutes]
-    if not (prior / "prior_summary.json").is_file():
-        with Snapshots(prior, marks) as snapshots:
-            workflows.train_prior_run(prior, vqvae, sources, settings(*overrides), overwrite=True)
+    if not (folder / "prior_summary.json").is_file():
+        with Snapshots(folder, marks) as snapshots:
+            workflows.train_prior_run(
+                folder, bench.vqvae, bench.sources, settings(*overrides), overwrite=True
+            )
         paths = dict(snapshots.saved)
     else:
-        paths = {m: prior / f"snapshot_{m:g}min.pt" for m in marks}
+        paths = {m: folder / f"snapshot_{m:g}min.pt" for m in marks}
         paths = {m: p for m, p in paths.items() if p.is_file()}
-    paths[options.prior_minutes] = prior / "best.pt"
+    paths[options.prior_minutes] = folder / "best.pt"
     return paths
 
 
-def measure(dataset, architecture, copies, position, minutes, prior_path, vqvae, sources, root,
-            sample_settings, count):  # fmt: skip
+def measure(
+    bench: Bench, prior: PriorVariant, *, minutes: float, prior_path: Path, sample_settings: dict
+) -> dict:
+    """Draw ``--samples`` slices from the prior at ``prior_path`` with ``sample_settings`` and
+    score them with ``evaluate-samples``."""
     name = "_".join(f"{k}{v}" for k, v in sample_settings.items()) or "defaults"
-    samples = root / f"samples_{variant(architecture, copies, position)}_{minutes:g}min_{name}"
+    samples = bench.root / f"samples_{prior.name}_{minutes:g}min_{name}"
     overrides = [f"sample.{key}={value}" for key, value in sample_settings.items()]
-    overrides.append(f"sample.num_samples={count}")
-    run = workflows.sample(vqvae, prior_path, samples, settings(*overrides), overwrite=True)
+    overrides.append(f"sample.num_samples={bench.options.samples}")
+    run = workflows.sample(bench.vqvae, prior_path, samples, settings(*overrides), overwrite=True)
     started = time.monotonic()
-    metrics = workflows.evaluate_samples(samples, sources, overwrite=True)
+    metrics = workflows.evaluate_samples(samples, bench.sources, overwrite=True)
     return {
-        "dataset": dataset,
-        "architecture": architecture,
-        "augment_copies": copies,
-        "slice_position": position,
+        "dataset": bench.dataset,
+        "architecture": prior.architecture,
+        "augment_copies": prior.copies,
+        "slice_position": prior.position,
         "minutes": minutes,
-        "num_samples": metrics["num_samples"],
+        "num_samples": metrics.num_samples,
         "sample_settings": sample_settings,
         "sampling_seconds": run.sampling_seconds,
         "scoring_seconds": time.monotonic() - started,
@@ -191,35 +229,44 @@ def benchmark(dataset: str, given_vqvae: Path | None, options) -> list[dict]:
     write_data(dataset, root / "data")
     sources = workflows.DataSources(root=root / "data")
     vqvae = vqvae_for(dataset, given_vqvae, root, options)
+    bench = Bench(dataset=dataset, root=root, sources=sources, vqvae=vqvae, options=options)
     rows = []
     variants = itertools.product(
         options.architectures, options.augment_copies, options.slice_position
     )
     for architecture, copies, position in variants:
-        position = position == "on"
-        snapshots = train_with_snapshots(
-            dataset, architecture, copies, position, vqvae, sources, root, options
-        )
-        prior = prior_folder(root, architecture, copies, position)
-        summary = json.loads((prior / "prior_summary.json").read_text())
-        for minutes, path in sorted(snapshots.items()):
-            if options.sweep_only:
-                break
-            row = measure(
-                dataset, architecture, copies, position, minutes, path, vqvae, sources, root, {},
-                options.samples,
-            )  # fmt: skip
-            row["prior_summary"] = summary
-            rows.append(row)
-            print_table([row])
-        if options.sweep or options.sweep_only:
-            last = snapshots[options.prior_minutes]
-            for sample_settings in sweep_settings(architecture, dataset == "mni"):
-                rows.append(
-                    measure(dataset, architecture, copies, position, options.prior_minutes, last,
-                            vqvae, sources, root, sample_settings, options.samples)
-                )  # fmt: skip
-                print_table(rows[-1:])
+        prior = PriorVariant(architecture, copies, position == "on")
+        rows += benchmark_prior(bench, prior)
+    return rows
+
+
+def benchmark_prior(bench: Bench, prior: PriorVariant) -> list[dict]:
+    """One prior's rows: each snapshot with the default sampling settings, then (with
+    ``--sweep``) the sampling controls on its last snapshot."""
+    options = bench.options
+    snapshots = train_with_snapshots(bench, prior)
+    summary = json.loads((prior.folder(bench.root) / "prior_summary.json").read_text())
+    rows = []
+    for minutes, path in sorted(snapshots.items()):
+        if options.sweep_only:
+            break
+        row = measure(bench, prior, minutes=minutes, prior_path=path, sample_settings={})
+        row["prior_summary"] = summary
+        rows.append(row)
+        print_table([row])
+    if options.sweep or options.sweep_only:
+        last = snapshots[options.prior_minutes]
+        for sample_settings in sweep_settings(prior.architecture, bench.dataset == "mni"):
+            rows.append(
+                measure(
+                    bench,
+                    prior,
+                    minutes=options.prior_minutes,
+                    prior_path=last,
+                    sample_settings=sample_settings,
+                )
+            )
+            print_table(rows[-1:])
     return rows
 
 
@@ -239,20 +286,21 @@ def sweep_settings(architecture: str, conditioned: bool) -> list[dict]:
 
 
 def flat(row: dict) -> dict:
-    """The figures a table and a plot show, from a row's sample_metrics.json."""
-    m = row["metrics"]
-    two, kid, dc = m["two_sample"], m["kid"], m["density_coverage"]
+    """The figures a table and a plot show, from a row's sample measures."""
+    m: SampleMeasures = row["metrics"]
+    two, kid = m.two_sample, m.kid
+    trained = m.density_coverage["autoencoder"].samples_vs_train_reconstructions
     return {
-        "c2st_train": two["samples_vs_train_reconstructions"]["accuracy"],
-        "c2st_null": two["null_train_halves"]["accuracy"],
-        "c2st_shift": two["shift_train_vs_held_out_reconstructions"]["accuracy"],
-        "c2st_held_out": two["samples_vs_held_out_reconstructions"]["accuracy"],
-        "c2st_real": two["samples_vs_held_out_real"]["accuracy"],
-        "kid_ratio_random": kid["random_cnn"]["ratio_to_null"],
-        "kid_ratio_trained": kid["autoencoder"]["ratio_to_null"],
-        "coverage_trained": dc["autoencoder"]["samples_vs_train_reconstructions"]["coverage"],
-        "density_trained": dc["autoencoder"]["samples_vs_train_reconstructions"]["density"],
-        "memorised": m["share_samples_above_0.95"],
+        "c2st_train": two.samples_vs_train_reconstructions.accuracy,
+        "c2st_null": two.null_train_halves.accuracy,
+        "c2st_shift": two.shift_train_vs_held_out_reconstructions.accuracy,
+        "c2st_held_out": two.samples_vs_held_out_reconstructions.accuracy,
+        "c2st_real": two.samples_vs_held_out_real.accuracy,
+        "kid_ratio_random": kid["random_cnn"].ratio_to_null,
+        "kid_ratio_trained": kid["autoencoder"].ratio_to_null,
+        "coverage_trained": trained.coverage,
+        "density_trained": trained.density,
+        "memorised": m.share_samples_memorised,
     }
 
 
@@ -355,7 +403,9 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "rows": rows,
     }
-    (options.out / "generation.json").write_text(json.dumps(result, indent=2, default=str))
+    # The rows' sample measures as sample_metrics.json holds them.
+    plain = to_plain(result)
+    (options.out / "generation.json").write_text(json.dumps(plain, indent=2, default=str))
     print(f"wrote {options.out / 'generation.json'} and generation.png")
 
 

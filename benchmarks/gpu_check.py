@@ -82,13 +82,14 @@ def run_step(name: str, command: list[str], out: Path, limit: float) -> dict:
     return {"step": name, "ok": code == 0, "code": code, "seconds": round(seconds, 1)}
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mri_vqvae", "-q", *args]
+def cli(words: list[str]) -> list[str]:
+    """The command line of ``mri-vqvae <words>``, quiet, with this Python."""
+    return [sys.executable, "-m", "mri_vqvae", "-q", *words]
 
 
-def on_gpu(*args: str) -> list[str]:
-    """A command line run on the first CUDA device."""
-    return [*cli(*args), "--device", "cuda"]
+def on_gpu(words: list[str]) -> list[str]:
+    """The command line of ``mri-vqvae <words>`` run on the first CUDA device."""
+    return [*cli(words), "--device", "cuda"]
 
 
 def tests_step(out: Path, limit: float) -> list[dict]:
@@ -125,7 +126,7 @@ def hipmri_step(out: Path, limit: float) -> list[dict]:
     if not complete.is_file():  # a set an earlier, stopped check left half-written is redone
         shutil.rmtree(data, ignore_errors=True)
         results.append(run_step("hipmri-data", [sys.executable, "-c", write], out, limit))
-    train = on_gpu("train", "--data", str(data), "--out", str(run), "--epochs", "20")
+    train = on_gpu(["train", "--data", str(data), "--out", str(run), "--epochs", "20"])
     # Batch 32 at 1e-3, the recipe the GPU target was set for: the CPU default's batch 8
     # would leave a GPU waiting on kernel launches.
     train += ["--overwrite", "train.report=false", "train.batch_size=32", "train.lr=1e-3"]
@@ -144,82 +145,51 @@ def hipmri_step(out: Path, limit: float) -> list[dict]:
     return [*results, result]
 
 
-def demo_step(out: Path, limit: float) -> list[dict]:
-    """``make demo``'s commands (kept in step with the Makefile's demo target)."""
-    data, run = out / "demo_data", out / "demo"
+def demo_commands(data: Path, run: Path) -> list[tuple[str, list[str]]]:
+    """``make demo``'s commands (kept in step with the Makefile's demo target), each named;
+    the phantom is written only where it is not there yet."""
     vqvae, prior = str(run / "best.pt"), str(run / "prior" / "best.pt")
     commands = (
         []
         if (data / "keras_slices_train").is_dir()
-        else [("demo-data", cli("demo-data", str(data)))]
+        else [("demo-data", cli(["demo-data", str(data)]))]
     )
-    commands += [
-        (
-            "demo-train",
-            on_gpu(
-                "train",
-                "--data",
-                str(data),
-                "--out",
-                str(run),
-                "--config",
-                "configs/demo.yaml",
-                "--max-minutes",
-                "5",
-            ),
-        ),
-        (
-            "demo-evaluate",
-            on_gpu(
-                "evaluate",
-                "--data",
-                str(data),
-                "--checkpoint",
-                vqvae,
-                "--out",
-                str(run / "evaluation"),
-            ),
-        ),
-        (
-            "demo-train-prior",
-            on_gpu(
-                "train-prior",
-                "--vqvae",
-                vqvae,
-                "--data",
-                str(data),
-                "--out",
-                str(run / "prior"),
-                "--config",
-                "configs/demo_prior.yaml",
-                "--max-minutes",
-                "4",
-            ),
-        ),
-        (
-            "demo-sample",
-            on_gpu(
-                "sample",
-                "--vqvae",
-                vqvae,
-                "--prior",
-                prior,
-                "--n",
-                "64",
-                "--out",
-                str(run / "samples"),
-            ),
-        ),
-        (
-            "demo-evaluate-samples",
-            on_gpu("evaluate-samples", "--samples", str(run / "samples"), "--data", str(data)),
-        ),
+    train = ["train", "--data", str(data), "--out", str(run)]
+    train += ["--config", "configs/demo.yaml", "--max-minutes", "5"]
+    evaluate = ["evaluate", "--data", str(data), "--checkpoint", vqvae]
+    evaluate += ["--out", str(run / "evaluation")]
+    train_prior = ["train-prior", "--vqvae", vqvae, "--data", str(data)]
+    train_prior += ["--out", str(run / "prior"), "--config", "configs/demo_prior.yaml"]
+    train_prior += ["--max-minutes", "4"]
+    sample = ["sample", "--vqvae", vqvae, "--prior", prior, "--n", "64"]
+    sample += ["--out", str(run / "samples")]
+    judge = ["evaluate-samples", "--samples", str(run / "samples"), "--data", str(data)]
+    return [
+        *commands,
+        ("demo-train", on_gpu(train)),
+        ("demo-evaluate", on_gpu(evaluate)),
+        ("demo-train-prior", on_gpu(train_prior)),
+        ("demo-sample", on_gpu(sample)),
+        ("demo-evaluate-samples", on_gpu(judge)),
     ]
+
+
+def demo_step(out: Path, limit: float) -> list[dict]:
+    """``make demo``'s commands in turn, until one fails; then the test SSIM and the
+    samples' two-sample accuracy against training reconstructions."""
+    data, run = out / "demo_data", out / "demo"
     results = []
-    for name, command in commands:
+    for name, command in demo_commands(data, run):
         results.append(run_step(name, command, out, limit))
         if not results[-1]["ok"]:
             break
+    add_demo_figures(results, run)
+    return results
+
+
+def add_demo_figures(results: list[dict], run: Path) -> None:
+    """The evaluation's test SSIM beside its step, and the samples' two-sample accuracy
+    beside the last step run, read from the files the demo wrote."""
     summary = run / "evaluation" / "metrics.json"
     evaluated = next((r for r in results if r["step"] == "demo-evaluate"), None)
     if summary.is_file() and evaluated is not None:
@@ -229,7 +199,6 @@ def demo_step(out: Path, limit: float) -> list[dict]:
         two_sample = json.loads(judged.read_text())["two_sample"]
         accuracy = two_sample["samples_vs_train_reconstructions"]["accuracy"]
         results[-1]["figures"] = f"samples vs training reconstructions {accuracy:.3f}"
-    return results
 
 
 def main() -> None:

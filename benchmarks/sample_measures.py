@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mri_vqvae.config import SampleMetricsConfig
 from mri_vqvae.data.phantom import case_id, phantom_slice
 from mri_vqvae.evaluate.comparisons import ReferenceSets, compare_sets, split_in_halves
-from mri_vqvae.evaluate.protocol import protocol_named
 from mri_vqvae.evaluate.sample_metrics import mean_pairwise_ssim, nearest_by_ssim
 from mri_vqvae.evaluate.samples import as_loaded
 from quality import cpu_name
@@ -60,13 +59,14 @@ def measure(options: argparse.Namespace) -> dict[str, float]:
     samples = smoothed(phantom_images("train", options.samples, first_week=WEEKS))
     held_out = phantom_images("val", options.held_out)
     settings = SampleMetricsConfig()
-    protocol = protocol_named(settings.protocol)
+    protocol = settings.measures
     started = time.perf_counter()
     reconstructions = smoothed(train)
     half_a, half_b = split_in_halves(len(train), settings.seed)
     held_out_reconstructions = smoothed(held_out)
     sets = ReferenceSets(
         samples=samples,
+        samples_as_written=samples,  # untextured samples: the same images either way
         train_half_a=reconstructions[half_a],
         train_half_b=reconstructions[half_b],
         held_out_reconstructions=held_out_reconstructions,
@@ -74,7 +74,7 @@ def measure(options: argparse.Namespace) -> dict[str, float]:
         train_real=train,
     )
     result = compare_sets(sets, protocol, settings.seed)
-    seconds = dict(result["seconds_by_measure"])
+    seconds = dict(result.seconds_by_measure)
     lap = time.perf_counter()
     train_half = train.half()  # stored as a loaded split is
     nearest_by_ssim(samples, train_half, settings.neighbour_candidates)
@@ -85,13 +85,13 @@ def measure(options: argparse.Namespace) -> dict[str, float]:
         mean_pairwise_ssim(images, settings.diversity_pairs, settings.seed)
     seconds["diversity"] = time.perf_counter() - lap
     seconds["total"] = time.perf_counter() - started
-    two_sample = result["two_sample"]
+    two_sample = result.two_sample
     figures = {
-        name: two_sample[name]["accuracy"]
-        for name in ("samples_vs_train_reconstructions", "null_train_halves")
+        "samples_vs_train_reconstructions": two_sample.samples_vs_train_reconstructions.accuracy,
+        "null_train_halves": two_sample.null_train_halves.accuracy,
+        "kid_random_cnn_ratio_to_null": result.kid["random_cnn"].ratio_to_null,
     }
-    figures["kid_random_cnn_ratio_to_null"] = result["kid"]["random_cnn"]["ratio_to_null"]
-    return {"seconds": seconds, "figures": figures, "trustworthy": two_sample["trustworthy"]}
+    return {"seconds": seconds, "figures": figures, "trustworthy": two_sample.trustworthy}
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mri_vqvae.checkpoint import load_prior_checkpoint
-from mri_vqvae.config import PriorConfig
-from mri_vqvae.generate.sampling import SampleConfig, sample_codes, sampling_precision
+from mri_vqvae.checkpoint import build_prior_model, load_prior_checkpoint
+from mri_vqvae.config import PriorConfig, SampleConfig
+from mri_vqvae.generate.sampling import sample_codes, sampling_precision
 from mri_vqvae.model.prior import build_prior
 from quality import add_precision_option, cpu_name
 
@@ -52,12 +52,9 @@ def main() -> None:
     torch.manual_seed(0)
     grid, num_embeddings = tuple(options.grid), options.num_embeddings
     if options.prior is not None:
-        checkpoint = load_prior_checkpoint(options.prior)
-        transformer = build_prior(
-            checkpoint.config.prior, checkpoint.num_embeddings, checkpoint.grid_shape
-        )
-        transformer.load_state_dict(checkpoint.model_state)
-        grid, num_embeddings = checkpoint.grid_shape, checkpoint.num_embeddings
+        # The prior as sampling uses it: its moving-average weights, where the run kept them.
+        transformer = build_prior_model(load_prior_checkpoint(options.prior), options.prior)
+        grid, num_embeddings = tuple(transformer.grid_shape), transformer.num_embeddings
     else:
         transformer = build_prior(PriorConfig(), num_embeddings, grid)
     masked = build_prior(replace(PriorConfig(), architecture="masked"), num_embeddings, grid)

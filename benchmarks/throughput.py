@@ -85,7 +85,7 @@ class PlainSeedVQVAE(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(
+        encoder = [
             nn.Conv2d(1, 64, 4, 2, 1),
             nn.ReLU(),
             nn.Conv2d(64, 128, 4, 2, 1),
@@ -94,11 +94,12 @@ class PlainSeedVQVAE(nn.Module):
             nn.ReLU(),
             nn.Conv2d(128, 128, 3, padding=1),
             PlainResidualStack(128, 32, 2),
-        )
+        ]
+        self.encoder = nn.Sequential(*encoder)
         self.pre_vq_conv = nn.Conv2d(128, 128, 1)
         self.codebook = nn.Embedding(512, 128)
         self.codebook.weight.data.uniform_(-1 / 512, 1 / 512)
-        self.decoder = nn.Sequential(
+        decoder = [
             nn.Conv2d(128, 128, 3, padding=1),
             PlainResidualStack(128, 32, 2),
             nn.ConvTranspose2d(128, 128, 4, 2, 1),
@@ -106,7 +107,8 @@ class PlainSeedVQVAE(nn.Module):
             nn.ConvTranspose2d(128, 64, 4, 2, 1),
             nn.ReLU(),
             nn.ConvTranspose2d(64, 1, 4, 2, 1),
-        )
+        ]
+        self.decoder = nn.Sequential(*decoder)
         self.num_embeddings = 512
         self.bounded_output = False
 
@@ -278,7 +280,7 @@ def table(rows: list[dict], reference: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -296,21 +298,12 @@ def main() -> None:
         help="settings changed in the default rows (a candidate recipe), e.g. model.channels=16",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
-        return
+    return parser.parse_args()
 
-    device = torch.device(args.device)
-    # Only the precisions of the chosen rows: where bfloat16 is emulated (no AVX-512 or AMX)
-    # one 2048x2048 bfloat16 product takes over a minute.
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    used = {ROWS[name][1] for name in args.rows}
-    peaks = {name: matmul_peak(device, dtype) for name, dtype in dtypes.items() if name in used}
-    print(
-        f"matrix multiply peak on {device_name(device)}: "
-        + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items())
-    )
+
+def row_specs(args: argparse.Namespace) -> list[dict]:
+    """What each row's worker process measures: the chosen rows, each also compiled with
+    ``--compile`` (the reference aside)."""
     specs = []
     for name in args.rows:
         model, precision, memory_format, tuned = ROWS[name]
@@ -331,8 +324,13 @@ def main() -> None:
                     "warmup": args.warmup + (3 if compile_model else 0),
                 }
             )
+    return specs
+
+
+def measure_rounds(specs: list[dict], rounds: int) -> dict[str, list[dict]]:
+    """Every row measured ``rounds`` times, the rows taken in turn, each in its own process."""
     samples: dict[str, list[dict]] = {spec["name"]: [] for spec in specs}
-    for round_number in range(args.rounds):
+    for round_number in range(rounds):
         for spec in specs:
             result = measure_in_subprocess(spec)
             samples[spec["name"]].append(result)
@@ -341,6 +339,12 @@ def main() -> None:
                 f"{result['images_per_second']:.1f} img/s",
                 flush=True,
             )
+    return samples
+
+
+def summarise_rows(specs: list[dict], samples: dict, peaks: dict[str, float]) -> list[dict]:
+    """Each row's median speed over its rounds, its FLOPs and share of the matmul peak, and
+    its speed-up over the reference row (or the first)."""
     rows = []
     for spec in specs:
         runs = samples[spec["name"]]
@@ -363,6 +367,28 @@ def main() -> None:
     reference = next((r for r in rows if r["name"] == REFERENCE), rows[0])
     for row in rows:
         row["speedup"] = row["images_per_second"] / reference["images_per_second"]
+    return rows
+
+
+def main() -> None:
+    args = parse_options()
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return
+
+    device = torch.device(args.device)
+    # Only the precisions of the chosen rows: where bfloat16 is emulated (no AVX-512 or AMX)
+    # one 2048x2048 bfloat16 product takes over a minute.
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    used = {ROWS[name][1] for name in args.rows}
+    peaks = {name: matmul_peak(device, dtype) for name, dtype in dtypes.items() if name in used}
+    print(
+        f"matrix multiply peak on {device_name(device)}: "
+        + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items())
+    )
+    specs = row_specs(args)
+    rows = summarise_rows(specs, measure_rounds(specs, args.rounds), peaks)
+    reference = next((r for r in rows if r["name"] == REFERENCE), rows[0])
     print(table(rows, reference["name"]))
     args.out.mkdir(parents=True, exist_ok=True)
     report = {

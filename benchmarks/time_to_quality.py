@@ -34,8 +34,9 @@ from mri_vqvae import workflows
 from mri_vqvae.config import DataConfig, load_config
 from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.errors import UserError
-from mri_vqvae.evaluate.reconstruction import evaluate_split
-from mri_vqvae.model import VQVAE
+from mri_vqvae.evaluate.split import evaluate_split
+from mri_vqvae.protocol import PROTOCOLS
+from mri_vqvae.trained import TrainedVQVAE
 from quality import add_precision_option, cpu_name, recipe_config, value_at_minute, write_dataset
 
 # Less work at full resolution: the finest level at 16 channels instead of 32 (widths 16, 64,
@@ -64,12 +65,12 @@ def train_vqvae_recipe(name: str, overrides: list[str], root: Path, out: Path, o
     started = time.monotonic()
     result = workflows.train_vqvae_run(out, workflows.DataSources(root=root), config)
     seconds = time.monotonic() - started
-    model = VQVAE.from_config(config.model)
-    model.load_state_dict(torch.load(result.best_checkpoint, weights_only=True)["model"])
+    model = TrainedVQVAE.load(result.best_checkpoint, torch.device("cpu")).model
     test = load_splits(
         resolve_split_files(root), replace(DataConfig(), image_size=(256, 128)), ("test",)
     )["test"]
-    summary = evaluate_split(model, test, 32, torch.device("cpu")).summary()
+    evaluation = evaluate_split(model, test, batch_size=32, protocol=PROTOCOLS["frozen-v3"])
+    summary = evaluation.summary("test")
     history = [
         {k: row[k] for k in ("epoch", "elapsed_seconds", "images_seen", "val_ssim")}
         for row in result.history
@@ -83,13 +84,15 @@ def train_vqvae_recipe(name: str, overrides: list[str], root: Path, out: Path, o
         "history": history,
         "best_checkpoint": str(result.best_checkpoint),
         "test": {
-            key: summary[key]
+            key: getattr(summary, key)
             for key in ("ssim_mean", "foreground_ssim_mean", "psnr_mean", "codebook_usage")
         },
     }
 
 
-def train_prior_recipe(name: str, overrides: list[str], vqvae: str, root: Path, out: Path, options):
+def train_prior_recipe(
+    name: str, overrides: list[str], *, vqvae: str, root: Path, out: Path, options
+) -> dict:
     config = load_config(
         None,
         [
@@ -232,7 +235,11 @@ def main() -> None:
         for name, overrides in options.prior_recipes.items() if options.prior_minutes else ():
             run = options.out / "runs" / dataset / f"prior_{name.replace(' ', '_')}"
             print(f"[{dataset}] prior {name}: {options.prior_minutes} min ...", flush=True)
-            entry["prior"].append(train_prior_recipe(name, overrides, vqvae, root, run, options))
+            entry["prior"].append(
+                train_prior_recipe(
+                    name, overrides, vqvae=vqvae, root=root, out=run, options=options
+                )
+            )
             (options.out / "time_to_quality.json").write_text(json.dumps(report, indent=2) + "\n")
         if entry["prior"]:
             print(f"## {dataset}: prior\n\n{prior_table(entry['prior'])}\n", flush=True)

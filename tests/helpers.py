@@ -151,16 +151,9 @@ def positions(*values: float) -> PriorConditions:
 
 def prior_extras(num_embeddings: int, grid: tuple[int, int], sha256: str, path: str) -> dict:
     """The extras of an unconditioned prior's checkpoint without a moving average."""
-    return {
-        "num_embeddings": num_embeddings,
-        "grid_shape": list(grid),
-        "vqvae_sha256": sha256,
-        "vqvae_path": path,
-        "condition_sizes": ConditionSizes().to_dict(),
-        "label_vocabulary": [],
-        "training_conditions": {"position": None, "labels": None},
-        "ema": None,
-    }
+    from mri_vqvae.checkpoint import PriorExtras
+
+    return PriorExtras(num_embeddings, grid, sha256, path).to_plain()
 
 
 def tiny_splits(root: Path) -> dict:
@@ -180,4 +173,55 @@ def train_tiny_vqvae(config: Config, data: dict, out: Path, resume=None):
     model = VQVAE.from_config(config.model)
     if resume is not None:
         model.load_state_dict(resume.model_state)
-    return train_vqvae(model, data["train"], data["val"], config, out, torch.device("cpu"), resume)
+    return train_vqvae(
+        model,
+        train_set=data["train"],
+        val_set=data["val"],
+        config=config,
+        run_dir=out,
+        device=torch.device("cpu"),
+        resume=resume,
+    )
+
+
+def tiny_model_files(folder: Path, vqvae_extras: dict) -> tuple[Path, Path]:
+    """A tiny untrained VQ-VAE (64x32 slices) whose checkpoint holds ``vqvae_extras``, and an
+    unconditioned transformer prior over its 16x8 maps, saved in ``folder``."""
+    from dataclasses import replace
+
+    from mri_vqvae.checkpoint import BATCH_LOSSES, Checkpoint, file_sha256, save_checkpoint
+    from mri_vqvae.model import VQVAE
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    vqvae_path, prior_path = folder / "vqvae.pt", folder / "prior.pt"
+    vqvae = VQVAE.from_config(config.model)
+    extras = {BATCH_LOSSES: [], **vqvae_extras}
+    save_checkpoint(Checkpoint("vqvae", config, vqvae.state_dict(), extras=extras), vqvae_path)
+    settings = PriorConfig(width=32, num_layers=2, num_heads=4, dropout=0.0)
+    sha = file_sha256(vqvae_path)
+    prior = tiny_prior("transformer", (16, 8))
+    save_checkpoint(
+        Checkpoint(
+            "prior",
+            replace(config, prior=settings),
+            prior.state_dict(),
+            extras=prior_extras(vqvae.num_embeddings, (16, 8), sha, str(vqvae_path)),
+        ),
+        prior_path,
+    )
+    return vqvae_path, prior_path
+
+
+def vqvae_handle(model, sha256: str = "a" * 64):
+    """A handle on an in-memory VQ-VAE, as if loaded from a file with that ``sha256``."""
+    from mri_vqvae.trained import TrainedVQVAE
+
+    return TrainedVQVAE(
+        model=model.eval(),
+        config=Config(model=tiny_model_config()),
+        path=Path("vqvae.pt"),
+        sha256=sha256,
+        texture=None,
+        data_reference=None,
+    )

@@ -22,43 +22,50 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # lies under it (mri_vqvae.model covers mri_vqvae.model.vqvae); the longest one that matches
 # wins. The package root "mri_vqvae" covers only its own __init__.
 LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
-    # Base: errors, configuration, device and file helpers; they know nothing of images.
+    # Base: errors, configuration, the sample measures' protocols, device and file helpers, and
+    # the typed records that cross levels; they know nothing of images or networks.
     0: (
         "base",
         (
             "mri_vqvae",
             "mri_vqvae.errors",
             "mri_vqvae.config",
+            "mri_vqvae.protocol",
             "mri_vqvae.runtime",
             "mri_vqvae.files",
+            "mri_vqvae.records",
         ),
     ),
     # Pure functions on tensors and arrays: measures and pictures.
     1: ("pure functions", ("mri_vqvae.metrics", "mri_vqvae.plots")),
     # The parts: reading slices, the networks, the losses. Data and model never meet here.
     2: ("parts", ("mri_vqvae.data", "mri_vqvae.model", "mri_vqvae.losses")),
-    # What is saved and shared: checkpoints, process groups, code maps of a dataset.
-    3: ("persistence", ("mri_vqvae.checkpoint", "mri_vqvae.distributed", "mri_vqvae.code_maps")),
+    # What is saved and shared: checkpoints and process groups.
+    3: ("persistence", ("mri_vqvae.checkpoint", "mri_vqvae.distributed")),
+    # A trained model loaded once into a handle: the only door from a file to a model.
+    4: ("trained models", ("mri_vqvae.trained",)),
+    # Splits encoded to code maps by a trained VQ-VAE: the prior's data.
+    5: ("code maps", ("mri_vqvae.code_maps",)),
     # Using a trained model: new slices, their measures and the report page.
-    4: (
+    6: (
         "generation and measures",
         ("mri_vqvae.generate", "mri_vqvae.evaluate", "mri_vqvae.report"),
     ),
     # The training loops.
-    5: ("loops", ("mri_vqvae.train",)),
+    7: ("loops", ("mri_vqvae.train",)),
     # Whole runs, each a sequence of the above, for the command line to call.
-    6: ("workflows", ("mri_vqvae.workflows",)),
+    8: ("workflows", ("mri_vqvae.workflows",)),
     # The command line, the top: nothing imports it but `python -m mri_vqvae`.
-    7: ("command line", ("mri_vqvae.cli", "mri_vqvae.__main__")),
+    9: ("command line", ("mri_vqvae.cli", "mri_vqvae.__main__")),
 }
 
 # Levels whose modules may import one another although neither is below the other.
 SAME_LEVEL_ALLOWED: dict[int, str] = {
-    # config and files raise errors.UserError and write the root's __version__; the base is
-    # one layer of leaves that imports nothing above it.
+    # config and files raise errors.UserError and write the root's __version__; records are
+    # written through files; the base is one layer of leaves that imports nothing above it.
     0: "the base modules are the leaves of the package",
     # __main__ is only `python -m mri_vqvae`, the command line's second door.
-    7: "__main__ runs the command line",
+    9: "__main__ runs the command line",
 }
 
 # Rules named on their own, so a broken one says which and why (the levels cover them too).
@@ -228,7 +235,7 @@ def test_the_checker_reports_a_wrong_import():
 
     wrong = found[("mri_vqvae.model.vqvae", "mri_vqvae.cli.main")]
     assert str(wrong).startswith(f"{vqvae[0]}:{wrong.line}  mri_vqvae.model.vqvae -> mri_vqvae.cli")
-    assert "(level 2 -> level 7)" in str(wrong)
+    assert "(level 2 -> level 9)" in str(wrong)
     assert "nothing outside mri_vqvae.cli" in str(wrong)
     assert wrong_text.splitlines()[wrong.line - 1].strip() == "from mri_vqvae.cli import main"
     assert ("mri_vqvae.model.vqvae", "mri_vqvae.train") in found
@@ -265,4 +272,4 @@ def test_imports_are_resolved_like_python_does():
     assert level_of("mri_vqvae") == 0
     assert level_of("mri_vqvae.modelling") is None
     assert level_of("mri_vqvae.model.prior") == 2
-    assert level_of("mri_vqvae.__main__") == 7
+    assert level_of("mri_vqvae.__main__") == 9

@@ -12,11 +12,11 @@ from mri_vqvae.checkpoint import (
     Progress,
     capture_rng_state,
     load_checkpoint,
-    load_model,
     restore_rng_state,
     save_checkpoint,
 )
 from mri_vqvae.model import VQVAE
+from mri_vqvae.trained import TrainedVQVAE
 from tests.helpers import tiny_config
 
 
@@ -31,12 +31,12 @@ def saved(tmp_path: Path) -> tuple[Path, VQVAE]:
 
 def test_model_rebuilds_from_the_file_alone(tmp_path: Path):
     path, model = saved(tmp_path)
-    loaded, config = load_model(path)
-    assert config == tiny_config()
+    loaded = TrainedVQVAE.load(path)
+    assert loaded.config == tiny_config()
     images = torch.randn(2, 1, 64, 32)
     with torch.no_grad():
         torch.testing.assert_close(
-            loaded(images).reconstruction, model.eval()(images).reconstruction
+            loaded.model(images).reconstruction, model.eval()(images).reconstruction
         )
     assert load_checkpoint(path).progress.epoch == 3
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
@@ -88,7 +88,7 @@ def test_weights_of_another_architecture_are_explained(tmp_path: Path):
     payload["config"]["model"]["num_embeddings"] = 32
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="do not fit"):
-        load_model(path)
+        TrainedVQVAE.load(path)
 
 
 def test_rng_state_round_trip():
@@ -114,7 +114,7 @@ def test_a_checkpoint_of_the_previous_format_gets_a_version_error(tmp_path: Path
     old = {key: payload[key] for key in ("config", "model", "optimizer")}
     torch.save({**old, "format_version": 2, "epoch": 3, "package_version": "0.1.0"}, path)
     with pytest.raises(CheckpointError, match=r"format 2 .*reads format 3: retrain"):
-        load_model(path)
+        TrainedVQVAE.load(path)
 
 
 def test_an_edited_progress_record_is_named(tmp_path: Path):

@@ -9,7 +9,7 @@ from mri_vqvae.config import AugmentConfig
 from mri_vqvae.data.augment import AUGMENTATION_PARAMETERS, apply_augmentations
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.model import VQVAE
-from tests.helpers import tiny_model_config
+from tests.helpers import tiny_model_config, vqvae_handle
 
 CPU = torch.device("cpu")
 SIZE = (32, 16)  # non-square on purpose
@@ -37,9 +37,17 @@ def test_plain_rows_of_an_augmented_split_are_the_unaugmented_maps(tmp_path, mon
     # float32 encoding, so the copies can be checked against a plain float32 encode below.
     monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: False)
     model, slices = tiny_vqvae(), smooth_slices(5)
-    plain = code_maps_for(model, "a" * 64, slices, tmp_path / "plain.pt", CPU)
+    plain = code_maps_for(
+        slices, vqvae=vqvae_handle(model, "a" * 64), cache_file=tmp_path / "plain.pt"
+    )
     augment = AugmentConfig(copies=2, seed=3)
-    codes = code_maps_for(model, "a" * 64, slices, tmp_path / "aug.pt", CPU, 2, augment)
+    codes = code_maps_for(
+        slices,
+        vqvae=vqvae_handle(model, "a" * 64),
+        cache_file=tmp_path / "aug.pt",
+        batch_size=2,
+        augment=augment,
+    )
     assert codes.indices.shape == (15, *GRID)
     assert torch.equal(codes.indices[:5], plain.indices)
     assert codes.names == plain.names * 3
@@ -85,10 +93,17 @@ def test_copies_are_augmented_one_batch_at_a_time(monkeypatch):
 def test_augmented_cache_is_reused_for_the_same_settings_and_rebuilt_for_others(tmp_path):
     slices, cache = smooth_slices(4), tmp_path / "codes" / "train.pt"
     augment = AugmentConfig(copies=1)
-    first = code_maps_for(tiny_vqvae(), "a" * 64, slices, cache, CPU, augment=augment)
+    first = code_maps_for(
+        slices, vqvae=vqvae_handle(tiny_vqvae(), "a" * 64), cache_file=cache, augment=augment
+    )
     # Another model with the same hash: the stored maps come back, parameters and all.
     other = tiny_vqvae(seed=9)
-    again = code_maps_for(other, "a" * 64, slices, cache, CPU, augment=AugmentConfig(copies=1))
+    again = code_maps_for(
+        slices,
+        vqvae=vqvae_handle(other, "a" * 64),
+        cache_file=cache,
+        augment=AugmentConfig(copies=1),
+    )
     assert torch.equal(again.indices, first.indices)
     assert torch.equal(again.augmentation, first.augmentation)
     assert torch.equal(again.source, first.source)
@@ -98,20 +113,29 @@ def test_augmented_cache_is_reused_for_the_same_settings_and_rebuilt_for_others(
         AugmentConfig(copies=1, seed=1),
         AugmentConfig(copies=2),
     ):
-        fresh = code_maps_for(other, "a" * 64, slices, cache, CPU, augment=changed)
+        fresh = code_maps_for(
+            slices, vqvae=vqvae_handle(other, "a" * 64), cache_file=cache, augment=changed
+        )
         assert torch.equal(fresh.indices[:4], encode_slices(other, slices, CPU))
     # Drawn from the seed alone: the same settings give the same parameters on a fresh encode.
-    fresh = code_maps_for(other, "a" * 64, slices, tmp_path / "b.pt", CPU, augment=augment)
+    fresh = code_maps_for(
+        slices, vqvae=vqvae_handle(other, "a" * 64), cache_file=tmp_path / "b.pt", augment=augment
+    )
     assert torch.equal(fresh.augmentation, first.augmentation)
 
 
 def test_without_copies_the_augment_ranges_leave_the_plain_cache_alone(tmp_path):
     slices, cache = smooth_slices(3), tmp_path / "train.pt"
-    first = code_maps_for(tiny_vqvae(), "a" * 64, slices, cache, CPU)
+    first = code_maps_for(slices, vqvae=vqvae_handle(tiny_vqvae(), "a" * 64), cache_file=cache)
     stamp = torch.load(cache, weights_only=True)["stamp"]
     assert "augment" not in stamp
     no_copies = AugmentConfig(copies=0, max_shift=0.2)
-    again = code_maps_for(tiny_vqvae(seed=9), "a" * 64, slices, cache, CPU, augment=no_copies)
+    again = code_maps_for(
+        slices,
+        vqvae=vqvae_handle(tiny_vqvae(seed=9), "a" * 64),
+        cache_file=cache,
+        augment=no_copies,
+    )
     assert torch.equal(again.indices, first.indices)
     assert again.augmentation is None and again.source is None
 
@@ -129,31 +153,40 @@ def test_the_share_of_codes_changed_by_each_copy_is_logged(tmp_path, caplog):
     slices = smooth_slices(5)
     augment = AugmentConfig(copies=2, max_shift=0.1)
     with caplog.at_level("INFO", logger="mri_vqvae.code_maps"):
-        codes = code_maps_for(tiny_vqvae(), "a" * 64, slices, tmp_path / "t.pt", CPU, 2, augment)
+        codes = code_maps_for(
+            slices,
+            vqvae=vqvae_handle(tiny_vqvae(), "a" * 64),
+            cache_file=tmp_path / "t.pt",
+            batch_size=2,
+            augment=augment,
+        )
     shares = codes.changed_share_by_copy()
     assert len(shares) == 2 and all(0 < share <= 1 for share in shares)
     assert "2 augmented copies per slice" in caplog.text and "copy 2" in caplog.text
 
 
 def test_a_prior_run_augments_only_the_training_split(phantom_root, tmp_path):
-    from mri_vqvae import workflows
-    from mri_vqvae.config import Config, DataConfig
-    from mri_vqvae.distributed import ProcessGroup
-    from mri_vqvae.files import RunFolder
+    from pathlib import Path
 
-    config = Config(
-        data=DataConfig(image_size=(64, 32)),
-        model=tiny_model_config(),
-        augment=AugmentConfig(copies=2),
+    from mri_vqvae.code_maps import encode_splits
+    from mri_vqvae.config import Config, DataConfig
+    from mri_vqvae.data.dataset import DataSources
+    from mri_vqvae.trained import TrainedVQVAE
+
+    config = Config(data=DataConfig(image_size=(64, 32)), model=tiny_model_config())
+    vqvae = TrainedVQVAE(
+        model=tiny_vqvae(),
+        config=config,
+        path=Path("vqvae.pt"),
+        sha256="a" * 64,
+        texture=None,
+        data_reference=None,
     )
-    codes = workflows._encode_splits(
-        tiny_vqvae(),
-        "a" * 64,
-        workflows.DataSources(root=phantom_root),
-        config,
-        RunFolder(tmp_path),
-        ProcessGroup(),
-        CPU,
+    codes = encode_splits(
+        vqvae=vqvae,
+        splits=DataSources(root=phantom_root).load(config.data),
+        cache_folder=tmp_path / "codes",
+        augment=AugmentConfig(copies=2),
     )
     assert len(codes["train"]) == 3 * 24 and codes["train"].maps_per_slice == 3
     for split in ("val", "test"):

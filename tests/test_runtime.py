@@ -69,7 +69,14 @@ def test_float16_is_refused_on_a_cpu_naming_the_setting(phantom_root, tmp_path):
     model = VQVAE.from_config(tiny_model_config())
     config = tiny_config(precision="float16")
     with pytest.raises(ConfigError, match=r"train\.precision=float16"):
-        train_vqvae(model, data["train"], data["val"], config, tmp_path / "run", CPU)
+        train_vqvae(
+            model,
+            train_set=data["train"],
+            val_set=data["val"],
+            config=config,
+            run_dir=tmp_path / "run",
+            device=CPU,
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -101,7 +108,14 @@ def test_the_run_records_the_precision_auto_resolved_to(phantom_root, tmp_path, 
     assert config.train.precision == "auto"
     data = load_splits(resolve_split_files(phantom_root), DataConfig(image_size=TINY_SIZE))
     torch.manual_seed(0)
-    train_vqvae(VQVAE.from_config(config.model), data["train"], data["val"], config, tmp_path, CPU)
+    train_vqvae(
+        VQVAE.from_config(config.model),
+        train_set=data["train"],
+        val_set=data["val"],
+        config=config,
+        run_dir=tmp_path,
+        device=CPU,
+    )
     assert load_config(tmp_path / "config.yaml").train.precision == "float32"
     assert load_checkpoint(tmp_path / "last.pt").config.train.precision == "float32"
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from mri_vqvae import workflows
-from mri_vqvae.checkpoint import file_sha256, load_checkpoint, read_texture
 from mri_vqvae.config import DataConfig, load_config
 from mri_vqvae.data.dataset import load_split
 from mri_vqvae.errors import UserError
+from mri_vqvae.train.texture import attach_texture
+from mri_vqvae.trained import TrainedVQVAE
 from tests.helpers import TINY_MODEL
 
 pytestmark = pytest.mark.slow
@@ -27,41 +28,42 @@ def test_a_run_and_its_evaluation_from_the_library_with_default_arguments(
     result = workflows.train_vqvae_run(tmp_path / "run", data, load_config(overrides=overrides))
     assert result is not None and result.best_checkpoint.is_file()
     best = result.best_checkpoint
-    assert read_texture(load_checkpoint(best), best) is not None  # fitted after training
+    assert result.wrote_best
+    assert TrainedVQVAE.load(best).texture is not None  # fitted after training
     # A texture already there is not refitted: the file, and so its hash, stays as it is.
-    before = file_sha256(best)
+    before = TrainedVQVAE.load(best).sha256
     train_set = load_split(data.files()["train"], DataConfig(image_size=(64, 32)))
-    workflows.attach_texture(best, train_set, torch.device("cpu"), load_config(overrides=overrides))
-    assert file_sha256(best) == before
+    config = load_config(overrides=overrides)
+    attach_texture(best, train_set=train_set, config=config, device=torch.device("cpu"))
+    assert TrainedVQVAE.load(best).sha256 == before
     summary = workflows.evaluate_checkpoint(result.best_checkpoint, data, tmp_path / "eval")
-    assert summary["n_images"] == 8
+    assert summary.n_images == 8 and summary.split == "test"
     # Scored beside the plain mean (an undertrained decoder's bias the texture's bins correct,
     # so which is higher depends on the model).
-    assert math.isfinite(summary["textured_psnr_mean"])
-    assert summary["textured_psnr_mean"] != summary["psnr_mean"]
+    assert math.isfinite(summary.textured_psnr_mean)
+    assert summary.textured_psnr_mean != summary.psnr_mean
     with pytest.raises(UserError, match="already holds"):
         workflows.evaluate_checkpoint(result.best_checkpoint, data, tmp_path / "eval")
 
 
 def test_guidance_needs_a_prior_that_learned_the_unconditional_model(caplog):
-    from dataclasses import replace as replaced
+    from mri_vqvae.checkpoint import PriorExtras
+    from mri_vqvae.config import SampleConfig
+    from mri_vqvae.generate.conditions import check_sampler_settings
+    from mri_vqvae.model.prior import ConditionSizes
 
-    from mri_vqvae.checkpoint import Checkpoint
-    from mri_vqvae.config import Config, PriorTrainConfig, SampleConfig
-    from mri_vqvae.workflows import _check_sampler_settings
-    from tests.helpers import tiny_prior
-
-    prior = tiny_prior("transformer", conditional=True)
-    never_dropped = Checkpoint(
-        "prior", Config(prior_train=PriorTrainConfig(condition_dropout=0.0)), {}
-    )
+    positioned = PriorExtras(16, (4, 3), "0" * 64, "v.pt", ConditionSizes(position=True))
+    plain = PriorExtras(16, (4, 3), "0" * 64, "v.pt")
+    guided = SampleConfig(guidance=2.0)
     with pytest.raises(ValueError, match=r"prior_train\.condition_dropout was 0"):
-        _check_sampler_settings(prior, never_dropped, SampleConfig(guidance=2.0))
-    _check_sampler_settings(prior, never_dropped, SampleConfig())  # guidance 1 needs none
-    dropped = replaced(never_dropped, config=Config())
-    _check_sampler_settings(prior, dropped, SampleConfig(guidance=2.0, decoding_steps=4))
+        check_sampler_settings(positioned, guided, condition_dropout=0.0, autoregressive=True)
+    # Guidance 1 needs no unconditional model.
+    check_sampler_settings(positioned, SampleConfig(), condition_dropout=0.0, autoregressive=True)
+    steps = SampleConfig(guidance=2.0, decoding_steps=4)
+    check_sampler_settings(positioned, steps, condition_dropout=0.1, autoregressive=True)
     assert "decoding_steps has no effect on an autoregressive prior" in caplog.text
-    _check_sampler_settings(tiny_prior("masked"), dropped, SampleConfig(guidance=0.0))
+    assert "guidance has no effect" not in caplog.text
+    check_sampler_settings(plain, guided, condition_dropout=0.1, autoregressive=False)
     assert "guidance has no effect" in caplog.text
 
 
@@ -75,9 +77,12 @@ def test_resuming_leaves_a_best_checkpoint_it_did_not_rewrite_alone(
     config = load_config(overrides=[*overrides, "train.texture_slices=0"])
     result = workflows.train_vqvae_run(run, data, config)
     best = result.best_checkpoint
-    assert read_texture(load_checkpoint(best), best) is None
-    before = file_sha256(best)
+    assert TrainedVQVAE.load(best).texture is None
+    before = TrainedVQVAE.load(best).sha256
     # Resumed with the texture on but nothing left to train: best.pt, and so the hash a prior
     # trained on it records, stays as it is.
-    workflows.train_vqvae_run(run, data, resume=True, overrides=["train.texture_slices=512"])
-    assert file_sha256(best) == before
+    resumed = workflows.train_vqvae_run(
+        run, data, resume=True, overrides=["train.texture_slices=512"]
+    )
+    assert not resumed.wrote_best
+    assert TrainedVQVAE.load(best).sha256 == before

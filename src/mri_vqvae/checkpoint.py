@@ -13,7 +13,7 @@ import pickle
 import random
 import re
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ import torch
 
 from mri_vqvae import __version__
 from mri_vqvae.config import Config, ConfigError, config_from_dict
+from mri_vqvae.data.labels import LabelVocabulary
 from mri_vqvae.data.reference import DataReference
 from mri_vqvae.errors import UserError
-from mri_vqvae.files import save_atomic
+from mri_vqvae.files import LAST_CHECKPOINT, save_atomic
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import ConditionSizes, Prior, build_prior
 from mri_vqvae.model.texture import ResidualTexture
@@ -283,21 +284,9 @@ def build_model(checkpoint: Checkpoint, path: str | Path = "checkpoint") -> VQVA
     return model
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VQVAE, Config]:
-    """Rebuild the trained model from a checkpoint file alone, in eval mode."""
-    model, checkpoint = load_vqvae(path, device)
-    return model, checkpoint.config
-
-
-def load_vqvae(path: str | Path, device: str | torch.device = "cpu") -> tuple[VQVAE, Checkpoint]:
-    """The trained model in eval mode and its checkpoint (for what its extras record)."""
-    checkpoint = load_checkpoint(path, "vqvae")
-    model = build_model(checkpoint, path).to(device)
-    model.eval()
-    return model, checkpoint
-
-
-# The key of a VQ-VAE's extras that holds its training slices' DataReference (plain values).
+# The keys of a VQ-VAE checkpoint's extras: the reconstruction loss of every step so far, and
+# its training slices' DataReference (plain values).
+BATCH_LOSSES = "batch_losses"
 DATA_REFERENCE = "data_reference"
 
 
@@ -364,58 +353,97 @@ def load_prior_checkpoint(path: str | Path) -> Checkpoint:
     return checkpoint
 
 
-# What a prior's checkpoint records beside its weights: the maps it models and their VQ-VAE.
-PRIOR_EXTRAS = (
-    "num_embeddings",
-    "grid_shape",
-    "vqvae_sha256",
-    "vqvae_path",
-    "condition_sizes",
-    "label_vocabulary",
-    "training_conditions",
-    "ema",
-)
+def load_resume_point(run_dir: str | Path, kind: str) -> Checkpoint:
+    """The ``last.pt`` of the run in ``run_dir``, of ``kind``, to continue it from."""
+    last = Path(run_dir) / LAST_CHECKPOINT
+    if not last.exists():
+        raise ConfigError(f"--resume: {run_dir} holds no run to continue ({last} missing)")
+    return load_prior_checkpoint(last) if kind == "prior" else load_checkpoint(last, kind)
+
+
+@dataclass(frozen=True)
+class TrainingConditions:
+    """The slice positions ``(N,)`` and labels ``(N, L)`` of a prior's plain training maps
+    (None where it is not conditioned on them), so that sampling without a given condition
+    draws it from the training distribution."""
+
+    position: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PriorExtras:
+    """What a prior's checkpoint records beside its weights: the maps it models and the
+    VQ-VAE file they came from, what it is conditioned on, and the moving average of its
+    weights (None where the run kept none)."""
+
+    num_embeddings: int
+    grid_shape: tuple[int, int]
+    vqvae_sha256: str
+    vqvae_path: str
+    condition_sizes: ConditionSizes = field(default_factory=ConditionSizes)
+    label_vocabulary: LabelVocabulary = ()
+    training_conditions: TrainingConditions = field(default_factory=TrainingConditions)
+    ema: dict[str, Any] | None = None
+
+    def to_plain(self) -> dict[str, Any]:
+        """Plain values and tensors, as a checkpoint holds them."""
+        return {
+            "num_embeddings": self.num_embeddings,
+            "grid_shape": list(self.grid_shape),
+            "vqvae_sha256": self.vqvae_sha256,
+            "vqvae_path": self.vqvae_path,
+            "condition_sizes": self.condition_sizes.to_dict(),
+            "label_vocabulary": [[name, list(values)] for name, values in self.label_vocabulary],
+            "training_conditions": {
+                "position": self.training_conditions.position,
+                "labels": self.training_conditions.labels,
+            },
+            "ema": self.ema,
+        }
+
+    @classmethod
+    def from_plain(cls, extras: dict[str, Any], path: str | Path = "checkpoint") -> PriorExtras:
+        """Undo :meth:`to_plain`, naming ``path`` when the values are not what it wrote."""
+        try:
+            conditions = extras["training_conditions"]
+            return cls(
+                num_embeddings=int(extras["num_embeddings"]),
+                grid_shape=tuple(int(side) for side in extras["grid_shape"]),
+                vqvae_sha256=str(extras["vqvae_sha256"]),
+                vqvae_path=str(extras["vqvae_path"]),
+                condition_sizes=ConditionSizes.from_dict(extras["condition_sizes"]),
+                label_vocabulary=tuple(
+                    (str(name), tuple(str(v) for v in values))
+                    for name, values in extras["label_vocabulary"]
+                ),
+                training_conditions=TrainingConditions(
+                    conditions["position"], conditions["labels"]
+                ),
+                ema=extras["ema"],
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(
+                f"{path}: its prior records are not what training writes (damaged or edited: "
+                f"{type(err).__name__}: {err})"
+            ) from err
+
+
+# What a prior's checkpoint records beside its weights (PriorExtras's fields).
+PRIOR_EXTRAS = tuple(f.name for f in fields(PriorExtras))
 
 
 def build_prior_model(checkpoint: Checkpoint, path: str | Path = "checkpoint") -> Prior:
     """The prior a checkpoint describes, with the weights sampling uses: the moving average
     of the training weights where the run kept one, else the training weights."""
-    extras = checkpoint.extras
+    extras = PriorExtras.from_plain(checkpoint.extras, path)
     prior = build_prior(
         checkpoint.config.prior,
-        extras["num_embeddings"],
-        tuple(extras["grid_shape"]),
-        ConditionSizes.from_dict(extras["condition_sizes"]),
+        extras.num_embeddings,
+        extras.grid_shape,
+        extras.condition_sizes,
     )
-    if extras["ema"] is not None:
-        checkpoint = replace(checkpoint, model_state=extras["ema"]["weights"])
+    if extras.ema is not None:
+        checkpoint = replace(checkpoint, model_state=extras.ema["weights"])
     load_weights(prior, checkpoint, path)
     return prior
-
-
-def check_prior_matches(checkpoint: Checkpoint, prior_path: Path, vqvae_path: Path) -> None:
-    """Refuse a VQ-VAE file other than the one the prior was trained on: another codebook
-    gives the prior's codes other meanings."""
-    if not Path(vqvae_path).is_file():
-        raise CheckpointError(f"{vqvae_path}: no such VQ-VAE checkpoint file")
-    found = file_sha256(vqvae_path)
-    expected = checkpoint.extras["vqvae_sha256"]
-    if found != expected:
-        raise CheckpointError(
-            f"{prior_path}: this prior was trained on the codes of the VQ-VAE "
-            f"{checkpoint.extras['vqvae_path']} (sha256 {expected[:12]}...), but "
-            f"{vqvae_path} has sha256 {found[:12]}...; pass the VQ-VAE checkpoint it was "
-            "trained with"
-        )
-
-
-def load_prior(
-    path: str | Path, vqvae_path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[Prior, Checkpoint]:
-    """Rebuild a trained prior in eval mode, after checking it belongs to ``vqvae_path``."""
-    path = Path(path)
-    checkpoint = load_prior_checkpoint(path)
-    check_prior_matches(checkpoint, path, Path(vqvae_path))
-    prior = build_prior_model(checkpoint, path).to(device)
-    prior.eval()
-    return prior, checkpoint

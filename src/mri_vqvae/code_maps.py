@@ -25,11 +25,19 @@ from mri_vqvae.data.augment import (
     sample_augmentations,
 )
 from mri_vqvae.data.dataset import SliceSet, slice_positions
+from mri_vqvae.data.labels import (
+    LabelVocabulary,
+    build_vocabulary,
+    encode_labels,
+    split_label_values,
+)
+from mri_vqvae.data.nifti import DataError
 from mri_vqvae.errors import ConfigError
-from mri_vqvae.files import read_stamped, write_stamped
+from mri_vqvae.files import read_stamped, save_atomic, write_stamped
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import ConditionSizes, PriorConditions
 from mri_vqvae.runtime import autocast, resolve_precision
+from mri_vqvae.trained import TrainedVQVAE
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +127,8 @@ class CodeMaps:
             [self.names[i] for i in rows.tolist()],
             self.slice_positions[rows],
             self.num_embeddings,
-            None,
-            self.source_slices[rows],
-            None if self.labels is None else self.labels[rows],
+            source=self.source_slices[rows],
+            labels=None if self.labels is None else self.labels[rows],
         )
 
     def changed_share_by_copy(self) -> list[float]:
@@ -187,6 +194,7 @@ def encode_augmented_copies(
     slices: SliceSet,
     parameters: torch.Tensor,
     device: torch.device,
+    *,
     batch_size: int = 64,
     precision: str = "auto",
 ) -> torch.Tensor:
@@ -229,65 +237,72 @@ def _augment_stamp(augment: AugmentConfig) -> dict:
 
 
 def code_maps_for(
-    model: VQVAE,
-    vqvae_sha256: str,
     slices: SliceSet,
+    *,
+    vqvae: TrainedVQVAE,
     cache_file: str | Path,
-    device: torch.device,
     batch_size: int = 64,
     augment: AugmentConfig | None = None,
 ) -> CodeMaps:
-    """The code maps of ``slices``, read from ``cache_file`` when it was made by the same
-    VQ-VAE file from the same slices in the same precision (and augmentation settings), else
-    encoded and cached there.
+    """The code maps of ``slices`` by ``vqvae``, read from ``cache_file`` when it was made by
+    the same VQ-VAE file from the same slices in the same precision (and augmentation
+    settings), else encoded and cached there.
 
     With ``augment.copies > 0`` the result holds the plain maps first (rows ``0..N-1``, exactly
     the unaugmented ones), then ``copies`` augmented maps of every slice, copy by copy, their
     parameters drawn by a generator seeded with ``augment.seed``."""
     copies = augment.copies if augment is not None else 0
-    precision = resolve_precision("auto", device)
+    precision = resolve_precision("auto", vqvae.device)
     stamp = {
         "format": CODE_CACHE_FORMAT,
-        "vqvae_sha256": vqvae_sha256,
+        "vqvae_sha256": vqvae.sha256,
         "fingerprint": _fingerprint(slices),
         "precision": precision,
     }
     if copies:  # only then: a plain split keeps the stamp (and cache) it always had
         stamp["augment"] = _augment_stamp(augment)
     count = len(slices)
-    names = list(slices.names) * (1 + copies)
     source = torch.arange(count).repeat(1 + copies) if copies else None
     stored = read_stamped(Path(cache_file), stamp)
-    if stored is not None:
-        codes = CodeMaps(
-            stored["indices"].long(),
-            names,
-            stored["slice_positions"],
-            model.num_embeddings,
-            stored.get("augmentation"),
-            source,
-        )
-        _log_augmented(codes)
-        return codes
-    indices = encode_slices(model, slices, device, batch_size, precision)
-    positions = torch.from_numpy(slice_positions(slices.names))
-    augmentation = None
-    if copies:
-        generator = torch.Generator().manual_seed(augment.seed)
-        changes = sample_augmentations(count * copies, augment, generator)
-        augmented = encode_augmented_copies(model, slices, changes, device, batch_size, precision)
-        indices = torch.cat([indices, augmented])
-        positions = positions.repeat(1 + copies)
-        augmentation = torch.cat([torch.zeros((count, changes.shape[1])), changes])
-    # int16 holds any codebook up to 32768 codes at a quarter of int64's size.
-    dtype = torch.int16 if model.num_embeddings <= 2**15 else torch.int32
-    payload = {"indices": indices.to(dtype), "slice_positions": positions}
-    if augmentation is not None:
-        payload["augmentation"] = augmentation
-    write_stamped(Path(cache_file), stamp, payload)
-    codes = CodeMaps(indices, names, positions, model.num_embeddings, augmentation, source)
+    if stored is None:
+        stored = _encode_with_copies(slices, vqvae, augment if copies else None, batch_size)
+        write_stamped(Path(cache_file), stamp, stored)
+    codes = CodeMaps(
+        stored["indices"].long(),
+        list(slices.names) * (1 + copies),
+        stored["slice_positions"],
+        vqvae.model.num_embeddings,
+        augmentation=stored.get("augmentation"),
+        source=source,
+    )
     _log_augmented(codes)
     return codes
+
+
+def _encode_with_copies(
+    slices: SliceSet, vqvae: TrainedVQVAE, augment: AugmentConfig | None, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """The code maps of ``slices`` and of ``augment.copies`` augmented copies of each, with
+    their slice positions and augmentation parameters, as the cache keeps them."""
+    model, device = vqvae.model, vqvae.device
+    precision = resolve_precision("auto", device)
+    indices = encode_slices(model, slices, device, batch_size, precision)
+    positions = torch.from_numpy(slice_positions(slices.names))
+    # int16 holds any codebook up to 32768 codes at a quarter of int64's size.
+    dtype = torch.int16 if model.num_embeddings <= 2**15 else torch.int32
+    if augment is None:
+        return {"indices": indices.to(dtype), "slice_positions": positions}
+    count, copies = len(slices), augment.copies
+    generator = torch.Generator().manual_seed(augment.seed)
+    changes = sample_augmentations(count * copies, augment, generator)
+    augmented = encode_augmented_copies(
+        model, slices, changes, device, batch_size=batch_size, precision=precision
+    )
+    return {
+        "indices": torch.cat([indices, augmented]).to(dtype),
+        "slice_positions": positions.repeat(1 + copies),
+        "augmentation": torch.cat([torch.zeros((count, changes.shape[1])), changes]),
+    }
 
 
 def _log_augmented(codes: CodeMaps) -> None:
@@ -313,3 +328,102 @@ def require_slice_positions(codes: CodeMaps, label: str) -> None:
             f"{label}: {len(missing)} slice name(s) carry no '_slice_<S>' number to take a "
             f"position from ({shown}); train without prior.condition_on_slice_position"
         )
+
+
+def encode_splits(
+    *,
+    vqvae: TrainedVQVAE,
+    splits: dict[str, SliceSet],
+    cache_folder: Path,
+    augment: AugmentConfig | None = None,
+) -> dict[str, CodeMaps]:
+    """Every split's code maps by ``vqvae``, each cached in ``cache_folder/<split>.pt``; the
+    training split with ``augment``'s copies (the others are never augmented: they measure
+    the prior on real slices)."""
+    return {
+        split: code_maps_for(
+            slices,
+            vqvae=vqvae,
+            cache_file=cache_folder / f"{split}.pt",
+            augment=augment if split == "train" else None,
+        )
+        for split, slices in splits.items()
+    }
+
+
+def attach_labels(
+    codes: dict[str, CodeMaps], files: dict[str, list[Path]], columns: tuple[str, ...]
+) -> LabelVocabulary:
+    """Give each split's maps the labels of ``columns`` from the conditions.csv beside its
+    ``files``; the training split's values make the vocabulary, which is returned."""
+    if not columns:
+        return ()
+    values = {}
+    for split, maps in codes.items():
+        plain_names = maps.names[: maps.slice_count]
+        values[split] = split_label_values(files[split], plain_names, columns)
+    vocabulary = build_vocabulary(columns, values["train"])
+    for split, maps in codes.items():
+        labels = encode_labels(values[split], vocabulary)
+        # Augmented copies carry the labels of the slice they came from.
+        maps.labels = labels if maps.source is None else labels[maps.source]
+    for name, known in vocabulary:
+        logger.info("label %s: %d values (%s)", name, len(known), ", ".join(known[:8]))
+    return vocabulary
+
+
+def check_same_vocabulary(
+    vocabulary: LabelVocabulary, saved: LabelVocabulary, table_folder: Path
+) -> None:
+    """A resumed prior's labels must mean what they meant: the same values in the same order
+    as the ``saved`` ones it began with."""
+    now = [[name, list(values)] for name, values in vocabulary]
+    then = [[name, list(values)] for name, values in saved]
+    if now != then:
+        raise ConfigError(
+            f"the labels in the conditions.csv beside {table_folder} are not the ones this prior "
+            f"began with ({then} then, {now} now): its label indices would change meaning; "
+            "restore the table or train a new prior"
+        )
+
+
+def condition_sizes(
+    codes: CodeMaps, vocabulary: LabelVocabulary, *, slice_position: bool
+) -> ConditionSizes:
+    """What a prior trained on ``codes`` is conditioned on: the slice position if asked, the
+    vocabulary's labels, and the augmentation the maps carry."""
+    if slice_position:
+        require_slice_positions(codes, "training split")
+    augmentation = 0 if codes.augmentation is None else codes.augmentation.shape[1]
+    return ConditionSizes(
+        position=slice_position,
+        labels=tuple(len(values) for _, values in vocabulary),
+        augmentation=augmentation,
+    )
+
+
+def log_code_maps(codes: dict[str, CodeMaps]) -> None:
+    """One line on the maps a prior is about to model."""
+    train, val = codes["train"], codes["val"]
+    logger.info(
+        "prior over %s maps of %d codes: %s; unigram %.3f bits/code",
+        "x".join(str(side) for side in train.grid_shape),
+        train.num_embeddings,
+        f"{len(train)} train maps ({train.maps_per_slice:g} per slice) / {len(val)} val maps",
+        val.unigram_bits(),
+    )
+
+
+def save_sample_codes(codes: torch.Tensor, path: Path) -> None:
+    """Keep the ``(N, h, w)`` code maps of drawn samples (``codes.pt`` of a sample folder)."""
+    save_atomic({"codes": codes.to(torch.int32)}, path)
+
+
+def load_sample_codes(path: str | Path) -> torch.Tensor:
+    """The ``(N, h, w)`` code maps :func:`save_sample_codes` kept."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["codes"].long()
+    except Exception as err:  # damaged or foreign: fail in many ways inside torch.load
+        raise DataError(
+            path, f"is not the codes file that sample writes, or is damaged ({type(err).__name__})"
+        ) from err

@@ -19,6 +19,7 @@ import yaml
 
 from mri_vqvae.errors import ConfigError
 from mri_vqvae.files import write_text_atomic
+from mri_vqvae.protocol import DEFAULT_PROTOCOL, PROTOCOLS, SampleProtocol, protocol_named
 
 # A codebook larger than this is a typo: its distance table alone would not fit in memory.
 MAX_CODES = 2**16
@@ -320,8 +321,6 @@ PRIOR_ARCHITECTURES = ("transformer", "masked", "pixelcnn")
 # (4.13 against 4.14 bits in 6 minutes on MNI, 4.73 against 4.77 in 4 on the phantom;
 # docs/benchmarks.md, issue 17). The masked prior and the PixelCNN were not measured so.
 PRIOR_DEFAULT_LAYERS = {"transformer": 4, "masked": 6, "pixelcnn": 6}
-# The names of evaluate.protocol.PROTOCOLS (listed here so a setting is checked on loading).
-SAMPLE_PROTOCOLS = ("frozen-v1", "frozen-v2", "frozen-v3")
 
 
 @dataclass(frozen=True)
@@ -537,8 +536,8 @@ class SampleMetricsConfig:
     """Which protocol measures generated slices, on how many slices, with which seed."""
 
     # The named, versioned settings of the feature networks, the two-sample classifier, KID
-    # and density/coverage (evaluate/protocol.py); written beside every result.
-    protocol: str = "frozen-v3"
+    # and density/coverage (mri_vqvae.protocol); written beside every result.
+    protocol: str = DEFAULT_PROTOCOL
     # Training slices reconstructed as the reference, split into two random halves: samples
     # are compared with one, the other gives the null. More slices cost time, not accuracy of
     # the null's calibration.
@@ -551,7 +550,7 @@ class SampleMetricsConfig:
     seed: int = 0  # the reference's halves, subsampling and KID subsets
 
     def __post_init__(self) -> None:
-        _check_choice("sample_metrics", "protocol", self.protocol, SAMPLE_PROTOCOLS)
+        _check_choice("sample_metrics", "protocol", self.protocol, tuple(PROTOCOLS))
         _require(
             self.reference_slices >= 2,
             f"sample_metrics.reference_slices must be at least 2, got {self.reference_slices}",
@@ -559,6 +558,11 @@ class SampleMetricsConfig:
         for name in ("neighbour_candidates", "diversity_pairs"):
             value = getattr(self, name)
             _require(value >= 1, f"sample_metrics.{name} must be at least 1, got {value}")
+
+    @property
+    def measures(self) -> SampleProtocol:
+        """The settings of the protocol named by ``protocol``."""
+        return protocol_named(self.protocol)
 
 
 @dataclass(frozen=True)
@@ -815,3 +819,32 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 def save_config(config: Config, path: str | Path) -> None:
     """Write the configuration as YAML, loadable by :func:`load_config`, replaced whole."""
     write_text_atomic(Path(path), config.to_yaml())
+
+
+def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """``section.key: old -> new`` for every setting that differs between two config dicts."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes
+
+
+def resumed_config(
+    saved: Config, overrides: list[str], *, fixed: tuple[str, ...], source: str | Path
+) -> Config:
+    """The settings of a resumed run: the ``saved`` ones (of the checkpoint at ``source``)
+    with ``overrides`` applied; the ``fixed`` sections may not change."""
+    before = saved.to_dict()
+    config = config_from_dict(apply_overrides(before, overrides))
+    after = config.to_dict()
+    changes = changed_settings({s: before[s] for s in fixed}, {s: after[s] for s in fixed})
+    if changes:
+        raise ConfigError(
+            f"--resume cannot change the {'/'.join(fixed)} settings of {source}: "
+            + "; ".join(changes)
+        )
+    return config

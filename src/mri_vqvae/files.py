@@ -11,7 +11,9 @@ process is recognised as stale and taken over.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime
+import io
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,6 +296,27 @@ class OutputFolder:
         self._was_this_kind = self.path.is_dir() and folder_kind(self.path) is kind
         self.check()
 
+    @classmethod
+    def for_run(
+        cls,
+        path: str | Path,
+        kind: FolderKind,
+        *,
+        resume: bool,
+        overwrite: bool,
+        lock: bool = True,
+        inputs: tuple[Path, ...] = (),
+    ) -> OutputFolder:
+        """A training run's folder: a new one, one replaced with ``overwrite``, or the run
+        there continued with ``resume`` (which must find its ``last.pt``)."""
+        if resume and overwrite:
+            raise OutputError("--resume continues the run in --out; --overwrite would replace it")
+        folder = cls(path, kind, overwrite=overwrite, resume=resume, lock=lock, inputs=inputs)
+        last = RunFolder(Path(path)).last_checkpoint
+        if resume and not last.exists():
+            raise OutputError(f"--resume: {path} holds no run to continue ({last} missing)")
+        return folder
+
     def _previous_outputs(self) -> list[Path]:
         """What an earlier command of this kind left here: entries named like its outputs."""
         if not self.path.is_dir():
@@ -509,6 +532,15 @@ def write_text_atomic(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV table (``header``, then ``rows``) to ``path`` whole or not at all."""
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, table.getvalue())
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:

@@ -87,7 +87,14 @@ def vqvae_loss(
         spectral = spectral_loss(images, reconstructions)
         total = total + spectral_weight * spectral
     mean_ssim = (1 - structural).detach() if ssim_loss == "ssim" and ssim_weight > 0 else None
-    return VQVAELoss(total, reconstruction, quantization, structural, mean_ssim, spectral)
+    return VQVAELoss(
+        total=total,
+        reconstruction=reconstruction,
+        quantization=quantization,
+        structural=structural,
+        ssim=mean_ssim,
+        spectral=spectral,
+    )
 
 
 # Added to Fourier magnitudes before their logarithm, so empty frequencies stay finite.

@@ -13,6 +13,9 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 
+from mri_vqvae.files import replaced_atomically
+from mri_vqvae.records.evaluation import PowerSpectra
+
 
 def _gray(array) -> np.ndarray:
     """An image in [-1, 1] (any leading singleton axes) to a 2D array in [0, 1]."""
@@ -21,10 +24,17 @@ def _gray(array) -> np.ndarray:
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` whole or not at all (a temporary file, then rename), as
+    its suffix says (PNG), and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with replaced_atomically(path) as partial:
+            fig.savefig(
+                partial, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight"
+            )
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -344,13 +354,13 @@ def power_spectra(frequencies: Sequence[float], spectra: dict[str, Sequence[floa
     return fig
 
 
-def evaluation_spectra(spectrum: dict, split: str):
-    """:func:`power_spectra` of an evaluation's ``power_spectrum`` record: the real slices,
-    the reconstructions and, where they were scored, the textured reconstructions."""
-    series = {"real slices": spectrum["real"], "reconstructions": spectrum["reconstructions"]}
-    if "textured_reconstructions" in spectrum:
-        series["with acquisition texture"] = spectrum["textured_reconstructions"]
-    return power_spectra(spectrum["frequencies"], series, split)
+def evaluation_spectra(spectrum: PowerSpectra, split: str):
+    """:func:`power_spectra` of an evaluation's power spectra: the real slices, the
+    reconstructions and, where they were scored, the textured reconstructions."""
+    series = {"real slices": spectrum.real, "reconstructions": spectrum.reconstructions}
+    if spectrum.textured_reconstructions is not None:
+        series["with acquisition texture"] = spectrum.textured_reconstructions
+    return power_spectra(spectrum.frequencies, series, split)
 
 
 def save_figure(fig, path: str | Path) -> Path:

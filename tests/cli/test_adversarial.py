@@ -14,11 +14,11 @@ import torch
 
 from mri_vqvae.checkpoint import CheckpointError, load_checkpoint
 from mri_vqvae.cli.main import main
+from mri_vqvae.code_maps import load_sample_codes
 from mri_vqvae.config import ConfigError, ModelConfig, load_config
 from mri_vqvae.data.dataset import list_slices, postprocess, preprocess
 from mri_vqvae.data.nifti import DataError, read_slice, write_slice
 from mri_vqvae.files import MARKER_FILE
-from mri_vqvae.generate.sampling import load_sample_codes
 from mri_vqvae.runtime import resolve_device
 from mri_vqvae.train import loop
 from tests.helpers import prior_extras, train_args
@@ -133,9 +133,14 @@ def test_outputs_under_a_file_or_on_a_full_disk_end_in_one_line(
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
-        ('{"vqvae": null}', "names no VQ-VAE; pass --vqvae"),
-        ('{"vqvae": "v.pt", "vqvae_sha256": 7}', "vqvae_sha256 is not the text"),
-        ("[1, 2]", "is not the JSON object that sample writes"),
+        ('{"vqvae": null}', "samples.json: vqvae: expected text, got None"),
+        (
+            '{"vqvae": "v.pt", "vqvae_sha256": 7}',
+            "samples.json: vqvae_sha256: expected text, got 7",
+        ),
+        ("[1, 2]", "samples.json: expected a sample folder's samples.json (a JSON object)"),
+        ('{"vqvae": "v.pt"', "samples.json: not valid JSON"),
+        ('{"version": 99}', "of version 99, written by a newer mri-vqvae"),
     ],
 )
 def test_a_hand_edited_samples_json_is_named(metadata: str, message: str, tmp_path, capsys):
@@ -168,7 +173,7 @@ def test_resuming_a_prior_with_a_missing_vqvae_is_one_line(tmp_path: Path, capsy
     save_checkpoint(Checkpoint("prior", Config(), {}, extras=extras), prior / "last.pt")
     missing = str(tmp_path / "missing.pt")
     assert main(["train-prior", "--vqvae", missing, "--out", str(prior), "--resume"]) == 2
-    assert "missing.pt: no such VQ-VAE checkpoint file" in capsys.readouterr().err
+    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
 
 
 def test_report_of_a_prior_folder_names_what_it_is(tmp_path: Path, capsys):

@@ -50,30 +50,8 @@ def demo(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow
-def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
-    run = tmp_path / "run"
-    assert main(train_args(demo, run)) == 0
-    assert (run / "best.pt").is_file() and (
-        run / "reconstructions" / "val" / "epoch_2.png"
-    ).is_file()
-
-    assert (
-        main(
-            [
-                "-q",
-                "evaluate",
-                "--data",
-                str(demo),
-                "--checkpoint",
-                str(run / "best.pt"),
-                "--out",
-                str(tmp_path / "eval"),
-            ]
-        )
-        == 0
-    )
-    assert "; with the acquisition texture -, " in capsys.readouterr().out  # 8 slices: no test
+def check_evaluation_folder(folder: Path) -> None:
+    """What ``evaluate`` writes for the tiny run's 8 test slices."""
     for name in (
         "metrics.json",
         "per_image_metrics.csv",
@@ -83,8 +61,8 @@ def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
         "reconstructed_images.png",
         "textured_reconstructions.png",
     ):
-        assert (tmp_path / "eval" / name).is_file(), name
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "metrics.json").read_text())
     for key in (
         "ssim_mean",
         "ssim_std",
@@ -111,9 +89,47 @@ def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
         metrics["power_spectrum"]["real"]
     )
     assert metrics["best_image"].startswith("case_") and metrics["worst_image"].endswith(".nii.gz")
-    rows = (tmp_path / "eval" / "per_image_metrics.csv").read_text().splitlines()
+    rows = (folder / "per_image_metrics.csv").read_text().splitlines()
     assert rows[0] == "file,ssim,psnr,foreground_ssim,foreground_psnr,ssim_seed_protocol"
     assert len(rows) == 9
+
+
+def check_reconstruction(source: Path, out: Path) -> None:
+    """A reconstruction keeps its input's shape, affine and intensity range."""
+    original, written = nib.load(str(source)), nib.load(str(out))
+    assert written.shape == original.shape
+    np.testing.assert_array_equal(written.affine, original.affine)
+    values = written.get_fdata()
+    assert np.isfinite(values).all()
+    assert original.get_fdata().min() - 1e-3 <= values.min() <= values.max()
+    assert values.max() <= original.get_fdata().max() + 1e-3
+
+
+@pytest.mark.slow
+def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(demo, run)) == 0
+    assert (run / "best.pt").is_file() and (
+        run / "reconstructions" / "val" / "epoch_2.png"
+    ).is_file()
+
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                "--data",
+                str(demo),
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
+    assert "; with the acquisition texture -, " in capsys.readouterr().out  # 8 slices: no test
+    check_evaluation_folder(tmp_path / "eval")
 
     source = sorted((demo / "keras_slices_test").iterdir())[0]
     out = tmp_path / "recon.nii.gz"
@@ -131,13 +147,7 @@ def test_train_evaluate_reconstruct(demo: Path, tmp_path: Path, capsys):
         )
         == 0
     )
-    original, written = nib.load(str(source)), nib.load(str(out))
-    assert written.shape == original.shape
-    np.testing.assert_array_equal(written.affine, original.affine)
-    values = written.get_fdata()
-    assert np.isfinite(values).all()
-    assert original.get_fdata().min() - 1e-3 <= values.min() <= values.max()
-    assert values.max() <= original.get_fdata().max() + 1e-3
+    check_reconstruction(source, out)
 
     capsys.readouterr()
     assert main(train_args(demo, run)) == 2  # a finished run is never overwritten
@@ -289,6 +299,12 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     ]
     assert not np.allclose(*first)
 
+    check_sample_measures(samples, demo)
+    check_a_conditioned_prior(demo, tmp_path, vqvae, prior_args, capsys)
+
+
+def check_sample_measures(samples: Path, demo: Path) -> None:
+    """evaluate-samples on 8 textured samples of the tiny run."""
     judge = ["-q", "evaluate-samples", "--samples", str(samples), "--data", str(demo)]
     assert main([*judge, "--reference-slices", "32", "--device", "cpu"]) == 0
     metrics = json.loads((samples / "evaluation" / "sample_metrics.json").read_text())
@@ -305,7 +321,10 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     for name in ("closest_to_training.png", "nearest_training_ssim.png", "memorisation.csv"):
         assert (samples / "evaluation" / name).is_file(), name
 
-    # A masked prior conditioned on slice position and a label from a conditions.csv.
+
+def check_a_conditioned_prior(demo: Path, tmp_path: Path, vqvae: str, prior_args, capsys):
+    """A masked prior conditioned on slice position and a label from a conditions.csv:
+    conditions drawn, given, guided, and a label table changed under a resumed prior."""
     names = sorted(p.name for p in demo.glob("keras_slices_*/*.nii*"))
     rows = [f"{name},{'even' if i % 2 else 'odd'}" for i, name in enumerate(names)]
     (demo / "conditions.csv").write_text("file,parity\n" + "\n".join(rows) + "\n")
@@ -317,13 +336,15 @@ def test_train_prior_sample_and_evaluate_samples(demo: Path, tmp_path: Path, cap
     # Without conditions given, they are drawn from the training slices'.
     assert main([*conditioned_args, "--n", "3", "--out", str(tmp_path / "drawn")]) == 0
     drawn = json.loads((tmp_path / "drawn" / "samples.json").read_text())["conditions"]
-    assert len(drawn["slice_position"]) == 3 and set(drawn["label_parity"]) <= {"even", "odd"}
+    assert len(drawn["slice_position"]) == 3
+    assert set(drawn["labels"]["parity"]) <= {"even", "odd"}
     at_apex = [*conditioned_args, "--n", "2", "--out", str(tmp_path / "apex")]
     guided = ["--slice-position", "0.1", "--label", "parity=even", "--guidance", "2"]
     assert main([*at_apex, *guided, "--decoding-steps", "3"]) == 0
     written = json.loads((tmp_path / "apex" / "samples.json").read_text())
     assert written["conditions"]["slice_position"] == [0.1, 0.1]
-    assert written["conditions"]["label_parity"] == ["even", "even"]
+    assert written["conditions"]["labels"]["parity"] == ["even", "even"]
+    assert written["conditions"]["given_labels"] == {"parity": "even"}
     assert (written["settings"]["guidance"], written["settings"]["decoding_steps"]) == (2.0, 3)
     assert main([*at_apex, "--overwrite", "--label", "parity=prime"]) == 2
     assert "no value 'prime'" in capsys.readouterr().err

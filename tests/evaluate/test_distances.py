@@ -12,7 +12,7 @@ from mri_vqvae.evaluate.distances import (
     standardiser,
 )
 from mri_vqvae.evaluate.features import FeatureSpaces, RandomFeatureNet, extract_features
-from mri_vqvae.evaluate.protocol import PROTOCOLS
+from mri_vqvae.protocol import PROTOCOLS
 
 PROTOCOL = PROTOCOLS["frozen-v1"]
 
@@ -34,18 +34,18 @@ def test_kid_is_near_zero_for_one_distribution_and_clearly_positive_for_a_shift(
     reference = gaussian(200, 0)
     same = kid(reference, gaussian(200, 1), kernel)
     shifted = kid(reference, gaussian(200, 2, shift=0.5), kernel)
-    assert abs(same["mean"]) < 2 * same["std"] + 1e-3
-    assert shifted["mean"] > 10 * (abs(same["mean"]) + same["std"])
+    assert abs(same.mean) < 2 * same.std + 1e-3
+    assert shifted.mean > 10 * (abs(same.mean) + same.std)
     # Subsets hold half the smaller set, so they differ and their spread is a noise level.
-    assert same["subset_size"] == 100 and same["std"] > 0
+    assert same.subset_size == 100 and same.std > 0
 
 
 def test_kid_of_a_set_with_itself_is_small_beside_a_shift():
     # Subsets of each side are drawn independently, so a vector met on both sides pulls the
     # estimate a little below 0; it stays far below what a shift gives.
     reference = gaussian(200, 3)
-    itself = kid(reference, reference)["mean"]
-    assert abs(itself) < 0.1 * kid(reference, reference + 0.5)["mean"]
+    itself = kid(reference, reference).mean
+    assert abs(itself) < 0.1 * kid(reference, reference + 0.5).mean
 
 
 def test_one_outlying_vector_cannot_swing_the_gaussian_kid_as_it_swings_the_cubic():
@@ -55,8 +55,8 @@ def test_one_outlying_vector_cannot_swing_the_gaussian_kid_as_it_swings_the_cubi
     outlier[0, :3] = 100.0
     for kernel, bound in (("gaussian", 0.05), ("cubic", None)):
         clean, spoiled = kid(reference, compared, kernel), kid(reference, outlier, kernel)
-        shift = kid(reference, gaussian(200, 10, shift=0.5), kernel)["mean"]
-        change = spoiled["mean"] - clean["mean"]
+        shift = kid(reference, gaussian(200, 10, shift=0.5), kernel).mean
+        change = spoiled.mean - clean.mean
         if bound is None:
             assert change > shift  # one vector outweighs a shift of half a standard deviation
         else:
@@ -66,9 +66,13 @@ def test_one_outlying_vector_cannot_swing_the_gaussian_kid_as_it_swings_the_cubi
 def test_an_unknown_kernel_or_a_gaussian_without_width_is_refused():
     points = gaussian(8, 11)
     with pytest.raises(ValueError, match="KID kernel must be one of"):
-        kernel_inception_distance(points, points, 2, 4, 0, kernel="laplace", width=1.0)
+        kernel_inception_distance(
+            points, points, subsets=2, max_subset_size=4, seed=0, kernel="laplace", width=1.0
+        )
     with pytest.raises(ValueError, match="positive width"):
-        kernel_inception_distance(points, points, 2, 4, 0, kernel="gaussian")
+        kernel_inception_distance(
+            points, points, subsets=2, max_subset_size=4, seed=0, kernel="gaussian"
+        )
 
 
 def test_the_median_distance_is_the_median_over_distinct_pairs():
@@ -79,13 +83,13 @@ def test_the_median_distance_is_the_median_over_distinct_pairs():
 def test_density_and_coverage_of_identical_and_shifted_sets():
     reference = gaussian(300, 4)
     identical = density_and_coverage(reference, reference, neighbours=5)
-    assert identical["coverage"] == 1.0
-    assert identical["density"] == pytest.approx(1.0, abs=0.25)
+    assert identical.coverage == 1.0
+    assert identical.density == pytest.approx(1.0, abs=0.25)
     same = density_and_coverage(reference, gaussian(300, 5), neighbours=5)
-    assert 0.8 <= same["coverage"] <= 1.0 and same["density"] == pytest.approx(1.0, abs=0.3)
+    assert 0.8 <= same.coverage <= 1.0 and same.density == pytest.approx(1.0, abs=0.3)
     shifted = density_and_coverage(reference, gaussian(300, 6, shift=1.0), neighbours=5)
-    assert shifted["coverage"] < 0.5 * same["coverage"]
-    assert shifted["density"] < 0.5 * same["density"]
+    assert shifted.coverage < 0.5 * same.coverage
+    assert shifted.density < 0.5 * same.density
 
 
 def test_a_feature_constant_in_the_reference_is_not_blown_up():

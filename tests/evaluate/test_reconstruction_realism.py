@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from mri_vqvae.evaluate.protocol import PROTOCOLS
-from mri_vqvae.evaluate.reconstruction import SplitEvaluation, realism_summary
+from mri_vqvae.evaluate.realism import realism_summary
+from mri_vqvae.evaluate.split import SplitEvaluation
+from mri_vqvae.protocol import PROTOCOLS
+from mri_vqvae.records import to_plain
 
 
 def evaluation(real: torch.Tensor, reconstructions: torch.Tensor, gap_db: float = 0.0):
@@ -29,40 +31,40 @@ def test_reconstructions_like_the_real_slices_score_near_chance_and_shifted_ones
     real = torch.randn(200, 16).double()
     protocol = PROTOCOLS["frozen-v2"]
     alike = realism_summary(evaluation(real, real + 0.01 * torch.randn_like(real)), protocol)
-    two_sample = alike["two_sample"]
-    assert two_sample["reconstructions_vs_real"]["accuracy"] < 0.62
-    assert two_sample["reconstructions_vs_real"]["images_per_set"] == 100  # halves
-    assert two_sample["null_real_halves"]["images_per_set"] == 100
+    two_sample = alike.two_sample
+    assert two_sample.reconstructions_vs_real.accuracy < 0.62
+    assert two_sample.reconstructions_vs_real.images_per_set == 100  # halves
+    assert two_sample.null_real_halves.images_per_set == 100
     # Reconstructions that are the real slices score as the null does.
-    null = two_sample["null_real_halves"]["accuracy"]
-    assert abs(two_sample["reconstructions_vs_real"]["accuracy"] - null) < 0.05
-    assert "trustworthy" in two_sample
+    null = two_sample.null_real_halves.accuracy
+    assert abs(two_sample.reconstructions_vs_real.accuracy - null) < 0.05
+    assert two_sample.trustworthy is not None
     shifted = real.clone()
     shifted[:, 3] += 2.0
     assert (
-        realism_summary(evaluation(real, shifted), protocol)["two_sample"][
-            "reconstructions_vs_real"
-        ]["accuracy"]
+        realism_summary(
+            evaluation(real, shifted), protocol
+        ).two_sample.reconstructions_vs_real.accuracy
         > 0.8
     )
 
 
 def test_the_spectrum_gap_is_reported_up_to_half_nyquist_and_above():
     real = torch.randn(20, 4).double()
-    spectrum = realism_summary(evaluation(real, real, gap_db=-6.0), PROTOCOLS["frozen-v2"])[
-        "power_spectrum"
-    ]
+    spectrum = realism_summary(
+        evaluation(real, real, gap_db=-6.0), PROTOCOLS["frozen-v2"]
+    ).power_spectrum
     # -6 dB from 0.2 cycles per pixel on: up to 0.25 the largest gap is 6 dB; above, all -6.
-    assert spectrum["largest_gap_db_up_to_half_nyquist"] == pytest.approx(6.0)
-    assert spectrum["mean_gap_db_above_half_nyquist"] == pytest.approx(-6.0)
-    assert len(spectrum["frequencies"]) == len(spectrum["reconstructions"]) == 32
+    assert spectrum.largest_gap_db_up_to_half_nyquist == pytest.approx(6.0)
+    assert spectrum.mean_gap_db_above_half_nyquist == pytest.approx(-6.0)
+    assert len(spectrum.frequencies) == len(spectrum.reconstructions) == 32
 
 
 def test_a_split_too_small_for_the_classifiers_folds_skips_the_test_with_its_reason():
     real = torch.randn(9, 4).double()
-    two_sample = realism_summary(evaluation(real, real), PROTOCOLS["frozen-v2"])["two_sample"]
-    assert "reconstructions_vs_real" not in two_sample
-    assert two_sample["skipped"].startswith("9 slices: halves of 4")
+    two_sample = realism_summary(evaluation(real, real), PROTOCOLS["frozen-v2"]).two_sample
+    assert two_sample.reconstructions_vs_real is None
+    assert two_sample.skipped.startswith("9 slices: halves of 4")
 
 
 def test_textured_reconstructions_are_scored_beside_the_plain_ones():
@@ -79,16 +81,16 @@ def test_textured_reconstructions_are_scored_beside_the_plain_ones():
         textured_power=plain.real_power,
     )
     summary = realism_summary(textured, PROTOCOLS["frozen-v2"])
-    two_sample, spectrum = summary["two_sample"], summary["power_spectrum"]
-    assert two_sample["reconstructions_vs_real"]["accuracy"] > 0.8
-    assert two_sample["textured_reconstructions_vs_real"]["accuracy"] < 0.62
-    assert spectrum["largest_gap_db_up_to_half_nyquist"] == pytest.approx(6.0)
-    assert spectrum["textured"]["largest_gap_db_up_to_half_nyquist"] == pytest.approx(0.0)
-    assert len(spectrum["textured_reconstructions"]) == 32
+    two_sample, spectrum = summary.two_sample, summary.power_spectrum
+    assert two_sample.reconstructions_vs_real.accuracy > 0.8
+    assert two_sample.textured_reconstructions_vs_real.accuracy < 0.62
+    assert spectrum.largest_gap_db_up_to_half_nyquist == pytest.approx(6.0)
+    assert spectrum.textured.largest_gap_db_up_to_half_nyquist == pytest.approx(0.0)
+    assert len(spectrum.textured_reconstructions) == 32
     # Without a texture, neither entry appears.
     bare = realism_summary(plain, PROTOCOLS["frozen-v2"])
-    assert "textured_reconstructions_vs_real" not in bare["two_sample"]
-    assert "textured" not in bare["power_spectrum"]
+    assert bare.two_sample.textured_reconstructions_vs_real is None
+    assert bare.power_spectrum.textured is None
 
 
 def test_each_figure_is_the_mean_over_the_protocols_random_halvings_of_the_slices():
@@ -109,29 +111,29 @@ def test_each_figure_is_the_mean_over_the_protocols_random_halvings_of_the_slice
     for seed in (5, 6, 7):
         first, second = split_in_halves(60, seed)
         by_halving.append(
-            classifier_two_sample_test(reconstructions[first], real[second], protocol, seed)[
-                "accuracy"
-            ]
+            classifier_two_sample_test(
+                reconstructions[first], real[second], protocol, seed
+            ).accuracy
         )
         null_by_halving.append(
-            classifier_two_sample_test(real[first], real[second], protocol, seed)["accuracy"]
+            classifier_two_sample_test(real[first], real[second], protocol, seed).accuracy
         )
     assert len(set(by_halving)) > 1  # else a loop repeating one halving would pass
     summary = realism_summary(evaluation(real, reconstructions), protocol, seed=5)
-    two_sample = summary["two_sample"]
-    figure = two_sample["reconstructions_vs_real"]
-    assert figure["accuracy"] == pytest.approx(np.mean(by_halving))
-    assert figure["accuracy_range"] == [min(by_halving), max(by_halving)]
-    assert figure["accuracy_sd"] == pytest.approx(np.std(by_halving))
-    assert figure["halvings"] == two_sample["halvings"] == 3
-    assert figure["ci95_low"] < figure["accuracy"] < figure["ci95_high"]
+    two_sample = summary.two_sample
+    figure = two_sample.reconstructions_vs_real
+    assert figure.accuracy == pytest.approx(np.mean(by_halving))
+    assert figure.accuracy_range == (min(by_halving), max(by_halving))
+    assert figure.accuracy_sd == pytest.approx(np.std(by_halving))
+    assert figure.halvings == two_sample.halvings == 3
+    assert figure.ci95_low < figure.accuracy < figure.ci95_high
     # The null, and so the verdict, is averaged over the same halvings.
-    assert two_sample["null_real_halves"]["accuracy"] == pytest.approx(np.mean(null_by_halving))
-    json.dumps(summary)  # plain numbers only, for metrics.json
+    assert two_sample.null_real_halves.accuracy == pytest.approx(np.mean(null_by_halving))
+    json.dumps(to_plain(summary))  # plain numbers only, for metrics.json
     # One halving is the single test on those halves, as before.
     single = realism_summary(
         evaluation(real, reconstructions), replace(protocol, realism_halvings=1), seed=5
     )
-    assert single["two_sample"]["reconstructions_vs_real"]["accuracy"] == by_halving[0]
+    assert single.two_sample.reconstructions_vs_real.accuracy == by_halving[0]
     with pytest.raises(ValueError, match="realism_halvings must be at least 1"):
         realism_summary(evaluation(real, reconstructions), replace(protocol, realism_halvings=0))

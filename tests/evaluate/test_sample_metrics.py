@@ -8,7 +8,6 @@ import torch
 
 from mri_vqvae.errors import InputError
 from mri_vqvae.evaluate.features import RandomFeatureNet, extract_features
-from mri_vqvae.evaluate.protocol import PROTOCOLS
 from mri_vqvae.evaluate.sample_metrics import (
     classifier_two_sample_test,
     clopper_pearson,
@@ -17,6 +16,8 @@ from mri_vqvae.evaluate.sample_metrics import (
     nearest_by_ssim,
     null_verdict,
 )
+from mri_vqvae.protocol import PROTOCOLS
+from mri_vqvae.records.measures import NullVerdict, TwoSampleTest
 
 PROTOCOL = PROTOCOLS["frozen-v1"]
 
@@ -37,9 +38,9 @@ def test_two_sample_test_separates_disjoint_sets():
     smooth = blobs(32, 0)
     noise = torch.rand(32, 1, 32, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     result = classifier_two_sample_test(random_features(smooth), random_features(noise), PROTOCOL)
-    assert result["accuracy"] >= 0.9
-    assert result["ci95_low"] <= result["accuracy"] <= result["ci95_high"]
-    assert result["images_per_set"] == 32
+    assert result.accuracy >= 0.9
+    assert result.ci95_low <= result.accuracy <= result.ci95_high
+    assert result.images_per_set == 32
 
 
 def test_two_sample_test_tells_a_mild_texture_change():
@@ -51,14 +52,14 @@ def test_two_sample_test_tells_a_mild_texture_change():
     smoothed = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)
     features = random_features(torch.cat([images[:32], smoothed[32:]]))
     result = classifier_two_sample_test(features[:32], features[32:], PROTOCOL)
-    assert result["accuracy"] >= 0.9
+    assert result.accuracy >= 0.9
 
 
 def test_two_sample_test_is_near_chance_on_one_distribution():
     features = random_features(blobs(64, 2))
     result = classifier_two_sample_test(features[:32], features[32:], PROTOCOL)
-    assert result["ci95_low"] <= 0.5 <= result["ci95_high"]
-    assert null_verdict(result, PROTOCOL) == {"trustworthy": True, "untrustworthy_reason": None}
+    assert result.ci95_low <= 0.5 <= result.ci95_high
+    assert null_verdict(result, PROTOCOL) == NullVerdict(trustworthy=True)
 
 
 def test_the_null_test_flags_a_split_that_is_not_random():
@@ -69,15 +70,17 @@ def test_the_null_test_flags_a_split_that_is_not_random():
     features = random_features(images[order])
     null = classifier_two_sample_test(features[:32], features[32:], PROTOCOL)
     verdict = null_verdict(null, PROTOCOL)
-    assert verdict["trustworthy"] is False
-    assert "null test" in verdict["untrustworthy_reason"]
+    assert verdict.trustworthy is False
+    assert "null test" in verdict.untrustworthy_reason
 
 
 def test_a_null_interval_above_half_is_flagged_even_under_the_accuracy_bound():
     strict = dataclasses.replace(PROTOCOL, null_max_accuracy=0.9)
-    null = {"accuracy": 0.54, "ci95_low": 0.51, "ci95_high": 0.57}
+    null = TwoSampleTest(
+        accuracy=0.54, ci95_low=0.51, ci95_high=0.57, images_per_set=100, train_accuracy=0.6
+    )
     verdict = null_verdict(null, strict)
-    assert verdict["trustworthy"] is False and "excludes 0.5" in verdict["untrustworthy_reason"]
+    assert verdict.trustworthy is False and "excludes 0.5" in verdict.untrustworthy_reason
 
 
 def test_clopper_pearson_known_values():

@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mri_vqvae.config import SampleMetricsConfig
+from mri_vqvae.config import Config, SampleMetricsConfig
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.errors import ConfigError
-from mri_vqvae.evaluate.protocol import PROTOCOLS, protocol_named
-from mri_vqvae.evaluate.samples import evaluate_samples
+from mri_vqvae.evaluate.samples import GeneratedSamples, evaluate_samples
 from mri_vqvae.model import VQVAE
+from mri_vqvae.protocol import PROTOCOLS, protocol_named
+from mri_vqvae.records import to_plain
+from mri_vqvae.records.samples import SampleMeasures
+from mri_vqvae.trained import TrainedVQVAE
 from tests.helpers import TINY_SIZE, tiny_model_config
 
 
@@ -36,24 +39,40 @@ def quick(monkeypatch):
     protocol = dataclasses.replace(PROTOCOLS[default], autoencoder_steps=10, kid_subsets=10)
     monkeypatch.setitem(PROTOCOLS, default, protocol)
     torch.manual_seed(0)
-    vqvae = VQVAE.from_config(tiny_model_config()).eval()
+    model = VQVAE.from_config(tiny_model_config()).eval()
+    vqvae = TrainedVQVAE(
+        model=model,
+        config=Config(model=tiny_model_config()),
+        path=Path("vqvae.pt"),
+        sha256="0" * 64,
+        texture=None,
+        data_reference=None,
+    )
     settings = SampleMetricsConfig(reference_slices=24, diversity_pairs=20, device="cpu")
     return protocol, vqvae, settings
+
+
+def measure(samples: GeneratedSamples, train: SliceSet, held_out: SliceSet, vqvae, out, settings):
+    return evaluate_samples(
+        samples, train=train, held_out=held_out, vqvae=vqvae, out_dir=out, settings=settings
+    )
 
 
 def test_the_summary_carries_the_protocol_and_every_figure_beside_its_null(tmp_path: Path, quick):
     quick, vqvae, settings = quick
     default = SampleMetricsConfig().protocol
-    summary = evaluate_samples(
-        slice_set(12, 0), None, slice_set(30, 1), slice_set(12, 2), vqvae, tmp_path,
-        torch.device("cpu"), settings,
+    summary = measure(
+        GeneratedSamples(slice_set(12, 0)), slice_set(30, 1), slice_set(12, 2), vqvae, tmp_path,
+        settings,
     )  # fmt: skip
-    assert json.loads((tmp_path / "sample_metrics.json").read_text()) == summary
-    assert summary["protocol"] == quick.to_dict()
-    assert summary["protocol"]["autoencoder_steps"] == 10
-    assert summary["protocol"]["classifier_folds"] == 5
-    assert summary["settings"]["protocol"] == default == "frozen-v3"
-    assert summary["num_train_reconstructed"] == 24
+    written = json.loads((tmp_path / "sample_metrics.json").read_text())
+    assert written == json.loads(summary.to_json())
+    assert SampleMeasures.read(tmp_path / "sample_metrics.json") == summary
+    assert to_plain(summary.protocol) == quick.to_dict()
+    assert summary.protocol.autoencoder_steps == 10
+    assert summary.protocol.classifier_folds == 5
+    assert summary.settings.protocol == default == "frozen-v3"
+    assert summary.num_train_reconstructed == 24
     comparisons = (
         "samples_vs_train_reconstructions",
         "null_train_halves",
@@ -61,23 +80,29 @@ def test_the_summary_carries_the_protocol_and_every_figure_beside_its_null(tmp_p
         "samples_vs_held_out_reconstructions",
         "samples_vs_held_out_real",
     )
-    two_sample = summary["two_sample"]
-    assert isinstance(two_sample["trustworthy"], bool)
-    assert two_sample["null_train_halves"]["images_per_set"] == 12
+    two_sample = summary.two_sample
+    assert isinstance(two_sample.trustworthy, bool)
+    assert two_sample.null_train_halves.images_per_set == 12
+    assert [name for name, _, _ in two_sample.by_comparison()] == list(comparisons)
     for space in ("random_cnn", "autoencoder"):
-        assert set(comparisons) <= set(summary["kid"][space])
-        assert set(comparisons) <= set(summary["density_coverage"][space])
-        assert summary["kid"][space]["null_level"] > 0
-        assert summary["kid"][space]["kernel"] == "gaussian"
-        assert summary["kid"][space]["kernel_width"] > 0
-    for name in comparisons:
-        assert 0 <= two_sample[name]["accuracy"] <= 1
-    targets = summary["targets"]
+        kid = summary.kid[space]
+        assert [name for name, _, _ in kid.by_comparison()] == list(comparisons)
+        assert all(d.mean == d.mean for _, _, d in kid.by_comparison())  # no NaN
+        assert [n for n, _, _ in summary.density_coverage[space].by_comparison()] == list(
+            comparisons
+        )
+        assert kid.null_level > 0
+        assert kid.kernel == "gaussian"
+        assert kid.kernel_width > 0
+    for _, _, test in two_sample.by_comparison():
+        assert 0 <= test.accuracy <= 1
+    targets = summary.targets
     assert "two_sample_vs_train_reconstructions_at_most_0.65" in targets
     assert "kid_autoencoder_at_most_2x_null" in targets
     assert all(isinstance(value, bool) for value in targets.values())
     assert (tmp_path / "memorisation.csv").is_file()
-    assert summary["texture"] == {"samples_textured": False}
+    assert summary.texture.samples_textured is False
+    assert summary.texture.against_reconstructions is None
 
 
 def test_an_unknown_protocol_is_a_config_error_naming_the_setting():
@@ -89,11 +114,13 @@ def test_an_unknown_protocol_is_a_config_error_naming_the_setting():
         SampleMetricsConfig(reference_slices=1)
 
 
-def test_every_protocol_is_a_valid_setting():
-    from mri_vqvae.config import SAMPLE_PROTOCOLS
+def test_every_protocol_is_a_valid_setting_and_the_default_is_one_of_them():
+    from mri_vqvae.protocol import DEFAULT_PROTOCOL
 
-    assert sorted(PROTOCOLS) == sorted(SAMPLE_PROTOCOLS)
-    assert all(name == protocol.name for name, protocol in PROTOCOLS.items())
+    for name, protocol in PROTOCOLS.items():
+        assert SampleMetricsConfig(protocol=name).measures == protocol
+        assert name == protocol.name
+    assert SampleMetricsConfig().protocol == DEFAULT_PROTOCOL in PROTOCOLS
 
 
 def test_a_copied_training_slice_is_found_behind_its_texture():
@@ -126,29 +153,25 @@ def test_textured_samples_meet_reconstructions_as_their_mean_and_real_slices_as_
     train, held_out = slice_set(30, 1), slice_set(12, 2)
     from mri_vqvae.evaluate.samples import reconstruct
 
-    plain, _ = reconstruct(vqvae, train.images[:12], torch.device("cpu"))
+    plain, _ = reconstruct(vqvae.model, train.images[:12], torch.device("cpu"))
     # Files far from anything real (a flat grey), whose codes decode to training slices.
     written = dataclasses.replace(slice_set(12, 0), images=torch.zeros(12, 1, *TINY_SIZE).half())
     texture = ResidualTexture.fit(plain + 0.05 * torch.randn(plain.shape), plain)
-    summary = evaluate_samples(
-        written, None, train, held_out, vqvae, tmp_path, torch.device("cpu"), settings,
-        texture, plain,
-    )  # fmt: skip
-    two_sample = summary["two_sample"]
+    samples = GeneratedSamples(written, texture=texture, plain=plain)
+    summary = measure(samples, train, held_out, vqvae, tmp_path, settings)
+    two_sample = summary.two_sample
     # Against reconstructions the decoded mean counts: like the training reconstructions.
-    assert two_sample["samples_vs_train_reconstructions"]["accuracy"] < 0.8
-    assert summary["texture"]["against_real_slices"] == "the sample files, texture and all"
+    assert two_sample.samples_vs_train_reconstructions.accuracy < 0.8
+    assert summary.texture.against_real_slices == "the sample files, texture and all"
     # Against real slices the files count: with a decoded mean that is the held-out slices
     # themselves, the flat grey files are still told from them at once.
-    summary = evaluate_samples(
-        written, None, train, held_out, vqvae, tmp_path / "real", torch.device("cpu"),
-        settings, texture, held_out.images.float(),
-    )  # fmt: skip
-    assert summary["two_sample"]["samples_vs_held_out_real"]["accuracy"] > 0.9
+    samples = GeneratedSamples(written, texture=texture, plain=held_out.images.float())
+    summary = measure(samples, train, held_out, vqvae, tmp_path / "real", settings)
+    assert summary.two_sample.samples_vs_held_out_real.accuracy > 0.9
     # Without the codes' decoded mean, the files meet reconstructions given the texture too.
-    summary = evaluate_samples(
-        written, None, train, held_out, vqvae, tmp_path / "files", torch.device("cpu"),
-        settings, texture,
+    summary = measure(
+        GeneratedSamples(written, texture=texture), train, held_out, vqvae, tmp_path / "files",
+        settings,
     )  # fmt: skip
-    assert summary["texture"]["against_reconstructions"].startswith("the sample files")
-    assert summary["texture"]["memorisation_searched_with"] == "the files alone"
+    assert summary.texture.against_reconstructions.startswith("the sample files")
+    assert summary.texture.memorisation_searched_with == "the files alone"

@@ -13,22 +13,16 @@ import pytest
 import torch
 
 from mri_vqvae import workflows
-from mri_vqvae.checkpoint import (
-    DATA_REFERENCE,
-    Checkpoint,
-    CheckpointError,
-    file_sha256,
-    save_checkpoint,
-)
-from mri_vqvae.config import Config, DataConfig, PriorConfig, SampleConfig
+from mri_vqvae.checkpoint import DATA_REFERENCE, CheckpointError
+from mri_vqvae.config import Config, DataConfig, SampleConfig
 from mri_vqvae.data.dataset import list_slices, load_split
 from mri_vqvae.data.nifti import read_slice
 from mri_vqvae.data.reference import DataReference, data_reference
-from mri_vqvae.generate.sampling import NO_REFERENCE, SampleRun, write_samples
-from mri_vqvae.model import VQVAE
-from tests import helpers
+from mri_vqvae.generate.samples import NO_REFERENCE, SampleRun, draw_samples, write_samples
+from mri_vqvae.records.samples import SampleMetadata
+from mri_vqvae.trained import TrainedPrior, TrainedVQVAE
 from tests.data.test_reference import oblique_affine, write_training_slice
-from tests.helpers import TINY_SIZE, tiny_config, tiny_prior
+from tests.helpers import TINY_SIZE, tiny_model_files
 
 
 @pytest.fixture
@@ -43,14 +37,22 @@ def training_reference(tmp_path: Path) -> tuple[DataReference, Path]:
     return data_reference(slices), files[0]
 
 
-def decoded_run(count: int = 3) -> SampleRun:
+def decoded_run(folder: Path, reference: DataReference, count: int = 3) -> tuple[SampleRun, Path]:
+    """``count`` samples of tiny untrained models whose VQ-VAE records ``reference``, as
+    ``sample`` draws them, with random images in [-1, 1] in place of the decoded ones; and
+    the VQ-VAE's file."""
+    vqvae_path, prior_path = tiny_model_files(folder, {DATA_REFERENCE: reference.to_plain()})
+    vqvae = TrainedVQVAE.load(vqvae_path)
+    prior = TrainedPrior.load(prior_path, vqvae=vqvae)
+    run = draw_samples(vqvae=vqvae, prior=prior, settings=SampleConfig(num_samples=count))
     images = torch.rand(count, 1, *TINY_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    return SampleRun(torch.zeros(count, 16, 8, dtype=torch.long), images, 0.1, 0.1)
+    return replace(run, images=images), vqvae_path
 
 
 def test_samples_carry_the_training_slices_geometry_and_scale(training_reference, tmp_path):
     reference, training_file = training_reference
-    out = write_samples(decoded_run(), tmp_path / "samples", {}, reference)
+    run, _ = decoded_run(tmp_path, reference)
+    out = write_samples(run, tmp_path / "samples", reference)
     training = nib.load(str(training_file))
     sample = nib.load(str(out / "sample_0001.nii.gz"))
     # Decoded at 64x32, written back at the training slices' native 48x24 (stored 48x24x1).
@@ -64,17 +66,18 @@ def test_samples_carry_the_training_slices_geometry_and_scale(training_reference
     low, high = reference.intensity_range
     assert low <= pixels.min() and pixels.max() <= high + 1e-3
     assert pixels.max() > 1000  # the training scale, not [0, 1]
-    summary = json.loads((out / "samples.json").read_text())
-    assert "pixel_range" not in summary
-    assert summary["geometry"]["shape"] == [48, 24] and summary["geometry"]["resized"]
-    assert summary["geometry"]["source"].startswith("the most common geometry among 3 training")
-    assert summary["intensities"]["range"] == list(reference.intensity_range)
-    assert "median" in summary["intensities"]["source"]
+    summary = SampleMetadata.read(out / "samples.json")
+    assert "pixel_range" not in json.loads((out / "samples.json").read_text())
+    assert summary.geometry.shape == (48, 24) and summary.geometry.resized
+    assert summary.geometry.source.startswith("the most common geometry among 3 training")
+    assert summary.intensities.range == reference.intensity_range
+    assert "median" in summary.intensities.source
 
 
 def test_samples_at_native_size_load_as_evaluate_samples_loads_them(training_reference, tmp_path):
     reference, _ = training_reference
-    out = write_samples(decoded_run(), tmp_path / "samples", {}, reference)
+    run, _ = decoded_run(tmp_path, reference)
+    out = write_samples(run, tmp_path / "samples", reference)
     # evaluate-samples reads the folder at the VQ-VAE's image size, each slice min-max
     # scaled as a training slice is, whatever its intensity scale on disk.
     loaded = load_split(list_slices(out), DataConfig(image_size=TINY_SIZE, use_cache=False))
@@ -83,40 +86,12 @@ def test_samples_at_native_size_load_as_evaluate_samples_loads_them(training_ref
     assert (loaded.images.amax(dim=(1, 2, 3)) - loaded.images.amin(dim=(1, 2, 3))).min() > 1
 
 
-def tiny_checkpoints(folder: Path, extras: dict) -> tuple[Path, Path]:
-    """A tiny untrained VQ-VAE with ``extras`` and a prior over its 16x8 maps, as files."""
-    config = tiny_config()
-    torch.manual_seed(0)
-    vqvae_path, prior_path = folder / "vqvae.pt", folder / "prior.pt"
-    vqvae = VQVAE.from_config(config.model)
-    save_checkpoint(
-        Checkpoint("vqvae", config, vqvae.state_dict(), extras={"batch_losses": [], **extras}),
-        vqvae_path,
-    )
-    prior_settings = PriorConfig(width=32, num_layers=2, num_heads=4, dropout=0.0)
-    prior_extras = helpers.prior_extras(
-        vqvae.num_embeddings, (16, 8), file_sha256(vqvae_path), str(vqvae_path)
-    )
-    prior = tiny_prior("transformer", (16, 8))
-    save_checkpoint(
-        Checkpoint(
-            "prior",
-            replace(config, prior=prior_settings),
-            prior.state_dict(),
-            None,
-            extras=prior_extras,
-        ),
-        prior_path,
-    )
-    return vqvae_path, prior_path
-
-
 SETTINGS = Config(sample=SampleConfig(num_samples=2, device="cpu"))
 
 
 def test_sample_uses_the_reference_the_vqvae_recorded(training_reference, tmp_path):
     reference, training_file = training_reference
-    vqvae, prior = tiny_checkpoints(tmp_path, {DATA_REFERENCE: reference.to_plain()})
+    vqvae, prior = tiny_model_files(tmp_path, {DATA_REFERENCE: reference.to_plain()})
     workflows.sample(vqvae, prior, tmp_path / "samples", SETTINGS)
     sample = nib.load(str(tmp_path / "samples" / "sample_0000.nii.gz"))
     np.testing.assert_allclose(sample.affine, nib.load(str(training_file)).affine, atol=1e-5)
@@ -124,7 +99,7 @@ def test_sample_uses_the_reference_the_vqvae_recorded(training_reference, tmp_pa
 
 
 def test_an_old_vqvae_without_a_reference_falls_back_and_says_so(tmp_path, caplog):
-    vqvae, prior = tiny_checkpoints(tmp_path, {})
+    vqvae, prior = tiny_model_files(tmp_path, {})
     with caplog.at_level(logging.WARNING, logger="mri_vqvae"):
         workflows.sample(vqvae, prior, tmp_path / "samples", SETTINGS)
     assert "records no reference of its training slices" in caplog.text
@@ -133,12 +108,12 @@ def test_an_old_vqvae_without_a_reference_falls_back_and_says_so(tmp_path, caplo
     np.testing.assert_array_equal(sample.affine, np.eye(4))
     pixels = sample.get_fdata()
     assert pixels.min() >= 0 and pixels.max() <= 1
-    summary = json.loads((tmp_path / "samples" / "samples.json").read_text())
-    assert summary["geometry"]["source"] == summary["intensities"]["source"] == NO_REFERENCE
-    assert summary["intensities"]["range"] == [0.0, 1.0]
+    summary = SampleMetadata.read(tmp_path / "samples" / "samples.json")
+    assert summary.geometry.source == summary.intensities.source == NO_REFERENCE
+    assert summary.intensities.range == (0.0, 1.0)
 
 
 def test_a_damaged_reference_names_the_checkpoint(tmp_path):
-    vqvae, prior = tiny_checkpoints(tmp_path, {DATA_REFERENCE: {"geometry": "junk"}})
+    vqvae, prior = tiny_model_files(tmp_path, {DATA_REFERENCE: {"geometry": "junk"}})
     with pytest.raises(CheckpointError, match=r"vqvae\.pt: its data_reference"):
         workflows.sample(vqvae, prior, tmp_path / "samples", SETTINGS)

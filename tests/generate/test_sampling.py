@@ -9,21 +9,16 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mri_vqvae.checkpoint import PriorExtras, TrainingConditions
+from mri_vqvae.code_maps import load_sample_codes
+from mri_vqvae.config import SampleConfig
 from mri_vqvae.data.nifti import read_slice
-from mri_vqvae.generate.sampling import (
-    SampleConfig,
-    _guided,
-    decode_masked,
-    draw_conditions,
-    filter_logits,
-    generate_samples,
-    load_sample_codes,
-    sample_codes,
-    write_samples,
-)
-from mri_vqvae.model import VQVAE
+from mri_vqvae.generate.conditions import draw_conditions
+from mri_vqvae.generate.samples import draw_samples, generate_samples, write_samples
+from mri_vqvae.generate.sampling import _guided, decode_masked, filter_logits, sample_codes
 from mri_vqvae.model.prior import ConditionSizes, PriorConditions
-from tests.helpers import NUM_CODES, positions, tiny_model_config, tiny_prior
+from mri_vqvae.trained import TrainedPrior, TrainedVQVAE
+from tests.helpers import NUM_CODES, positions, tiny_model_files, tiny_prior
 
 
 def test_top_k_keeps_the_k_most_likely_codes():
@@ -66,22 +61,29 @@ def test_pixelcnn_samples_and_top_k_one_is_greedy():
 
 
 def test_generate_and_write_samples(tmp_path):
-    torch.manual_seed(0)
-    vqvae = VQVAE.from_config(tiny_model_config(num_embeddings=NUM_CODES)).eval()
-    prior = tiny_prior("transformer", (16, 8))
-    run = generate_samples(vqvae, prior, 3, seed=1)
+    vqvae_path, prior_path = tiny_model_files(tmp_path, {})
+    vqvae = TrainedVQVAE.load(vqvae_path)
+    prior = TrainedPrior.load(prior_path, vqvae=vqvae)
+    settings = SampleConfig(num_samples=3, seed=1)
+    run = draw_samples(vqvae=vqvae, prior=prior, settings=settings)
     assert run.images.shape == (3, 1, 64, 32)
     assert run.images.abs().max() <= 1
-    out = write_samples(run, tmp_path / "samples", {"seed": 1})
+    out = write_samples(run, tmp_path / "samples", vqvae.data_reference)
     assert (out / "samples.png").is_file()
     assert read_slice(out / "sample_0002.nii.gz").pixels.shape == (64, 32)
     assert torch.equal(load_sample_codes(out / "codes.pt"), run.codes)
     summary = json.loads((out / "samples.json").read_text())
     assert summary["num_samples"] == 3 and summary["grid_shape"] == [16, 8]
-    again = generate_samples(vqvae, prior, 3, seed=1)
+    assert summary["vqvae_sha256"] == vqvae.sha256 and summary["seed"] == 1
+    again = generate_samples(vqvae=vqvae, prior=prior.model, settings=settings)
     assert torch.equal(again.codes, run.codes)
     with pytest.raises(ValueError, match="without conditions"):
-        generate_samples(vqvae, prior, 1, conditions=positions(0.5))
+        generate_samples(
+            vqvae=vqvae,
+            prior=prior.model,
+            settings=SampleConfig(num_samples=1),
+            conditions=positions(0.5),
+        )
 
 
 def test_bad_sampling_settings_are_refused():
@@ -151,15 +153,20 @@ def test_guided_raster_sampling_draws_valid_codes():
     assert codes.shape == (3, 4, 3) and codes.max() < NUM_CODES
 
 
+def extras_with(sizes, vocabulary=(), conditions=None) -> PriorExtras:
+    """A prior checkpoint's record of what it is conditioned on (the rest made up)."""
+    return PriorExtras(
+        NUM_CODES, (4, 3), "0" * 64, "vqvae.pt", sizes, vocabulary,
+        conditions or TrainingConditions(),
+    )  # fmt: skip
+
+
 def test_conditions_not_given_are_drawn_from_training():
-    extras = {
-        "condition_sizes": ConditionSizes(position=True, labels=(2,), augmentation=3).to_dict(),
-        "label_vocabulary": [["orientation", ["axial", "coronal"]]],
-        "training_conditions": {
-            "position": torch.tensor([0.25, 0.75]),
-            "labels": torch.tensor([[1], [2]]),
-        },
-    }
+    extras = extras_with(
+        ConditionSizes(position=True, labels=(2,), augmentation=3),
+        (("orientation", ("axial", "coronal")),),
+        TrainingConditions(torch.tensor([0.25, 0.75]), torch.tensor([[1], [2]])),
+    )
     generator = torch.Generator().manual_seed(0)
     drawn = draw_conditions(extras, 200, generator)
     # Drawn jointly: position 0.25 always comes with axial, 0.75 with coronal.
@@ -172,7 +179,7 @@ def test_conditions_not_given_are_drawn_from_training():
         draw_conditions(extras, 1, generator, labels={"orientation": "sagittal"})
     with pytest.raises(ValueError, match="no label 'case'"):
         draw_conditions(extras, 1, generator, labels={"case": "a"})
-    plain = {"condition_sizes": ConditionSizes().to_dict()}
+    plain = extras_with(ConditionSizes())
     assert draw_conditions(plain, 3, generator) is None
     with pytest.raises(ValueError, match=r"without slice positions.*sample\.slice_position"):
         draw_conditions(plain, 3, generator, 0.5)
@@ -182,14 +189,11 @@ def test_conditions_not_given_are_drawn_from_training():
 
 
 def test_drawn_conditions_agree_with_the_given_ones():
-    extras = {
-        "condition_sizes": ConditionSizes(position=True, labels=(2,)).to_dict(),
-        "label_vocabulary": [["orientation", ["axial", "sagittal"]]],
-        "training_conditions": {
-            "position": torch.linspace(0, 1, 40),
-            "labels": torch.tensor([1] * 20 + [2] * 20)[:, None],
-        },
-    }
+    extras = extras_with(
+        ConditionSizes(position=True, labels=(2,)),
+        (("orientation", ("axial", "sagittal")),),
+        TrainingConditions(torch.linspace(0, 1, 40), torch.tensor([1] * 20 + [2] * 20)[:, None]),
+    )
     generator = torch.Generator().manual_seed(0)
     # Given the label, positions come from that label's slices only (the second half).
     sagittal = draw_conditions(extras, 100, generator, labels={"orientation": "sagittal"})
@@ -201,11 +205,7 @@ def test_drawn_conditions_agree_with_the_given_ones():
 
 
 def test_a_prior_on_augmentation_alone_samples_with_none():
-    extras = {
-        "condition_sizes": ConditionSizes(augmentation=7).to_dict(),
-        "label_vocabulary": [],
-        "training_conditions": {"position": None, "labels": None},
-    }
+    extras = extras_with(ConditionSizes(augmentation=7))
     drawn = draw_conditions(extras, 5, torch.Generator().manual_seed(0))
     assert drawn.position is None and drawn.labels is None
     assert drawn.augmentation.shape == (5, 7) and not drawn.augmentation.any()

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import MISSING, fields, replace
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,11 +20,17 @@ import pytest
 import torch
 import yaml
 
-from mri_vqvae.checkpoint import load_model
 from mri_vqvae.cli.main import main
 from mri_vqvae.data.dataset import list_slices, load_split
 from mri_vqvae.plots import code_patch_strip
+from mri_vqvae.records.evaluation import (
+    EvaluationSummary,
+    PowerSpectra,
+    ReconstructionTwoSample,
+)
+from mri_vqvae.records.measures import TwoSampleTest
 from mri_vqvae.train.tensorboard import image_rows_grid, scalar_tag
+from mri_vqvae.trained import TrainedVQVAE
 from tests.helpers import TINY_PRIOR, train_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,10 +193,15 @@ def test_the_report_command_escapes_names_and_refuses_what_is_not_a_run(
 
     assert main(["-q", "report", str(tmp_path / "nothing")]) == 2
     assert "not a training run folder" in capsys.readouterr().err
+    # A file the tool did not write: its section says so, and the rest of the page is written.
     (odd / "evaluation" / "metrics.json").write_text("{}")  # not what evaluate writes
-    assert main(["-q", "report", str(odd)]) == 2
-    err = capsys.readouterr().err
-    assert "evaluation" in err and "not what mri-vqvae writes" in err and "Traceback" not in err
+    (odd / "prior" / "prior_summary.json").write_bytes(b"\xff\xfe not text")
+    assert main(["-q", "report", str(odd)]) == 0
+    html = (odd / "report.html").read_text()
+    assert "Cannot show the evaluation:" in html and "metrics.json: split: missing" in html
+    assert "Cannot show the prior:" in html and "not UTF-8 text" in html
+    assert "Cannot show the samples:" not in html and "samples.png" not in capsys.readouterr().err
+    assert PageParts(html).rows("sample-metrics")[0] >= 9  # the sections that could be read
     assert main(["-q", "report", str(odd), "--prior", str(tmp_path)]) == 2
     assert "prior_summary.json" in capsys.readouterr().err
 
@@ -354,8 +366,9 @@ def test_tensorboard_without_its_package_is_refused_before_any_work(
 
 def test_the_atlas_shows_each_code_where_it_occurs(full_run):
     run = full_run.run
-    model, config = load_model(run / "best.pt")
-    test = load_split(list_slices(full_run.data / "keras_slices_test"), config.data, label="test")
+    vqvae = TrainedVQVAE.load(run / "best.pt")
+    model = vqvae.model
+    test = load_split(list_slices(full_run.data / "keras_slices_test"), vqvae.config.data)
     atlas = dict(np.load(run / "evaluation" / "codebook.npz"))
     with torch.no_grad():
         indices = model.encode_to_indices(test.batch(slice(0, len(test))))  # (N, h, w)
@@ -396,7 +409,7 @@ def test_the_examples_are_the_best_worst_and_random_reconstructions(full_run):
     np.testing.assert_allclose(
         examples["ssim"], [ssim[name] for name in examples["names"]], atol=1e-6
     )
-    _, config = load_model(full_run.run / "best.pt")
+    config = TrainedVQVAE.load(full_run.run / "best.pt").config
     test = load_split(list_slices(full_run.data / "keras_slices_test"), config.data, label="test")
     first = test.names.index(examples["names"][0])
     np.testing.assert_allclose(
@@ -449,55 +462,72 @@ def test_a_report_that_cannot_be_written_leaves_the_finished_run_whole(
     config = tiny_config(epochs=1, report=True)
     model = VQVAE.from_config(config.model)
     cpu = torch.device("cpu")
-    result = train_vqvae(model, data["train"], data["val"], config, tmp_path, cpu)
-    assert workflows.write_validation_report(tmp_path, data["val"], cpu, config) is None
+    result = train_vqvae(
+        model, train_set=data["train"], val_set=data["val"], config=config, run_dir=tmp_path,
+        device=cpu,
+    )  # fmt: skip
+    report = workflows.write_validation_report(
+        tmp_path, val_set=data["val"], config=config, device=cpu
+    )
+    assert report is None
     assert len(result.history) == 1 and result.best_checkpoint.is_file()
     assert "No space left on device" in caplog.text and "mri-vqvae report" in caplog.text
     assert not (tmp_path / "report.html").exists()
 
 
-def realism_summary_with(figure: dict, null: float) -> dict:
-    """An evaluation summary's realism part around one two-sample ``figure``."""
-    return {
-        "two_sample": {
-            "reconstructions_vs_real": figure,
-            "null_real_halves": {"accuracy": null},
-            "trustworthy": True,
-        },
-        "power_spectrum": {
-            "frequencies": [0.1, 0.2],
-            "real": [1.0, 1.0],
-            "reconstructions": [1.0, 0.5],
-        },
-    }
+def summary_with(figure: TwoSampleTest, null: float, textured: TwoSampleTest | None = None):
+    """An evaluation summary around one two-sample ``figure`` (the rest made up)."""
+    null_test = replace(figure, accuracy=null, halvings=1, accuracy_range=None)
+    two_sample = ReconstructionTwoSample(
+        features="random_cnn",
+        protocol="frozen-v3",
+        reconstructions_vs_real=figure,
+        textured_reconstructions_vs_real=textured,
+        null_real_halves=null_test,
+        trustworthy=True,
+    )
+    spectra = PowerSpectra(
+        frequencies=(0.1, 0.2),
+        real=(1.0, 1.0),
+        reconstructions=(1.0, 0.5),
+        largest_gap_db_up_to_half_nyquist=3.0,
+    )
+    figures = dict.fromkeys(
+        (f.name for f in fields(EvaluationSummary) if f.type == "float" and f.default is MISSING),
+        0.5,
+    )
+    return EvaluationSummary(
+        split="test",
+        n_images=40,
+        images_without_foreground=0,
+        codes_used=8,
+        best_image="a",
+        worst_image="b",
+        two_sample=two_sample,
+        power_spectrum=spectra,
+        **figures,
+    )
 
 
 def test_the_realism_paragraph_gives_the_textured_figure_when_there_is_one():
-    from mri_vqvae.report.page import _realism
+    from mri_vqvae.report.sections import _realism
 
-    figure = {"accuracy": 0.969, "ci95_low": 0.9, "ci95_high": 1.0, "images_per_set": 32}
-    summary = realism_summary_with(figure, 0.516)
-    assert _realism(summary, "test")["textured_accuracy"] is None
-    summary["two_sample"]["textured_reconstructions_vs_real"] = {**figure, "accuracy": 0.641}
-    assert _realism(summary, "test")["textured_accuracy"] == "0.641"
+    figure = TwoSampleTest(0.969, 0.9, 1.0, images_per_set=32, train_accuracy=1.0)
+    assert _realism(summary_with(figure, 0.516))["textured_accuracy"] is None
+    textured = replace(figure, accuracy=0.641)
+    assert _realism(summary_with(figure, 0.516, textured))["textured_accuracy"] == "0.641"
 
 
 def test_the_realism_figure_says_how_many_halvings_it_averages_and_their_range():
-    from mri_vqvae.report.page import _realism
+    from mri_vqvae.report.sections import _realism
 
-    single = {"accuracy": 0.8, "ci95_low": 0.64, "ci95_high": 0.91, "images_per_set": 20}
-    summary = realism_summary_with(single, 0.6)
+    single = TwoSampleTest(0.8, 0.64, 0.91, images_per_set=20, train_accuracy=1.0)
     # An evaluation written before the averaging: one halving, no word of it.
-    assert _realism(summary, "test")["realism_accuracy"] == (
+    assert _realism(summary_with(single, 0.6))["realism_accuracy"] == (
         "0.800 (95% interval 0.640-0.910, 20 slices each)"
     )
-    summary["two_sample"]["reconstructions_vs_real"] = {
-        **single,
-        "accuracy": 0.7275,
-        "halvings": 10,
-        "accuracy_range": [0.6, 0.875],
-    }
-    assert _realism(summary, "test")["realism_accuracy"] == (
+    averaged = replace(single, accuracy=0.7275, halvings=10, accuracy_range=(0.6, 0.875))
+    assert _realism(summary_with(averaged, 0.6))["realism_accuracy"] == (
         "0.728 (the mean of 10 random halvings, which ranged 0.600-0.875; one halving's 95% "
         "interval 0.640-0.910, 20 slices each)"
     )

@@ -50,7 +50,14 @@ def test_the_term_is_exactly_zero_before_its_start_step_and_trains_the_discrimin
     config = adversarial_config(precision="float32")
     torch.manual_seed(0)
     model = VQVAE.from_config(config.model)
-    task = VQVAETask(model, data["train"], data["val"], config, RunFolder(tmp_path), CPU)
+    task = VQVAETask(
+        model,
+        train_set=data["train"],
+        val_set=data["val"],
+        config=config,
+        run=RunFolder(tmp_path),
+        device=CPU,
+    )
     rows = torch.arange(8)
 
     task.global_step = 3  # the last step before the start
@@ -116,7 +123,14 @@ def test_best_checkpoint_follows_the_newest_epoch_once_the_term_has_started(
     data = tiny_splits(phantom_root)
     config = adversarial_config()
     model = VQVAE.from_config(config.model)
-    task = VQVAETask(model, data["train"], data["val"], config, RunFolder(tmp_path), CPU)
+    task = VQVAETask(
+        model,
+        train_set=data["train"],
+        val_set=data["val"],
+        config=config,
+        run=RunFolder(tmp_path),
+        device=CPU,
+    )
     # An epoch whose last step (global step 3) came before the start ranks behind any after;
     # after it, the newer epoch wins whatever its validation loss.
     before = task.score({"global_step": 4, "val_loss": 0.1})
@@ -124,7 +138,14 @@ def test_best_checkpoint_follows_the_newest_epoch_once_the_term_has_started(
     newer = task.score({"global_step": 8, "val_loss": 2.0})
     assert newer < after < before
     assert task.score({"global_step": 3, "val_loss": 0.05}) < before  # by val_loss before
-    plain = VQVAETask(model, data["train"], data["val"], tiny_config(), RunFolder(tmp_path), CPU)
+    plain = VQVAETask(
+        model,
+        train_set=data["train"],
+        val_set=data["val"],
+        config=tiny_config(),
+        run=RunFolder(tmp_path),
+        device=CPU,
+    )
     assert plain.score({"global_step": 4, "val_loss": 0.1}) == 0.1
 
 
@@ -201,7 +222,14 @@ def train_rank(rank: int, world_size: int, port: int, root: str, out: str) -> No
         torch.manual_seed(config.train.seed)
         model = VQVAE.from_config(config.model)
         train_vqvae(
-            model, data["train"], data["val"], config, Path(out) / "run", device, None, processes
+            model,
+            train_set=data["train"],
+            val_set=data["val"],
+            config=config,
+            run_dir=Path(out) / "run",
+            device=device,
+            resume=None,
+            processes=processes,
         )
         discriminator = tasks[0].adversarial.discriminator.state_dict()
         torch.save(

@@ -46,7 +46,14 @@ def train_rank(rank: int, world_size: int, port: int, root: str, out: str) -> No
         torch.manual_seed(config.train.seed)
         model = VQVAE.from_config(config.model)
         result = train_vqvae(
-            model, data["train"], data["val"], config, Path(out) / "run", device, None, processes
+            model,
+            train_set=data["train"],
+            val_set=data["val"],
+            config=config,
+            run_dir=Path(out) / "run",
+            device=device,
+            resume=None,
+            processes=processes,
         )
         torch.save(
             {"state": model.state_dict(), "history": result.history},
@@ -74,7 +81,14 @@ def one_process_run(phantom_root: Path, out: Path):
     data = load_splits(resolve_split_files(phantom_root), DataConfig(image_size=TINY_SIZE))
     torch.manual_seed(config.train.seed)
     model = VQVAE.from_config(config.model)
-    result = train_vqvae(model, data["train"], data["val"], config, out, torch.device("cpu"))
+    result = train_vqvae(
+        model,
+        train_set=data["train"],
+        val_set=data["val"],
+        config=config,
+        run_dir=out,
+        device=torch.device("cpu"),
+    )
     return model, result
 
 
@@ -125,12 +139,12 @@ def test_a_run_resumes_in_one_process_after_two(two_process_run: Path, phantom_r
     model.load_state_dict(checkpoint.model_state)
     result = train_vqvae(
         model,
-        data["train"],
-        data["val"],
-        config,
-        tmp_path / "resumed",
-        torch.device("cpu"),
-        checkpoint,
+        train_set=data["train"],
+        val_set=data["val"],
+        config=config,
+        run_dir=tmp_path / "resumed",
+        device=torch.device("cpu"),
+        resume=checkpoint,
     )
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert result.history[-1]["global_step"] == 3 * 3
@@ -183,9 +197,15 @@ def resume_rank(rank: int, world_size: int, port: int, root: str, out: str) -> N
         model = VQVAE.from_config(config.model)
         model.load_state_dict(checkpoint.model_state)
         train_vqvae(
-            model, data["train"], data["val"], config, Path(out) / "crashed", device,
-            checkpoint, processes,
-        )  # fmt: skip
+            model,
+            train_set=data["train"],
+            val_set=data["val"],
+            config=config,
+            run_dir=Path(out) / "crashed",
+            device=device,
+            resume=checkpoint,
+            processes=processes,
+        )
     finally:
         leave_process_group()
 
@@ -196,14 +216,19 @@ def test_two_processes_resume_a_mid_epoch_checkpoint_of_one(
 ):
     # Only the main process takes back the saved step sums; the other must hold as many rows
     # (of zeros), or the sums across processes would meet tensors of different shapes.
-    config = replace(distributed_config(), train=replace(distributed_config().train,
-                     checkpoint_every=1))  # fmt: skip
+    config = replace(
+        distributed_config(), train=replace(distributed_config().train, checkpoint_every=1)
+    )
     data = load_splits(resolve_split_files(phantom_root), config.data)
     torch.manual_seed(config.train.seed)
     straight = train_vqvae(
-        VQVAE.from_config(config.model), data["train"], data["val"], config,
-        tmp_path / "straight", torch.device("cpu"),
-    )  # fmt: skip
+        VQVAE.from_config(config.model),
+        train_set=data["train"],
+        val_set=data["val"],
+        config=config,
+        run_dir=tmp_path / "straight",
+        device=torch.device("cpu"),
+    )
     from mri_vqvae.train import vqvae as training
 
     real_loss, calls = training.VQVAETask.loss, []
@@ -218,9 +243,13 @@ def test_two_processes_resume_a_mid_epoch_checkpoint_of_one(
     torch.manual_seed(config.train.seed)
     with pytest.raises(Crash):
         train_vqvae(
-            VQVAE.from_config(config.model), data["train"], data["val"], config,
-            tmp_path / "crashed", torch.device("cpu"),
-        )  # fmt: skip
+            VQVAE.from_config(config.model),
+            train_set=data["train"],
+            val_set=data["val"],
+            config=config,
+            run_dir=tmp_path / "crashed",
+            device=torch.device("cpu"),
+        )
     assert load_checkpoint(tmp_path / "crashed" / "last.pt").progress.mid_epoch
     mp.start_processes(
         resume_rank,

@@ -36,7 +36,9 @@ def linear_model() -> torch.nn.Linear:
 def step(model, loss_of, clip=None, scaler=None) -> bool:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     inputs = torch.arange(8.0).reshape(2, 4)
-    return optimisation_step(model, optimizer, loss_of(model(inputs)), clip, 1.0, scaler)
+    return optimisation_step(
+        model, optimizer, loss_of(model(inputs)), grad_clip_norm=clip, loss_scale=1.0, scaler=scaler
+    )
 
 
 def test_a_scaled_step_updates_as_an_unscaled_one_and_clips_the_true_gradient():

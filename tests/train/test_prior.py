@@ -12,21 +12,21 @@ from mri_vqvae import runtime
 from mri_vqvae.checkpoint import (
     Checkpoint,
     CheckpointError,
-    file_sha256,
+    PriorExtras,
     load_checkpoint,
-    load_prior,
     load_prior_checkpoint,
     save_checkpoint,
 )
 from mri_vqvae.code_maps import CodeMaps, code_maps_for, encode_slices, require_slice_positions
-from mri_vqvae.config import Config, PriorConfig, PriorTrainConfig, load_config
+from mri_vqvae.config import Config, DataConfig, PriorConfig, PriorTrainConfig, load_config
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import ConditionSizes, build_prior
 from mri_vqvae.train import prior as prior_training
 from mri_vqvae.train.loop import TrainingInterrupted
 from mri_vqvae.train.prior import evaluate_prior, train_prior
-from tests.helpers import tiny_model_config
+from mri_vqvae.trained import TrainedPrior, TrainedVQVAE
+from tests.helpers import TINY_SIZE, tiny_model_config, vqvae_handle
 
 NUM_CODES = 16
 GRID = (16, 8)  # a 64x32 image at 4x
@@ -37,11 +37,21 @@ def tiny_vqvae(seed: int = 0) -> VQVAE:
     return VQVAE.from_config(tiny_model_config(num_embeddings=NUM_CODES)).eval()
 
 
-def saved_vqvae(path, seed: int = 0):
+def saved_vqvae(path, seed: int = 0) -> TrainedVQVAE:
+    """An untrained VQ-VAE for 64x32 slices saved at ``path``, loaded into its handle."""
     model = tiny_vqvae(seed)
-    config = Config(model=tiny_model_config(num_embeddings=NUM_CODES))
+    config = Config(
+        data=DataConfig(image_size=TINY_SIZE), model=tiny_model_config(num_embeddings=NUM_CODES)
+    )
     save_checkpoint(Checkpoint("vqvae", config, model.state_dict()), path)
-    return model
+    return TrainedVQVAE.load(path)
+
+
+def fit_prior(prior, train: CodeMaps, val: CodeMaps, config: Config, out, vqvae, **options):
+    """``train_prior`` with the test's usual arguments."""
+    return train_prior(
+        prior, train_codes=train, val_codes=val, config=config, run_dir=out, vqvae=vqvae, **options
+    )
 
 
 def patterned_codes(count: int, seed: int) -> CodeMaps:
@@ -83,16 +93,16 @@ def test_code_maps_are_cached_per_vqvae(tmp_path):
     names = [f"v_slice_{i}.nii.gz" for i in range(5)]
     slices = SliceSet(images.half(), names, [(64, 32)] * 5, torch.zeros(5, 2))
     cache = tmp_path / "codes" / "train.pt"
-    first = code_maps_for(model, "a" * 64, slices, cache, torch.device("cpu"))
+    first = code_maps_for(slices, vqvae=vqvae_handle(model, "a" * 64), cache_file=cache)
     assert first.indices.shape == (5, *GRID)
     assert first.indices.dtype == torch.int64
     torch.testing.assert_close(first.slice_positions, torch.linspace(0, 1, 5))
     # The cache is used: a different model with the same hash returns the stored codes.
     other = tiny_vqvae(seed=9)
-    again = code_maps_for(other, "a" * 64, slices, cache, torch.device("cpu"))
+    again = code_maps_for(slices, vqvae=vqvae_handle(other, "a" * 64), cache_file=cache)
     assert torch.equal(again.indices, first.indices)
     # Another VQ-VAE hash is encoded afresh.
-    fresh = code_maps_for(other, "b" * 64, slices, cache, torch.device("cpu"))
+    fresh = code_maps_for(slices, vqvae=vqvae_handle(other, "b" * 64), cache_file=cache)
     assert torch.equal(fresh.indices, encode_slices(other, slices, torch.device("cpu")))
 
 
@@ -103,11 +113,11 @@ def test_code_maps_are_encoded_again_in_another_precision(tmp_path, monkeypatch)
     slices = SliceSet(images.half(), ["a", "b", "c"], [(64, 32)] * 3, torch.zeros(3, 2))
     cache = tmp_path / "train.pt"
     monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: False)
-    code_maps_for(tiny_vqvae(), "a" * 64, slices, cache, torch.device("cpu"))
+    code_maps_for(slices, vqvae=vqvae_handle(tiny_vqvae(), "a" * 64), cache_file=cache)
     assert torch.load(cache, weights_only=True)["stamp"]["precision"] == "float32"
     monkeypatch.setattr(runtime, "cpu_has_bfloat16_matrix_units", lambda: True)
     other = tiny_vqvae(seed=9)  # same hash: only the precision tells the caches apart
-    again = code_maps_for(other, "a" * 64, slices, cache, torch.device("cpu"))
+    again = code_maps_for(slices, vqvae=vqvae_handle(other, "a" * 64), cache_file=cache)
     assert torch.load(cache, weights_only=True)["stamp"]["precision"] == "bfloat16"
     assert torch.equal(again.indices, encode_slices(other, slices, torch.device("cpu")))
 
@@ -147,17 +157,7 @@ def test_prior_learns_patterned_codes_and_writes_its_run(tmp_path, monkeypatch):
     torch.manual_seed(0)
     prior = build_prior(config.prior, NUM_CODES, GRID)
     run = tmp_path / "prior"
-    result = train_prior(
-        prior,
-        train,
-        val,
-        config,
-        run,
-        torch.device("cpu"),
-        vqvae,
-        vqvae_path,
-        file_sha256(vqvae_path),
-    )
+    result = fit_prior(prior, train, val, config, run, vqvae)
     final = result.history[-1]
     assert final["val_nll_bits"] < 0.7 * final["val_unigram_bits"]
     assert final["val_nll_bits"] < result.history[0]["val_nll_bits"]
@@ -169,25 +169,24 @@ def test_prior_learns_patterned_codes_and_writes_its_run(tmp_path, monkeypatch):
         "epoch_10.png",
         "epoch_5.png",
     ]
-    loaded, checkpoint = load_prior(run / "best.pt", vqvae_path)
-    assert tuple(checkpoint.extras["grid_shape"]) == GRID
-    best = evaluate_prior(loaded, val, torch.device("cpu"))
-    assert best["nll_bits"] == pytest.approx(checkpoint.progress.best_score, rel=1e-5)
+    loaded = TrainedPrior.load(run / "best.pt", vqvae=vqvae)
+    assert loaded.extras.grid_shape == GRID
+    best = evaluate_prior(loaded.model, val, torch.device("cpu"))
+    checkpoint = load_prior_checkpoint(run / "best.pt")
+    assert best.nll_bits == pytest.approx(checkpoint.progress.best_score, rel=1e-5)
 
 
 @pytest.mark.parametrize("architecture", ["transformer", "masked"])
 def test_resumed_prior_matches_an_uninterrupted_run(tmp_path, architecture):
     vqvae_path = tmp_path / "vqvae.pt"
     vqvae = saved_vqvae(vqvae_path)
-    sha = file_sha256(vqvae_path)
     train, val = patterned_codes(24, 1), patterned_codes(8, 2)
-    cpu = torch.device("cpu")
 
     def run(config, out, resume=None):
         torch.manual_seed(0)
         config = replace(config, prior=replace(config.prior, architecture=architecture))
         prior = build_prior(config.prior, NUM_CODES, GRID)
-        return train_prior(prior, train, val, config, out, cpu, vqvae, vqvae_path, sha, resume)
+        return fit_prior(prior, train, val, config, out, vqvae, resume=resume)
 
     straight = run(prior_config(epochs=2, sample_every=0), tmp_path / "straight")
     run(prior_config(epochs=1, sample_every=0), tmp_path / "resumed")
@@ -209,22 +208,14 @@ def test_resumed_prior_matches_an_uninterrupted_run(tmp_path, architecture):
 def test_a_prior_refuses_another_vqvae(tmp_path):
     vqvae_path, other_path = tmp_path / "vqvae.pt", tmp_path / "other.pt"
     vqvae = saved_vqvae(vqvae_path)
-    saved_vqvae(other_path, seed=5)
+    other = saved_vqvae(other_path, seed=5)
     config = prior_config(epochs=1, sample_every=0)
     prior = build_prior(config.prior, NUM_CODES, GRID)
-    train_prior(
-        prior,
-        patterned_codes(8, 1),
-        patterned_codes(8, 2),
-        config,
-        tmp_path / "prior",
-        torch.device("cpu"),
-        vqvae,
-        vqvae_path,
-        file_sha256(vqvae_path),
+    fit_prior(
+        prior, patterned_codes(8, 1), patterned_codes(8, 2), config, tmp_path / "prior", vqvae
     )
     with pytest.raises(CheckpointError, match="trained on the codes of the VQ-VAE"):
-        load_prior(tmp_path / "prior" / "best.pt", other_path)
+        TrainedPrior.load(tmp_path / "prior" / "best.pt", vqvae=other)
     # Nor can the two kinds of checkpoint be confused.
     with pytest.raises(CheckpointError, match="is a prior checkpoint"):
         load_checkpoint(tmp_path / "prior" / "best.pt", "vqvae")
@@ -237,9 +228,7 @@ def test_a_prior_stopped_by_a_signal_inside_an_epoch_resumes_to_the_uninterrupte
 ):
     vqvae_path = tmp_path / "vqvae.pt"
     vqvae = saved_vqvae(vqvae_path)
-    sha = file_sha256(vqvae_path)
     train, val = patterned_codes(24, 1), patterned_codes(8, 2)
-    cpu = torch.device("cpu")
     base = prior_config(epochs=2, sample_every=0)
     # Dropout on, so the restored random state matters.
     config = replace(base, prior=replace(base.prior, dropout=0.2))
@@ -247,7 +236,7 @@ def test_a_prior_stopped_by_a_signal_inside_an_epoch_resumes_to_the_uninterrupte
     def run(out, resume=None):
         torch.manual_seed(0)
         prior = build_prior(config.prior, NUM_CODES, GRID)
-        return train_prior(prior, train, val, config, out, cpu, vqvae, vqvae_path, sha, resume)
+        return fit_prior(prior, train, val, config, out, vqvae, resume=resume)
 
     straight = run(tmp_path / "straight")
     real_loss, training_calls = prior_training.prior_loss, []
@@ -290,21 +279,21 @@ def test_a_masked_prior_learns_and_is_sampled_from_its_averaged_weights(tmp_path
     config = replace(config, prior=replace(config.prior, architecture="masked"))
     torch.manual_seed(0)
     prior = build_prior(config.prior, NUM_CODES, GRID)
-    sha = file_sha256(vqvae_path)
     cpu = torch.device("cpu")
-    result = train_prior(prior, train, val, config, tmp_path / "p", cpu, vqvae, vqvae_path, sha)
+    result = fit_prior(prior, train, val, config, tmp_path / "p", vqvae)
     final = result.history[-1]
     # Every masked code of a one-code map follows from any code left visible.
     assert final["val_nll_bits"] < final["val_unigram_bits"]
     assert final["val_nll_bits"] < result.history[0]["val_nll_bits"] - 1
-    loaded, checkpoint = load_prior(result.best_checkpoint, vqvae_path)
-    averaged = checkpoint.extras["ema"]["weights"]
-    assert checkpoint.extras["ema"]["updates"] > 0
-    for key, value in loaded.state_dict().items():
+    loaded = TrainedPrior.load(result.best_checkpoint, vqvae=vqvae)
+    checkpoint = load_prior_checkpoint(result.best_checkpoint)
+    averaged = loaded.extras.ema["weights"]
+    assert loaded.extras.ema["updates"] > 0
+    for key, value in loaded.model.state_dict().items():
         torch.testing.assert_close(value, averaged[key])
     assert any(not torch.equal(averaged[k], v) for k, v in checkpoint.model_state.items())
-    score = evaluate_prior(loaded, val, cpu, seed=config.prior_train.seed)
-    assert score["nll_bits"] == pytest.approx(checkpoint.progress.best_score, rel=1e-5)
+    score = evaluate_prior(loaded.model, val, cpu, seed=config.prior_train.seed)
+    assert score.nll_bits == pytest.approx(checkpoint.progress.best_score, rel=1e-5)
 
 
 def test_a_prior_trains_on_labels_and_augmented_maps(tmp_path):
@@ -327,15 +316,14 @@ def test_a_prior_trains_on_labels_and_augmented_maps(tmp_path):
     sizes = ConditionSizes(position=True, labels=(2,), augmentation=2)
     prior = build_prior(config.prior, NUM_CODES, GRID, sizes)
     vocabulary = (("side", ("left", "right")),)
-    sha, cpu = file_sha256(vqvae_path), torch.device("cpu")
-    result = train_prior(
-        prior, copies, val, config, tmp_path / "p", cpu, vqvae, vqvae_path, sha, None,
-        label_vocabulary=vocabulary,
-    )  # fmt: skip
-    extras = load_prior_checkpoint(result.last_checkpoint).extras
-    assert extras["condition_sizes"] == sizes.to_dict()
-    assert extras["label_vocabulary"] == [["side", ["left", "right"]]]
+    result = fit_prior(
+        prior, copies, val, config, tmp_path / "p", vqvae, label_vocabulary=vocabulary
+    )
+    checkpoint = load_prior_checkpoint(result.last_checkpoint)
+    extras = PriorExtras.from_plain(checkpoint.extras)
+    assert extras.condition_sizes == sizes
+    assert extras.label_vocabulary == vocabulary
     # The training distribution of conditions counts each slice once, not each copy.
-    assert len(extras["training_conditions"]["position"]) == 16
-    assert extras["training_conditions"]["labels"][:, 0].tolist() == [1, 2] * 8
+    assert len(extras.training_conditions.position) == 16
+    assert extras.training_conditions.labels[:, 0].tolist() == [1, 2] * 8
     assert (tmp_path / "p" / "samples" / "epoch_1.png").is_file()

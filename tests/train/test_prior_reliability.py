@@ -1,15 +1,11 @@
-"""The prior trains through the same loop as the VQ-VAE, so it has every safety net: SIGKILL
-at any step then --resume gives the uninterrupted weights bit for bit, SIGTERM writes a
-checkpoint and says how to resume, non-finite steps are skipped then stop the run, and two
-DDP processes follow the run one process makes with the whole batch."""
+"""What the prior adds to the one training loop's safety nets (the loop's own, resume after
+SIGKILL, stop signals, the non-finite guard, are tested once in tests/train/test_loop.py): its
+moving average of the weights survives a mid-epoch resume, its non-finite stop names the
+prior's settings, and two DDP processes follow the run one process makes with the whole
+batch."""
 
 from __future__ import annotations
 
-import random
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,150 +13,80 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mri_vqvae.checkpoint import Checkpoint, load_prior_checkpoint, save_checkpoint
-from mri_vqvae.config import Config, DataConfig
+from mri_vqvae.checkpoint import load_prior_checkpoint
 from mri_vqvae.distributed import leave_process_group
-from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import build_prior
 from mri_vqvae.train import prior as prior_training
 from mri_vqvae.train.loop import NonFiniteTraining
-from mri_vqvae.train.prior import train_prior
-from tests.helpers import (
-    TINY_SIZE,
-    cli_env,
-    free_port,
-    join_test_group,
-    tiny_model_config,
-    wait_for,
+from mri_vqvae.trained import TrainedVQVAE
+from tests.helpers import free_port, join_test_group
+from tests.train.test_prior import (
+    GRID,
+    NUM_CODES,
+    fit_prior,
+    patterned_codes,
+    prior_config,
+    saved_vqvae,
 )
-from tests.train.test_prior import GRID, NUM_CODES, patterned_codes, prior_config
-
-pytestmark = pytest.mark.slow
 
 
-def tiny_vqvae_file(path: Path) -> Path:
-    """A VQ-VAE checkpoint for 64x32 slices (untrained: the prior only needs its codes)."""
-    torch.manual_seed(0)
-    config = Config(
-        data=DataConfig(image_size=TINY_SIZE), model=tiny_model_config(num_embeddings=NUM_CODES)
-    )
-    model = VQVAE.from_config(config.model)
-    save_checkpoint(Checkpoint("vqvae", config, model.state_dict()), path)
-    return path
+class Crash(Exception):
+    pass
 
 
-def prior_command(vqvae: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    """A tiny train-prior run in its own process: 4 maps a step, a checkpoint after each,
-    dropout on (so the restored random state matters)."""
-    return [
-        sys.executable,
-        "-m",
-        "mri_vqvae",
-        "-q",
-        "train-prior",
-        "--vqvae",
-        str(vqvae),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--batch-size",
-        "4",
-        "--checkpoint-every",
-        "1",
-        *extra,
-        "prior.width=32",
-        "prior.num_layers=2",
-        "prior.num_heads=4",
-        "prior.dropout=0.2",
-        "prior_train.sample_every=0",
+@pytest.mark.slow
+def test_a_prior_resumed_mid_epoch_restores_its_moving_average(tmp_path: Path, monkeypatch):
+    vqvae = saved_vqvae(tmp_path / "vqvae.pt")
+    train, val = patterned_codes(24, 1), patterned_codes(8, 2)  # 3 steps an epoch
+    base = prior_config(epochs=2, sample_every=0, checkpoint_every=1, ema_decay=0.9)
+    config = replace(base, prior=replace(base.prior, dropout=0.2))
+
+    def run(out: Path, resume=None):
+        torch.manual_seed(0)
+        prior = build_prior(config.prior, NUM_CODES, GRID)
+        return fit_prior(prior, train, val, config, out, vqvae, resume=resume)
+
+    straight = run(tmp_path / "straight")
+    real_loss, training_calls = prior_training.prior_loss, []
+
+    def crashing_loss(prior, *args):
+        if prior.training:
+            training_calls.append(1)
+            if len(training_calls) == 5:  # the 2nd step of epoch 2
+                raise Crash
+        return real_loss(prior, *args)
+
+    monkeypatch.setattr(prior_training, "prior_loss", crashing_loss)
+    with pytest.raises(Crash):
+        run(tmp_path / "crashed")
+    monkeypatch.undo()
+    crashed = load_prior_checkpoint(tmp_path / "crashed" / "last.pt")
+    assert (crashed.progress.step_in_epoch, crashed.progress.global_step) == (1, 4)
+    assert crashed.extras["ema"]["updates"] == 4
+
+    resumed = run(tmp_path / "crashed", crashed)
+    a = load_prior_checkpoint(straight.last_checkpoint)
+    b = load_prior_checkpoint(resumed.last_checkpoint)
+    assert a.extras["ema"]["updates"] == b.extras["ema"]["updates"] == 6
+    for state_a, state_b in (
+        (a.model_state, b.model_state),
+        (a.extras["ema"]["weights"], b.extras["ema"]["weights"]),
+    ):
+        assert state_a.keys() == state_b.keys()
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), key
+    # Validation scores the moving average, so its figures match only if it was restored.
+    assert [row["val_nll_bits"] for row in resumed.history] == [
+        row["val_nll_bits"] for row in straight.history
     ]
 
 
-def same_weights(first: Path, second: Path) -> None:
-    a, b = load_prior_checkpoint(first).model_state, load_prior_checkpoint(second).model_state
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
-def test_prior_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(
-    phantom_root: Path, tmp_path: Path
-):
-    env, vqvae = cli_env(tmp_path), tiny_vqvae_file(tmp_path / "vqvae.pt")
-    epochs = ["--epochs", "2"]  # 24 maps: 6 steps an epoch, 12 in all
-    straight = subprocess.run(
-        prior_command(vqvae, phantom_root, tmp_path / "straight", *epochs),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
-    killed_dir = tmp_path / "killed"
-    process = subprocess.Popen(
-        prior_command(vqvae, phantom_root, killed_dir, *epochs),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(killed_dir / "last.pt", process)
-    wait_for_step = random.Random().randint(2, 9)  # somewhere in the run
-    while load_prior_checkpoint(killed_dir / "last.pt").progress.global_step < wait_for_step:
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    at_kill = load_prior_checkpoint(killed_dir / "last.pt").progress.global_step
-    assert at_kill < 12, "the run ended before it could be killed"
-
-    resumed = subprocess.run(
-        prior_command(vqvae, phantom_root, killed_dir, *epochs, "--resume"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert load_prior_checkpoint(killed_dir / "last.pt").progress.global_step == 12
-    same_weights(tmp_path / "straight" / "last.pt", killed_dir / "last.pt")
-
-
-def test_prior_sigterm_writes_a_checkpoint_of_where_it_stopped_and_says_how_to_resume(
-    phantom_root: Path, tmp_path: Path
-):
-    env, vqvae = cli_env(tmp_path), tiny_vqvae_file(tmp_path / "vqvae.pt")
-    run_dir = tmp_path / "prior"
-    command = prior_command(vqvae, phantom_root, run_dir, "--epochs", "50")
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    wait_for(run_dir / "last.pt", process)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert "SIGTERM received" in stderr and "resume with: mri-vqvae" in stderr
-    stopped = load_prior_checkpoint(run_dir / "last.pt").progress
-    # Stopped at the next step, with a checkpoint of exactly where (resuming from one is the
-    # SIGKILL test's, above).
-    assert stopped.global_step < 50 * 6
-    assert stopped.global_step == stopped.epoch * 6 + stopped.step_in_epoch
-
-
-def test_prior_steps_with_a_non_finite_loss_are_skipped_then_stop_the_run(
-    tmp_path: Path, monkeypatch
-):
-    vqvae_path = tiny_vqvae_file(tmp_path / "vqvae.pt")
-    vqvae = VQVAE.from_config(tiny_model_config(num_embeddings=NUM_CODES))
+def test_the_prior_s_non_finite_stop_names_the_prior_s_settings(tmp_path: Path, monkeypatch):
+    vqvae = saved_vqvae(tmp_path / "vqvae.pt")
     base = prior_config(epochs=2, sample_every=0)
     config = replace(base, prior_train=replace(base.prior_train, max_nonfinite_steps=3))
     torch.manual_seed(0)
     prior = build_prior(config.prior, NUM_CODES, GRID)
-    before = {k: v.clone() for k, v in prior.state_dict().items()}
     real_loss = prior_training.prior_loss
 
     def nan_loss(*args):
@@ -168,59 +94,46 @@ def test_prior_steps_with_a_non_finite_loss_are_skipped_then_stop_the_run(
         return loss * float("nan"), hits, count
 
     monkeypatch.setattr(prior_training, "prior_loss", nan_loss)
-    with pytest.raises(NonFiniteTraining, match=r"3 steps in a row .*prior_train\.lr"):
-        train_prior(
-            prior,
-            patterned_codes(24, 1),
-            patterned_codes(8, 2),
-            config,
-            tmp_path / "prior",
-            torch.device("cpu"),
-            vqvae,
-            vqvae_path,
-            "0" * 64,
+    with pytest.raises(
+        NonFiniteTraining,
+        match=r"3 steps in a row .*Lower prior_train\.lr, .* use prior_train\.precision=float32",
+    ):
+        fit_prior(
+            prior, patterned_codes(24, 1), patterned_codes(8, 2), config, tmp_path / "prior", vqvae
         )
-    for name, value in prior.state_dict().items():  # no update was applied
-        assert torch.equal(value, before[name]), name
 
 
-def _prior_rank(rank: int, world_size: int, port: int, out: str) -> None:
+def _prior_rank(rank: int, world_size: int, port: int, out: str, vqvae_path: str) -> None:
     processes, _ = join_test_group(rank, world_size, port)
     try:
-        prior, result = _train_tiny_prior(Path(out) / "run", processes)
+        prior, result = _train_tiny_prior(Path(out) / "run", Path(vqvae_path), processes)
         state = {"state": prior.state_dict(), "history": result.history}
         torch.save(state, Path(out) / f"rank{rank}.pt")
     finally:
         leave_process_group()
 
 
-def _train_tiny_prior(out: Path, processes=None):
+def _train_tiny_prior(out: Path, vqvae_path: Path, processes=None):
     # 24 maps in batches of 9: shards of 5 and 4, so the loss scaling is exercised.
     config = prior_config(epochs=2, sample_every=0, batch_size=9)
-    vqvae = VQVAE.from_config(tiny_model_config(num_embeddings=NUM_CODES))
+    vqvae = TrainedVQVAE.load(vqvae_path)
     torch.manual_seed(0)
     prior = build_prior(config.prior, NUM_CODES, GRID)
-    extra = () if processes is None else (None, processes)
-    result = train_prior(
-        prior,
-        patterned_codes(24, 1),
-        patterned_codes(8, 2),
-        config,
-        out,
-        torch.device("cpu"),
-        vqvae,
-        out / "vqvae.pt",
-        "0" * 64,
-        *extra,
+    options = {} if processes is None else {"processes": processes}
+    result = fit_prior(
+        prior, patterned_codes(24, 1), patterned_codes(8, 2), config, out, vqvae, **options
     )
     return prior, result
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 def test_two_prior_processes_agree_and_follow_one_process(tmp_path: Path):
+    vqvae_path = tmp_path / "vqvae.pt"
+    saved_vqvae(vqvae_path)
     mp.start_processes(
         _prior_rank,
-        args=(2, free_port(), str(tmp_path)),
+        args=(2, free_port(), str(tmp_path), str(vqvae_path)),
         nprocs=2,
         join=True,
         start_method="spawn",
@@ -229,7 +142,7 @@ def test_two_prior_processes_agree_and_follow_one_process(tmp_path: Path):
     second = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for name in first["state"]:
         assert torch.equal(first["state"][name], second["state"][name]), name
-    single, result = _train_tiny_prior(tmp_path / "single")
+    single, result = _train_tiny_prior(tmp_path / "single", vqvae_path)
     for name, value in single.state_dict().items():
         torch.testing.assert_close(first["state"][name], value, rtol=1e-4, atol=1e-5)
     for a, b in zip(first["history"], result.history, strict=True):

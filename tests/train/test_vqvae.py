@@ -37,7 +37,15 @@ def test_loss_falls_on_one_batch(phantom_root: Path):
 def run(config: Config, data, out: Path, resume=None):
     torch.manual_seed(config.train.seed)
     model = build_model(resume) if resume else VQVAE.from_config(config.model)
-    return train_vqvae(model, data["train"], data["val"], config, out, torch.device("cpu"), resume)
+    return train_vqvae(
+        model,
+        train_set=data["train"],
+        val_set=data["val"],
+        config=config,
+        run_dir=out,
+        device=torch.device("cpu"),
+        resume=resume,
+    )
 
 
 def test_run_folder_contents(phantom_root: Path, tmp_path: Path):
@@ -103,7 +111,14 @@ def test_indivisible_slices_are_refused_before_the_run_folder_exists(tmp_path: P
     )
     model = VQVAE.from_config(tiny_config().model)
     with pytest.raises(UserError, match=r"divisible by 4.*data\.image_size"):
-        train_vqvae(model, odd, odd, tiny_config(), tmp_path / "run", torch.device("cpu"))
+        train_vqvae(
+            model,
+            train_set=odd,
+            val_set=odd,
+            config=tiny_config(),
+            run_dir=tmp_path / "run",
+            device=torch.device("cpu"),
+        )
     assert not (tmp_path / "run").exists()
 
 

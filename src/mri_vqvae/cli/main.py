@@ -17,7 +17,10 @@ from mri_vqvae.config import Config, ConfigError, TrainConfig, load_config
 from mri_vqvae.data.phantom import PhantomSpec
 from mri_vqvae.errors import UserError
 from mri_vqvae.files import RunFolder
-from mri_vqvae.train.loop import NonFiniteTraining, TrainingInterrupted
+from mri_vqvae.records.evaluation import EvaluationSummary
+from mri_vqvae.records.samples import MEMORISATION_SSIM, SampleMeasures
+from mri_vqvae.records.training import VQVAEEpoch
+from mri_vqvae.train.loop import FitResult, NonFiniteTraining, TrainingInterrupted
 
 logger = logging.getLogger("mri_vqvae")
 
@@ -109,13 +112,13 @@ def run_train(args: argparse.Namespace) -> None:
         _print_training_result(result)
 
 
-def _print_training_result(result) -> None:
-    final = result.history[-1] if result.history else None
+def _print_training_result(result: FitResult) -> None:
     print(f"run folder: {result.run_dir}")
-    if final:
+    if result.history:
+        final = VQVAEEpoch.from_plain(result.history[-1])
         print(
-            f"  epochs done {final['epoch']}, val SSIM {final['val_ssim']:.4f}, "
-            f"codes used {100 * final['val_codebook_usage']:.1f}%"
+            f"  epochs done {final.epoch}, val SSIM {final.val_ssim:.4f}, "
+            f"codes used {100 * final.val_codebook_usage:.1f}%"
         )
     if result.best_checkpoint.is_file():
         print(f"  checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
@@ -149,36 +152,39 @@ def run_evaluate(args: argparse.Namespace) -> None:
     _print_evaluation(summary, args.out)
 
 
-def _print_realism(s: dict) -> None:
+def _print_realism(summary: EvaluationSummary) -> None:
     """Whether reconstructions, plain and with the acquisition texture, pass for real."""
-    spectrum, two_sample = s.get("power_spectrum"), s.get("two_sample", {})
-    if spectrum is None:
+    spectrum, two_sample = summary.power_spectrum, summary.two_sample
+    if spectrum is None or two_sample is None:
         return
-    gap = "largest_gap_db_up_to_half_nyquist"
-    plain = two_sample.get("reconstructions_vs_real", {}).get("accuracy")
-    line = "told from real slices at " + ("-" if plain is None else f"{plain:.3f}")
-    line += f", spectrum gap {spectrum[gap]:.1f} dB"
-    if "textured" in spectrum:
-        textured = two_sample.get("textured_reconstructions_vs_real", {}).get("accuracy")
-        line += "; with the acquisition texture " + ("-" if textured is None else f"{textured:.3f}")
-        line += f", {spectrum['textured'][gap]:.1f} dB (SSIM {s['textured_ssim_mean']:.4f})"
-    null = two_sample.get("null_real_halves", {}).get("accuracy")
-    print(line if null is None else f"{line} (null {null:.3f})")
+    plain = two_sample.reconstructions_vs_real
+    line = "told from real slices at " + ("-" if plain is None else f"{plain.accuracy:.3f}")
+    line += f", spectrum gap {spectrum.largest_gap_db_up_to_half_nyquist:.1f} dB"
+    if spectrum.textured is not None and summary.textured:
+        textured = two_sample.textured_reconstructions_vs_real
+        line += "; with the acquisition texture "
+        line += "-" if textured is None else f"{textured.accuracy:.3f}"
+        line += (
+            f", {spectrum.textured.largest_gap_db_up_to_half_nyquist:.1f} dB "
+            f"(SSIM {summary.textured_ssim_mean:.4f})"
+        )
+    null = two_sample.null_real_halves
+    print(line if null is None else f"{line} (null {null.accuracy:.3f})")
 
 
-def _print_evaluation(s: dict, out: Path) -> None:
+def _print_evaluation(s: EvaluationSummary, out: Path) -> None:
     print(
-        f"test SSIM {s['ssim_mean']:.4f} (min {s['ssim_min']:.4f}), PSNR {s['psnr_mean']:.2f} "
-        f"dB, codes used {100 * s['codebook_usage']:.1f}%, perplexity {s['perplexity']:.1f} "
-        f"over {s['n_images']} images"
+        f"test SSIM {s.ssim_mean:.4f} (min {s.ssim_min:.4f}), PSNR {s.psnr_mean:.2f} "
+        f"dB, codes used {100 * s.codebook_usage:.1f}%, perplexity {s.perplexity:.1f} "
+        f"over {s.n_images} images"
     )
     print(
-        f"inside the anatomy: SSIM {s['foreground_ssim_mean']:.4f}, PSNR "
-        f"{s['foreground_psnr_mean']:.2f} dB; SSIM under the seed's protocol "
-        f"{s['ssim_seed_protocol_mean']:.4f} (to compare with its 0.799 only)"
+        f"inside the anatomy: SSIM {s.foreground_ssim_mean:.4f}, PSNR "
+        f"{s.foreground_psnr_mean:.2f} dB; SSIM under the seed's protocol "
+        f"{s.ssim_seed_protocol_mean:.4f} (to compare with its 0.799 only)"
     )
     _print_realism(s)
-    textured = ", textured_reconstructions.png" if "textured_ssim_mean" in s else ""
+    textured = ", textured_reconstructions.png" if s.textured else ""
     print(
         f"results in {out}: metrics.json, per_image_metrics.csv, ssim_scores_test_set.png, "
         f"best_image.png, worst_image.png, reconstructed_images.png{textured}"
@@ -230,13 +236,13 @@ def run_train_prior(args: argparse.Namespace) -> None:
 
 def _print_prior_result(result: workflows.PriorRunResult) -> None:
     s, fit = result.summary, result.fit
-    below = 1 - s["val_nll_bits"] / s["val_unigram_bits"]
+    below = s.below_unigram
     print(f"prior folder: {fit.run_dir}")
     print(
-        f"  best epoch {s['best_epoch']}: val NLL {s['val_nll_bits']:.3f} bits/code, "
+        f"  best epoch {s.best_epoch}: val NLL {s.val_nll_bits:.3f} bits/code, "
         f"{100 * abs(below):.1f}% {'below' if below >= 0 else 'above'} the unigram "
-        f"{s['val_unigram_bits']:.3f}; test NLL {s['test_nll_bits']:.3f} (accuracy "
-        f"{100 * s['test_accuracy']:.1f}%)"
+        f"{s.val_unigram_bits:.3f}; test NLL {s.test_nll_bits:.3f} (accuracy "
+        f"{100 * s.test_accuracy:.1f}%)"
     )
     print(f"  checkpoints: {fit.best_checkpoint} (best), {fit.last_checkpoint} (last)")
     run = RunFolder(fit.run_dir)
@@ -293,51 +299,44 @@ def run_evaluate_samples(args: argparse.Namespace) -> None:
     _print_sample_measures(summary, args.out or args.samples / "evaluation")
 
 
-def _print_sample_measures(summary: dict, out: Path) -> None:
-    two_sample = summary["two_sample"]
-    print(f"protocol {summary['protocol']['name']}; two-sample accuracy (0.5 = indistinguishable):")
-    for key, label in (
-        ("samples_vs_train_reconstructions", "samples vs training reconstructions"),
-        ("null_train_halves", "null, two halves of training reconstructions"),
-        ("shift_train_vs_held_out_reconstructions", "shift, training vs held-out reconstructions"),
-        ("samples_vs_held_out_reconstructions", "samples vs held-out reconstructions"),
-        ("samples_vs_held_out_real", "samples vs real held-out slices"),
-    ):
-        test = two_sample[key]
+def _print_sample_measures(measures: SampleMeasures, out: Path) -> None:
+    two_sample = measures.two_sample
+    print(f"protocol {measures.protocol.name}; two-sample accuracy (0.5 = indistinguishable):")
+    for _, label, test in two_sample.by_comparison():
         print(
-            f"  {label}: {test['accuracy']:.3f} [{test['ci95_low']:.3f}, "
-            f"{test['ci95_high']:.3f}] ({test['images_per_set']} per set)"
+            f"  {label}: {test.accuracy:.3f} [{test.ci95_low:.3f}, {test.ci95_high:.3f}] "
+            f"({test.images_per_set} per set)"
         )
-    if not two_sample["trustworthy"]:
-        print(f"  untrustworthy: {two_sample['untrustworthy_reason']}")
-    for space, kid in summary["kid"].items():
-        ratio = kid["ratio_to_null"]
-        coverage = summary["density_coverage"][space]["samples_vs_train_reconstructions"]
+    if not two_sample.trustworthy:
+        print(f"  untrustworthy: {two_sample.untrustworthy_reason}")
+    for space, kid in measures.kid.items():
+        ratio = "n/a" if kid.ratio_to_null is None else f"{kid.ratio_to_null:.2f}"
+        coverage = measures.density_coverage[space].samples_vs_train_reconstructions
         print(
-            f"{space} features: KID {kid['samples_vs_train_reconstructions']['mean']:.5f} "
-            f"(null level {kid['null_level']:.5f}, ratio "
-            f"{'n/a' if ratio is None else f'{ratio:.2f}'}; shift "
-            f"{kid['shift_train_vs_held_out_reconstructions']['mean']:.5f}), density "
-            f"{coverage['density']:.3f}, coverage {coverage['coverage']:.3f}"
+            f"{space} features: KID {kid.samples_vs_train_reconstructions.mean:.5f} "
+            f"(null level {kid.null_level:.5f}, ratio {ratio}; shift "
+            f"{kid.shift_train_vs_held_out_reconstructions.mean:.5f}), density "
+            f"{coverage.density:.3f}, coverage {coverage.coverage:.3f}"
         )
     print(
-        f"nearest training slice: median SSIM {summary['nearest_train_ssim_samples']['median']:.3f}"
-        f", {100 * summary['share_samples_above_0.95']:.1f}% of samples above 0.95 (held-out "
-        f"real slices: {100 * summary['share_held_out_above_0.95']:.1f}%)"
+        f"nearest training slice: median SSIM {measures.nearest_train_ssim_samples.median:.3f}, "
+        f"{100 * measures.share_samples_memorised:.1f}% of samples above "
+        f"{MEMORISATION_SSIM} (held-out real slices: "
+        f"{100 * measures.share_held_out_memorised:.1f}%)"
     )
     print(
-        f"pairwise SSIM: samples {summary['pairwise_ssim_samples']:.3f}, real "
-        f"{summary['pairwise_ssim_held_out']:.3f} (ratio {summary['diversity_ratio']:.2f}), "
-        f"reconstructions {summary['pairwise_ssim_reconstructions']:.3f} (ratio "
-        f"{summary['diversity_ratio_vs_reconstructions']:.2f})"
+        f"pairwise SSIM: samples {measures.pairwise_ssim_samples:.3f}, real "
+        f"{measures.pairwise_ssim_held_out:.3f} (ratio {measures.diversity_ratio:.2f}), "
+        f"reconstructions {measures.pairwise_ssim_reconstructions:.3f} (ratio "
+        f"{measures.diversity_ratio_vs_reconstructions:.2f})"
     )
     print(
-        f"code histogram JS divergence {summary['code_js_divergence_bits']:.4f} bits (train vs "
-        f"held-out: {summary['code_js_divergence_train_vs_held_out_bits']:.4f}); codes used: "
-        f"samples {summary['codes_used_by_samples']}, held-out {summary['codes_used_by_held_out']}"
+        f"code histogram JS divergence {measures.code_js_divergence_bits:.4f} bits (train vs "
+        f"held-out: {measures.code_js_divergence_train_vs_held_out_bits:.4f}); codes used: "
+        f"samples {measures.codes_used_by_samples}, held-out {measures.codes_used_by_held_out}"
     )
     print(
-        f"results in {out} ({summary['seconds']:.0f} s): sample_metrics.json, memorisation.csv, "
+        f"results in {out} ({measures.seconds:.0f} s): sample_metrics.json, memorisation.csv, "
         "closest_to_training.png, samples_with_nearest_training.png, nearest_training_ssim.png"
     )
 

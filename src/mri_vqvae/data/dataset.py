@@ -280,6 +280,32 @@ def load_splits(
     return {split: load_split(files[split], config, label=split) for split in splits}
 
 
+@dataclass(frozen=True)
+class DataSources:
+    """Where the slices are: a HipMRI-layout root, and/or a folder per split (which wins)."""
+
+    root: Path | None = None
+    train: Path | None = None
+    val: Path | None = None
+    test: Path | None = None
+
+    def files(self) -> dict[str, list[Path]]:
+        """Every split's slice files."""
+        return resolve_split_files(self.root, self.train, self.val, self.test)
+
+    def test_files(self) -> list[Path]:
+        """The test split's files (``test`` alone is enough)."""
+        return list_slices(self.test) if self.test is not None else self.files()["test"]
+
+    def load(self, config: DataConfig, splits: tuple[str, ...] = SPLITS) -> dict[str, SliceSet]:
+        """Decode (or load from cache) each of ``splits``."""
+        return load_splits(self.files(), config, splits)
+
+    def load_test(self, config: DataConfig) -> SliceSet:
+        """Decode (or load from cache) the test split alone."""
+        return load_split(self.test_files(), config, label="test")
+
+
 _SLICE_NUMBER = re.compile(r"^(?P<volume>.*)_slice_(?P<number>\d+)(?:\.nii(?:\.gz)?)?$")
 
 

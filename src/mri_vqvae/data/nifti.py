@@ -83,12 +83,12 @@ class SliceGeometry(NamedTuple):
         if len(zooms) != len(stored_shape) or not all(np.isfinite(zooms)):
             raise ValueError(f"voxel sizes {zooms} do not fit shape {stored_shape}")
         return cls(
-            stored_shape,
-            tuple(tuple(float(x) for x in row) for row in affine),
-            zooms,
-            str(value["spatial_unit"]),
-            int(value["sform_code"]),
-            int(value["qform_code"]),
+            stored_shape=stored_shape,
+            affine=tuple(tuple(float(x) for x in row) for row in affine),
+            zooms=zooms,
+            spatial_unit=str(value["spatial_unit"]),
+            sform_code=int(value["sform_code"]),
+            qform_code=int(value["qform_code"]),
         )
 
 
@@ -142,6 +142,37 @@ def read_slice(path: str | Path) -> Slice:
             or holds NaN/Inf voxels or a constant image.
     """
     path = Path(path)
+    image = _open_image(path)
+    kept = _in_plane_shape(image, path)
+    if path.name.lower().endswith(".gz"):
+        _check_gzip(path, _expected_bytes(image))
+    try:
+        raw = np.asanyarray(image.dataobj)
+    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(
+            path, f"voxel data cannot be read, the file may be truncated ({err})"
+        ) from err
+    except MemoryError as err:
+        raise DataError(path, f"voxel data of shape {image.shape} does not fit in memory") from err
+    except Exception as err:  # e.g. a voxel type or scaling the header gets wrong
+        raise DataError(
+            path, f"voxel data cannot be decoded ({type(err).__name__}: {err})"
+        ) from err
+    pixels = _to_grayscale(np.asarray(raw), path).reshape(kept)
+    if min(kept) < MIN_SIDE:
+        raise DataError(path, f"slice of shape {kept} is too small (sides under {MIN_SIDE})")
+    finite = np.isfinite(pixels)
+    if not finite.all():
+        bad = int((~finite).sum())
+        raise DataError(path, f"holds {bad} NaN or infinite voxels")
+    if pixels.max() == pixels.min():
+        raise DataError(path, f"is a constant image (every voxel is {pixels.flat[0]:g})")
+    return Slice(np.ascontiguousarray(pixels), image.affine, image.header)
+
+
+def _open_image(path: Path) -> nib.Nifti1Image:
+    """The NIfTI image at ``path`` (its header; voxels are read later), or a DataError
+    naming why it cannot be one."""
     if not path.exists():
         if path.is_symlink():
             raise DataError(path, "is a symbolic link to nothing (broken, or a loop)")
@@ -166,6 +197,11 @@ def read_slice(path: str | Path) -> Slice:
         ) from err
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(path, f"is a {type(image).__name__}, not a NIfTI image")
+    return image
+
+
+def _in_plane_shape(image: nib.Nifti1Image, path: Path) -> tuple[int, int]:
+    """The header's shape without its singleton axes, refusing what is not a 2D slice."""
     shape = tuple(int(s) for s in image.shape)
     if any(s < 0 for s in shape):
         raise DataError(path, f"header gives a negative dimension {shape}")
@@ -180,30 +216,7 @@ def read_slice(path: str | Path) -> Slice:
                 f" with {len(kept)} axes longer than 1" if len(kept) != len(shape) else ""
             )
         raise DataError(path, f"has shape {shape}, {what}; expected a 2D slice")
-    if path.name.lower().endswith(".gz"):
-        _check_gzip(path, _expected_bytes(image))
-    try:
-        raw = np.asanyarray(image.dataobj)
-    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as err:
-        raise DataError(
-            path, f"voxel data cannot be read, the file may be truncated ({err})"
-        ) from err
-    except MemoryError as err:
-        raise DataError(path, f"voxel data of shape {shape} does not fit in memory") from err
-    except Exception as err:  # e.g. a voxel type or scaling the header gets wrong
-        raise DataError(
-            path, f"voxel data cannot be decoded ({type(err).__name__}: {err})"
-        ) from err
-    pixels = _to_grayscale(np.asarray(raw), path).reshape(kept)
-    if min(kept) < MIN_SIDE:
-        raise DataError(path, f"slice of shape {kept} is too small (sides under {MIN_SIDE})")
-    finite = np.isfinite(pixels)
-    if not finite.all():
-        bad = int((~finite).sum())
-        raise DataError(path, f"holds {bad} NaN or infinite voxels")
-    if pixels.max() == pixels.min():
-        raise DataError(path, f"is a constant image (every voxel is {pixels.flat[0]:g})")
-    return Slice(np.ascontiguousarray(pixels), image.affine, image.header)
+    return kept
 
 
 def _expected_bytes(image: nib.Nifti1Image) -> int:

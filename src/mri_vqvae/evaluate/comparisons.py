@@ -34,20 +34,50 @@ from mri_vqvae.evaluate.distances import (
     standardiser,
 )
 from mri_vqvae.evaluate.features import FeatureSpaces
-from mri_vqvae.evaluate.protocol import SampleProtocol
 from mri_vqvae.evaluate.sample_metrics import classifier_two_sample_test, null_verdict
+from mri_vqvae.protocol import SampleProtocol
+from mri_vqvae.records.samples import (
+    COMPARISON_LABELS,
+    DensityCoverageFamily,
+    KidFamily,
+    SampleTwoSample,
+)
 
-PRIMARY = "samples_vs_train_reconstructions"
-NULL = "null_train_halves"
-SHIFT = "shift_train_vs_held_out_reconstructions"
-# (compared set, reference set) of every comparison, by the names of ReferenceSets' fields.
-COMPARISONS = {
-    PRIMARY: ("samples", "train_half_a"),
-    NULL: ("train_half_b", "train_half_a"),
-    SHIFT: ("held_out_reconstructions", "train_half_a"),
-    "samples_vs_held_out_reconstructions": ("samples", "held_out_reconstructions"),
-    "samples_vs_held_out_real": ("samples_as_written", "held_out_real"),
-}
+PRIMARY, NULL, SHIFT = tuple(COMPARISON_LABELS)[:3]
+# (compared set, reference set) of every comparison, by the names of ReferenceSets' fields, in
+# the order of the records' COMPARISON_LABELS.
+COMPARISONS = dict(
+    zip(
+        COMPARISON_LABELS,
+        (
+            ("samples", "train_half_a"),
+            ("train_half_b", "train_half_a"),
+            ("held_out_reconstructions", "train_half_a"),
+            ("samples", "held_out_reconstructions"),
+            ("samples_as_written", "held_out_real"),
+        ),
+        strict=True,
+    )
+)
+
+
+@dataclass(frozen=True)
+class Comparisons:
+    """Every comparison by every measure, and how long each measure took."""
+
+    two_sample: SampleTwoSample
+    kid: dict[str, KidFamily]
+    density_coverage: dict[str, DensityCoverageFamily]
+    seconds_by_measure: dict[str, float]
+
+    def figures(self) -> dict[str, object]:
+        """The comparisons by the names of :class:`SampleMeasures`' fields."""
+        return {
+            "two_sample": self.two_sample,
+            "kid": self.kid,
+            "density_coverage": self.density_coverage,
+            "seconds_by_measure": self.seconds_by_measure,
+        }
 
 
 @dataclass
@@ -73,64 +103,73 @@ def split_in_halves(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _kid_family(
     features: dict[str, torch.Tensor], protocol: SampleProtocol, seed: int
-) -> dict[str, object]:
+) -> KidFamily:
     """KID of every comparison, the null's level and the figure's ratio to it."""
-    result: dict[str, object] = {"kernel": protocol.kid_kernel}
     width = None
     if protocol.kid_kernel == "gaussian":
         # One width per feature space, from the whole training reference, so every comparison
         # in the space is measured on one scale.
         width = median_distance(torch.cat([features["train_half_a"], features["train_half_b"]]))
-        result["kernel_width"] = width
-    for name, (compared, reference) in COMPARISONS.items():
-        result[name] = kernel_inception_distance(
+    figures = {
+        name: kernel_inception_distance(
             features[compared],
             features[reference],
-            protocol.kid_subsets,
-            protocol.kid_subset_size,
-            seed,
-            protocol.kid_kernel,
-            width,
+            subsets=protocol.kid_subsets,
+            max_subset_size=protocol.kid_subset_size,
+            seed=seed,
+            kernel=protocol.kid_kernel,
+            width=width,
         )
-    null = result[NULL]
+        for name, (compared, reference) in COMPARISONS.items()
+    }
+    null = figures[NULL]
     # The null's expectation is 0; the size a KID between two halves of one set reaches at this
     # sample size is its mean's magnitude plus its spread over subsets. "KID at most 2x its
     # null" compares the figure with that level, not with a mean that may be 0 or negative.
-    null_level = abs(null["mean"]) + null["std"]
-    result["null_level"] = null_level
-    result["ratio_to_null"] = result[PRIMARY]["mean"] / null_level if null_level > 0 else None
-    return result
+    null_level = abs(null.mean) + null.std
+    return KidFamily(
+        kernel=protocol.kid_kernel,
+        kernel_width=width,
+        null_level=null_level,
+        ratio_to_null=figures[PRIMARY].mean / null_level if null_level > 0 else None,
+        **figures,
+    )
 
 
 def _density_coverage_family(
     features: dict[str, torch.Tensor], protocol: SampleProtocol, seed: int
-) -> dict[str, object]:
+) -> DensityCoverageFamily:
     """Density and coverage of every comparison, both sets cut to the smaller's size, since
     coverage grows with the number of compared vectors."""
     generator = torch.Generator().manual_seed(seed)
-    result: dict[str, object] = {}
+    figures = {}
     for name, (compared, reference) in COMPARISONS.items():
         count = min(len(features[compared]), len(features[reference]))
         picked = [
             features[key][torch.randperm(len(features[key]), generator=generator)[:count]]
             for key in (reference, compared)
         ]
-        result[name] = density_and_coverage(*picked, protocol.nearest_neighbours)
-    return result
+        figures[name] = density_and_coverage(*picked, protocol.nearest_neighbours)
+    return DensityCoverageFamily(**figures)
 
 
 def _two_sample_family(
     features: dict[str, torch.Tensor], protocol: SampleProtocol, seed: int
-) -> dict[str, object]:
-    result: dict[str, object] = {
+) -> SampleTwoSample:
+    figures = {
         name: classifier_two_sample_test(features[compared], features[reference], protocol, seed)
         for name, (compared, reference) in COMPARISONS.items()
     }
-    result.update(null_verdict(result[NULL], protocol))
-    return result
+    verdict = null_verdict(figures[NULL], protocol)
+    return SampleTwoSample(
+        features=protocol.classifier_features,
+        trustworthy=verdict.trustworthy,
+        untrustworthy_reason=verdict.untrustworthy_reason,
+        **figures,
+    )
 
 
-def compare_sets(sets: ReferenceSets, protocol: SampleProtocol, seed: int) -> dict[str, object]:
+def compare_sets(sets: ReferenceSets, protocol: SampleProtocol, seed: int) -> Comparisons:
     """Every comparison of ``sets`` by every measure, under ``protocol``."""
     # Each comparison needs a vector per fold, more than k neighbours and two KID subsets of 2.
     needed = max(protocol.classifier_folds, protocol.nearest_neighbours + 1, 4)
@@ -146,21 +185,15 @@ def compare_sets(sets: ReferenceSets, protocol: SampleProtocol, seed: int) -> di
     clock.lap("autoencoder_training")
     by_space = _standardised_features(sets, spaces, sorted(sizes))
     clock.lap("features")
-    result: dict[str, object] = {
-        "two_sample": {
-            "features": protocol.classifier_features,
-            **_two_sample_family(by_space[protocol.classifier_features], protocol, seed),
-        }
-    }
+    two_sample = _two_sample_family(by_space[protocol.classifier_features], protocol, seed)
     clock.lap("two_sample")
-    result["kid"] = {space: _kid_family(f, protocol, seed) for space, f in by_space.items()}
+    kid = {space: _kid_family(f, protocol, seed) for space, f in by_space.items()}
     clock.lap("kid")
-    result["density_coverage"] = {
+    density_coverage = {
         space: _density_coverage_family(f, protocol, seed) for space, f in by_space.items()
     }
     clock.lap("density_coverage")
-    result["seconds_by_measure"] = clock.laps
-    return result
+    return Comparisons(two_sample, kid, density_coverage, clock.laps)
 
 
 def _standardised_features(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from mri_vqvae.errors import InputError
+from mri_vqvae.records.measures import DensityCoverage, KernelDistance
 
 # No feature's spread counts as less than this share of the median spread: a feature nearly
 # constant in the reference (a channel the random network seldom fires, a decoder that
@@ -85,12 +86,13 @@ def unbiased_mmd2(
 def kernel_inception_distance(
     first: torch.Tensor,
     second: torch.Tensor,
+    *,
     subsets: int,
     max_subset_size: int,
     seed: int,
     kernel: str = "cubic",
     width: float | None = None,
-) -> dict[str, float]:
+) -> KernelDistance:
     """KID's mean and standard deviation over ``subsets`` random subsets of each set.
 
     A subset holds at most half of the smaller set, so subsets differ and their spread
@@ -115,17 +117,17 @@ def kernel_inception_distance(
         ],
         dtype=torch.float64,
     )
-    return {
-        "mean": float(estimates.mean()),
-        "std": float(estimates.std()) if subsets > 1 else 0.0,
-        "subset_size": size,
-        "subsets": subsets,
-    }
+    return KernelDistance(
+        mean=float(estimates.mean()),
+        std=float(estimates.std()) if subsets > 1 else 0.0,
+        subset_size=size,
+        subsets=subsets,
+    )
 
 
 def density_and_coverage(
     reference: torch.Tensor, compared: torch.Tensor, neighbours: int
-) -> dict[str, float]:
+) -> DensityCoverage:
     """Density and coverage of ``compared`` against ``reference`` (Naeem et al. 2020)."""
     if len(reference) <= neighbours:
         raise InputError(
@@ -136,8 +138,8 @@ def density_and_coverage(
     # k + 1 nearest: the nearest is the vector itself, at distance 0.
     radii = between_reference.topk(neighbours + 1, dim=1, largest=False).values[:, -1]
     inside = torch.cdist(reference, compared) < radii[:, None]  # (reference, compared)
-    return {
-        "density": float(inside.sum()) / (neighbours * len(compared)),
-        "coverage": float(inside.any(dim=1).double().mean()),
-        "neighbours": neighbours,
-    }
+    return DensityCoverage(
+        density=float(inside.sum()) / (neighbours * len(compared)),
+        coverage=float(inside.any(dim=1).double().mean()),
+        neighbours=neighbours,
+    )

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mri_vqvae.evaluate.protocol import SampleProtocol
+from mri_vqvae.protocol import SampleProtocol
 
 # Slices are tall (left-right by anterior-posterior): a 4x2 grid keeps cells about square.
 LAYOUT_GRID = (4, 2)

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from mri_vqvae.errors import InputError
 from mri_vqvae.evaluate.distances import standardiser
-from mri_vqvae.evaluate.protocol import SampleProtocol
 from mri_vqvae.metrics import ssim_map
+from mri_vqvae.protocol import SampleProtocol
+from mri_vqvae.records.measures import Distribution, NullVerdict, TwoSampleTest
 
 
 def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
@@ -60,7 +61,7 @@ def _fit_logistic(
 
 def classifier_two_sample_test(
     first: torch.Tensor, second: torch.Tensor, protocol: SampleProtocol, seed: int = 0
-) -> dict[str, float]:
+) -> TwoSampleTest:
     """Cross-validated accuracy of a logistic regression telling the feature vectors ``first``
     from ``second`` (``(N, F)`` each; Lopez-Paz & Oquab 2017).
 
@@ -92,33 +93,32 @@ def classifier_two_sample_test(
         train_total += int((~held_out).sum())
     trials = 2 * count
     low, high = clopper_pearson(correct, trials)
-    return {
-        "accuracy": correct / trials,
-        "ci95_low": low,
-        "ci95_high": high,
-        "images_per_set": count,
-        "train_accuracy": train_correct / train_total,
-    }
+    return TwoSampleTest(
+        accuracy=correct / trials,
+        ci95_low=low,
+        ci95_high=high,
+        images_per_set=count,
+        train_accuracy=train_correct / train_total,
+    )
 
 
-def null_verdict(null: dict[str, float], protocol: SampleProtocol) -> dict[str, object]:
+def null_verdict(null: TwoSampleTest, protocol: SampleProtocol) -> NullVerdict:
     """Whether a two-sample figure can be trusted, from the test on two random halves of one
     set (the null): its accuracy must stay at most ``protocol.null_max_accuracy`` and its 95%
     interval must reach down to 0.5. A null above chance means the classifier finds
     differences that are not there (too few images, leaking folds, a broken split), so the
     figure beside it says nothing about the samples."""
     reasons = []
-    if null["accuracy"] > protocol.null_max_accuracy:
+    if null.accuracy > protocol.null_max_accuracy:
         reasons.append(
             f"the null test (two random halves of one set) reached accuracy "
-            f"{null['accuracy']:.3f} > {protocol.null_max_accuracy}"
+            f"{null.accuracy:.3f} > {protocol.null_max_accuracy}"
         )
-    if null["ci95_low"] > 0.5:
+    if null.ci95_low > 0.5:
         reasons.append(
-            f"the null test's 95% interval [{null['ci95_low']:.3f}, {null['ci95_high']:.3f}] "
-            "excludes 0.5"
+            f"the null test's 95% interval [{null.ci95_low:.3f}, {null.ci95_high:.3f}] excludes 0.5"
         )
-    return {"trustworthy": not reasons, "untrustworthy_reason": "; ".join(reasons) or None}
+    return NullVerdict(trustworthy=not reasons, untrustworthy_reason="; ".join(reasons) or None)
 
 
 def _coarse(images: torch.Tensor) -> torch.Tensor:
@@ -203,19 +203,19 @@ def share_above(values: torch.Tensor, threshold: float) -> float:
     return float((values > threshold).float().mean())
 
 
-def distribution(values: torch.Tensor) -> dict[str, float]:
+def distribution(values: torch.Tensor) -> Distribution:
     """Mean, spread and quantiles of a 1D tensor."""
     values = values.double()
     quantiles = torch.quantile(values, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
-    return {
-        "mean": float(values.mean()),
-        "std": float(values.std()) if len(values) > 1 else 0.0,
-        "min": float(values.min()),
-        "p05": float(quantiles[0]),
-        "median": float(quantiles[1]),
-        "p95": float(quantiles[2]),
-        "max": float(values.max()),
-    }
+    return Distribution(
+        mean=float(values.mean()),
+        std=float(values.std()) if len(values) > 1 else 0.0,
+        min=float(values.min()),
+        p05=float(quantiles[0]),
+        median=float(quantiles[1]),
+        p95=float(quantiles[2]),
+        max=float(values.max()),
+    )
 
 
 def within(value: float, reference: float, tolerance: float) -> bool:

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from mri_vqvae import plots
-from mri_vqvae.code_maps import encode_slices
-from mri_vqvae.config import SampleMetricsConfig
-from mri_vqvae.data.dataset import SliceSet
-from mri_vqvae.errors import InputError
-from mri_vqvae.evaluate.comparisons import (
-    NULL,
-    PRIMARY,
-    ReferenceSets,
-    compare_sets,
-    split_in_halves,
-)
-from mri_vqvae.evaluate.protocol import protocol_named
+from mri_vqvae.code_maps import encode_slices, load_sample_codes
+from mri_vqvae.config import DataConfig, SampleMetricsConfig
+from mri_vqvae.data.dataset import SliceSet, list_slices, load_split
+from mri_vqvae.errors import ConfigError, InputError, UserError
+from mri_vqvae.evaluate.comparisons import ReferenceSets, compare_sets, split_in_halves
 from mri_vqvae.evaluate.sample_metrics import (
     distribution,
     jensen_shannon_bits,
@@ -37,16 +27,24 @@ from mri_vqvae.files import (
     CLOSEST_TO_TRAINING,
     MEMORISATION_TABLE,
     NEAREST_TRAINING_SSIM,
+    SAMPLE_CODES,
     SAMPLE_METRICS,
+    SAMPLES_SUMMARY,
     SAMPLES_WITH_NEAREST,
-    write_text_atomic,
+    write_csv_atomic,
 )
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.texture import ResidualTexture, texture_generator
+from mri_vqvae.records.samples import (
+    MEMORISATION_SSIM,
+    MeasuredTexture,
+    SampleMeasures,
+    SampleMetadata,
+)
+from mri_vqvae.trained import TrainedVQVAE
 
 logger = logging.getLogger(__name__)
 
-MEMORISATION_SSIM = 0.95
 # The issue's targets, recorded beside each figure so a summary says whether it met them.
 TARGET_TWO_SAMPLE_VS_TRAIN_RECONSTRUCTIONS = 0.65
 TARGET_NULL_ACCURACY = 0.55
@@ -69,6 +67,7 @@ def reconstruct(
     vqvae: VQVAE,
     images: torch.Tensor,
     device: torch.device,
+    *,
     batch_size: int = 64,
     texture: ResidualTexture | None = None,
     generator: torch.Generator | None = None,
@@ -93,8 +92,8 @@ def reference_sets(
     train: SliceSet,
     held_out: SliceSet,
     held_out_reconstructions: torch.Tensor,
-    vqvae: VQVAE,
-    device: torch.device,
+    *,
+    vqvae: TrainedVQVAE,
     settings: SampleMetricsConfig,
     samples_as_written: torch.Tensor | None = None,
     texture: ResidualTexture | None = None,
@@ -107,7 +106,7 @@ def reference_sets(
     rows = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed))
     rows = rows[:count]
     train_reconstructions, _ = reconstruct(
-        vqvae, train.images[rows], device, texture=texture,
+        vqvae.model, train.images[rows], vqvae.device, texture=texture,
         generator=texture_generator(settings.seed, "train"),
     )  # fmt: skip
     half_a, half_b = split_in_halves(count, settings.seed)
@@ -122,102 +121,174 @@ def reference_sets(
     )
 
 
+@dataclass(frozen=True)
+class GeneratedSamples:
+    """A sample folder as ``evaluate-samples`` reads it: the slices as written, their code
+    maps (None where ``codes.pt`` is missing or does not match the files), the acquisition
+    texture they carry (None if none) and the decoder's mean of their codes, prepared as
+    loaded slices are (None without a texture or without codes)."""
+
+    slices: SliceSet
+    codes: torch.Tensor | None = None
+    texture: ResidualTexture | None = None
+    plain: torch.Tensor | None = None
+
+
+def read_sample_metadata(folder: Path) -> SampleMetadata | None:
+    """The folder's ``samples.json``, checked; None where there is none."""
+    path = folder / SAMPLES_SUMMARY
+    return SampleMetadata.read(path) if path.is_file() else None
+
+
+def samples_vqvae_path(folder: Path, given: Path | None) -> Path:
+    """The VQ-VAE the samples in ``folder`` were drawn with: ``given``, or the one their
+    ``samples.json`` names."""
+    metadata = read_sample_metadata(folder)
+    if given is not None:
+        return given
+    if metadata is None:
+        raise ConfigError(
+            f"{folder / SAMPLES_SUMMARY} is missing, so names no VQ-VAE; pass --vqvae"
+        )
+    return Path(metadata.vqvae)
+
+
+def read_generated_samples(
+    folder: Path, *, vqvae: TrainedVQVAE, data: DataConfig
+) -> GeneratedSamples:
+    """The slices of a sample folder at ``vqvae``'s size, their codes and the texture they
+    carry, after checking that ``samples.json`` says they were drawn with ``vqvae``."""
+    metadata = read_sample_metadata(folder)
+    if metadata is not None and metadata.vqvae_sha256 != vqvae.sha256:
+        raise UserError(
+            f"{vqvae.path}: not the VQ-VAE these samples were drawn with "
+            f"({folder / SAMPLES_SUMMARY} gives sha256 {metadata.vqvae_sha256[:12]}...)"
+        )
+    slices = load_split(list_slices(folder), replace(data, use_cache=False), label="samples")
+    codes = None
+    if (folder / SAMPLE_CODES).is_file() and not slices.skipped:
+        codes = load_sample_codes(folder / SAMPLE_CODES)
+        codes = codes if len(codes) == len(slices) else None
+    if metadata is None or not metadata.textured:
+        return GeneratedSamples(slices, codes)
+    if vqvae.texture is None:
+        raise UserError(
+            f"{folder / SAMPLES_SUMMARY} says the samples carry the VQ-VAE's acquisition "
+            f"texture, but {vqvae.path} keeps none: not the VQ-VAE they were drawn with"
+        )
+    if codes is None:
+        logger.warning(
+            "%s: no codes.pt for every sample, so the textured files meet reconstructions "
+            "given the texture too, and memorisation is searched with the files alone (their "
+            "noise lowers each SSIM to a training slice a little)",
+            folder,
+        )
+        return GeneratedSamples(slices, None, vqvae.texture)
+    plain = as_loaded(vqvae.decode(codes))
+    return GeneratedSamples(slices, codes, vqvae.texture, plain)
+
+
 def evaluate_samples(
-    samples: SliceSet,
-    sample_codes: torch.Tensor | None,
+    samples: GeneratedSamples,
+    *,
     train: SliceSet,
     held_out: SliceSet,
-    vqvae: VQVAE,
+    vqvae: TrainedVQVAE,
     out_dir: str | Path,
-    device: torch.device,
-    settings: SampleMetricsConfig | None = None,
-    texture: ResidualTexture | None = None,
-    plain_samples: torch.Tensor | None = None,
-) -> dict:
+    settings: SampleMetricsConfig,
+) -> SampleMeasures:
     """Two-sample tests, KID, density and coverage (each with its null and the shift),
     memorisation, diversity and code statistics of ``samples``; writes ``sample_metrics.json``,
     ``memorisation.csv`` and figures to ``out_dir``.
 
-    ``held_out`` are real slices the VQ-VAE and prior never trained on; ``sample_codes`` are
-    the drawn code maps (encoded from the images when ``None``). Samples that carry the
-    VQ-VAE's acquisition ``texture`` meet the reconstructions as ``plain_samples`` (the
-    decoder's mean of their codes; noise on both sides would only blunt the classifier) and
-    the real slices as written; without ``plain_samples``, the files meet reconstructions
-    given a draw of the texture too. Memorisation is searched with the files and
-    ``plain_samples``, the closer of the two, since added noise lowers every SSIM and would
-    hide a copy.
+    ``held_out`` are real slices the VQ-VAE and prior never trained on. Samples that carry the
+    VQ-VAE's acquisition texture meet the reconstructions as the decoder's mean of their codes
+    (noise on both sides would only blunt the classifier) and the real slices as written;
+    without their codes, the files meet reconstructions given a draw of the texture too.
+    Memorisation is searched with the files and the decoder's mean, the closer of the two,
+    since added noise lowers every SSIM and would hide a copy.
     """
-    settings = settings or SampleMetricsConfig()
-    protocol = protocol_named(settings.protocol)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    sample_images, real_images = samples.images.float(), held_out.images.float()
-    if sample_images.shape[-2:] != real_images.shape[-2:]:
+    written = samples.slices.images.float()
+    if written.shape[-2:] != held_out.images.shape[-2:]:
         raise InputError(
-            f"samples are {tuple(sample_images.shape[-2:])} but real slices are "
-            f"{tuple(real_images.shape[-2:])}; load both at the VQ-VAE's image size"
+            f"samples are {tuple(written.shape[-2:])} but real slices are "
+            f"{tuple(held_out.images.shape[-2:])}; load both at the VQ-VAE's image size"
         )
-    # Textured samples meet the reconstructions as the decoder's mean of their codes; without
-    # their codes, as written, against reconstructions given the texture too.
-    compared, reference_texture = sample_images, texture
-    if plain_samples is not None:
-        compared, reference_texture = plain_samples.float(), None
+    sets, held_out_codes = _compared_sets(samples, train, held_out, vqvae, settings)
+    logger.info("comparing samples with training reconstructions (protocol %s)", settings.protocol)
+    comparisons = compare_sets(sets, settings.measures, settings.seed)
+    nearest = Nearest.of(written, held_out.images.float(), train, settings)
+    if samples.plain is not None:
+        nearest = nearest.or_closer(samples.plain.float(), train, settings)
+    codes = samples.codes
+    if codes is None:
+        codes = encode_slices(vqvae.model, samples.slices, vqvae.device)
+    measures = SampleMeasures(
+        protocol=settings.measures,
+        texture=_texture_record(samples),
+        num_samples=len(samples.slices),
+        num_held_out=len(held_out),
+        num_train=len(train),
+        num_train_reconstructed=len(sets.train_half_a) + len(sets.train_half_b),
+        **comparisons.figures(),
+        **nearest.figures(),
+        **_diversity(sets.samples, sets.held_out_real, sets.held_out_reconstructions, settings),
+        **_code_statistics(codes, held_out_codes, train, vqvae),
+        settings=settings,
+        seconds=0.0,
+    )
+    measures = replace(measures, targets=targets(measures), seconds=time.monotonic() - started)
+    measures.write(out_dir / SAMPLE_METRICS)
+    _write_memorisation_table(samples.slices, train, nearest, out_dir)
+    _figures(samples.slices, train, nearest, out_dir, settings)
+    return measures
+
+
+def _compared_sets(
+    samples: GeneratedSamples,
+    train: SliceSet,
+    held_out: SliceSet,
+    vqvae: TrainedVQVAE,
+    settings: SampleMetricsConfig,
+) -> tuple[ReferenceSets, torch.Tensor]:
+    """The sets to compare, and the held-out slices' code maps. Textured samples meet the
+    reconstructions as the decoder's mean of their codes where they have them; without,
+    as written, against reconstructions given a draw of the texture too."""
+    written = samples.slices.images.float()
+    compared = written if samples.plain is None else samples.plain.float()
+    texture = samples.texture if samples.plain is None else None
     reconstructions, held_out_codes = reconstruct(
-        vqvae, held_out.images, device, texture=reference_texture,
+        vqvae.model, held_out.images, vqvae.device, texture=texture,
         generator=texture_generator(settings.seed, "held_out"),
     )  # fmt: skip
     sets = reference_sets(
-        compared, train, held_out, reconstructions, vqvae, device, settings, sample_images,
-        reference_texture,
+        compared, train, held_out, reconstructions, vqvae=vqvae, settings=settings,
+        samples_as_written=written, texture=texture,
     )  # fmt: skip
-    logger.info("comparing samples with training reconstructions (protocol %s)", protocol.name)
-    comparisons = compare_sets(sets, protocol, settings.seed)
-    logger.info("nearest training slices")
-    nearest = Nearest.of(sample_images, real_images, train, settings)
-    if plain_samples is not None:
-        nearest = nearest.or_closer(plain_samples.float(), train, settings)
-    if sample_codes is None:
-        sample_codes = encode_slices(vqvae, samples, device)
-    summary = {
-        "protocol": protocol.to_dict(),
-        "texture": _texture_record(texture, plain_samples is not None),
-        "num_samples": len(samples),
-        "num_held_out": len(held_out),
-        "num_train": len(train),
-        "num_train_reconstructed": len(sets.train_half_a) + len(sets.train_half_b),
-        **comparisons,
-        **nearest.summary(),
-        **_diversity(compared, real_images, reconstructions, settings),
-        **_code_statistics(sample_codes, held_out_codes, train, vqvae, device),
-    }
-    summary["targets"] = targets(summary)
-    summary["settings"] = dataclasses.asdict(settings)
-    summary["seconds"] = time.monotonic() - started
-    write_text_atomic(out_dir / SAMPLE_METRICS, json.dumps(summary, indent=2))
-    _write_memorisation_table(samples, train, nearest, out_dir)
-    _figures(samples, train, nearest, out_dir, settings)
-    return summary
+    return sets, held_out_codes
 
 
-def _texture_record(texture: ResidualTexture | None, decoded: bool) -> dict[str, object]:
+def _texture_record(samples: GeneratedSamples) -> MeasuredTexture:
     """What sample_metrics.json says of the acquisition texture and how it was handled."""
-    if texture is None:
-        return {"samples_textured": False}
-    if decoded:
-        return {
-            "samples_textured": True,
-            "against_reconstructions": "the decoder's mean of the samples' codes",
-            "against_real_slices": "the sample files, texture and all",
-            "memorisation_searched_with": "the files and the decoder's mean, the closer",
-        }
-    return {
-        "samples_textured": True,
-        "against_reconstructions": "the sample files, against reconstructions with a draw "
+    if samples.texture is None:
+        return MeasuredTexture(samples_textured=False)
+    if samples.plain is not None:
+        return MeasuredTexture(
+            samples_textured=True,
+            against_reconstructions="the decoder's mean of the samples' codes",
+            against_real_slices="the sample files, texture and all",
+            memorisation_searched_with="the files and the decoder's mean, the closer",
+        )
+    return MeasuredTexture(
+        samples_textured=True,
+        against_reconstructions="the sample files, against reconstructions with a draw "
         "of the texture (no codes to decode)",
-        "against_real_slices": "the sample files, texture and all",
-        "memorisation_searched_with": "the files alone",
-    }
+        against_real_slices="the sample files, texture and all",
+        memorisation_searched_with="the files alone",
+    )
 
 
 @dataclass
@@ -254,13 +325,14 @@ class Nearest:
             self.held_out,
         )
 
-    def summary(self) -> dict[str, object]:
-        """Distributions and the shares above the memorisation threshold."""
+    def figures(self) -> dict[str, object]:
+        """The distributions and the shares above the memorisation threshold, by the names
+        of :class:`SampleMeasures`' fields."""
         return {
             "nearest_train_ssim_samples": distribution(self.samples),
             "nearest_train_ssim_held_out": distribution(self.held_out),
-            "share_samples_above_0.95": share_above(self.samples, MEMORISATION_SSIM),
-            "share_held_out_above_0.95": share_above(self.held_out, MEMORISATION_SSIM),
+            "share_samples_memorised": share_above(self.samples, MEMORISATION_SSIM),
+            "share_held_out_memorised": share_above(self.held_out, MEMORISATION_SSIM),
         }
 
 
@@ -289,14 +361,14 @@ def _code_statistics(
     sample_codes: torch.Tensor,
     held_out_codes: torch.Tensor,
     train: SliceSet,
-    vqvae: VQVAE,
-    device: torch.device,
+    vqvae: TrainedVQVAE,
 ) -> dict[str, float]:
-    size = vqvae.num_embeddings
+    size = vqvae.model.num_embeddings
+    train_codes = encode_slices(vqvae.model, train, vqvae.device)
     counts = {
         "samples": torch.bincount(sample_codes.flatten().long(), minlength=size),
         "held_out": torch.bincount(held_out_codes.flatten(), minlength=size),
-        "train": torch.bincount(encode_slices(vqvae, train, device).flatten(), minlength=size),
+        "train": torch.bincount(train_codes.flatten(), minlength=size),
     }
     return {
         "code_js_divergence_bits": jensen_shannon_bits(counts["samples"], counts["held_out"]),
@@ -308,26 +380,30 @@ def _code_statistics(
     }
 
 
-def targets(summary: dict) -> dict[str, bool]:
-    """The issue's targets, each true when ``summary`` meets it."""
-    two_sample = summary["two_sample"]
+def targets(measures: SampleMeasures) -> dict[str, bool]:
+    """The issue's targets, each true when ``measures`` meets it."""
+    two_sample = measures.two_sample
     met = {
         "two_sample_vs_train_reconstructions_at_most_0.65": (
-            two_sample[PRIMARY]["accuracy"] <= TARGET_TWO_SAMPLE_VS_TRAIN_RECONSTRUCTIONS
+            two_sample.samples_vs_train_reconstructions.accuracy
+            <= TARGET_TWO_SAMPLE_VS_TRAIN_RECONSTRUCTIONS
         ),
-        "two_sample_null_at_most_0.55": two_sample[NULL]["accuracy"] <= TARGET_NULL_ACCURACY,
+        "two_sample_null_at_most_0.55": (
+            two_sample.null_train_halves.accuracy <= TARGET_NULL_ACCURACY
+        ),
     }
-    for space, kid in summary["kid"].items():
-        ratio = kid["ratio_to_null"]
+    for space, kid in measures.kid.items():
+        ratio = kid.ratio_to_null
         met[f"kid_{space}_at_most_2x_null"] = ratio is not None and ratio <= TARGET_KID_TO_NULL
     met["under_1_percent_above_0.95_ssim"] = (
-        summary["share_samples_above_0.95"] < TARGET_MEMORISED_SHARE
+        measures.share_samples_memorised < TARGET_MEMORISED_SHARE
     )
-    for suffix, reference in (("", "held_out"), ("_of_reconstructions", "reconstructions")):
+    for suffix, reference in (
+        ("", measures.pairwise_ssim_held_out),
+        ("_of_reconstructions", measures.pairwise_ssim_reconstructions),
+    ):
         met[f"diversity_within_20_percent{suffix}"] = within(
-            summary["pairwise_ssim_samples"],
-            summary[f"pairwise_ssim_{reference}"],
-            TARGET_DIVERSITY_TOLERANCE,
+            measures.pairwise_ssim_samples, reference, TARGET_DIVERSITY_TOLERANCE
         )
     return met
 
@@ -335,13 +411,11 @@ def targets(summary: dict) -> dict[str, bool]:
 def _write_memorisation_table(
     samples: SliceSet, train: SliceSet, nearest: Nearest, out_dir: Path
 ) -> None:
-    with open(out_dir / MEMORISATION_TABLE, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["sample", "nearest_train_slice", "ssim"])
-        for i, name in enumerate(samples.names):
-            writer.writerow(
-                [name, train.names[nearest.sample_index[i]], f"{float(nearest.samples[i]):.6f}"]
-            )
+    rows = [
+        [name, train.names[nearest.sample_index[i]], f"{float(nearest.samples[i]):.6f}"]
+        for i, name in enumerate(samples.names)
+    ]
+    write_csv_atomic(out_dir / MEMORISATION_TABLE, ["sample", "nearest_train_slice", "ssim"], rows)
 
 
 def _figures(

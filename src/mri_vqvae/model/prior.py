@@ -176,6 +176,7 @@ class KVCache:
         num_layers: int,
         batch_size: int,
         num_heads: int,
+        *,
         max_length: int,
         head_dim: int,
         device: torch.device,
@@ -387,10 +388,10 @@ class TransformerPrior(_TransformerTrunk):
             len(self.blocks),
             batch_size,
             self.num_heads,
-            self.sequence_length,
-            width // self.num_heads,
-            weight.device,
-            dtype,
+            max_length=self.sequence_length,
+            head_dim=width // self.num_heads,
+            device=weight.device,
+            dtype=dtype,
         )
 
     def step(

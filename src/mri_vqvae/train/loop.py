@@ -72,7 +72,8 @@ class TrainingTask:
             wants them.
         score_column: the validation column whose lowest value makes ``best.pt``.
         epoch_name: how log lines name an epoch ("epoch", "prior epoch").
-        sum_width: the length of the vectors :meth:`step_sums` returns.
+        sum_names: the names of the sums :meth:`step_sums` returns, in the order the loop
+            keeps them.
         device: where the batches are made.
         global_step: the steps taken before the current one; the loop sets it before each
             :meth:`loss` (for terms that start at a given step).
@@ -87,7 +88,7 @@ class TrainingTask:
     metric_columns: tuple[str, ...]
     score_column: str
     epoch_name: str = "epoch"
-    sum_width: int
+    sum_names: tuple[str, ...]
     device: torch.device
     global_step: int = 0
 
@@ -106,9 +107,10 @@ class TrainingTask:
         :meth:`step_sums` needs of the forward pass."""
         raise NotImplementedError
 
-    def step_sums(self, rows: torch.Tensor, output: Any) -> torch.Tensor:
-        """A float64 vector of sums over the step's examples, after an applied step; the loop
-        sums them over processes and passes them to :meth:`train_metrics` as ``(steps, S)``."""
+    def step_sums(self, rows: torch.Tensor, output: Any) -> dict[str, torch.Tensor]:
+        """Sums over the step's examples after an applied step, by the names of
+        :attr:`sum_names` (each a float64 scalar); the loop sums them over processes and
+        passes every step's to :meth:`train_metrics` as :class:`StepSums`."""
         raise NotImplementedError
 
     def after_step(self) -> None:
@@ -121,10 +123,10 @@ class TrainingTask:
         return {}
 
     def train_metrics(
-        self, sums: torch.Tensor, history: list[dict[str, Any]], processes: ProcessGroup
+        self, sums: StepSums, history: list[dict[str, Any]], processes: ProcessGroup
     ) -> dict[str, Any]:
-        """The epoch's training columns from every applied step's sums, ``(steps, S)``
-        (``history``: the rows of the epochs before; every process calls it)."""
+        """The epoch's training columns from every applied step's sums (``history``: the rows
+        of the epochs before; every process calls it)."""
         raise NotImplementedError
 
     def validate(self, processes: ProcessGroup) -> dict[str, Any]:
@@ -155,15 +157,33 @@ class TrainingTask:
         """The run's closing pictures (main process only)."""
 
 
+@dataclass(frozen=True)
+class StepSums:
+    """Every applied step's sums of an epoch, ``values (steps, S)`` float64, by column name."""
+
+    names: tuple[str, ...]
+    values: torch.Tensor
+
+    def column(self, name: str) -> torch.Tensor:
+        """One sum for every step, ``(steps,)``."""
+        return self.values[:, self.names.index(name)]
+
+    def total(self, name: str) -> float:
+        """One sum over the whole epoch."""
+        return float(self.column(name).sum())
+
+
 @dataclass
 class FitResult:
-    """Where a training run left its outputs, and what it measured."""
+    """Where a training run left its outputs, and what it measured. ``wrote_best``: whether
+    this call wrote ``best.pt`` (a resumed run that never improved on it did not)."""
 
     run_dir: Path
     history: list[dict]
     best_checkpoint: Path
     last_checkpoint: Path
     stopped_by_time_budget: bool
+    wrote_best: bool = False
 
 
 class TrainingInterrupted(Exception):
@@ -216,6 +236,7 @@ def optimisation_step(
     trainer: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     loss: torch.Tensor,
+    *,
     grad_clip_norm: float | None,
     loss_scale: float = 1.0,
     scaler: torch.amp.GradScaler | None = None,
@@ -303,6 +324,20 @@ def _stacked(step_sums: list[torch.Tensor], width: int, device: torch.device) ->
     return torch.zeros(0, width, dtype=torch.float64, device=device)
 
 
+def _restored_sums(partial: dict[str, Any], names: tuple[str, ...]) -> torch.Tensor:
+    """A mid-epoch checkpoint's step sums, ``(steps, len(names))``, column by column by name;
+    a sum the checkpoint lacks (the task sums more figures now) is zero."""
+    saved = partial["step_sums"]
+    saved_names = partial.get("sum_names") or names[: saved.shape[1]]
+    columns = [
+        saved[:, saved_names.index(name)]
+        if name in saved_names
+        else saved.new_zeros(saved.shape[0])
+        for name in names
+    ]
+    return torch.stack(columns, dim=1)
+
+
 class _Fit:
     """One call of :func:`fit`: the state that changes as training goes."""
 
@@ -344,6 +379,7 @@ class _Fit:
         self.out_of_time = False
         self.lr = self.settings.lr
         self.board: TensorBoardLog | None = None
+        self.wrote_best = False
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -376,9 +412,10 @@ class _Fit:
     def epoch_so_far(self, seconds: float) -> dict[str, Any]:
         """The epoch so far, summed over processes, as a mid-epoch checkpoint stores it.
         Every process must call it (it sums across them)."""
-        sums = _stacked(self.step_sums, self.task.sum_width, self.task.device)
+        sums = _stacked(self.step_sums, len(self.task.sum_names), self.task.device)
         return {
             "step_sums": self.processes.sum(sums).cpu(),
+            "sum_names": list(self.task.sum_names),
             "seconds": seconds,
             "skipped_steps": self.skipped,
             "task": self.task.epoch_state(self.processes),
@@ -397,10 +434,7 @@ class _Fit:
         if partial is None:
             return 0
         self.seconds_before, self.skipped = partial["seconds"], partial["skipped_steps"]
-        saved = partial["step_sums"].to(self.task.device)
-        missing = self.task.sum_width - saved.shape[1]
-        if missing > 0:  # written before the task summed its newer figures (zero then)
-            saved = torch.cat([saved, saved.new_zeros(saved.shape[0], missing)], dim=1)
+        saved = _restored_sums(partial, self.task.sum_names).to(self.task.device)
         if not self.main:
             # The saved sums are every process's, so only the main process takes them back;
             # the others hold as many zero rows, so every process's stack of step sums has
@@ -442,15 +476,16 @@ class _Fit:
             task.trainer,
             task.optimizer,
             loss,
-            self.settings.grad_clip_norm,
-            loss_scale,
-            self.scaler,
+            grad_clip_norm=self.settings.grad_clip_norm,
+            loss_scale=loss_scale,
+            scaler=self.scaler,
         )
         self.progress.global_step += 1
         if applied:
             self.skipped_in_a_row = 0
             task.after_step()
-            self.step_sums.append(task.step_sums(mine, output))
+            sums = task.step_sums(mine, output)
+            self.step_sums.append(torch.stack([sums[name] for name in task.sum_names]))
         elif self.is_scaler_overflow(loss):
             self.skipped += 1
             logger.debug("float16 gradient overflow: step skipped, loss scale lowered")
@@ -545,7 +580,8 @@ class _Fit:
     def end_epoch(self, epoch: int) -> None:
         """Validate, log, preview and checkpoint a finished (or budget-ended) epoch."""
         task, processes, progress = self.task, self.processes, self.progress
-        sums = processes.sum(_stacked(self.step_sums, task.sum_width, task.device))
+        stacked = _stacked(self.step_sums, len(task.sum_names), task.device)
+        sums = StepSums(task.sum_names, processes.sum(stacked))
         row = {"epoch": epoch, "global_step": progress.global_step}
         row.update(task.train_metrics(sums, progress.history, processes))
         row.update(task.validate(processes))
@@ -574,6 +610,7 @@ class _Fit:
         self.save(self.run.last_checkpoint, epoch)
         if improved:
             self.save(self.run.best_checkpoint, epoch)
+            self.wrote_best = True
 
     def __call__(self) -> FitResult:
         task, settings = self.task, self.settings
@@ -598,7 +635,12 @@ class _Fit:
         run = self.run
         history = self.progress.history
         return FitResult(
-            run.path, history, run.best_checkpoint, run.last_checkpoint, self.out_of_time
+            run_dir=run.path,
+            history=history,
+            best_checkpoint=run.best_checkpoint,
+            last_checkpoint=run.last_checkpoint,
+            stopped_by_time_budget=self.out_of_time,
+            wrote_best=self.wrote_best and self.main,
         )
 
 

@@ -7,44 +7,37 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from mri_vqvae import plots
-from mri_vqvae.checkpoint import Checkpoint, load_weights
+from mri_vqvae.checkpoint import Checkpoint, PriorExtras, TrainingConditions, load_weights
 from mri_vqvae.code_maps import CodeMaps
 from mri_vqvae.config import Config
 from mri_vqvae.data.labels import LabelVocabulary
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
 from mri_vqvae.files import RunFolder, epoch_picture
-from mri_vqvae.generate.sampling import draw_conditions, generate_samples
-from mri_vqvae.model import VQVAE
+from mri_vqvae.generate.conditions import draw_conditions
+from mri_vqvae.generate.samples import generate_samples
 from mri_vqvae.model.prior import ConditionSizes, Prior, PriorConditions, random_masks
+from mri_vqvae.records.training import PriorEpoch, PriorSummary, columns
 from mri_vqvae.runtime import autocast, resolve_precision
 from mri_vqvae.train.ema import WeightAverage
-from mri_vqvae.train.loop import FitResult, TrainingTask, fit
+from mri_vqvae.train.loop import FitResult, StepSums, TrainingTask, fit
 from mri_vqvae.train.tensorboard import TensorBoardLog
+from mri_vqvae.trained import TrainedPrior, TrainedVQVAE
 
 logger = logging.getLogger(__name__)
 
-# The prior's columns of metrics.csv, in order.
-PRIOR_METRIC_COLUMNS = (
-    "epoch",
-    "global_step",
-    "train_nll_bits",
-    "train_accuracy",
-    "val_nll_bits",
-    "val_accuracy",
-    "val_unigram_bits",
-    "train_skipped_steps",
-    "lr",
-    "epoch_seconds",
-    "elapsed_seconds",
-    "stopped_by_time_budget",
-)
+# The prior's columns of metrics.csv, in order: the fields of its epoch record.
+PRIOR_METRIC_COLUMNS = columns(PriorEpoch)
+
+# What each training step adds up: nats over the step's predicted codes, the codes predicted
+# right, and the codes predicted.
+STEP_SUMS = ("nats", "correct", "predicted")
 
 
 def prior_loss(
@@ -80,15 +73,23 @@ def training_masks(prior: Prior, batch: int, device: torch.device, generator=Non
     return masks.to(device)
 
 
+class PriorScore(NamedTuple):
+    """A prior's cross-entropy in bits per predicted code, and how many it predicts exactly."""
+
+    nll_bits: float
+    accuracy: float
+
+
 @torch.no_grad()
 def evaluate_prior(
     prior: Prior,
     codes: CodeMaps,
     device: torch.device,
+    *,
     batch_size: int = 64,
     processes: ProcessGroup = SINGLE_PROCESS,
     seed: int = 0,
-) -> dict[str, float]:
+) -> PriorScore:
     """Cross-entropy in bits per predicted code and accuracy over a whole split (in a
     distributed run each process scores its share and all return the whole split's).
 
@@ -111,18 +112,18 @@ def evaluate_prior(
         totals += torch.tensor([float(loss) * count, float(hits), count], device=device)
     processes.sum(totals)
     nats, correct, count = totals.tolist()
-    return {"nll_bits": nats / count / math.log(2), "accuracy": correct / count}
+    return PriorScore(nll_bits=nats / count / math.log(2), accuracy=correct / count)
 
 
-def training_conditions(codes: CodeMaps, sizes: ConditionSizes) -> dict[str, Any]:
+def training_conditions(codes: CodeMaps, sizes: ConditionSizes) -> TrainingConditions:
     """The slice positions and labels of the plain training maps, kept in the checkpoint so
     that sampling without a given condition draws them from the training distribution."""
     # The plain maps come first; augmented copies after them repeat their slices' conditions.
     plain = torch.arange(codes.slice_count)
-    return {
-        "position": codes.slice_positions[plain].float() if sizes.position else None,
-        "labels": codes.labels[plain] if sizes.labels else None,
-    }
+    return TrainingConditions(
+        position=codes.slice_positions[plain].float() if sizes.position else None,
+        labels=codes.labels[plain] if sizes.labels else None,
+    )
 
 
 class PriorTask(TrainingTask):
@@ -135,27 +136,25 @@ class PriorTask(TrainingTask):
     metric_columns = PRIOR_METRIC_COLUMNS
     score_column = "val_nll_bits"
     epoch_name = "prior epoch"
-    sum_width = 3  # nats summed over the step's predicted codes, codes right, codes predicted
+    sum_names = STEP_SUMS
 
     def __init__(
         self,
         prior: Prior,
+        *,
         train_codes: CodeMaps,
         val_codes: CodeMaps,
         config: Config,
         run: RunFolder,
-        device: torch.device,
-        vqvae: VQVAE,
-        vqvae_path: str | Path,
-        vqvae_sha256: str,
-        processes: ProcessGroup = SINGLE_PROCESS,
+        vqvae: TrainedVQVAE,
         label_vocabulary: LabelVocabulary = (),
+        processes: ProcessGroup = SINGLE_PROCESS,
     ) -> None:
         self.config, self.settings, self.run = config, config.prior_train, run
+        device = vqvae.device
         self.model, self.device, self.processes = prior.to(device), device, processes
         self.train_codes, self.val_codes = train_codes, val_codes
-        self.vqvae = vqvae.to(device).eval()
-        self.vqvae_path, self.vqvae_sha256 = str(vqvae_path), vqvae_sha256
+        self.vqvae = vqvae
         self.label_vocabulary = label_vocabulary
         self.trainer = (
             DistributedDataParallel(
@@ -200,24 +199,22 @@ class PriorTask(TrainingTask):
         if self.average is not None:
             self.average.update(self.model)
 
-    def step_sums(self, rows: torch.Tensor, output: Any) -> torch.Tensor:
+    def step_sums(self, rows: torch.Tensor, output: Any) -> dict[str, torch.Tensor]:
         count, hits, loss = output
-        return torch.stack(
-            [
-                loss.detach().double() * count,
-                hits.double(),
-                torch.full((), count, dtype=torch.float64, device=self.device),
-            ]
-        )
+        return {
+            "nats": loss.detach().double() * count,
+            "correct": hits.double(),
+            "predicted": torch.full((), count, dtype=torch.float64, device=self.device),
+        }
 
     def train_metrics(
-        self, sums: torch.Tensor, history: list[dict[str, Any]], processes: ProcessGroup
+        self, sums: StepSums, history: list[dict[str, Any]], processes: ProcessGroup
     ) -> dict[str, Any]:
-        nats, correct, predicted = sums.sum(0).tolist()
+        predicted = sums.total("predicted")
         per_code = 1 / predicted if predicted else math.nan
         return {
-            "train_nll_bits": nats * per_code / math.log(2),
-            "train_accuracy": correct * per_code,
+            "train_nll_bits": sums.total("nats") * per_code / math.log(2),
+            "train_accuracy": sums.total("correct") * per_code,
         }
 
     def validate(self, processes: ProcessGroup) -> dict[str, Any]:
@@ -225,13 +222,13 @@ class PriorTask(TrainingTask):
             self.evaluated,
             self.val_codes,
             self.device,
-            self.settings.batch_size,
-            processes,
-            self.settings.seed,
+            batch_size=self.settings.batch_size,
+            processes=processes,
+            seed=self.settings.seed,
         )
         return {
-            "val_nll_bits": val["nll_bits"],
-            "val_accuracy": val["accuracy"],
+            "val_nll_bits": val.nll_bits,
+            "val_accuracy": val.accuracy,
             "val_unigram_bits": self.unigram_bits,
         }
 
@@ -251,9 +248,12 @@ class PriorTask(TrainingTask):
             return
         count = self.settings.num_preview_samples
         generator = torch.Generator().manual_seed(self.settings.seed)
-        conditions = draw_conditions(self.extras(), count, generator)
+        conditions = draw_conditions(self.prior_extras(), count, generator)
         run = generate_samples(
-            self.vqvae, self.evaluated, count, self.config.sample, conditions, self.settings.seed
+            vqvae=self.vqvae,
+            prior=self.evaluated,
+            settings=replace(self.config.sample, num_samples=count, seed=self.settings.seed),
+            conditions=conditions,
         )
         plots.image_grid(
             run.images.numpy(),
@@ -263,22 +263,27 @@ class PriorTask(TrainingTask):
         if board is not None:
             board.image_rows("samples", list(run.images.split(8)), global_step)
 
-    def extras(self) -> dict[str, Any]:
+    def prior_extras(self) -> PriorExtras:
+        """What the prior's checkpoints record beside its weights."""
         sizes = self.model.condition_sizes
-        return {
-            "num_embeddings": self.model.num_embeddings,
-            "grid_shape": list(self.model.grid_shape),
-            "vqvae_sha256": self.vqvae_sha256,
-            "vqvae_path": self.vqvae_path,
-            "condition_sizes": sizes.to_dict(),
-            "label_vocabulary": [[name, list(values)] for name, values in self.label_vocabulary],
-            "training_conditions": training_conditions(self.train_codes, sizes),
-            "ema": None if self.average is None else self.average.state_dict(),
-        }
+        return PriorExtras(
+            num_embeddings=self.model.num_embeddings,
+            grid_shape=tuple(self.model.grid_shape),
+            vqvae_sha256=self.vqvae.sha256,
+            vqvae_path=str(self.vqvae.path),
+            condition_sizes=sizes,
+            label_vocabulary=self.label_vocabulary,
+            training_conditions=training_conditions(self.train_codes, sizes),
+            ema=None if self.average is None else self.average.state_dict(),
+        )
+
+    def extras(self) -> dict[str, Any]:
+        return self.prior_extras().to_plain()
 
     def restore(self, extras: dict[str, Any]) -> None:
-        if self.average is not None and extras.get("ema") is not None:
-            self.average.load_state_dict(extras["ema"])
+        saved = PriorExtras.from_plain(extras, self.run.last_checkpoint)
+        if self.average is not None and saved.ema is not None:
+            self.average.load_state_dict(saved.ema)
 
     def finish(self, history: list[dict[str, Any]]) -> None:
         plots.nll_curves(history, self.run.nll_curves)
@@ -286,21 +291,19 @@ class PriorTask(TrainingTask):
 
 def train_prior(
     prior: Prior,
+    *,
     train_codes: CodeMaps,
     val_codes: CodeMaps,
     config: Config,
     run_dir: str | Path,
-    device: torch.device,
-    vqvae: VQVAE,
-    vqvae_path: str | Path,
-    vqvae_sha256: str,
+    vqvae: TrainedVQVAE,
+    label_vocabulary: LabelVocabulary = (),
     resume: Checkpoint | None = None,
     processes: ProcessGroup = SINGLE_PROCESS,
-    label_vocabulary: LabelVocabulary = (),
 ) -> FitResult:
-    """Fit ``prior`` to ``train_codes`` through :func:`~mri_vqvae.train.loop.fit`, writing a
-    run folder: next-code cross-entropy for an autoregressive prior, masked-code
-    cross-entropy for a masked one.
+    """Fit ``prior`` to ``train_codes`` through :func:`~mri_vqvae.train.loop.fit` on
+    ``vqvae``'s device, writing a run folder: next-code cross-entropy for an autoregressive
+    prior, masked-code cross-entropy for a masked one.
 
     Each epoch logs train and validation bits per code and accuracy beside the validation
     codes' unigram entropy, saves ``last.pt`` and, when validation improves, ``best.pt``; every
@@ -308,6 +311,7 @@ def train_prior(
     ``samples/epoch_<N>.png`` through ``vqvae``. ``label_vocabulary`` names the labels and
     their values, in the order the maps' label indices count them.
     """
+    device = vqvae.device
     precision = resolve_precision(config.prior_train.precision, device, "prior_train.precision")
     # The run records what "auto" became here, as the VQ-VAE's does.
     config = replace(config, prior_train=replace(config.prior_train, precision=precision))
@@ -315,15 +319,38 @@ def train_prior(
         load_weights(prior, resume, run_dir)
     task = PriorTask(
         prior,
-        train_codes,
-        val_codes,
-        config,
-        RunFolder(Path(run_dir)),
-        device,
-        vqvae,
-        vqvae_path,
-        vqvae_sha256,
-        processes,
-        label_vocabulary,
+        train_codes=train_codes,
+        val_codes=val_codes,
+        config=config,
+        run=RunFolder(Path(run_dir)),
+        vqvae=vqvae,
+        label_vocabulary=label_vocabulary,
+        processes=processes,
     )
     return fit(task, run_dir, processes, resume)
+
+
+def summarise_prior(
+    result: FitResult, *, codes: dict[str, CodeMaps], config: Config, vqvae: TrainedVQVAE
+) -> PriorSummary:
+    """The best epoch's validation figures and the best checkpoint's score on the test maps,
+    with the weights sampling uses, for ``prior_summary.json``."""
+    best = TrainedPrior.load(result.best_checkpoint, vqvae=vqvae)
+    # best.pt is written when validation improves on every epoch before: the first lowest.
+    best_epoch = min(result.history, key=lambda row: row["val_nll_bits"])
+    settings = config.prior_train
+    test = evaluate_prior(
+        best.model, codes["test"], vqvae.device, batch_size=settings.batch_size, seed=settings.seed
+    )
+    return PriorSummary(
+        best_epoch=best_epoch["epoch"],
+        val_nll_bits=best_epoch["val_nll_bits"],
+        val_unigram_bits=codes["val"].unigram_bits(),
+        test_nll_bits=test.nll_bits,
+        test_accuracy=test.accuracy,
+        test_unigram_bits=codes["test"].unigram_bits(),
+        train_maps_per_slice=codes["train"].maps_per_slice,
+        train_maps=len(codes["train"]),
+        vqvae=str(vqvae.path),
+        vqvae_sha256=vqvae.sha256,
+    )

@@ -11,6 +11,7 @@ def warmup_cosine(
     lr: float,
     warmup_steps: int,
     final_lr_fraction: float,
+    *,
     step: int,
     total_steps: int,
     time_used: float = 0.0,
@@ -37,7 +38,7 @@ def learning_rate(
         settings.lr,
         settings.warmup_steps,
         settings.final_lr_fraction,
-        step,
-        total_steps,
-        time_used,
+        step=step,
+        total_steps=total_steps,
+        time_used=time_used,
     )

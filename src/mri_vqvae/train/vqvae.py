@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 
 from mri_vqvae import plots
-from mri_vqvae.checkpoint import DATA_REFERENCE, Checkpoint, load_weights
+from mri_vqvae.checkpoint import BATCH_LOSSES, DATA_REFERENCE, Checkpoint, load_weights
 from mri_vqvae.config import Config, TrainConfig
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.data.reference import data_reference
@@ -20,9 +20,10 @@ from mri_vqvae.files import RunFolder, epoch_picture
 from mri_vqvae.losses import VQVAELoss, ms_ssim_window, vqvae_loss
 from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
 from mri_vqvae.model import VQVAE, VQVAEOutput
+from mri_vqvae.records.training import VQVAEEpoch, columns
 from mri_vqvae.runtime import autocast, resolve_precision
 from mri_vqvae.train.adversarial import DISCRIMINATOR_STATE, AdversarialTerm
-from mri_vqvae.train.loop import FitResult, TrainingTask, fit, optimisation_step
+from mri_vqvae.train.loop import FitResult, StepSums, TrainingTask, fit, optimisation_step
 from mri_vqvae.train.tensorboard import TensorBoardLog
 
 logger = logging.getLogger(__name__)
@@ -31,31 +32,22 @@ logger = logging.getLogger(__name__)
 # any epoch after it ranks first (validation losses are far below this).
 _BEFORE_ADVERSARIAL_PENALTY = 1e6
 
-# The VQ-VAE's columns of metrics.csv, in order.
-METRIC_COLUMNS = (
-    "epoch",
-    "global_step",
-    "images_seen",
-    "train_loss",
-    "train_reconstruction_loss",
-    "train_ssim",
-    "train_codebook_usage",
-    "train_perplexity",
-    "train_dead_code_restarts",
-    "train_adversarial_loss",
-    "train_adversarial_weight",
-    "train_discriminator_loss",
-    "train_skipped_steps",
-    "lr",
-    "val_loss",
-    "val_reconstruction_loss",
-    "val_ssim",
-    "val_psnr",
-    "val_codebook_usage",
-    "val_perplexity",
-    "epoch_seconds",
-    "elapsed_seconds",
-    "stopped_by_time_budget",
+# The VQ-VAE's columns of metrics.csv, in order: the fields of its epoch record.
+METRIC_COLUMNS = columns(VQVAEEpoch)
+
+# What each training step adds up (the loop keeps them by these names): the training loss,
+# reconstruction loss and SSIM summed over the step's images, and the image count; with the
+# adversarial term on, its loss, its weight and the discriminator's loss, and a 1 that counts
+# the steps that had it.
+STEP_SUMS = (
+    "loss",
+    "reconstruction_loss",
+    "ssim",
+    "images",
+    "adversarial_loss",
+    "adversarial_weight",
+    "discriminator_loss",
+    "adversarial_steps",
 )
 
 
@@ -94,7 +86,9 @@ def train_step(
     ``grad_clip_norm`` is set (:func:`~mri_vqvae.train.loop.optimisation_step`: a non-finite
     gradient skips the update). ``model`` may be wrapped (DDP, ``torch.compile``)."""
     loss, output = forward_loss(model, images, settings)
-    applied = optimisation_step(model, optimizer, loss.total, settings.grad_clip_norm, loss_scale)
+    applied = optimisation_step(
+        model, optimizer, loss.total, grad_clip_norm=settings.grad_clip_norm, loss_scale=loss_scale
+    )
     return TrainStep(loss, output, applied)
 
 
@@ -232,14 +226,12 @@ class VQVAETask(TrainingTask):
     kind = "vqvae"
     metric_columns = METRIC_COLUMNS
     score_column = "val_loss"
-    # loss, reconstruction loss and SSIM summed over the step's images, the image count, and
-    # the adversarial loss, its weight and the discriminator's loss (each summed over steps
-    # with the term on), and the count of those steps
-    sum_width = 8
+    sum_names = STEP_SUMS
 
     def __init__(
         self,
         model: VQVAE,
+        *,
         train_set: SliceSet,
         val_set: SliceSet,
         config: Config,
@@ -322,7 +314,7 @@ class VQVAETask(TrainingTask):
             self.discriminator_loss = self.adversarial.discriminator_step(*self.discriminator_batch)
             self.discriminator_batch = None
 
-    def step_sums(self, rows: torch.Tensor, output: Any) -> torch.Tensor:
+    def step_sums(self, rows: torch.Tensor, output: Any) -> dict[str, torch.Tensor]:
         images, loss, forward = output
         size = images.shape[0]
         if loss.ssim is not None and self.model.bounded_output:
@@ -336,60 +328,54 @@ class VQVAETask(TrainingTask):
         self.counts += torch.bincount(
             forward.indices.flatten(), minlength=self.model.num_embeddings
         )
-        adversarial = torch.zeros(4, dtype=torch.float64, device=self.device)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
         total = loss.total.detach()
+        adversarial = dict.fromkeys(STEP_SUMS[4:], zero)
         if self.adversarial is not None and self.adversarial.active(self.global_step):
             # train_loss stays the objective validation measures (the adversarial term is
             # logged on its own), so the two remain comparable and positive.
             total = total - (loss.adversarial_weight * loss.adversarial).detach()
-            adversarial = torch.stack(
-                [
-                    loss.adversarial.detach().double(),
-                    loss.adversarial_weight.detach().double(),
-                    self.discriminator_loss.double(),
-                    torch.ones((), dtype=torch.float64, device=self.device),
-                ]
-            )
-        return torch.cat(
-            [
-                torch.stack(
-                    [
-                        total.double() * size,
-                        loss.reconstruction.detach().double() * size,
-                        ssim_sum.detach().double(),
-                        torch.full((), size, dtype=torch.float64, device=self.device),
-                    ]
-                ),
-                adversarial,
-            ]
-        )
+            adversarial = {
+                "adversarial_loss": loss.adversarial.detach().double(),
+                "adversarial_weight": loss.adversarial_weight.detach().double(),
+                "discriminator_loss": self.discriminator_loss.double(),
+                "adversarial_steps": torch.ones((), dtype=torch.float64, device=self.device),
+            }
+        return {
+            "loss": total.double() * size,
+            "reconstruction_loss": loss.reconstruction.detach().double() * size,
+            "ssim": ssim_sum.detach().double(),
+            "images": torch.full((), size, dtype=torch.float64, device=self.device),
+            **adversarial,
+        }
 
     def train_metrics(
-        self, sums: torch.Tensor, history: list[dict[str, Any]], processes: ProcessGroup
+        self, sums: StepSums, history: list[dict[str, Any]], processes: ProcessGroup
     ) -> dict[str, Any]:
         processes.sum(self.counts)
-        epoch_losses = (sums[:, 1] / sums[:, 3]).tolist()
+        epoch_losses = (sums.column("reconstruction_loss") / sums.column("images")).tolist()
         self.batch_losses.extend(epoch_losses)
         self.epoch_batch_losses = epoch_losses
-        loss_sum, reconstruction_sum, ssim_sum, seen, *adversarial = sums.sum(0).tolist()
+        seen = sums.total("images")
         per_image = 1 / seen if seen else float("nan")
-        adversarial_steps = adversarial[-1]  # summed over processes, as the figures are
-        # None (empty in metrics.csv, null in metrics.jsonl) for an epoch without the term.
-        adversarial_means = [
-            value / adversarial_steps if adversarial_steps else None for value in adversarial[:-1]
-        ]
+        adversarial_steps = sums.total("adversarial_steps")  # summed over processes too
+
+        def adversarial_mean(name: str) -> float | None:
+            # None (empty in metrics.csv, null in metrics.jsonl) for an epoch without the term.
+            return sums.total(name) / adversarial_steps if adversarial_steps else None
+
         return {
             "images_seen": (history[-1]["images_seen"] if history else 0) + int(seen),
-            "train_loss": loss_sum * per_image,
-            "train_reconstruction_loss": reconstruction_sum * per_image,
-            "train_ssim": ssim_sum * per_image,
+            "train_loss": sums.total("loss") * per_image,
+            "train_reconstruction_loss": sums.total("reconstruction_loss") * per_image,
+            "train_ssim": sums.total("ssim") * per_image,
             "train_codebook_usage": codebook_usage(self.counts),
             "train_perplexity": float(perplexity(self.counts)),
             "train_dead_code_restarts": int(self.model.quantizer.restart_count)
             - self.restarts_before,
-            "train_adversarial_loss": adversarial_means[0],
-            "train_adversarial_weight": adversarial_means[1],
-            "train_discriminator_loss": adversarial_means[2],
+            "train_adversarial_loss": adversarial_mean("adversarial_loss"),
+            "train_adversarial_weight": adversarial_mean("adversarial_weight"),
+            "train_discriminator_loss": adversarial_mean("discriminator_loss"),
         }
 
     def validate(self, processes: ProcessGroup) -> dict[str, Any]:
@@ -436,7 +422,7 @@ class VQVAETask(TrainingTask):
                 )
 
     def extras(self) -> dict[str, Any]:
-        extras: dict[str, Any] = {"batch_losses": self.batch_losses}
+        extras: dict[str, Any] = {BATCH_LOSSES: self.batch_losses}
         if self.adversarial is not None:
             extras[DISCRIMINATOR_STATE] = self.adversarial.state_dict()
         if self.data_reference is not None:
@@ -444,7 +430,7 @@ class VQVAETask(TrainingTask):
         return extras
 
     def restore(self, extras: dict[str, Any]) -> None:
-        self.batch_losses = list(extras["batch_losses"])
+        self.batch_losses = list(extras[BATCH_LOSSES])
         saved = extras.get(DISCRIMINATOR_STATE)
         if self.adversarial is not None and saved is not None:
             self.adversarial.load_state_dict(saved)
@@ -466,6 +452,7 @@ class VQVAETask(TrainingTask):
 
 def train_vqvae(
     model: VQVAE,
+    *,
     train_set: SliceSet,
     val_set: SliceSet,
     config: Config,
@@ -491,14 +478,21 @@ def train_vqvae(
     config = replace(config, train=replace(config.train, precision=precision))
     if resume is not None:
         load_weights(model, resume, run_dir)
-    task = VQVAETask(model, train_set, val_set, config, RunFolder(Path(run_dir)), device, processes)
+    task = VQVAETask(
+        model,
+        train_set=train_set,
+        val_set=val_set,
+        config=config,
+        run=RunFolder(Path(run_dir)),
+        device=device,
+        processes=processes,
+    )
     if processes.is_main:
+        channels_last = uses_channels_last(config.train.memory_format, model, device)
         logger.info(
             "training in %s%s%s on %d process(es)",
             precision,
-            ", channels-last"
-            if uses_channels_last(config.train.memory_format, model, device)
-            else "",
+            ", channels-last" if channels_last else "",
             ", compiled" if config.train.compile else "",
             processes.world_size,
         )
