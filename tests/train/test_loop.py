@@ -238,6 +238,17 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_leave_last_pt_as_it_was(tmp_
     assert len(task.step_losses) == STEPS
 
 
+def test_non_finite_steps_in_a_row_are_counted_across_epochs(tmp_path: Path):
+    # Two steps an epoch (40 examples in batches of 20), every one non-finite: a count that
+    # began again each epoch would never reach 3.
+    config = standin_config(epochs=4, batch_size=20, max_nonfinite_steps=3)
+    task = StandinTask(config, poison=range(40))
+    with pytest.raises(NonFiniteTraining, match=r"^3 steps in a row .* epoch 2 step 1 "):
+        loop.fit(task, tmp_path / "run")
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["train_skipped_steps"] for row in rows] == [2]  # epoch 1 only
+
+
 def test_the_time_budget_stops_mid_epoch_and_still_validates_and_writes_everything(
     tmp_path: Path, monkeypatch
 ):

@@ -380,6 +380,7 @@ class _Fit:
         self.lr = self.settings.lr
         self.board: TensorBoardLog | None = None
         self.wrote_best = False
+        self.skipped_in_a_row = 0
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -418,6 +419,7 @@ class _Fit:
             "sum_names": list(self.task.sum_names),
             "seconds": seconds,
             "skipped_steps": self.skipped,
+            "skipped_in_a_row": self.skipped_in_a_row,
             "task": self.task.epoch_state(self.processes),
         }
 
@@ -428,12 +430,16 @@ class _Fit:
         step to take."""
         self.epoch_start = time.monotonic()
         self.step_sums: list[torch.Tensor] = []
-        self.skipped, self.skipped_in_a_row, self.seconds_before = 0, 0, 0.0
+        # The count of non-finite steps in a row runs on across epochs: an epoch shorter than
+        # max_nonfinite_steps must not reset it, or a run that never has a finite step would
+        # never stop.
+        self.skipped, self.seconds_before = 0, 0.0
         partial, self.partial = self.partial, None
         self.task.begin_epoch(partial["task"] if partial is not None else None)
         if partial is None:
             return 0
         self.seconds_before, self.skipped = partial["seconds"], partial["skipped_steps"]
+        self.skipped_in_a_row = partial.get("skipped_in_a_row", 0)
         saved = _restored_sums(partial, self.task.sum_names).to(self.task.device)
         if not self.main:
             # The saved sums are every process's, so only the main process takes them back;
