@@ -1,4 +1,5 @@
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,11 +32,12 @@ def test_auto_precision_is_bfloat16_only_on_cpus_with_matrix_units(monkeypatch, 
         ("ALL", True),
         ("DEFAULT", True),
         ("avx512_core_amx", True),
+        ("AVX10_1_512_AMX_FP16", True),
         ("AVX2", False),
         ("avx512_core_bf16", False),
     ],
 )
-def test_a_onednn_cap_below_amx_makes_auto_float32(monkeypatch, cap, amx_allowed):
+def test_a_onednn_cap_below_amx_makes_auto_float32_on_an_amx_cpu(monkeypatch, cap, amx_allowed):
     # On a CPU with AMX, oneDNN capped below it runs bfloat16 products emulated: auto must
     # not pick bfloat16 there.
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
@@ -43,11 +45,60 @@ def test_a_onednn_cap_below_amx_makes_auto_float32(monkeypatch, cap, amx_allowed
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-    monkeypatch.setattr(runtime, "_cpuinfo_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
     assert runtime.onednn_may_use_amx() is amx_allowed
     assert resolve_precision("auto", CPU) == ("bfloat16" if amx_allowed else "float32")
-    monkeypatch.setattr(runtime, "_cpuinfo_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx2"}))
     assert resolve_precision("auto", CPU) == "float32"
+
+
+@pytest.mark.parametrize(
+    "flags, cap, expected, why",
+    [
+        # An AMD EPYC Zen 4: AVX-512 with its bfloat16 dot products, no AMX.
+        ({"avx512f", "avx512_bf16"}, None, "bfloat16", "has AVX-512 BF16 instructions"),
+        ({"avx512f", "avx512_bf16"}, "AVX512_CORE_BF16", "bfloat16", "has AVX-512 BF16"),
+        ({"avx512f", "avx512_bf16"}, "AVX512_CORE_VNNI", "float32", "caps oneDNN below them"),
+        ({"avx512f", "avx512_bf16"}, "AVX2", "float32", "ONEDNN_MAX_CPU_ISA=AVX2 caps"),
+        # AVX-512 without bfloat16 (Skylake, Zen 3 has none at all), and AVX2 only.
+        ({"avx512f", "avx2"}, None, "float32", "no bfloat16 matrix instructions"),
+        ({"avx2", "fma"}, None, "float32", "no bfloat16 matrix instructions"),
+        # AMX and AVX-512 BF16 both: capped below AMX, the AVX-512 units still serve.
+        ({"amx_bf16", "avx512_bf16"}, "AVX512_CORE_BF16", "bfloat16", "has AVX-512 BF16"),
+        ({"amx_bf16", "avx512_bf16"}, None, "bfloat16", "has AMX instructions"),
+        (set(), None, "float32", "no bfloat16 matrix instructions"),
+    ],
+)
+def test_auto_precision_follows_the_instructions_onednn_will_use(
+    monkeypatch, flags, cap, expected, why
+):
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset(flags))
+    precision, reason = runtime.precision_choice("auto", CPU, "train.precision")
+    assert precision == expected
+    assert reason.startswith("auto: this CPU") and why in reason
+    # A precision set by hand is kept, and says so.
+    assert runtime.precision_choice("float32", CPU, "train.precision") == (
+        "float32",
+        "train.precision float32",
+    )
+
+
+def test_the_cpu_flags_are_read_from_proc_cpuinfo():
+    flags = runtime._cpu_flags()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    first = next((line for line in lines if line.startswith("flags")), None)
+    if first is None:  # not Linux, or a CPU that lists "Features"
+        assert flags == frozenset()
+    else:
+        assert flags == frozenset(first.split(":", 1)[1].split()) and flags
 
 
 def test_the_old_onednn_variable_name_caps_too_unless_the_new_one_is_set(monkeypatch):
@@ -57,6 +108,9 @@ def test_the_old_onednn_variable_name_caps_too_unless_the_new_one_is_set(monkeyp
     # oneDNN reads ONEDNN_MAX_CPU_ISA first.
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
     assert runtime.onednn_may_use_amx()
+    # A name oneDNN does not know caps nothing.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX9000")
+    assert runtime.onednn_allows("AVX512_CORE_AMX")
 
 
 def test_float16_is_refused_on_a_cpu_naming_the_setting(phantom_root, tmp_path):

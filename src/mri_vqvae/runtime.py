@@ -47,65 +47,123 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def onednn_may_use_amx() -> bool:
-    """False when ``ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``) caps oneDNN,
-    which runs torch's bfloat16 matrix products on a CPU, below AMX: capped at AVX2 on an AMX
-    CPU, a bfloat16 product ran 1500x slower than uncapped (docs/benchmarks.md)."""
+# oneDNN's instruction sets as the bit masks of its ``dnnl_cpu_isa_t``: a set includes every
+# set whose mask its own contains. ``ONEDNN_MAX_CPU_ISA`` names one of them as a cap.
+_ONEDNN_ISAS = {
+    "SSE41": 0x1,
+    "AVX": 0x3,
+    "AVX2": 0x7,
+    "AVX2_VNNI": 0xF,
+    "AVX2_VNNI_2": 0x1F,
+    "AVX512_CORE": 0x27,
+    "AVX512_CORE_VNNI": 0x67,
+    "AVX512_CORE_BF16": 0xE7,
+    "AVX10_1_512": 0x1EF,
+    "AVX512_CORE_FP16": 0x1EF,
+    "AVX10_1_512_AMX": 0xFEF,
+    "AVX512_CORE_AMX": 0xFEF,
+    "AVX10_1_512_AMX_FP16": 0x1FEF,
+    "AVX512_CORE_AMX_FP16": 0x1FEF,
+}
+
+# CPU features that multiply bfloat16 matrices in hardware, best first: the /proc/cpuinfo
+# flag, the oneDNN instruction set that uses it, and its name in messages. Without either,
+# torch emulates bfloat16 products, about 300x slower than float32 (docs/journal.md).
+_BFLOAT16_UNITS = (
+    ("amx_bf16", "AVX512_CORE_AMX", "AMX"),
+    ("avx512_bf16", "AVX512_CORE_BF16", "AVX-512 BF16"),
+)
+
+
+def _onednn_cap() -> str:
+    """``ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``), upper case; "" if unset."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    cap = cap.strip().upper()
-    return cap in ("", "ALL", "DEFAULT") or "AMX" in cap
+    return cap.strip().upper()
+
+
+def onednn_allows(isa: str) -> bool:
+    """Whether oneDNN may use its instruction set ``isa``: True unless ``ONEDNN_MAX_CPU_ISA``
+    caps it below. Capped at AVX2 on an AMX CPU, a bfloat16 product ran 1500x slower than
+    uncapped (docs/journal.md). A name oneDNN does not know caps nothing, as it ignores it."""
+    cap = _onednn_cap()
+    if cap in ("", "ALL", "DEFAULT") or cap not in _ONEDNN_ISAS:
+        return True
+    needed = _ONEDNN_ISAS[isa]
+    return _ONEDNN_ISAS[cap] & needed == needed
+
+
+def onednn_may_use_amx() -> bool:
+    """Whether ``ONEDNN_MAX_CPU_ISA`` leaves oneDNN its AMX kernels."""
+    return onednn_allows("AVX512_CORE_AMX")
 
 
 @functools.cache
-def _cpuinfo_has_amx_bf16() -> bool:
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them; empty where /proc/cpuinfo is absent."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return any(
-        line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines()
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def bfloat16_units() -> tuple[str | None, str]:
+    """The bfloat16 matrix units of this CPU that oneDNN will use ("AMX", "AVX-512 BF16"),
+    or None, and a sentence saying why."""
+    flags = _cpu_flags()
+    present = [(isa, name) for flag, isa, name in _BFLOAT16_UNITS if flag in flags]
+    for isa, name in present:
+        if onednn_allows(isa):
+            return name, f"this CPU has {name} instructions, which oneDNN uses for bfloat16"
+    if present:
+        return None, (
+            f"this CPU has {present[0][1]} instructions, but ONEDNN_MAX_CPU_ISA={_onednn_cap()} "
+            "caps oneDNN below them, so bfloat16 would be emulated"
+        )
+    return None, (
+        "this CPU has no bfloat16 matrix instructions (neither AMX nor AVX-512 BF16), so "
+        "bfloat16 would be emulated"
     )
 
 
 def cpu_has_bfloat16_matrix_units() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX, read from
-    ``/proc/cpuinfo``; False where that cannot be read) and oneDNN is allowed to use it."""
-    if not _cpuinfo_has_amx_bf16():
-        return False
-    if onednn_may_use_amx():
-        return True
-    _say_amx_is_capped()
-    return False
+    """Whether this CPU multiplies bfloat16 matrices in hardware that oneDNN will use."""
+    return bfloat16_units()[0] is not None
 
 
-@functools.cache
-def _say_amx_is_capped() -> None:
-    # Once per process: a user who set the cap long ago sees why auto chose float32.
-    logger.info(
-        "precision auto: this CPU has AMX, but ONEDNN_MAX_CPU_ISA caps oneDNN below it, so "
-        "bfloat16 would be emulated; float32 instead"
-    )
-
-
-def resolve_precision(precision: str, device: torch.device, setting: str = "precision") -> str:
-    """``"auto"`` becomes ``"bfloat16"`` where it is faster than float32 at equal quality
-    (CUDA GPUs with bfloat16 support; CPUs with AMX, where it trained 2.5-3x faster, see
-    docs/benchmarks.md) and ``"float32"`` elsewhere; the other choices are returned as given.
-    ``"float16"`` (for GPUs without bfloat16) is refused on a CPU, naming ``setting``."""
+def precision_choice(
+    precision: str, device: torch.device, setting: str = "precision"
+) -> tuple[str, str]:
+    """What ``precision`` means on ``device``, and why, for the run's log: ``"auto"``
+    becomes ``"bfloat16"`` where the hardware multiplies bfloat16 matrices (CUDA GPUs that
+    support it; CPUs with AMX or AVX-512 BF16 that oneDNN may use) and ``"float32"``
+    elsewhere. ``"float16"`` (for GPUs without bfloat16) is refused on a CPU, naming
+    ``setting``."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {precision!r}")
     if precision == "float16" and device.type != "cuda":
         raise ConfigError(
             f"{setting}=float16 is for CUDA GPUs; on {device.type} use bfloat16 (fast on CPUs "
-            "with AMX) or float32"
+            "with AMX or AVX-512 BF16) or float32"
         )
     if precision != "auto":
-        return precision
+        return precision, f"{setting} {precision}"
     if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    if device.type == "cpu" and cpu_has_bfloat16_matrix_units():
-        return "bfloat16"
-    return "float32"
+        supported = torch.cuda.is_bf16_supported()
+        why = "supports" if supported else "does not support"
+        return ("bfloat16" if supported else "float32"), f"auto: this GPU {why} bfloat16"
+    _units, why = bfloat16_units()
+    if cpu_has_bfloat16_matrix_units():
+        return "bfloat16", f"auto: {why}"
+    return "float32", f"auto: {why}"
+
+
+def resolve_precision(precision: str, device: torch.device, setting: str = "precision") -> str:
+    """``precision`` as :func:`precision_choice` resolves it on ``device``."""
+    return precision_choice(precision, device, setting)[0]
 
 
 AUTOCAST_TYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -20,11 +20,15 @@ from tests.helpers import tiny_config, tiny_splits, train_tiny_vqvae
 def float16_on_cpu(monkeypatch):
     """float16 is refused on a CPU (it is for CUDA GPUs); this lets it through, to run the
     loop's scaler on a CPU, where torch's float16 autocast works, slowly."""
-    resolve = training.resolve_precision
+    choose = training.precision_choice
     monkeypatch.setattr(
         training,
-        "resolve_precision",
-        lambda precision, *args: precision if precision == "float16" else resolve(precision, *args),
+        "precision_choice",
+        lambda precision, *args: (
+            (precision, "float16 on a CPU, for the test")
+            if precision == "float16"
+            else choose(precision, *args)
+        ),
     )
 
 

@@ -24,7 +24,7 @@ from mri_vqvae.generate.conditions import draw_conditions
 from mri_vqvae.generate.samples import generate_samples
 from mri_vqvae.model.prior import ConditionSizes, Prior, PriorConditions, random_masks
 from mri_vqvae.records.training import PriorEpoch, PriorSummary, columns
-from mri_vqvae.runtime import autocast, resolve_precision
+from mri_vqvae.runtime import autocast, precision_choice
 from mri_vqvae.train.ema import WeightAverage
 from mri_vqvae.train.loop import FitResult, StepSums, TrainingTask, fit
 from mri_vqvae.train.tensorboard import TensorBoardLog
@@ -312,7 +312,9 @@ def train_prior(
     their values, in the order the maps' label indices count them.
     """
     device = vqvae.device
-    precision = resolve_precision(config.prior_train.precision, device, "prior_train.precision")
+    precision, why = precision_choice(config.prior_train.precision, device, "prior_train.precision")
+    if processes.is_main:
+        logger.info("training the prior in %s (%s)", precision, why)
     # The run records what "auto" became here, as the VQ-VAE's does.
     config = replace(config, prior_train=replace(config.prior_train, precision=precision))
     if resume is not None:

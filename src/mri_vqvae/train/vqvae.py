@@ -21,7 +21,7 @@ from mri_vqvae.losses import VQVAELoss, ms_ssim_window, vqvae_loss
 from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
 from mri_vqvae.model import VQVAE, VQVAEOutput
 from mri_vqvae.records.training import VQVAEEpoch, columns
-from mri_vqvae.runtime import autocast, resolve_precision
+from mri_vqvae.runtime import autocast, precision_choice
 from mri_vqvae.train.adversarial import DISCRIMINATOR_STATE, AdversarialTerm
 from mri_vqvae.train.loop import FitResult, StepSums, TrainingTask, fit, optimisation_step
 from mri_vqvae.train.tensorboard import TensorBoardLog
@@ -474,7 +474,7 @@ def train_vqvae(
         raise UserError(f"training slices: {err}; set data.image_size to a size that is") from err
     if config.train.ssim_loss == "ms-ssim":
         ms_ssim_window(*train_set.image_size)  # refuses slices too small, before any work
-    precision = resolve_precision(config.train.precision, device, "train.precision")
+    precision, why = precision_choice(config.train.precision, device, "train.precision")
     config = replace(config, train=replace(config.train, precision=precision))
     if resume is not None:
         load_weights(model, resume, run_dir)
@@ -490,10 +490,11 @@ def train_vqvae(
     if processes.is_main:
         channels_last = uses_channels_last(config.train.memory_format, model, device)
         logger.info(
-            "training in %s%s%s on %d process(es)",
+            "training in %s (%s)%s on %d process(es)",
             precision,
-            ", channels-last" if channels_last else "",
-            ", compiled" if config.train.compile else "",
+            why,
+            (", channels-last" if channels_last else "")
+            + (", compiled" if config.train.compile else ""),
             processes.world_size,
         )
     return fit(task, run_dir, processes, resume)
