@@ -163,11 +163,13 @@ class LoopConfig:
     final_lr_fraction: float = 0.02
     # Largest gradient norm before clipping; None never clips.
     grad_clip_norm: float | None = 1.0
-    # "bfloat16" autocasts the training forward pass (2.5-3x faster on CPUs with AMX, at equal
-    # test SSIM on the phantom); "auto" picks it on GPUs that support it and on CPUs with AMX,
-    # else float32, and the run's saved config records which. "float16" (CUDA only, for GPUs
-    # without bfloat16) autocasts to float16 and scales the loss so small gradients do not
-    # underflow. Validation and evaluation run in float32.
+    # "bfloat16" autocasts the training forward pass (2.5-3x faster on CPUs with AMX, about
+    # 1.35x on AVX-512 BF16, at equal test SSIM on the phantom); "auto" picks it on GPUs that
+    # support it and on CPUs whose bfloat16 instructions oneDNN will use
+    # (runtime.precision_choice), else float32; the log says why, and the run's saved config
+    # records which. "float16" (CUDA only, for GPUs without bfloat16) autocasts to float16 and
+    # scales the loss so small gradients do not underflow. Validation and evaluation run in
+    # float32.
     precision: str = "auto"
     # Wall-clock budget in minutes; None trains for all epochs.
     max_minutes: float | None = None
@@ -456,8 +458,9 @@ class SampleConfig:
     top_p: float | None = None  # keep the fewest codes whose probability reaches p (nucleus)
     use_cache: bool = True  # key/value cache (transformer only)
     # The prior's forward passes: "auto" is bfloat16 where the device has fast bfloat16
-    # matrix units (AMX CPUs, GPUs) and float32 elsewhere; the logits are filtered and sampled
-    # in float32 either way.
+    # matrix units (GPUs; CPUs with AMX or AVX-512 BF16) and float32 elsewhere, but float32 for
+    # an autoregressive prior on a CPU (generate.sampling.sampling_precision); the logits are
+    # filtered and sampled in float32 either way.
     precision: str = "auto"
     # Classifier-free guidance: logits = unconditional + guidance * (conditional -
     # unconditional). 1 samples the conditional model as trained, 0 the unconditional one.
