@@ -163,25 +163,27 @@ def tiny_splits(root: Path) -> dict:
     return load_splits(resolve_split_files(root), DataConfig(image_size=TINY_SIZE))
 
 
+def fit_vqvae(model, data: dict, config: Config, out: Path, **options):
+    """``train_vqvae`` of ``model`` on the ``train`` and ``val`` splits of ``data`` into
+    ``out``, on the CPU unless ``options`` name a ``device`` (and ``resume``, ``processes``)."""
+    from mri_vqvae.train.vqvae import train_vqvae
+
+    options.setdefault("device", torch.device("cpu"))
+    return train_vqvae(
+        model, train_set=data["train"], val_set=data["val"], config=config, run_dir=out, **options
+    )
+
+
 def train_tiny_vqvae(config: Config, data: dict, out: Path, resume=None):
     """A fresh seeded VQ-VAE trained on ``data`` into ``out`` on the CPU (resumed from the
     checkpoint ``resume`` if given); returns the loop's result."""
     from mri_vqvae.model import VQVAE
-    from mri_vqvae.train.vqvae import train_vqvae
 
     torch.manual_seed(config.train.seed)
     model = VQVAE.from_config(config.model)
     if resume is not None:
         model.load_state_dict(resume.model_state)
-    return train_vqvae(
-        model,
-        train_set=data["train"],
-        val_set=data["val"],
-        config=config,
-        run_dir=out,
-        device=torch.device("cpu"),
-        resume=resume,
-    )
+    return fit_vqvae(model, data, config, out, resume=resume)
 
 
 def tiny_model_files(folder: Path, vqvae_extras: dict) -> tuple[Path, Path]:

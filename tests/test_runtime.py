@@ -8,8 +8,8 @@ from mri_vqvae import runtime
 from mri_vqvae.errors import ConfigError
 from mri_vqvae.model import VQVAE
 from mri_vqvae.runtime import autocast, keep_freed_memory, resolve_precision
-from mri_vqvae.train.vqvae import train_vqvae, uses_channels_last
-from tests.helpers import tiny_config, tiny_model_config
+from mri_vqvae.train.vqvae import uses_channels_last
+from tests.helpers import fit_vqvae, tiny_config, tiny_model_config
 
 CPU = torch.device("cpu")
 
@@ -123,14 +123,7 @@ def test_float16_is_refused_on_a_cpu_naming_the_setting(phantom_root, tmp_path):
     model = VQVAE.from_config(tiny_model_config())
     config = tiny_config(precision="float16")
     with pytest.raises(ConfigError, match=r"train\.precision=float16"):
-        train_vqvae(
-            model,
-            train_set=data["train"],
-            val_set=data["val"],
-            config=config,
-            run_dir=tmp_path / "run",
-            device=CPU,
-        )
+        fit_vqvae(model, data, config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -162,14 +155,7 @@ def test_the_run_records_the_precision_auto_resolved_to(phantom_root, tmp_path, 
     assert config.train.precision == "auto"
     data = load_splits(resolve_split_files(phantom_root), DataConfig(image_size=TINY_SIZE))
     torch.manual_seed(0)
-    train_vqvae(
-        VQVAE.from_config(config.model),
-        train_set=data["train"],
-        val_set=data["val"],
-        config=config,
-        run_dir=tmp_path,
-        device=CPU,
-    )
+    fit_vqvae(VQVAE.from_config(config.model), data, config, tmp_path)
     assert load_config(tmp_path / "config.yaml").train.precision == "float32"
     assert load_checkpoint(tmp_path / "last.pt").config.train.precision == "float32"
 

@@ -31,7 +31,7 @@ from mri_vqvae.records.evaluation import (
 from mri_vqvae.records.measures import TwoSampleTest
 from mri_vqvae.train.tensorboard import image_rows_grid, scalar_tag
 from mri_vqvae.trained import TrainedVQVAE
-from tests.helpers import TINY_PRIOR, train_args
+from tests.helpers import TINY_PRIOR, fit_vqvae, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["--device", "cpu"]
@@ -451,7 +451,6 @@ def test_a_report_that_cannot_be_written_leaves_the_finished_run_whole(
     from mri_vqvae.config import DataConfig
     from mri_vqvae.data.dataset import load_splits, resolve_split_files
     from mri_vqvae.model import VQVAE
-    from mri_vqvae.train.vqvae import train_vqvae
     from tests.helpers import TINY_SIZE, tiny_config
 
     def disk_full(*args, **kwargs):
@@ -462,10 +461,7 @@ def test_a_report_that_cannot_be_written_leaves_the_finished_run_whole(
     config = tiny_config(epochs=1, report=True)
     model = VQVAE.from_config(config.model)
     cpu = torch.device("cpu")
-    result = train_vqvae(
-        model, train_set=data["train"], val_set=data["val"], config=config, run_dir=tmp_path,
-        device=cpu,
-    )  # fmt: skip
+    result = fit_vqvae(model, data, config, tmp_path)  # fmt: skip
     report = workflows.write_validation_report(
         tmp_path, val_set=data["val"], config=config, device=cpu
     )

@@ -20,9 +20,10 @@ from mri_vqvae.model import VQVAE
 from mri_vqvae.model.discriminator import PatchDiscriminator
 from mri_vqvae.train import vqvae as training
 from mri_vqvae.train.adversarial import DISCRIMINATOR_STATE, AdversarialTerm
-from mri_vqvae.train.vqvae import VQVAETask, compute_loss, train_vqvae
+from mri_vqvae.train.vqvae import VQVAETask, compute_loss
 from tests.helpers import (
     TINY_SIZE,
+    fit_vqvae,
     free_port,
     join_test_group,
     tiny_config,
@@ -221,16 +222,7 @@ def train_rank(rank: int, world_size: int, port: int, root: str, out: str) -> No
         data = load_splits(resolve_split_files(root), config.data, splits=("train", "val"))
         torch.manual_seed(config.train.seed)
         model = VQVAE.from_config(config.model)
-        train_vqvae(
-            model,
-            train_set=data["train"],
-            val_set=data["val"],
-            config=config,
-            run_dir=Path(out) / "run",
-            device=device,
-            resume=None,
-            processes=processes,
-        )
+        fit_vqvae(model, data, config, Path(out) / "run", device=device, processes=processes)
         discriminator = tasks[0].adversarial.discriminator.state_dict()
         torch.save(
             {"vqvae": model.state_dict(), "discriminator": discriminator},

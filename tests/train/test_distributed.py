@@ -18,8 +18,7 @@ from mri_vqvae.config import DataConfig
 from mri_vqvae.data.dataset import load_splits, resolve_split_files
 from mri_vqvae.distributed import ProcessGroup, leave_process_group
 from mri_vqvae.model import VQVAE
-from mri_vqvae.train.vqvae import train_vqvae
-from tests.helpers import TINY_SIZE, free_port, join_test_group, tiny_config
+from tests.helpers import TINY_SIZE, fit_vqvae, free_port, join_test_group, tiny_config
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="this torch build has no torch.distributed"
@@ -45,15 +44,8 @@ def train_rank(rank: int, world_size: int, port: int, root: str, out: str) -> No
         data = load_splits(resolve_split_files(root), config.data, splits=("train", "val"))
         torch.manual_seed(config.train.seed)
         model = VQVAE.from_config(config.model)
-        result = train_vqvae(
-            model,
-            train_set=data["train"],
-            val_set=data["val"],
-            config=config,
-            run_dir=Path(out) / "run",
-            device=device,
-            resume=None,
-            processes=processes,
+        result = fit_vqvae(
+            model, data, config, Path(out) / "run", device=device, processes=processes
         )
         torch.save(
             {"state": model.state_dict(), "history": result.history},
@@ -81,14 +73,7 @@ def one_process_run(phantom_root: Path, out: Path):
     data = load_splits(resolve_split_files(phantom_root), DataConfig(image_size=TINY_SIZE))
     torch.manual_seed(config.train.seed)
     model = VQVAE.from_config(config.model)
-    result = train_vqvae(
-        model,
-        train_set=data["train"],
-        val_set=data["val"],
-        config=config,
-        run_dir=out,
-        device=torch.device("cpu"),
-    )
+    result = fit_vqvae(model, data, config, out)
     return model, result
 
 
@@ -137,15 +122,7 @@ def test_a_run_resumes_in_one_process_after_two(two_process_run: Path, phantom_r
     data = load_splits(resolve_split_files(phantom_root), config.data)
     model = VQVAE.from_config(config.model)
     model.load_state_dict(checkpoint.model_state)
-    result = train_vqvae(
-        model,
-        train_set=data["train"],
-        val_set=data["val"],
-        config=config,
-        run_dir=tmp_path / "resumed",
-        device=torch.device("cpu"),
-        resume=checkpoint,
-    )
+    result = fit_vqvae(model, data, config, tmp_path / "resumed", resume=checkpoint)
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert result.history[-1]["global_step"] == 3 * 3
 
@@ -196,12 +173,11 @@ def resume_rank(rank: int, world_size: int, port: int, root: str, out: str) -> N
         data = load_splits(resolve_split_files(root), config.data, splits=("train", "val"))
         model = VQVAE.from_config(config.model)
         model.load_state_dict(checkpoint.model_state)
-        train_vqvae(
+        fit_vqvae(
             model,
-            train_set=data["train"],
-            val_set=data["val"],
-            config=config,
-            run_dir=Path(out) / "crashed",
+            data,
+            config,
+            Path(out) / "crashed",
             device=device,
             resume=checkpoint,
             processes=processes,
@@ -221,14 +197,7 @@ def test_two_processes_resume_a_mid_epoch_checkpoint_of_one(
     )
     data = load_splits(resolve_split_files(phantom_root), config.data)
     torch.manual_seed(config.train.seed)
-    straight = train_vqvae(
-        VQVAE.from_config(config.model),
-        train_set=data["train"],
-        val_set=data["val"],
-        config=config,
-        run_dir=tmp_path / "straight",
-        device=torch.device("cpu"),
-    )
+    straight = fit_vqvae(VQVAE.from_config(config.model), data, config, tmp_path / "straight")
     from mri_vqvae.train import vqvae as training
 
     real_loss, calls = training.VQVAETask.loss, []
@@ -242,14 +211,7 @@ def test_two_processes_resume_a_mid_epoch_checkpoint_of_one(
     monkeypatch.setattr(training.VQVAETask, "loss", crashing_loss)
     torch.manual_seed(config.train.seed)
     with pytest.raises(Crash):
-        train_vqvae(
-            VQVAE.from_config(config.model),
-            train_set=data["train"],
-            val_set=data["val"],
-            config=config,
-            run_dir=tmp_path / "crashed",
-            device=torch.device("cpu"),
-        )
+        fit_vqvae(VQVAE.from_config(config.model), data, config, tmp_path / "crashed")
     assert load_checkpoint(tmp_path / "crashed" / "last.pt").progress.mid_epoch
     mp.start_processes(
         resume_rank,

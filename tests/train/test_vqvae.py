@@ -14,7 +14,7 @@ from mri_vqvae.errors import UserError
 from mri_vqvae.model import VQVAE
 from mri_vqvae.train.schedule import learning_rate
 from mri_vqvae.train.vqvae import train_step, train_vqvae
-from tests.helpers import TINY_SIZE, tiny_config
+from tests.helpers import TINY_SIZE, fit_vqvae, tiny_config
 
 
 def splits(root: Path):
@@ -37,15 +37,7 @@ def test_loss_falls_on_one_batch(phantom_root: Path):
 def run(config: Config, data, out: Path, resume=None):
     torch.manual_seed(config.train.seed)
     model = build_model(resume) if resume else VQVAE.from_config(config.model)
-    return train_vqvae(
-        model,
-        train_set=data["train"],
-        val_set=data["val"],
-        config=config,
-        run_dir=out,
-        device=torch.device("cpu"),
-        resume=resume,
-    )
+    return fit_vqvae(model, data, config, out, resume=resume)
 
 
 def test_run_folder_contents(phantom_root: Path, tmp_path: Path):
