@@ -429,8 +429,9 @@ def evaluate_samples(
     return measures
 
 
-def make_phantom(out: str | Path, spec: PhantomSpec) -> dict[str, int]:
+def make_phantom(out: str | Path, spec: PhantomSpec, *, workers: int = 1) -> dict[str, int]:
     """Write the synthetic phantom in the HipMRI layout, only ever into a new or empty folder
-    (a phantom never lands among real slices); returns the slice count per split."""
+    (a phantom never lands among real slices), ``workers`` cases at a time; returns the slice
+    count per split."""
     with OutputFolder(Path(out), PHANTOM, option="OUT"):
-        return write_phantom_dataset(out, spec)
+        return write_phantom_dataset(out, spec, workers=workers)

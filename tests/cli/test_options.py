@@ -40,6 +40,8 @@ BAD_NUMBERS = [
     ("demo-data", "--slices", "0"),
     ("demo-data", "--train-cases", "x"),
     ("demo-data", "--size", "100000x100000"),
+    ("demo-data", "--workers", "0"),
+    ("demo-data", "--workers", "65"),
 ]
 
 
@@ -60,6 +62,14 @@ def test_every_numeric_option_is_range_checked_when_parsed(
     err = capsys.readouterr().err
     assert f"argument {option}" in err and value in err, err
     assert not out.exists()
+
+
+def test_demo_data_writes_on_every_core_unless_told(tmp_path: Path):
+    import os
+
+    default = parse_args(["demo-data", str(tmp_path / "p")]).workers
+    assert default == min(len(os.sched_getaffinity(0)), 64) >= 1
+    assert parse_args(["demo-data", str(tmp_path / "p"), "--workers", "3"]).workers == 3
 
 
 def test_explicit_overrides_win_over_flags_wherever_they_stand():

@@ -77,7 +77,7 @@ def run_demo_data(args: argparse.Namespace) -> None:
         width=width,
         seed=args.seed,
     )
-    counts = workflows.make_phantom(args.out, spec)
+    counts = workflows.make_phantom(args.out, spec, workers=args.workers)
     print(
         f"wrote phantom dataset to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
     )

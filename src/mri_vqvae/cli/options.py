@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from pathlib import Path
 
@@ -162,6 +163,13 @@ def _add_demo_data(
         help="slice array shape (default %(default)s)",
     )
     demo.add_argument("--seed", type=_seed, default=_PHANTOM.seed)
+    demo.add_argument(
+        "--workers",
+        type=_whole_number(1, 64),
+        default=min(len(os.sched_getaffinity(0)), 64) if hasattr(os, "sched_getaffinity") else 1,
+        help="processes writing cases side by side (default: this machine's cores, "
+        "%(default)s); the files are the same for any number",
+    )
 
 
 def _add_config(commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser) -> None:
