@@ -3,12 +3,16 @@ conftest.py; plain helpers live here, so tests import them from one place."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +22,32 @@ from mri_vqvae.config import Config, DataConfig, ModelConfig, PriorConfig, Train
 from mri_vqvae.model.prior import ConditionSizes, PriorConditions, build_prior
 
 TINY_SIZE = (64, 32)
+
+
+@contextmanager
+def fifo(path: Path) -> Iterator[Path]:
+    """A FIFO at ``path`` whose readers are let go: should the code under test open it to
+    read, a writer opens and closes it at once, so the reader sees an empty file and the test
+    fails instead of waiting forever."""
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def release_readers() -> None:
+        while not done.is_set():
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as err:  # ENXIO: no reader yet
+                if err.errno != errno.ENXIO:
+                    return
+            done.wait(0.05)
+
+    thread = threading.Thread(target=release_readers, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        done.set()
+        thread.join()
 
 
 def tiny_model_config(**changes) -> ModelConfig:

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from mri_vqvae.config import Config, ConfigError, load_config, save_config
+from tests.helpers import fifo
 
 
 def test_seed_preset_is_the_seed_recipe():
@@ -138,6 +139,32 @@ def test_unreadable_yaml_names_the_file(tmp_path: Path):
     path = tmp_path / "broken.yaml"
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml"):
+        load_config(path)
+
+
+def test_yaml_nested_too_deeply_is_refused_by_name(tmp_path: Path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("train: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.yaml nests too deeply"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'train\.lr=\[\[\[.*nests too deeply"):
+        load_config(overrides=["train.lr=" + "[" * 100_000])
+
+
+def test_a_huge_bad_value_is_named_in_a_short_message(tmp_path: Path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("model:\n  architecture: " + "x" * 1_000_000 + "\n")
+    with pytest.raises(ConfigError, match=r"model\.architecture must be one of") as caught:
+        load_config(path)
+    assert len(str(caught.value)) < 200 and str(caught.value).endswith("...")
+    with pytest.raises(ConfigError, match=r"model must be a mapping, got 'aaa") as caught:
+        load_config(overrides=["model=" + "a" * 100_000])
+    assert len(str(caught.value)) < 200
+
+
+def test_a_config_fifo_is_refused_rather_than_waited_on(tmp_path: Path):
+    path = tmp_path / "settings.yaml"
+    with fifo(path), pytest.raises(ConfigError, match=r"settings\.yaml is not a regular file"):
         load_config(path)
 
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from mri_vqvae.errors import ConfigError
+from mri_vqvae.errors import ConfigError, shown
 from mri_vqvae.files import write_text_atomic
 from mri_vqvae.protocol import DEFAULT_PROTOCOL, PROTOCOLS, SampleProtocol, protocol_named
 
@@ -56,7 +56,7 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         options = ", ".join(repr(choice) for choice in choices)
-        raise ConfigError(f"{section}.{name} must be one of {options}, got {value!r}")
+        raise ConfigError(f"{section}.{name} must be one of {options}, got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -495,7 +495,7 @@ class SampleConfig:
             name, sep, value = item.partition("=")
             _require(
                 bool(sep and name.strip() and value.strip()),
-                f"sample.labels entries must look like name=value, got {item!r}",
+                f"sample.labels entries must look like name=value, got {shown(item)}",
             )
         names = [item.split("=", 1)[0].strip() for item in self.labels]
         repeated = sorted({name for name in names if names.count(name) > 1})
@@ -691,46 +691,46 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {shown(value)}")
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {shown(value)}")
         return tuple(_coerce(v, args[0], key) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {shown(value)}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
+            raise ConfigError(f"{key} must be true or false, got {shown(value)}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+            raise ConfigError(f"{key} must be an integer, got {shown(value)}")
         return value
     if annotation is float:
         if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+            raise ConfigError(f"{key} must be a number, got {shown(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            raise ConfigError(f"{key} must be a finite number, got {shown(value)}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
+            raise ConfigError(f"{key} must be a string, got {shown(value)}")
         return value
     raise ConfigError(f"{key}: unsupported setting type {annotation!r}")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {shown(values)}")
     not_names = [key for key in values if not isinstance(key, str)]
     if not_names:
         raise ConfigError(
-            f"{prefix or 'config'}: setting names must be words, got {not_names[0]!r}"
+            f"{prefix or 'config'}: setting names must be words, got {shown(not_names[0])}"
         )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -765,18 +765,30 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
+def _parse_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load(text)``, or a :class:`ConfigError` naming ``what`` (the file or the
+    override) for text that is no YAML or nests too deeply for the parser."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} is not valid YAML: {err}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{what} nests too deeply to be a setting") from err
+
+
 def _read_yaml(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     path = Path(path)
+    if path.exists() and not path.is_file():  # reading a FIFO would wait forever
+        raise ConfigError(f"config file {path} is not a regular file")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path} is not a text file ({err.reason})") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    loaded = _parse_yaml(text, f"config file {path}")
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return loaded or {}
@@ -789,7 +801,7 @@ def load_config(
 ) -> Config:
     """The defaults, then a named preset, then a YAML file, then ``section.key=value`` overrides."""
     if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
+        raise ConfigError(f"unknown preset {shown(preset)} (known: {', '.join(sorted(PRESETS))})")
     values = _read_yaml(path)
     if preset is not None:
         values = _merge(PRESETS[preset], values)
@@ -804,16 +816,13 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        try:
-            parsed = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+            raise ConfigError(f"override {shown(item)} must look like section.key=value")
+        parsed = _parse_yaml(raw, f"override {shown(item)}: value") if raw.strip() else None
         node = result
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
+                raise ConfigError(f"override {shown(item)}: {part} is not a section")
             node = child
         node[parts[-1]] = parsed
     return result
@@ -832,7 +841,7 @@ def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
         if isinstance(old, dict) and isinstance(new, dict):
             changes += changed_settings(old, new, f"{prefix}{key}.")
         elif old != new:
-            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+            changes.append(f"{prefix}{key}: {shown(old)} -> {shown(new)}")
     return changes
 
 

@@ -3,6 +3,8 @@ Every other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class UserError(Exception):
     """Bad input, a bad setting or a refused output: the message names the file or option
@@ -15,3 +17,10 @@ class ConfigError(UserError, ValueError):
 
 class InputError(UserError, ValueError):
     """A file or folder given as input is not what the command needs; the message names it."""
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages: a value from a hostile file
+    or option can be megabytes long, and the message only needs to say which one it was."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

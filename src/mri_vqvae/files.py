@@ -226,7 +226,7 @@ def folder_kind(folder: Path) -> FolderKind | None:
     """The kind of output folder its marker names; None for a folder this tool did not mark."""
     try:
         marker = json.loads((folder / MARKER_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a foreign or hostile file is no marker
         return None
     return KINDS.get(marker.get("kind")) if isinstance(marker, dict) else None
 
@@ -640,7 +640,7 @@ class FolderLock:
             owner = json.loads((path or self.path).read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         return owner if isinstance(owner, dict) else None
 

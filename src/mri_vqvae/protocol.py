@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from mri_vqvae.errors import ConfigError
+from mri_vqvae.errors import ConfigError, shown
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,6 @@ def protocol_named(name: str) -> SampleProtocol:
     """The protocol called ``name``; a ConfigError names the setting and the choices."""
     if name not in PROTOCOLS:
         raise ConfigError(
-            f"sample_metrics.protocol must be one of {sorted(PROTOCOLS)}, got {name!r}"
+            f"sample_metrics.protocol must be one of {sorted(PROTOCOLS)}, got {shown(name)}"
         )
     return PROTOCOLS[name]

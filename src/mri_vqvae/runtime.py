@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mri_vqvae.errors import ConfigError
+from mri_vqvae.errors import ConfigError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +36,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ConfigError(f"--device {name!r} is not a device torch knows: {err}") from err
+        raise ConfigError(f"--device {shown(name)} is not a device torch knows: {err}") from err
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r}: mri-vqvae runs on cpu or cuda devices only")
+        raise ConfigError(f"--device {shown(name)}: mri-vqvae runs on cpu or cuda devices only")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name!r} asked for CUDA, but torch sees no CUDA device")
+        raise ConfigError(f"--device {shown(name)} asked for CUDA, but torch sees no CUDA device")
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda" and device.index is not None and device.index >= count:
-        raise ConfigError(f"--device {name!r}: torch sees {count} CUDA device(s)")
+        raise ConfigError(f"--device {shown(name)}: torch sees {count} CUDA device(s)")
     return device
 
 

@@ -4,7 +4,6 @@ each ends in one line naming the file or setting, never a traceback, a hang or w
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -21,16 +20,16 @@ from mri_vqvae.data.nifti import DataError, read_slice, write_slice
 from mri_vqvae.files import MARKER_FILE
 from mri_vqvae.runtime import resolve_device
 from mri_vqvae.train import loop
-from tests.helpers import prior_extras, train_args
+from tests.helpers import fifo, prior_extras, train_args
 
 
 def test_a_fifo_among_the_slices_is_named_not_waited_on(tmp_path: Path):
     good = np.random.default_rng(0).random((16, 16)).astype(np.float32)
     nib.save(nib.Nifti1Image(good, np.eye(4)), str(tmp_path / "a.nii.gz"))
-    os.mkfifo(tmp_path / "b.nii.gz")
-    assert [p.name for p in list_slices(tmp_path)] == ["a.nii.gz", "b.nii.gz"]
-    with pytest.raises(DataError, match="not a regular file"):
-        read_slice(tmp_path / "b.nii.gz")
+    with fifo(tmp_path / "b.nii.gz"):
+        assert [p.name for p in list_slices(tmp_path)] == ["a.nii.gz", "b.nii.gz"]
+        with pytest.raises(DataError, match="not a regular file"):
+            read_slice(tmp_path / "b.nii.gz")
 
 
 def test_upper_case_suffixes_are_slices_too(tmp_path: Path):

@@ -13,6 +13,7 @@ from pathlib import Path
 from mri_vqvae import __version__
 from mri_vqvae.config import PRESETS
 from mri_vqvae.data.phantom import PhantomSpec
+from mri_vqvae.errors import shown
 
 # The largest slice the loader accepts (64 Mi voxels) and the smallest side it reads.
 _MAX_VOXELS, _MIN_SIDE = 2**26, 8
@@ -24,7 +25,9 @@ def _size(text: str) -> str:
         return "null"
     parts = text.lower().replace(",", "x").split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"size must look like 256x128 or 'native', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"size must look like 256x128 or 'native', got {shown(text)}"
+        )
     height, width = int(parts[0]), int(parts[1])
     if min(height, width) < _MIN_SIDE or height * width > _MAX_VOXELS:
         raise argparse.ArgumentTypeError(
@@ -41,7 +44,9 @@ def _whole_number(minimum: int, maximum: int = 2**63 - 1):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number, got {shown(text)}"
+            ) from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         if value > maximum:
@@ -60,13 +65,13 @@ def _number(low: float, high: float = math.inf, low_open: bool = True):
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a number, got {shown(text)}") from None
         above = value > low if low_open else value >= low
         if not (math.isfinite(value) and above and value <= high):
             bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
             if high == math.inf:
                 bounds = f"{'>' if low_open else '>='} {low:g}"
-            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {shown(text)}")
         return value
 
     parse.__name__ = "number"

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mri_vqvae.data.nifti import DataError
+from mri_vqvae.errors import shown
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def read_label_table(path: Path, columns: tuple[str, ...]) -> dict[str, tuple[st
             for line, row in enumerate(reader, start=2):
                 name = (row[FILE_COLUMN] or "").strip()
                 if name in table:
-                    raise DataError(path, f"line {line} names {name!r} a second time")
+                    raise DataError(path, f"line {line} names {shown(name)} a second time")
                 table[name] = tuple((row[column] or "").strip() for column in columns)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(path, f"cannot be read as a CSV table ({err})") from err

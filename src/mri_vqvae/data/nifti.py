@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import nibabel as nib
 import numpy as np
 
-from mri_vqvae.errors import UserError
+from mri_vqvae.errors import UserError, shown
 from mri_vqvae.files import replaced_atomically
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -77,7 +77,7 @@ class SliceGeometry(NamedTuple):
         stored_shape = tuple(int(side) for side in value["stored_shape"])
         zooms = tuple(float(zoom) for zoom in value["zooms"])
         if affine.shape != (4, 4) or not np.isfinite(affine).all():
-            raise ValueError(f"the affine is not a finite 4x4 matrix: {value['affine']!r}")
+            raise ValueError(f"the affine is not a finite 4x4 matrix: {shown(value['affine'])}")
         if sum(side > 1 for side in stored_shape) != 2 or min(stored_shape) < 1:
             raise ValueError(f"shape {stored_shape} is not a 2D slice's")
         if len(zooms) != len(stored_shape) or not all(np.isfinite(zooms)):

@@ -15,6 +15,7 @@ import numpy as np
 
 from mri_vqvae.data.dataset import SliceSet
 from mri_vqvae.data.nifti import SliceGeometry
+from mri_vqvae.errors import shown
 
 # Geometries are compared after rounding to this many decimals (1e-4 mm), so the float32
 # rounding of one scanner's headers does not split one geometry in two.
@@ -70,7 +71,7 @@ class DataReference:
         else."""
         low, high = (float(x) for x in value["intensity_range"])
         if not (np.isfinite([low, high]).all() and low < high):
-            raise ValueError(f"intensity range {value['intensity_range']!r} is not low < high")
+            raise ValueError(f"intensity range {shown(value['intensity_range'])} is not low < high")
         return cls(
             geometry=SliceGeometry.from_plain(value["geometry"]),
             intensity_range=(low, high),

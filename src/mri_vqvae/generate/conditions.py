@@ -11,7 +11,7 @@ import torch
 from mri_vqvae.checkpoint import PriorExtras, TrainingConditions
 from mri_vqvae.config import SampleConfig
 from mri_vqvae.data.labels import LabelVocabulary
-from mri_vqvae.errors import ConfigError
+from mri_vqvae.errors import ConfigError, shown
 from mri_vqvae.model.prior import PriorConditions
 from mri_vqvae.records.samples import SampleConditions
 
@@ -92,13 +92,13 @@ def _given_labels(vocabulary: LabelVocabulary, given: dict[str, str]) -> dict[in
     for name, value in given.items():
         if name not in names:
             raise ConfigError(
-                f"this prior has no label {name!r} (its labels: {', '.join(names) or 'none'})"
+                f"this prior has no label {shown(name)} (its labels: {', '.join(names) or 'none'})"
             )
         column = names.index(name)
         values = list(vocabulary[column][1])
         if value not in values:
             raise ConfigError(
-                f"label {name} has no value {value!r} in the training data "
+                f"label {name} has no value {shown(value)} in the training data "
                 f"(known: {', '.join(values)})"
             )
         chosen[column] = values.index(value) + 1

@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from mri_vqvae.errors import InputError
+from mri_vqvae.errors import InputError, shown
 from mri_vqvae.files import write_text_atomic
 
 RecordType = TypeVar("RecordType", bound="Record")
@@ -55,9 +55,15 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def parse_json(text: str, source: str) -> Any:
+    """``json.loads(text)``, or a :class:`RecordError` naming ``source`` for text that is no
+    JSON or nests too deeply for the parser (a hostile file, not a record)."""
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise RecordError(f"{source}: not valid JSON ({err})") from err
+    except RecursionError as err:
+        raise RecordError(f"{source}: not a record, its JSON nests too deeply to read") from err
 
 
 class Where(typing.NamedTuple):
@@ -77,7 +83,7 @@ class Where(typing.NamedTuple):
 
 
 def _fail(where: Where, expected: str, value: Any) -> typing.NoReturn:
-    raise RecordError(f"{where}: expected {expected}, got {_describe(value)}")
+    raise RecordError(f"{where}: expected {expected}, got {shown(value)}")
 
 
 def _is_union(kind: Any) -> bool:
@@ -236,17 +242,15 @@ class Record:
     @classmethod
     def from_json(cls: type[RecordType], text: str, source: str = "record") -> RecordType:
         """The record in the JSON ``text``, checked."""
-        try:
-            value = json.loads(text)
-        except ValueError as err:
-            raise RecordError(f"{source}: not valid JSON ({err})") from err
-        return cls.from_plain(value, source)
+        return cls.from_plain(parse_json(text, source), source)
 
     @classmethod
     def read(cls: type[RecordType], path: str | Path) -> RecordType:
         """The record in the file ``path``, checked; a missing, unreadable or foreign file is
         a :class:`RecordError` naming it."""
         path = Path(path)
+        if path.exists() and not path.is_file():  # reading a FIFO would wait forever
+            raise RecordError(f"{path}: not a regular file, so not {cls.DESCRIPTION}")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:

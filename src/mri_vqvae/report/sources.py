@@ -4,7 +4,6 @@ the page says so and the rest of the page is still written."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -22,7 +21,7 @@ from mri_vqvae.files import (
     VQVAE_RUN,
     folder_kind,
 )
-from mri_vqvae.records import Record, RecordError
+from mri_vqvae.records import Record, RecordError, parse_json
 from mri_vqvae.records.evaluation import EvaluationSummary
 from mri_vqvae.records.samples import SampleMeasures, SampleMetadata
 from mri_vqvae.records.training import PriorEpoch, PriorSummary, VQVAEEpoch
@@ -128,11 +127,8 @@ def read_rows(path: Path, row: type[Row]) -> list[Row]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except ValueError as err:
-            raise RecordError(f"{path}, line {number}: not valid JSON ({err})") from err
-        rows.append(row.from_plain(value, f"{path}, line {number}"))
+        where = f"{path}, line {number}"
+        rows.append(row.from_plain(parse_json(line, where), where))
     return rows
 
 
