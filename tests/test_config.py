@@ -1,4 +1,6 @@
 import dataclasses
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -52,10 +54,16 @@ def test_gan_presets_add_the_adversarial_and_spectral_terms_to_their_compression
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.adversarial_weight=-1", "train.adversarial_weight must be >= 0"),
+        (
+            "train.adversarial_weight=-1",
+            r"train.adversarial_weight must be a finite number in \[0, 100\]",
+        ),
         ("train.discriminator_layers=0", "train.discriminator_layers must be at least 1"),
-        ("train.discriminator_lr=0", "train.discriminator_lr must be > 0"),
-        ("train.adaptive_weight_max=0", "train.adaptive_weight_max must be > 0"),
+        (
+            "train.discriminator_lr=0",
+            r"train.discriminator_lr must be a finite number in \(0, 10\]",
+        ),
+        ("train.adaptive_weight_max=0", r"train.adaptive_weight_max must be .* in \(0, 10000\]"),
     ],
 )
 def test_bad_adversarial_settings_are_named(override: str, message: str):
@@ -105,14 +113,17 @@ def test_overrides_are_typed():
         ("nodots", "section.key=value"),
         ("train.precision=float8", "train.precision"),
         ("train.memory_format=nhwc", "train.memory_format"),
-        ("augment.copies=-1", "augment.copies must be >= 0, got -1"),
+        ("augment.copies=-1", "augment.copies must be at least 0, got -1"),
         ("augment.copies=1.5", "augment.copies must be an integer"),
-        ("augment.max_shift=-0.1", "augment.max_shift must be in"),
-        ("augment.max_shift=0.6", "augment.max_shift must be in"),
-        ("augment.max_rotation_degrees=200", "augment.max_rotation_degrees must be in"),
-        ("augment.max_scale=-1", "augment.max_scale must be in"),
-        ("augment.max_gamma=2", "augment.max_gamma must be in"),
-        ("augment.max_contrast=1", "augment.max_contrast must be in"),
+        ("augment.max_shift=-0.1", "augment.max_shift must be a finite number in"),
+        ("augment.max_shift=0.6", "augment.max_shift must be a finite number in"),
+        (
+            "augment.max_rotation_degrees=200",
+            "augment.max_rotation_degrees must be a finite number in",
+        ),
+        ("augment.max_scale=-1", "augment.max_scale must be a finite number in"),
+        ("augment.max_gamma=2", "augment.max_gamma must be a finite number in"),
+        ("augment.max_contrast=1", "augment.max_contrast must be a finite number in"),
         ("augment.flip_left_right=maybe", "augment.flip_left_right must be true or false"),
         ("augment.rotate=1", "rotate"),
     ],
@@ -219,9 +230,9 @@ def test_the_two_loop_sections_share_fields_but_keep_their_own_defaults():
     gan = load_config(None, [], preset="8x-gan").train
     assert (gan.batch_size, gan.lr, gan.adversarial_start_step) == (32, 1e-3, 500)
     # A bad value is named with its own section.
-    with pytest.raises(ConfigError, match=r"prior_train\.lr must be > 0"):
+    with pytest.raises(ConfigError, match=r"prior_train\.lr must be a finite number in \(0, 10\]"):
         load_config(overrides=["prior_train.lr=0"])
-    with pytest.raises(ConfigError, match=r"train\.lr must be > 0"):
+    with pytest.raises(ConfigError, match=r"^train\.lr must be a finite number in \(0, 10\]"):
         load_config(overrides=["train.lr=0"])
 
 
@@ -251,7 +262,9 @@ def test_config_command_prints_the_resolved_tree_as_a_loadable_file(tmp_path: Pa
 def test_augment_settings_refuse_nan_when_built_by_hand():
     from mri_vqvae.config import AugmentConfig
 
-    with pytest.raises(ConfigError, match=r"augment\.max_gamma must be in \[0, 1\.0\], got nan"):
+    with pytest.raises(
+        ConfigError, match=r"augment\.max_gamma must be a finite number in \[0, 1\], got nan"
+    ):
         AugmentConfig(max_gamma=float("nan"))
 
 
@@ -266,3 +279,75 @@ def test_each_prior_architecture_has_its_own_default_depth_unless_one_is_given()
     assert PriorConfig(architecture="pixelcnn", num_layers=3).num_layers == 3
     with pytest.raises(ConfigError, match=r"prior\.num_layers must be at least 1"):
         load_config(None, ["prior.num_layers=0"])
+
+
+def _billion_laughs() -> str:
+    """A kilobyte of YAML whose aliases expand to 9**9 strings."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, 10):
+        aliases = ", ".join([f"*a{level - 1}"] * 9)
+        lines.append(f"a{level}: &a{level} [{aliases}]")
+    return "\n".join(lines) + "\n"
+
+
+# Each YAML surprise as a file's text and as an override, with what its refusal says.
+YAML_SURPRISES = {
+    "alias bomb": (_billion_laughs(), "model=" + "{a: &a [1, 1], b: [*a, *a]}", "anchors"),
+    "recursive alias": ("train: &a [*a]\n", "train.lr=&a [*a]", "anchors and aliases"),
+    "repeated section": (
+        "train:\n  epochs: 3\nmodel:\n  channels: 8\ntrain:\n  lr: 0.1\n",
+        "train={epochs: 3, epochs: 4}",
+        "given twice in one mapping",
+    ),
+    "octal": ("train:\n  epochs: 010\n", "train.epochs=010", "010 is the octal number 8"),
+    "yes": ("train:\n  compile: yes\n", "train.compile=yes", "yes is true to YAML 1.1"),
+    "off": ("train:\n  compile: off\n", "train.compile=Off", "to YAML 1.1, text to YAML 1.2"),
+    "base 60": ("train:\n  epochs: 1:30\n", "train.epochs=1:30", "the base-60 number 90"),
+    "underscores": ("train:\n  lr: 1_0.5\n", "train.epochs=1_000", "groups digits with _"),
+    "merge key": ("train:\n  <<: {epochs: 3}\n", "train={<<: {epochs: 3}}", "merge keys"),
+}
+
+
+@pytest.mark.parametrize("surprise", list(YAML_SURPRISES))
+def test_yaml_surprises_are_refused_naming_the_file_or_override(surprise: str, tmp_path: Path):
+    text, override, message = YAML_SURPRISES[surprise]
+    path = tmp_path / "surprise.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"config file .*surprise\.yaml, line \d+: .*{message}"):
+        load_config(path)
+    value = re.escape(override[:20])
+    with pytest.raises(ConfigError, match=rf"the value of override '{value}.*': .*{message}"):
+        load_config(overrides=[override])
+    assert time.perf_counter() - started < 1  # refused before anything expands
+
+
+def test_text_that_yaml_1_1_would_misread_round_trips_as_text(tmp_path: Path):
+    labels = ["yes", "no", "on", "010", "1:30", "1_000", "2024-01-01", "0x10", "y", "n"]
+    config = load_config(overrides=["data.cache_dir=2024-01-01", "sample.labels=[side=no]"])
+    config = dataclasses.replace(
+        config, prior=dataclasses.replace(config.prior, condition_labels=tuple(labels))
+    )
+    assert config.data.cache_dir == "2024-01-01" and config.sample.labels == ("side=no",)
+    save_config(config, tmp_path / "config.yaml")
+    assert "&" not in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_every_yaml_the_tool_reads_goes_through_the_strict_loader():
+    source = Path(__file__).parent.parent / "src" / "mri_vqvae"
+    readers = re.compile(r"yaml\.(safe_load|load|full_load|unsafe_load|\w+_all)\(|Loader=")
+    found = [
+        f"{path.name}: {line.strip()}"
+        for path in sorted(source.rglob("*.py"))
+        for line in path.read_text().splitlines()
+        if readers.search(line)
+    ]
+    assert found == ["config.py: return yaml.load(text, Loader=StrictLoader)"]
+
+
+def test_both_transformer_priors_split_their_width_between_heads():
+    for architecture in ("transformer", "masked"):
+        with pytest.raises(ConfigError, match=r"prior\.width \(192\) must be divisible by"):
+            load_config(overrides=[f"prior.architecture={architecture}", "prior.num_heads=5"])
+    assert load_config(overrides=["prior.architecture=pixelcnn", "prior.num_heads=5"])

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import yaml
 
@@ -21,8 +22,101 @@ from mri_vqvae.errors import ConfigError, shown
 from mri_vqvae.files import write_text_atomic
 from mri_vqvae.protocol import DEFAULT_PROTOCOL, PROTOCOLS, SampleProtocol, protocol_named
 
+# The bounds below keep every setting's memory and arithmetic finite, whichever way it comes
+# (flag, override, YAML file, a checkpoint's saved config): each section checks its own
+# settings against its LIMITS table, the one validation of each; the command line's flags
+# parse with the same tables (cli.options).
+
 # A codebook larger than this is a typo: its distance table alone would not fit in memory.
 MAX_CODES = 2**16
+# Seeds: every seed the tool derives from one (seed * 100003 + epoch in the loop, seed +
+# a stream's offset for the texture) stays inside the 64 bits torch.manual_seed takes, and
+# the flags have always stopped here.
+MAX_SEED = 2**32 - 1
+# The largest slice the loader reads (64 Mi voxels) and its smallest side; the phantom's
+# --size is held to them too. A resized image (data.image_size) is held to the same size,
+# with sides of at least MIN_IMAGE_SIDE (2 codes a side in the 8x recipe's code maps).
+MAX_SLICE_VOXELS, MIN_SLICE_SIDE = 2**26, 8
+MIN_IMAGE_SIDE = 16
+# Widest layer of any network (a level's channels, the code space, the prior): a 3x3
+# convolution this wide already holds 151 M weights.
+MAX_WIDTH = 4096
+MAX_LEVELS = 8  # downsamplings: 256x smaller code maps
+MAX_LAYERS = 64  # residual blocks per level, prior blocks
+MAX_BATCH = 2**16
+MAX_EPOCHS = 10**6
+MAX_STEPS = 10**9  # step counts (warm-up, checkpoints, dead codes); int64 buffers hold them
+MAX_SAMPLES = 10**5  # decoded samples are held in memory together
+MAX_PREVIEWS = 256  # a picture grid of more is unreadable
+MAX_LOSS_WEIGHT = 100.0  # a loss term's weight; 1e39 times a loss overflows float32
+MAX_LR = 10.0  # Adam's step is about lr per weight: above this, training only diverges
+
+
+@dataclass(frozen=True)
+class Whole:
+    """The accepted values of an integer setting: ``low`` to ``high``, both included."""
+
+    low: int
+    high: int
+    why: str = ""  # said in a refusal, where the bound needs a reason
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``"must be at least 1, got 0"``), or None."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be an integer, got {shown(value)}"
+        if self.low <= value <= self.high:
+            return None
+        if self.low == self.high:
+            bound = f"must be {self.low}"
+        elif value < self.low:
+            bound = f"must be at least {self.low}"
+        else:
+            bound = f"must be at most {self.high}"
+        why = f" ({self.why})" if self.why else ""
+        return f"{bound}{why}, got {shown(value)}"
+
+
+@dataclass(frozen=True)
+class Span:
+    """The accepted values of a number setting: finite, from ``low`` to ``high``; an open end
+    leaves the bound itself out."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``"must be a finite number in (0, 10], got inf"``),
+        or None. NaN fails every comparison, so it is refused with the infinities."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {shown(value)}"
+        above = self.low < value if self.low_open else self.low <= value
+        below = value < self.high if self.high_open else value <= self.high
+        if above and below:
+            return None
+        interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+        interval += ")" if self.high_open else "]"
+        # A closed bound above 0 is a floor for the arithmetic; the setting is still a
+        # positive one, and is said so first.
+        where = f"> 0, in {interval}" if self.low > 0 and not self.low_open else f"in {interval}"
+        why = f" ({self.why})" if self.why else ""
+        return f"must be a finite number {where}{why}, got {shown(value)}"
+
+
+Limit = Whole | Span
+
+
+def _check_limits(settings: Any) -> None:
+    """Each numeric setting of a section within its entry of the section's ``LIMITS`` (each
+    item of a tuple; an optional setting left unset is not checked)."""
+    for name, limit in settings.LIMITS.items():
+        value = getattr(settings, name)
+        for item in value if isinstance(value, tuple) else (value,):
+            problem = None if item is None else limit.problem(item)
+            if problem is not None:
+                raise ConfigError(f"{settings.SECTION}.{name} {problem}")
 
 
 @dataclass(frozen=True)
@@ -36,10 +130,31 @@ class DataConfig:
     cache_dir: str | None = None
     use_cache: bool = True
 
+    SECTION: ClassVar[str] = "data"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "image_size": Whole(MIN_IMAGE_SIDE, MAX_SLICE_VOXELS // MIN_IMAGE_SIDE),
+    }
+
     def __post_init__(self) -> None:
-        size = self.image_size
-        if size is not None and (len(size) != 2 or any(side < 16 for side in size)):
-            raise ConfigError(f"data.image_size must be two sides of 16 pixels or more, not {size}")
+        problem = None if self.image_size is None else image_size_problem(self.image_size)
+        _require(problem is None, f"data.image_size {problem}")
+
+
+def image_size_problem(size: tuple[int, ...]) -> str | None:
+    """What is wrong with ``size`` as ``data.image_size`` (the resized slices' height and
+    width), or None; ``--size`` asks the same."""
+    if len(size) != 2:
+        return f"must be two sides, height and width, got {shown(list(size))}"
+    for side in size:
+        problem = DataConfig.LIMITS["image_size"].problem(side)
+        if problem is not None:
+            return f"sides {problem}"
+    if size[0] * size[1] > MAX_SLICE_VOXELS:
+        return (
+            f"must hold at most {MAX_SLICE_VOXELS} pixels (the largest slice the loader "
+            f"reads), got {size[0]}x{size[1]}"
+        )
+    return None
 
 
 ARCHITECTURES = ("resnet", "seed")
@@ -96,42 +211,43 @@ class ModelConfig:
     # "tanh" bounds reconstructions to the image range [-1, 1]; "none" is the seed's.
     output_activation: str = "tanh"
 
+    SECTION: ClassVar[str] = "model"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        # The data pipeline reads every slice as one grey channel, (B, 1, H, W).
+        "in_channels": Whole(1, 1, why="the slices are read as grey images, one channel"),
+        "channels": Whole(1, MAX_WIDTH),
+        "channel_multipliers": Whole(1, 64),
+        "num_residual_layers": Whole(0, MAX_LAYERS),
+        "residual_hidden_channels": Whole(1, MAX_WIDTH),
+        "embedding_dim": Whole(1, MAX_WIDTH),
+        "num_embeddings": Whole(1, MAX_CODES),
+        "commitment_cost": Span(0, MAX_LOSS_WEIGHT),
+        "ema_decay": Span(0, 1, high_open=True),
+        # The smoothed counts divide the codes' sums in float32: a smaller epsilon underflows
+        # there, and an unused code's update becomes 0/0.
+        "ema_epsilon": Span(1e-12, 1),
+        "dead_code_steps": Whole(0, MAX_STEPS),
+    }
+
     def __post_init__(self) -> None:
-        positive = (
-            "in_channels",
-            "channels",
-            "residual_hidden_channels",
-            "embedding_dim",
-            "num_embeddings",
+        _check_limits(self)
+        levels = len(self.channel_multipliers)
+        _require(
+            1 <= levels <= MAX_LEVELS,
+            f"model.channel_multipliers must be 1 to {MAX_LEVELS} positive integers (one per "
+            f"downsampling), got {shown(list(self.channel_multipliers))}",
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be at least 1, got {getattr(self, name)}")
-        if self.num_embeddings > MAX_CODES:
-            raise ConfigError(
-                f"model.num_embeddings must be at most {MAX_CODES}, got {self.num_embeddings}"
-            )
-        if not self.channel_multipliers or any(m < 1 for m in self.channel_multipliers):
-            raise ConfigError(
-                "model.channel_multipliers must be one or more positive integers (one per "
-                f"downsampling), got {list(self.channel_multipliers)}"
-            )
-        if self.num_residual_layers < 0:
-            raise ConfigError(
-                f"model.num_residual_layers must be >= 0, got {self.num_residual_layers}"
-            )
-        if self.commitment_cost < 0:
-            raise ConfigError(f"model.commitment_cost must be >= 0, got {self.commitment_cost}")
+        widest = self.channels * max(self.channel_multipliers)
+        _require(
+            widest <= MAX_WIDTH,
+            f"model.channels times the largest of model.channel_multipliers (the widest "
+            f"level) must be at most {MAX_WIDTH}, got {self.channels} * "
+            f"{max(self.channel_multipliers)} = {widest}",
+        )
         _check_choice("model", "architecture", self.architecture, ARCHITECTURES)
         _check_choice("model", "codebook_update", self.codebook_update, CODEBOOK_UPDATES)
         _check_choice("model", "codebook_init", self.codebook_init, CODEBOOK_INITS)
         _check_choice("model", "output_activation", self.output_activation, OUTPUT_ACTIVATIONS)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"model.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.ema_epsilon <= 0:
-            raise ConfigError(f"model.ema_epsilon must be > 0, got {self.ema_epsilon}")
-        if self.dead_code_steps < 0:
-            raise ConfigError(f"model.dead_code_steps must be >= 0, got {self.dead_code_steps}")
 
     @property
     def num_downsamplings(self) -> int:
@@ -185,29 +301,24 @@ class LoopConfig:
     device: str = "auto"
     seed: int = 0
 
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "epochs": Whole(1, MAX_EPOCHS),
+        "batch_size": Whole(1, MAX_BATCH),
+        "lr": Span(0, MAX_LR, low_open=True),
+        "warmup_steps": Whole(0, MAX_STEPS),
+        "final_lr_fraction": Span(0, 1),
+        # A norm this large never clips; beyond it a typo, not a choice.
+        "grad_clip_norm": Span(0, 1e6, low_open=True),
+        "max_minutes": Span(0, 1e7, low_open=True),  # 19 years
+        "checkpoint_every": Whole(0, MAX_STEPS),
+        "max_nonfinite_steps": Whole(1, MAX_STEPS),
+        "seed": Whole(0, MAX_SEED),
+    }
+
     def __post_init__(self) -> None:
-        s = self.SECTION
-        for name in ("epochs", "batch_size", "max_nonfinite_steps"):
-            value = getattr(self, name)
-            _require(value >= 1, f"{s}.{name} must be at least 1, got {value}")
-        for name in ("warmup_steps", "checkpoint_every"):
-            value = getattr(self, name)
-            _require(value >= 0, f"{s}.{name} must be >= 0, got {value}")
-        _require(self.lr > 0, f"{s}.lr must be > 0, got {self.lr}")
-        _check_choice(s, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_choice(s, "precision", self.precision, PRECISIONS)
-        _require(
-            0 <= self.final_lr_fraction <= 1,
-            f"{s}.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}",
-        )
-        _require(
-            self.grad_clip_norm is None or self.grad_clip_norm > 0,
-            f"{s}.grad_clip_norm must be > 0, got {self.grad_clip_norm}",
-        )
-        _require(
-            self.max_minutes is None or self.max_minutes > 0,
-            f"{s}.max_minutes must be > 0, got {self.max_minutes}",
-        )
+        _check_limits(self)
+        _check_choice(self.SECTION, "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice(self.SECTION, "precision", self.precision, PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -279,34 +390,27 @@ class TrainConfig(LoopConfig):
     # and fine grain, and what `evaluate` scores textured reconstructions with. 0: none.
     texture_slices: int = 512
 
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        **LoopConfig.LIMITS,
+        "ssim_loss_weight": Span(0, MAX_LOSS_WEIGHT),
+        "spectral_loss_weight": Span(0, MAX_LOSS_WEIGHT),
+        "adversarial_weight": Span(0, MAX_LOSS_WEIGHT),
+        "adversarial_start_step": Whole(0, MAX_STEPS),
+        "adversarial_warmup_steps": Whole(0, MAX_STEPS),
+        "adaptive_weight_max": Span(0, 1e4, low_open=True),  # VQGAN's own bound
+        # The discriminator doubles its width per layer up to 8x; each layer halves the image.
+        "discriminator_channels": Whole(1, MAX_WIDTH // 8),
+        "discriminator_layers": Whole(1, 8),
+        "discriminator_lr": Span(0, MAX_LR, low_open=True),
+        "num_preview_images": Whole(1, MAX_PREVIEWS),
+        "texture_slices": Whole(0, 10**6),
+    }
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(
-            self.texture_slices >= 0,
-            f"train.texture_slices must be >= 0, got {self.texture_slices}",
-        )
         _check_choice("train", "pixel_loss", self.pixel_loss, PIXEL_LOSSES)
         _check_choice("train", "ssim_loss", self.ssim_loss, SSIM_LOSSES)
         _check_choice("train", "memory_format", self.memory_format, MEMORY_FORMATS)
-        _require(
-            self.ssim_loss_weight >= 0,
-            f"train.ssim_loss_weight must be >= 0, got {self.ssim_loss_weight}",
-        )
-        _require(self.num_preview_images >= 1, "train.num_preview_images must be at least 1")
-        for name in (
-            "spectral_loss_weight",
-            "adversarial_weight",
-            "adversarial_start_step",
-            "adversarial_warmup_steps",
-        ):
-            value = getattr(self, name)
-            _require(value >= 0, f"train.{name} must be >= 0, got {value}")
-        for name in ("discriminator_channels", "discriminator_layers"):
-            value = getattr(self, name)
-            _require(value >= 1, f"train.{name} must be at least 1, got {value}")
-        for name in ("discriminator_lr", "adaptive_weight_max"):
-            value = getattr(self, name)
-            _require(value > 0, f"train.{name} must be > 0, got {value}")
         # The adaptive weight compares gradients taken outside the loss scaler, which in
         # float16 can underflow to zero; bfloat16 has float32's range and does not.
         _require(
@@ -348,18 +452,24 @@ class PriorConfig:
     # "file" column naming each slice, then one column per label, e.g. orientation).
     condition_labels: tuple[str, ...] = ()
 
+    SECTION: ClassVar[str] = "prior"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "width": Whole(1, MAX_WIDTH),
+        "num_layers": Whole(1, MAX_LAYERS),
+        "num_heads": Whole(1, MAX_WIDTH),
+        "dropout": Span(0, 1, high_open=True),
+    }
+
     def __post_init__(self) -> None:
         _check_choice("prior", "architecture", self.architecture, PRIOR_ARCHITECTURES)
         if self.num_layers is None:
             object.__setattr__(self, "num_layers", PRIOR_DEFAULT_LAYERS[self.architecture])
-        for name in ("width", "num_layers", "num_heads"):
-            value = getattr(self, name)
-            _require(value >= 1, f"prior.{name} must be at least 1, got {value}")
+        _check_limits(self)
+        # Both transformers split their width between the heads; the PixelCNN has none.
         _require(
-            self.architecture != "transformer" or self.width % self.num_heads == 0,
+            self.architecture == "pixelcnn" or self.width % self.num_heads == 0,
             f"prior.width ({self.width}) must be divisible by prior.num_heads ({self.num_heads})",
         )
-        _require(0 <= self.dropout < 1, f"prior.dropout must be in [0, 1), got {self.dropout}")
         _require(
             len(set(self.condition_labels)) == len(self.condition_labels)
             and all(name.strip() for name in self.condition_labels),
@@ -395,22 +505,15 @@ class PriorTrainConfig(LoopConfig):
     # learns the unconditional distribution that classifier-free guidance needs.
     condition_dropout: float = 0.1
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _require(
-            self.weight_decay >= 0,
-            f"prior_train.weight_decay must be >= 0, got {self.weight_decay}",
-        )
-        _require(self.sample_every >= 0, "prior_train.sample_every must be >= 0")
-        _require(self.num_preview_samples >= 1, "prior_train.num_preview_samples must be >= 1")
-        _require(
-            0 <= self.ema_decay < 1,
-            f"prior_train.ema_decay must be in [0, 1), got {self.ema_decay}",
-        )
-        _require(
-            0 <= self.condition_dropout < 1,
-            f"prior_train.condition_dropout must be in [0, 1), got {self.condition_dropout}",
-        )
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        **LoopConfig.LIMITS,
+        # AdamW shrinks each weight by lr * weight_decay a step; the usual are 0.01 to 0.1.
+        "weight_decay": Span(0, 1),
+        "sample_every": Whole(0, MAX_EPOCHS),
+        "num_preview_samples": Whole(1, MAX_PREVIEWS),
+        "ema_decay": Span(0, 1, high_open=True),
+        "condition_dropout": Span(0, 1, high_open=True),
+    }
 
 
 @dataclass(frozen=True)
@@ -432,20 +535,22 @@ class AugmentConfig:
     max_contrast: float = 0.1  # contrast about the mean scaled by 1 +- max_contrast
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        _require(self.copies >= 0, f"augment.copies must be >= 0, got {self.copies}")
+    SECTION: ClassVar[str] = "augment"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        # Each copy is a whole encoded training split, held beside the others.
+        "copies": Whole(0, 100),
         # Upper limits keep a copy recognisably the same slice (and a contrast factor
-        # positive); "not >=" also refuses NaN.
-        limits = {
-            "max_shift": 0.5,
-            "max_rotation_degrees": 180.0,
-            "max_scale": 1.0,
-            "max_gamma": 1.0,
-            "max_contrast": 0.99,
-        }
-        for name, upper in limits.items():
-            value = getattr(self, name)
-            _require(0 <= value <= upper, f"augment.{name} must be in [0, {upper}], got {value}")
+        # positive).
+        "max_shift": Span(0, 0.5),
+        "max_rotation_degrees": Span(0, 180),
+        "max_scale": Span(0, 1),
+        "max_gamma": Span(0, 1),
+        "max_contrast": Span(0, 0.99),
+        "seed": Whole(0, MAX_SEED),
+    }
+
+    def __post_init__(self) -> None:
+        _check_limits(self)
 
 
 @dataclass(frozen=True)
@@ -485,6 +590,25 @@ class SampleConfig:
     device: str = "auto"
     seed: int = 0
 
+    SECTION: ClassVar[str] = "sample"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "num_samples": Whole(1, MAX_SAMPLES),
+        # The logits are divided by the temperature and the conditional ones' difference
+        # multiplied by the guidance, in float32: these bounds keep them far from overflow
+        # (1e-45 or 1e39 would turn them to inf and the draw to NaN). Already at 0.001 the
+        # draw is all but the most likely code, at 100 all but uniform.
+        "temperature": Span(1e-3, 100),
+        "top_k": Whole(1, MAX_CODES),
+        "top_p": Span(0, 1, low_open=True),
+        "guidance": Span(0, 100),
+        "decoding_steps": Whole(1, 1024),
+        # Scales Gumbel noise added to log-probabilities: beyond it the noise alone decides.
+        "choice_temperature": Span(0, 100),
+        "batch_size": Whole(1, MAX_BATCH),
+        "slice_position": Span(0, 1),
+        "seed": Whole(0, MAX_SEED),
+    }
+
     def label_values(self) -> dict[str, str]:
         """The ``labels`` as a name-to-value mapping (spaces around either stripped)."""
         pairs = (item.split("=", 1) for item in self.labels)
@@ -500,38 +624,8 @@ class SampleConfig:
         names = [item.split("=", 1)[0].strip() for item in self.labels]
         repeated = sorted({name for name in names if names.count(name) > 1})
         _require(not repeated, f"sample.labels gives {', '.join(repeated)} more than once")
-        for name in ("num_samples", "batch_size"):
-            value = getattr(self, name)
-            _require(value >= 1, f"sample.{name} must be at least 1, got {value}")
-        # inf would flatten every distribution to uniform noise; nan is no number.
-        _require(
-            math.isfinite(self.temperature) and self.temperature > 0,
-            f"sample.temperature must be a finite number > 0, got {self.temperature}",
-        )
-        _require(
-            self.top_k is None or self.top_k >= 1, f"sample.top_k must be >= 1, got {self.top_k}"
-        )
+        _check_limits(self)
         _check_choice("sample", "precision", self.precision, PRECISIONS)
-        _require(
-            math.isfinite(self.guidance) and self.guidance >= 0,
-            f"sample.guidance must be a finite number >= 0, got {self.guidance}",
-        )
-        _require(
-            self.decoding_steps >= 1,
-            f"sample.decoding_steps must be at least 1, got {self.decoding_steps}",
-        )
-        _require(
-            self.choice_temperature >= 0,
-            f"sample.choice_temperature must be >= 0, got {self.choice_temperature}",
-        )
-        _require(
-            self.top_p is None or 0 < self.top_p <= 1,
-            f"sample.top_p must be in (0, 1], got {self.top_p}",
-        )
-        _require(
-            self.slice_position is None or 0 <= self.slice_position <= 1,
-            f"sample.slice_position must be in [0, 1], got {self.slice_position}",
-        )
 
 
 @dataclass(frozen=True)
@@ -552,15 +646,17 @@ class SampleMetricsConfig:
     device: str = "auto"
     seed: int = 0  # the reference's halves, subsampling and KID subsets
 
+    SECTION: ClassVar[str] = "sample_metrics"
+    LIMITS: ClassVar[dict[str, Limit]] = {
+        "reference_slices": Whole(2, 10**6),
+        "neighbour_candidates": Whole(1, 10**4),
+        "diversity_pairs": Whole(1, 10**6),
+        "seed": Whole(0, MAX_SEED),
+    }
+
     def __post_init__(self) -> None:
         _check_choice("sample_metrics", "protocol", self.protocol, tuple(PROTOCOLS))
-        _require(
-            self.reference_slices >= 2,
-            f"sample_metrics.reference_slices must be at least 2, got {self.reference_slices}",
-        )
-        for name in ("neighbour_candidates", "diversity_pairs"):
-            value = getattr(self, name)
-            _require(value >= 1, f"sample_metrics.{name} must be at least 1, got {value}")
+        _check_limits(self)
 
     @property
     def measures(self) -> SampleProtocol:
@@ -586,13 +682,10 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.data.image_size is not None:
-            factor = 2**self.model.num_downsamplings
-            for side in self.data.image_size:
-                if side % factor:
-                    raise ConfigError(
-                        f"data.image_size {tuple(self.data.image_size)} is not divisible by "
-                        f"2**len(model.channel_multipliers) = {factor}"
-                    )
+            _check_image_fits(self, tuple(self.data.image_size))
+        # A pure function of the settings, so checked with them; the machine's own memory
+        # is the running command's to compare with (check_memory's limit).
+        check_memory(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of YAML/JSON-safe values."""
@@ -600,7 +693,219 @@ class Config:
 
     def to_yaml(self) -> str:
         """The settings as YAML, loadable by :func:`load_config`."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False)
+
+
+def _check_image_fits(config: Config, size: tuple[int, int]) -> None:
+    """The VQ-VAE's downsamplings must divide each side. (The discriminator's depth against
+    the size is checked where the size is known for certain, native ones included: by
+    train.adversarial.AdversarialTerm, before training.)"""
+    factor = 2**config.model.num_downsamplings
+    _require(
+        all(side % factor == 0 for side in size),
+        f"data.image_size {size} is not divisible by 2**len(model.channel_multipliers) = {factor}",
+    )
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """``yaml.safe_dump`` without anchors and aliases, which the loader refuses: a value
+    that appears twice is written out twice."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+# Settings whose estimated need for any stage exceeds this are refused before anything is
+# allocated: it is above what any one accelerator holds (an H200 has 141 GB). The machine's
+# own memory is smaller; a command compares with it through check_memory's limit.
+MAX_ESTIMATED_BYTES = 256 * 2**30
+_FLOAT = 4  # bytes of a float32
+# Floats per trained parameter: the weight, its gradient and Adam's two moments.
+_TRAINED = 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Rough bytes one stage needs, as float32: its parameters (with gradients and Adam's
+    moments when it trains) and the activations of one batch. An order of magnitude, to refuse
+    the impossible before allocating; the real peak depends on the kernels."""
+
+    stage: str
+    parameters: int
+    parameter_bytes: int
+    activation_bytes: int  # 0 when the image size is known only from the data
+    activations: str  # what those bytes hold, for a refusal
+    settings: str  # those that enter it, named in a refusal
+
+    @property
+    def total_bytes(self) -> int:
+        """Parameters and activations together."""
+        return self.parameter_bytes + self.activation_bytes
+
+
+def memory_estimates(
+    config: Config, image_size: tuple[int, int] | None = None
+) -> list[MemoryEstimate]:
+    """What training the VQ-VAE, training the prior and sampling need at ``image_size``
+    (``data.image_size`` when not given; with neither, the parameters alone)."""
+    size = image_size or config.data.image_size
+    if size is None:
+        pixels, grid = 0, (0, 0)
+    else:
+        factor = 2 ** len(config.model.channel_multipliers)
+        pixels, grid = size[0] * size[1], (size[0] // factor, size[1] // factor)
+    return [
+        _vqvae_memory(config, pixels),
+        _prior_memory(config, grid),
+        _sampling_memory(config, pixels, grid),
+    ]
+
+
+def check_memory(
+    config: Config,
+    *,
+    image_size: tuple[int, int] | None = None,
+    limit: int = MAX_ESTIMATED_BYTES,
+) -> None:
+    """Refuse settings whose estimated need for any stage exceeds ``limit`` bytes, saying the
+    estimate and what to lower. Config validation calls it with the fixed cap; a command can
+    call it again with the slices' own size and its device's memory (physical_memory_bytes on
+    a CPU) before building a model."""
+    for estimate in memory_estimates(config, image_size):
+        if estimate.total_bytes > limit:
+            raise ConfigError(
+                f"{estimate.stage} would need about {_bytes_text(estimate.total_bytes)} "
+                f"({_bytes_text(estimate.parameter_bytes)} for {estimate.parameters:,} "
+                f"parameters, {_bytes_text(estimate.activation_bytes)} for "
+                f"{estimate.activations}), more than the {_bytes_text(limit)} allowed; lower "
+                f"{estimate.settings}"
+            )
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _bytes_text(count: int) -> str:
+    value = float(count)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _vqvae_memory(config: Config, pixels: int) -> MemoryEstimate:
+    """Training the VQ-VAE: per level a 4x4 (down/up)sampling and, in the resnet
+    architecture, residual blocks of two 3x3 convolutions, in the encoder and the decoder;
+    the seed's residual stack at the bottleneck; the codebook; the discriminator when it
+    trains. Each block keeps about six maps of its width for the backward pass."""
+    model, train = config.model, config.train
+    widths = [model.channels * m for m in model.channel_multipliers]
+    blocks = model.num_residual_layers if model.architecture == "resnet" else 0
+    parameters, previous = 0, model.in_channels
+    floats, area = 4 * pixels, pixels  # the images, reconstructions and loss maps
+    for width in widths:
+        parameters += 2 * (16 * previous * width + blocks * 18 * width * width)
+        area //= 4
+        floats += 2 * area * width * (2 + 6 * blocks)
+        previous = width
+    if model.architecture == "seed":
+        stack = model.num_residual_layers * 10 * widths[-1] * model.residual_hidden_channels
+        parameters += 2 * (9 * widths[-1] ** 2 + stack)
+        floats += 2 * area * model.num_residual_layers * 3 * model.residual_hidden_channels
+    parameters += (2 * widths[-1] + model.num_embeddings) * model.embedding_dim
+    # Every latent's distance to every code, and its one-hot assignment.
+    floats += 2 * area * model.num_embeddings
+    settings = (
+        "data.image_size, train.batch_size, model.channels, model.channel_multipliers, "
+        "model.num_residual_layers, model.residual_hidden_channels, model.embedding_dim or "
+        "model.num_embeddings"
+    )
+    if train.adversarial_weight > 0:
+        extra_parameters, extra_floats = _discriminator_size(train, pixels)
+        parameters, floats = parameters + extra_parameters, floats + extra_floats
+        settings = f"{settings}, train.discriminator_channels or train.discriminator_layers"
+    return MemoryEstimate(
+        stage="training the VQ-VAE",
+        parameters=parameters,
+        parameter_bytes=parameters * _TRAINED * _FLOAT,
+        activation_bytes=train.batch_size * floats * _FLOAT,
+        activations=f"the activations of a batch of {train.batch_size}",
+        settings=settings,
+    )
+
+
+def _discriminator_size(train: TrainConfig, pixels: int) -> tuple[int, int]:
+    """The PatchGAN's parameters and the floats it keeps per image (it sees real and
+    reconstructed ones): 4x4 convolutions, each but the last two halving the sides."""
+    channels, layers = train.discriminator_channels, train.discriminator_layers
+    area = pixels // 4
+    parameters, floats, previous = 16 * channels, area * channels, channels
+    for index in range(1, layers + 1):
+        width = channels * min(2**index, 8)
+        area //= 4 if index < layers else 1
+        parameters += 16 * previous * width
+        floats += 3 * area * width  # convolution, normalisation, activation
+        previous = width
+    return parameters + 16 * previous, 2 * floats
+
+
+def _prior_parameters(config: Config, grid: tuple[int, int]) -> int:
+    """A transformer block holds about 12 width^2 weights (attention 4, its 4x MLP 8), a
+    gated PixelCNN layer about 30 on average (its first, 7 wide, more); the embeddings and
+    the output head add codes x width."""
+    prior, codes = config.prior, config.model.num_embeddings
+    per_layer = 30 if prior.architecture == "pixelcnn" else 12
+    embeddings = (2 * codes + 2 + grid[0] + grid[1]) * prior.width + prior.width**2
+    return prior.num_layers * per_layer * prior.width**2 + embeddings
+
+
+def _prior_memory(config: Config, grid: tuple[int, int]) -> MemoryEstimate:
+    """Training the prior: per code position about 16 width-sized vectors per layer (the
+    fused attention keeps no length^2 table), and the logits with their log-softmax."""
+    prior, codes = config.prior, config.model.num_embeddings
+    parameters = _prior_parameters(config, grid)
+    positions = grid[0] * grid[1]
+    floats = positions * (prior.num_layers * 16 * prior.width + 2 * codes)
+    return MemoryEstimate(
+        stage="training the prior",
+        parameters=parameters,
+        parameter_bytes=parameters * _TRAINED * _FLOAT,
+        activation_bytes=config.prior_train.batch_size * floats * _FLOAT,
+        activations=f"the activations of a batch of {config.prior_train.batch_size}",
+        settings="data.image_size, model.channel_multipliers, model.num_embeddings, "
+        "prior.width, prior.num_layers or prior_train.batch_size",
+    )
+
+
+def _sampling_memory(config: Config, pixels: int, grid: tuple[int, int]) -> MemoryEstimate:
+    """Sampling: a batch of maps (doubled when guidance mixes a conditioned prior's two
+    forward passes) with a transformer's key/value cache (two width-sized vectors per layer
+    and position) or a forward pass's maps, and its logits; the decoder's finest level for a
+    batch; then every decoded sample, with its texture, held together."""
+    prior, sample = config.prior, config.sample
+    parameters = _prior_parameters(config, grid)
+    positions = grid[0] * grid[1]
+    batch = min(sample.batch_size, sample.num_samples)
+    conditioned = prior.condition_on_slice_position or bool(prior.condition_labels)
+    guided = conditioned and sample.guidance not in (0, 1)
+    per_map = positions * (prior.num_layers * 2 * prior.width + config.model.num_embeddings)
+    decoding = batch * pixels // 4 * config.model.channels * 2
+    floats = (2 if guided else 1) * batch * per_map + decoding + 2 * sample.num_samples * pixels
+    return MemoryEstimate(
+        stage="sampling",
+        parameters=parameters,
+        parameter_bytes=parameters * _FLOAT,
+        activation_bytes=floats * _FLOAT,
+        activations=f"a batch of {batch} maps and {sample.num_samples} decoded samples",
+        settings="data.image_size, sample.num_samples, sample.batch_size, "
+        "model.num_embeddings, prior.width or prior.num_layers",
+    )
 
 
 # Named starting points; a YAML file and then CLI overrides apply on top of one. The defaults
@@ -676,6 +981,9 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a field's type, turning lists into tuples and ints into floats."""
     origin = typing.get_origin(annotation)
@@ -709,14 +1017,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {shown(value)}")
         return value
     if annotation is float:
-        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
+        # PyYAML reads "1e-3" (no dot) as a string; Python's float() would also take "1_0",
+        # " 1 " and "infinity", which are no numbers in YAML.
+        if isinstance(value, str) and _PLAIN_NUMBER.fullmatch(value):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {shown(value)}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {shown(value)}")
-        return float(value)
+        # An integer beyond float's range stays one, for the setting's limit to name.
+        with contextlib.suppress(OverflowError):
+            value = float(value)
+        return value
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {shown(value)}")
@@ -765,11 +1075,101 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
 
 
-def _parse_yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load(text)``, or a :class:`ConfigError` naming ``what`` (the file or the
-    override) for text that is no YAML or nests too deeply for the parser."""
+class _Refused(yaml.MarkedYAMLError):
+    """YAML the strict loader refuses to read: an anchor or alias, a key given twice, a
+    YAML 1.1 scalar that YAML 1.2 reads otherwise."""
+
+
+def _refuse(node: Any, problem: str) -> NoReturn:
+    raise _Refused(problem=problem, problem_mark=node.start_mark)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _refuse_yaml11_number(node: Any, value: float) -> None:
+    """Refuse the number forms of YAML 1.1 that YAML 1.2 reads as text: digits grouped by
+    underscores and base-60 (sexagesimal) numbers."""
+    text = node.value
+    if "_" in text:
+        problem = f"{text} groups digits with _, which YAML 1.2 reads as text"
+        _refuse(node, f"{problem}; write {text.replace('_', '')}")
+    if ":" in text:
+        problem = f"{text} is the base-60 number {value} to YAML 1.1, text to YAML 1.2"
+        _refuse(node, f"{problem}; write the number, or quote the text")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """The one YAML reader of the tool's settings, ``yaml.SafeLoader`` refusing what reads
+    surprisingly: anchors and aliases (a kilobyte of them expands to gigabytes, or loops
+    forever), merge keys, a key given twice in one mapping (the later would silently replace
+    the earlier) and the YAML 1.1 scalars YAML 1.2 reads otherwise: ``010`` (octal 8),
+    ``1:30`` (base 60, 90), ``1_000`` and the booleans yes/no/on/off. Dates stay text."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            _refuse(
+                event,
+                "anchors and aliases (&name, *name) are not read here; write each value out",
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                _refuse(key_node, "merge keys (<<) are not read here; write the settings out")
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # an unhashable key is refused below
+                if key in seen:
+                    _refuse(
+                        key_node,
+                        f"{shown(key)} is given twice in one mapping, and the second would "
+                        "silently replace the first; give it once",
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_strict_int(self, node: Any) -> int:
+        value = self.construct_yaml_int(node)
+        _refuse_yaml11_number(node, value)
+        text = node.value
+        digits = text.lstrip("+-")
+        if len(digits) > 1 and digits[0] == "0" and digits[1].isdigit():
+            problem = f"{text} is the octal number {value} to YAML 1.1, {int(text)} to YAML 1.2"
+            _refuse(node, f"{problem}; write it without the leading zero, or quote the text")
+        return value
+
+    def construct_strict_float(self, node: Any) -> float:
+        value = self.construct_yaml_float(node)
+        _refuse_yaml11_number(node, value)
+        return value
+
+    def construct_strict_bool(self, node: Any) -> bool:
+        value = self.construct_yaml_bool(node)
+        text = node.value
+        if text.lower() not in ("true", "false"):
+            problem = f"{text} is {str(value).lower()} to YAML 1.1, text to YAML 1.2"
+            _refuse(node, f"{problem}; write true or false, or quote the text")
+        return value
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_strict_int)
+StrictLoader.add_constructor("tag:yaml.org,2002:float", StrictLoader.construct_strict_float)
+StrictLoader.add_constructor("tag:yaml.org,2002:bool", StrictLoader.construct_strict_bool)
+StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", StrictLoader.construct_yaml_str)
+
+
+def _parse_yaml(text: str, what: str, *, in_file: bool = False) -> Any:
+    """``text`` read by :class:`StrictLoader`, or a :class:`ConfigError` naming ``what`` (the
+    file or the override), and the line ``in_file``, for text that is no YAML, that the
+    strict loader refuses or that nests too deeply for the parser."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=StrictLoader)
+    except _Refused as err:
+        where = f", line {err.problem_mark.line + 1}" if in_file else ""
+        raise ConfigError(f"{what}{where}: {err.problem}") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} is not valid YAML: {err}") from err
     except RecursionError as err:
@@ -788,7 +1188,7 @@ def _read_yaml(path: str | Path | None) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path} is not a text file ({err.reason})") from err
-    loaded = _parse_yaml(text, f"config file {path}")
+    loaded = _parse_yaml(text, f"config file {path}", in_file=True)
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     return loaded or {}
@@ -817,7 +1217,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         parts = key.strip().split(".")
         if not sep or not all(parts):
             raise ConfigError(f"override {shown(item)} must look like section.key=value")
-        parsed = _parse_yaml(raw, f"override {shown(item)}: value") if raw.strip() else None
+        what = f"the value of override {shown(item)}"
+        parsed = _parse_yaml(raw, what) if raw.strip() else None
         node = result
         for part in parts[:-1]:
             child = node.setdefault(part, {})

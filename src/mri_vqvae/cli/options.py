@@ -5,34 +5,54 @@ command. What a command does is in :mod:`mri_vqvae.cli.main`."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 from pathlib import Path
 
 from mri_vqvae import __version__
-from mri_vqvae.config import PRESETS
+from mri_vqvae.config import (
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_SLICE_VOXELS,
+    MAX_STEPS,
+    MIN_SLICE_SIDE,
+    PRESETS,
+    LoopConfig,
+    SampleConfig,
+    SampleMetricsConfig,
+    Whole,
+    image_size_problem,
+)
 from mri_vqvae.data.phantom import PhantomSpec
 from mri_vqvae.errors import shown
 
-# The largest slice the loader accepts (64 Mi voxels) and the smallest side it reads.
-_MAX_VOXELS, _MIN_SIDE = 2**26, 8
 
-
-def _size(text: str) -> str:
-    """``256x128`` (height x width) or ``native``, as a YAML value for ``data.image_size``."""
-    if text.lower() == "native":
-        return "null"
+def _sides(text: str, forms: str = "256x128") -> tuple[int, int]:
+    """``256x128`` (height x width) as two integers; ``forms`` says what else is accepted."""
     parts = text.lower().replace(",", "x").split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"size must look like {forms}, got {shown(text)}")
+    return int(parts[0]), int(parts[1])
+
+
+def _image_size(text: str) -> str:
+    """``256x128`` or ``native``, checked as ``data.image_size`` is, as a YAML value for it."""
+    if text.lower() == "native":
+        return "null"
+    height, width = _sides(text, "256x128 or 'native'")
+    problem = image_size_problem((height, width))
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{height}x{width}: data.image_size {problem}")
+    return f"[{height}, {width}]"
+
+
+def _slice_size(text: str) -> str:
+    """A phantom's ``256x128``: slices the loader reads, as a YAML list."""
+    height, width = _sides(text)
+    if min(height, width) < MIN_SLICE_SIDE or height * width > MAX_SLICE_VOXELS:
         raise argparse.ArgumentTypeError(
-            f"size must look like 256x128 or 'native', got {shown(text)}"
-        )
-    height, width = int(parts[0]), int(parts[1])
-    if min(height, width) < _MIN_SIDE or height * width > _MAX_VOXELS:
-        raise argparse.ArgumentTypeError(
-            f"size {height}x{width}: each side must be at least {_MIN_SIDE} pixels and the "
-            f"slice at most {_MAX_VOXELS} pixels"
+            f"size {height}x{width}: each side must be at least {MIN_SLICE_SIDE} pixels and "
+            f"the slice at most {MAX_SLICE_VOXELS} pixels"
         )
     return f"[{height}, {width}]"
 
@@ -57,30 +77,30 @@ def _whole_number(minimum: int, maximum: int = 2**63 - 1):
     return parse
 
 
-def _number(low: float, high: float = math.inf, low_open: bool = True):
-    """An argparse type: a finite number in ``(low, high]`` (``[low, high]`` if not
-    ``low_open``); nan and inf are refused."""
+def _setting(section: type, name: str):
+    """An argparse type for a flag that sets ``section``'s setting ``name``: a number that
+    the setting's own limit (the section's LIMITS) accepts, so that the flag and the
+    setting cannot disagree."""
+    limit = section.LIMITS[name]
+    whole = isinstance(limit, Whole)
 
-    def parse(text: str) -> float:
+    def parse(text: str) -> int | float:
         try:
-            value = float(text)
+            value = int(text) if whole else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {shown(text)}") from None
-        above = value > low if low_open else value >= low
-        if not (math.isfinite(value) and above and value <= high):
-            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-            if high == math.inf:
-                bounds = f"{'>' if low_open else '>='} {low:g}"
-            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {shown(text)}")
+            expected = "a whole number" if whole else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {shown(text)}") from None
+        problem = limit.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
         return value
 
-    parse.__name__ = "number"
+    parse.__name__ = f"{section.SECTION}.{name}"
     return parse
 
 
 _count = _whole_number(1)
-_seed = _whole_number(0, 2**32 - 1)  # NumPy's seeds stop there
-_positive = _number(0)
+_seed = _whole_number(0, MAX_SEED)  # the settings' seeds stop there too
 
 
 def _data_options() -> argparse.ArgumentParser:
@@ -101,11 +121,13 @@ def _loop_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("training")
     group.add_argument("--config", type=Path, help="YAML file of settings")
-    group.add_argument("--epochs", type=_count)
-    group.add_argument("--batch-size", type=_count)
-    group.add_argument("--lr", type=_positive)
-    group.add_argument("--seed", type=_seed)
-    group.add_argument("--max-minutes", type=_positive, help="wall-clock training budget")
+    group.add_argument("--epochs", type=_setting(LoopConfig, "epochs"))
+    group.add_argument("--batch-size", type=_setting(LoopConfig, "batch_size"))
+    group.add_argument("--lr", type=_setting(LoopConfig, "lr"))
+    group.add_argument("--seed", type=_setting(LoopConfig, "seed"))
+    group.add_argument(
+        "--max-minutes", type=_setting(LoopConfig, "max_minutes"), help="wall-clock training budget"
+    )
     group.add_argument(
         "--precision",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -114,7 +136,8 @@ def _loop_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--checkpoint-every",
-        type=_count,
+        # At least 1: the setting's 0 (at epoch ends only) is what leaving the flag out gives.
+        type=_whole_number(1, MAX_STEPS),
         metavar="N",
         help="also write last.pt every N steps inside epochs (default: at epoch ends only)",
     )
@@ -163,7 +186,7 @@ def _add_demo_data(
     demo.add_argument("--slices", type=_count, default=_PHANTOM.slices, help="slices per volume")
     demo.add_argument(
         "--size",
-        type=_size,
+        type=_slice_size,
         default=f"{_PHANTOM.height}x{_PHANTOM.width}",
         help="slice array shape (default %(default)s)",
     )
@@ -206,7 +229,7 @@ def _add_train(commands, data: argparse.ArgumentParser, device: argparse.Argumen
         "codes), 8x-gan / 4x-gan (the same with the adversarial and spectral terms), or seed "
         "(the seed's recipe, to compare with); --config and overrides apply on top",
     )
-    train.add_argument("--size", type=_size, help="HxW to resize slices to, or 'native'")
+    train.add_argument("--size", type=_image_size, help="HxW to resize slices to, or 'native'")
     train.add_argument(
         "--overwrite",
         action="store_true",
@@ -241,7 +264,9 @@ def _add_evaluate(commands, data: argparse.ArgumentParser, device: argparse.Argu
     )
     evaluate.add_argument("--out", type=Path, required=True, help="folder to write")
     evaluate.add_argument(
-        "--batch-size", type=_count, help="images per batch (default: the run's train.batch_size)"
+        "--batch-size",
+        type=_whole_number(1, MAX_BATCH),
+        help="images per batch (default: the run's train.batch_size)",
     )
     evaluate.add_argument(
         "--overwrite", action="store_true", help="replace an evaluation already in --out"
@@ -290,6 +315,34 @@ def _add_train_prior(
     prior.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
+# The sampler's number flags (flag, the sample setting it sets, help), each parsed as its
+# setting is checked.
+_SAMPLER_NUMBERS = (
+    ("--n", "num_samples", "number of samples (sample.num_samples)"),
+    ("--temperature", "temperature", "sample.temperature"),
+    ("--top-k", "top_k", "sample among the k most likely codes"),
+    ("--top-p", "top_p", "sample within the top-p nucleus, in (0, 1]"),
+    ("--seed", "seed", None),
+    (
+        "--slice-position",
+        "slice_position",
+        "position in the volume, 0 to 1 (a prior trained with slice positions only)",
+    ),
+    (
+        "--guidance",
+        "guidance",
+        "classifier-free guidance weight: 1 (the default) samples the conditional model as "
+        "trained, 0 the unconditional one, above 1 follows the conditions more closely",
+    ),
+    (
+        "--decoding-steps",
+        "decoding_steps",
+        "parallel decoding steps of a masked prior (sample.decoding_steps)",
+    ),
+    ("--batch-size", "batch_size", "maps sampled together (sample.batch_size)"),
+)
+
+
 def _add_sample(commands, data: argparse.ArgumentParser, device: argparse.ArgumentParser) -> None:
     sample = commands.add_parser(
         "sample",
@@ -301,39 +354,15 @@ def _add_sample(commands, data: argparse.ArgumentParser, device: argparse.Argume
     sample.add_argument("--vqvae", type=Path, required=True, help="VQ-VAE checkpoint")
     sample.add_argument("--prior", type=Path, required=True, help="prior checkpoint")
     sample.add_argument("--config", type=Path, help="YAML file of settings (section sample)")
-    sample.add_argument("--n", type=_count, help="number of samples (sample.num_samples)")
     sample.add_argument("--out", type=Path, required=True, help="folder to write")
-    sample.add_argument("--temperature", type=_positive, help="sample.temperature")
-    sample.add_argument("--top-k", type=_count, help="sample among the k most likely codes")
-    sample.add_argument(
-        "--top-p", type=_number(0, 1), help="sample within the top-p nucleus, in (0, 1]"
-    )
-    sample.add_argument("--seed", type=_seed)
-    sample.add_argument(
-        "--slice-position",
-        type=_number(0, 1, low_open=False),
-        help="position in the volume, 0 to 1 (a prior trained with slice positions only)",
-    )
+    for flag, name, text in _SAMPLER_NUMBERS:
+        sample.add_argument(flag, type=_setting(SampleConfig, name), help=text)
     sample.add_argument(
         "--label",
         action="append",
         metavar="NAME=VALUE",
         help="draw every sample with this label value (a prior trained on labels); repeat for "
         "several. Conditions not given are drawn from the training slices'",
-    )
-    sample.add_argument(
-        "--guidance",
-        type=_number(0, math.inf, low_open=False),
-        help="classifier-free guidance weight: 1 (the default) samples the conditional model as "
-        "trained, 0 the unconditional one, above 1 follows the conditions more closely",
-    )
-    sample.add_argument(
-        "--decoding-steps",
-        type=_count,
-        help="parallel decoding steps of a masked prior (sample.decoding_steps)",
-    )
-    sample.add_argument(
-        "--batch-size", type=_count, help="maps sampled together (sample.batch_size)"
     )
     sample.add_argument(
         "--overwrite", action="store_true", help="replace the samples already in --out"
@@ -369,14 +398,14 @@ def _add_evaluate_samples(
     )
     judge.add_argument("--out", type=Path, help="folder to write (default: SAMPLES/evaluation)")
     judge.add_argument("--config", type=Path, help="YAML file of settings (sample_metrics)")
-    judge.add_argument("--seed", type=_seed)
+    judge.add_argument("--seed", type=_setting(SampleMetricsConfig, "seed"))
     judge.add_argument(
         "--protocol",
         help="named, versioned settings of the measures (sample_metrics.protocol)",
     )
     judge.add_argument(
         "--reference-slices",
-        type=_count,
+        type=_setting(SampleMetricsConfig, "reference_slices"),
         help="training slices reconstructed as the reference (sample_metrics.reference_slices)",
     )
     judge.add_argument(
