@@ -126,6 +126,29 @@ def test_an_edited_progress_record_is_named(tmp_path: Path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("epoch", -3),
+        ("epoch", "3"),
+        ("epoch", True),
+        ("epoch", 2**70),
+        ("global_step", -1),
+        ("step_in_epoch", 1.5),
+        ("best_score", float("nan")),
+        ("best_score", "low"),
+        ("history", "none"),
+    ],
+)
+def test_a_progress_no_run_writes_is_refused_not_resumed(tmp_path: Path, field, value):
+    path, _ = saved(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    payload["progress"][field] = value
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=rf"model\.pt: its progress (gives {field}|has no)"):
+        load_checkpoint(path)
+
+
 def test_settings_the_checkpoint_was_not_made_by_may_be_another_releases(tmp_path: Path):
     # A VQ-VAE trained before the sample measures' settings were renamed still loads; the
     # sections it was made by are still checked.

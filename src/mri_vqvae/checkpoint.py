@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import pickle
 import random
 import re
@@ -22,9 +23,10 @@ import torch
 
 from mri_vqvae import __version__
 from mri_vqvae.config import Config, ConfigError, config_from_dict
+from mri_vqvae.data.fingerprint import TRAINING_DATA, SplitFingerprint, fingerprints_from_plain
 from mri_vqvae.data.labels import LabelVocabulary
 from mri_vqvae.data.reference import DataReference
-from mri_vqvae.errors import UserError
+from mri_vqvae.errors import UserError, shown
 from mri_vqvae.files import LAST_CHECKPOINT, save_atomic
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import ConditionSizes, Prior, build_prior
@@ -70,7 +72,8 @@ class Checkpoint:
     """A checkpoint file's contents, for either stage. ``kind`` is ``"vqvae"`` or
     ``"prior"``; ``extras`` holds what only that kind needs (a prior: its grid, codebook size
     and the VQ-VAE file it models; a VQ-VAE: its per-step losses and, from runs that
-    recorded it, the training data's reference under :data:`DATA_REFERENCE`)."""
+    recorded it, the training data's reference under :data:`DATA_REFERENCE`; either kind,
+    from runs that recorded them, its splits' fingerprints under ``TRAINING_DATA``)."""
 
     kind: str
     config: Config
@@ -244,6 +247,25 @@ def _checkpoint_config(values: Any, kind: Any, path: Path) -> Config:
         raise CheckpointError(f"{path}: its configuration is not valid here: {err}") from err
 
 
+def _check_progress(progress: dict[str, Any], path: Path) -> None:
+    """Refuse a progress record no run writes (an edited epoch of -3, say), which a resume
+    would otherwise continue from."""
+    for name in ("epoch", "global_step", "step_in_epoch"):
+        value = progress.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 40:
+            raise CheckpointError(
+                f"{path}: its progress gives {name} {shown(value)}, which no run reaches "
+                "(damaged or edited)"
+            )
+    best = progress.get("best_score")
+    if isinstance(best, bool) or not isinstance(best, int | float) or math.isnan(best):
+        raise CheckpointError(
+            f"{path}: its progress gives best_score {shown(best)} (damaged or edited)"
+        )
+    if not isinstance(progress.get("history"), list):
+        raise CheckpointError(f"{path}: its progress has no list of epochs (damaged or edited)")
+
+
 def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`, checking its format, its kind
     (when ``kind`` is given) and its configuration."""
@@ -253,6 +275,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> Checkpoint:
     progress = payload["progress"]
     if not isinstance(progress, dict) or any(key not in progress for key in _PROGRESS_KEYS):
         raise CheckpointError(f"{path}: its progress record is incomplete (damaged or edited)")
+    _check_progress(progress, path)
     config = _checkpoint_config(payload["config"], payload["kind"], path)
     return Checkpoint(
         kind=payload["kind"],
@@ -301,6 +324,24 @@ def read_data_reference(checkpoint: Checkpoint, path: str | Path) -> DataReferen
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
             f"{path}: its {DATA_REFERENCE} is not what training records (damaged or edited: "
+            f"{type(err).__name__}: {err})"
+        ) from err
+
+
+def read_training_data(
+    checkpoint: Checkpoint, path: str | Path
+) -> dict[str, SplitFingerprint] | None:
+    """The fingerprints of the splits a checkpoint's run trained and validated on (either
+    kind); None for a checkpoint written before they were recorded, or of a run on slices
+    built in memory."""
+    value = checkpoint.extras.get(TRAINING_DATA)
+    if value is None:
+        return None
+    try:
+        return fingerprints_from_plain(value)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: its {TRAINING_DATA} is not what training records (damaged or edited: "
             f"{type(err).__name__}: {err})"
         ) from err
 

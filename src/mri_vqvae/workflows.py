@@ -21,6 +21,7 @@ from mri_vqvae.code_maps import (
 )
 from mri_vqvae.config import Config, resumed_config
 from mri_vqvae.data.dataset import DataSources, SliceSet, concat_slice_sets
+from mri_vqvae.data.fingerprint import fingerprints_of
 from mri_vqvae.data.nifti import NIFTI_SUFFIXES, DataError
 from mri_vqvae.data.phantom import PhantomSpec, write_phantom_dataset
 from mri_vqvae.distributed import (
@@ -57,7 +58,7 @@ from mri_vqvae.train.loop import FitResult
 from mri_vqvae.train.prior import summarise_prior, train_prior
 from mri_vqvae.train.tensorboard import require_tensorboard
 from mri_vqvae.train.texture import attach_texture
-from mri_vqvae.train.vqvae import train_vqvae
+from mri_vqvae.train.vqvae import check_slice_sizes, train_vqvae
 from mri_vqvae.trained import TrainedPrior, TrainedVQVAE, check_prior_pairs
 
 logger = logging.getLogger("mri_vqvae")
@@ -132,6 +133,7 @@ def _train_vqvae_in(
             len(val_set),
             "x".join(str(side) for side in train_set.image_size),
         )
+        check_slice_sizes(model, {"training": train_set, "validation": val_set})
         if processes.is_main and checkpoint is None:
             # Only now, with the settings and data known good, is an old run let go.
             folder.remove_previous_outputs()
@@ -318,11 +320,9 @@ def _train_prior_in(
         config = replace(config, data=vqvae.data_settings(config.data), model=vqvae.config.model)
         run = RunFolder(folder.path)
         with processes.main_first():  # the others read the maps the main one caches
+            splits = data.load(config.data)
             codes = encode_splits(
-                vqvae=vqvae,
-                splits=data.load(config.data),
-                cache_folder=run.codes,
-                augment=config.augment,
+                vqvae=vqvae, splits=splits, cache_folder=run.codes, augment=config.augment
             )
         vocabulary = attach_labels(codes, data.files(), config.prior.condition_labels)
         if saved is not None:
@@ -348,6 +348,7 @@ def _train_prior_in(
             run_dir=run.path,
             vqvae=vqvae,
             label_vocabulary=vocabulary,
+            training_data=fingerprints_of(train=splits["train"], val=splits["val"]),
             resume=checkpoint,
             processes=processes,
         )

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mri_vqvae.config import DataConfig
-from mri_vqvae.data.nifti import DataError, SliceGeometry, is_nifti, read_slice, slice_geometry
+from mri_vqvae.data.fingerprint import SplitFingerprint
+from mri_vqvae.data.nifti import (
+    DataError,
+    SliceGeometry,
+    is_nifti,
+    read_slice,
+    read_slice_shape,
+    slice_geometry,
+    usable_geometry,
+)
 from mri_vqvae.errors import ConfigError
 from mri_vqvae.files import read_stamped, write_stamped
 
@@ -36,7 +45,9 @@ HIPMRI_SPLIT_FOLDERS = {
 }
 SPLITS = tuple(HIPMRI_SPLIT_FOLDERS)
 # Bump when the cached tensors' meaning changes, so stale caches are never read.
-CACHE_FORMAT = 3  # 2: written through files.write_stamped; 3: each slice's geometry kept
+# 2: written through files.write_stamped; 3: each slice's geometry kept; 4: geometries whose
+# voxel sizes or affine could not be used are kept repaired (usable_geometry), never NaN.
+CACHE_FORMAT = 4
 
 
 def hipmri_split_dirs(root: str | Path) -> dict[str, Path]:
@@ -132,6 +143,9 @@ class SliceSet:
     # Each slice's header geometry, so what is written later can sit where the slices sat;
     # empty for a set built in memory without files.
     geometries: list[SliceGeometry] = field(default_factory=list)
+    # The split's files by content, so a resumed run can tell it is given the data it began
+    # with; None for a set built in memory without files.
+    fingerprint: SplitFingerprint | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -168,18 +182,21 @@ def _content_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cache_key(files: list[Path], config: DataConfig) -> str:
+def _cache_key(files: list[Path], digests: list[str], config: DataConfig) -> str:
     settings = {
         "format": CACHE_FORMAT,
         "image_size": config.image_size,
         "skip_bad_files": config.skip_bad_files,
-        "files": [[os.path.realpath(path), _content_digest(path)] for path in files],
+        "files": [
+            [os.path.realpath(path), digest] for path, digest in zip(files, digests, strict=True)
+        ],
     }
     return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:24]
 
 
 def _decode(files: list[Path], config: DataConfig, label: str) -> SliceSet:
     images, names, shapes, ranges, skipped, geometries = [], [], [], [], [], []
+    repaired: list[str] = []  # what was wrong with each slice whose geometry was repaired
     for path in tqdm(files, desc=f"decoding {label}", unit="slice", leave=False, disable=None):
         try:
             source = read_slice(path)
@@ -201,12 +218,27 @@ def _decode(files: list[Path], config: DataConfig, label: str) -> SliceSet:
         names.append(path.name)
         shapes.append(tuple(pixels.shape))
         ranges.append((low, high))
-        geometries.append(slice_geometry(source.affine, source.header))
+        geometry, problem = usable_geometry(slice_geometry(source.affine, source.header))
+        geometries.append(geometry)
+        if problem is not None:
+            repaired.append(f"{path}: {problem}")
     if not images:
         folder = files[0].parent if files else Path(label)
         raise DataError(folder, f"no usable slices: all {len(files)} files were bad")
     if skipped:
         logger.warning("%s: skipped %d of %d files as bad", label, len(skipped), len(files))
+    if repaired:
+        # One line for the split: the geometry only places slices written later (samples,
+        # reconstructions); training reads the voxels alone, so these slices are kept.
+        logger.warning(
+            "%s: %d of %d slices have header voxel sizes or an affine that cannot be used "
+            "(first: %s); they are kept, as training reads only their voxels: the geometry "
+            "only places slices written later",
+            label,
+            len(repaired),
+            len(images),
+            repaired[0],
+        )
     return SliceSet(
         images=torch.stack(images),
         names=names,
@@ -221,23 +253,19 @@ def load_split(files: list[Path], config: DataConfig, label: str = "split") -> S
     """Decode ``files`` into a :class:`SliceSet`, reading and writing the disk cache."""
     if not files:
         raise DataError(Path(label), "no files given")
+    # Each file's bytes are hashed once: for the cache key and for the split's fingerprint.
+    digests = [_content_digest(path) for path in files]
+    fingerprint = SplitFingerprint.of_files(os.path.abspath(files[0].parent), digests)
     if not config.use_cache:
-        return _decode(files, config, label)
+        return replace(_decode(files, config, label), fingerprint=fingerprint)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    key = _cache_key(files, config)
+    key = _cache_key(files, digests, config)
     cache_file = cache_dir / f"{label}-{key}.pt"
     stamp = {"format": CACHE_FORMAT, "key": key}
-    stored = read_stamped(cache_file, stamp)
+    stored = _cached_split(read_stamped(cache_file, stamp), cache_file)
     if stored is not None:
-        return SliceSet(
-            images=stored["images"],
-            names=list(stored["names"]),
-            original_shapes=[tuple(s) for s in stored["original_shapes"]],
-            intensity_ranges=stored["intensity_ranges"],
-            skipped=list(stored["skipped"]),
-            geometries=[SliceGeometry.from_plain(g) for g in stored["geometries"]],
-        )
-    slices = _decode(files, config, label)
+        return replace(stored, fingerprint=fingerprint)
+    slices = replace(_decode(files, config, label), fingerprint=fingerprint)
     payload = {
         "images": slices.images,
         "names": slices.names,
@@ -248,6 +276,25 @@ def load_split(files: list[Path], config: DataConfig, label: str = "split") -> S
     }
     write_stamped(cache_file, stamp, payload)
     return slices
+
+
+def _cached_split(stored: dict | None, cache_file: Path) -> SliceSet | None:
+    """The split a cache payload holds; None (decode again) for none, or for one that is not
+    what this version writes (a foreign or edited file, geometries that are not usable)."""
+    if stored is None:
+        return None
+    try:
+        return SliceSet(
+            images=stored["images"],
+            names=list(stored["names"]),
+            original_shapes=[tuple(s) for s in stored["original_shapes"]],
+            intensity_ranges=stored["intensity_ranges"],
+            skipped=list(stored["skipped"]),
+            geometries=[SliceGeometry.from_plain(g) for g in stored["geometries"]],
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        logger.warning("ignoring cache %s: not what this version writes (%s)", cache_file, err)
+        return None
 
 
 def resolve_split_files(
@@ -276,8 +323,47 @@ def resolve_split_files(
 def load_splits(
     files: dict[str, list[Path]], config: DataConfig, splits=SPLITS
 ) -> dict[str, SliceSet]:
-    """Decode (or load from cache) each requested split."""
-    return {split: load_split(files[split], config, label=split) for split in splits}
+    """Decode (or load from cache) each requested split. At native size (``data.image_size``
+    None) every split of ``files``, decoded or not, must be the training split's size."""
+    if config.image_size is None:
+        # The first slice of each split, from its header: a size that differs is refused
+        # before any split is decoded, the test split's too when only train and val are.
+        firsts = {split: paths[0] for split, paths in files.items() if paths}
+        shapes = {}
+        for split, path in firsts.items():
+            try:
+                shapes[split] = (path, read_slice_shape(path))
+            except DataError:  # decoding the split names (or skips) a bad file
+                continue
+        check_native_sizes(shapes)
+    loaded = {split: load_split(files[split], config, label=split) for split in splits}
+    if config.image_size is None:  # a split whose first file was skipped as bad
+        check_native_sizes(
+            {
+                split: (files[split][0].parent / slices.names[0], slices.image_size)
+                for split, slices in loaded.items()
+            }
+        )
+    return loaded
+
+
+def check_native_sizes(shapes: dict[str, tuple[Path, tuple[int, int]]]) -> None:
+    """Refuse splits of different native sizes. ``shapes`` maps a split to one of its slices
+    and that slice's shape (a split's slices are one size, or decoding refuses them)."""
+    if "train" not in shapes:
+        return
+    train_path, train_shape = shapes["train"]
+    for split, (path, shape) in shapes.items():
+        if shape != train_shape:
+            size, wanted = "x".join(map(str, shape)), "x".join(map(str, train_shape))
+            raise DataError(
+                path,
+                f"the {split} split's slices are {size} but the training split's are {wanted} "
+                f"({train_path}); with data.image_size native every split must be one size, "
+                "as the model is trained, validated and tested at its training size and a prior "
+                f"models one grid of codes: set data.image_size (e.g. --size {wanted}) to "
+                "resize every split to it",
+            )
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,57 @@ def slice_geometry(affine: np.ndarray, header: nib.Nifti1Header) -> SliceGeometr
     )
 
 
+def usable_geometry(geometry: SliceGeometry) -> tuple[SliceGeometry, str | None]:
+    """``geometry`` with what cannot place a slice in space replaced, and what was wrong
+    (None: nothing was).
+
+    A voxel size (pixdim) that is not a positive finite number is taken from the affine (the
+    length of its axis). An affine that is not finite, or is singular (an axis of no length),
+    is replaced by the voxel sizes alone with no orientation (form codes 0, NIfTI's "method 1"
+    for a header that gives none); where neither says, a voxel is 1 unit of unknown size.
+    Only files written in the slice's geometry use it: nibabel cannot write a NaN or singular
+    affine, and a viewer cannot place such a slice."""
+    zooms = np.asarray(geometry.zooms, dtype=np.float64)
+    affine = np.asarray(geometry.affine, dtype=np.float64)
+    bad_zooms = ~(np.isfinite(zooms) & (zooms > 0))
+    finite = bool(np.isfinite(affine).all())
+    singular = finite and np.linalg.matrix_rank(affine[:3, :3]) < 3
+    if not bad_zooms.any() and finite and not singular:
+        return geometry, None
+    problems = []
+    if bad_zooms.any():
+        axis = int(np.argmax(bad_zooms))
+        problems.append(f"pixdim[{axis + 1}] (a voxel size) is {zooms[axis]:g}")
+    if not finite or singular:
+        what = "singular (an axis of length 0)" if singular else "not finite"
+        problems.append(f"the affine from its {_affine_source(geometry)} is {what}")
+    if finite and not singular:
+        lengths = np.linalg.norm(affine[:3, :3], axis=0)
+        implied = np.array([lengths[i] if i < 3 else 1.0 for i in range(len(zooms))])
+        repaired = geometry._replace(zooms=tuple(np.where(bad_zooms, implied, zooms).tolist()))
+        return repaired, " and ".join(problems) + "; voxel sizes taken from the affine"
+    zooms = np.where(bad_zooms, 1.0, zooms)
+    spacing = [*zooms[:3].tolist(), 1.0, 1.0][:3]
+    repaired = geometry._replace(
+        affine=tuple(tuple(float(x) for x in row) for row in np.diag([*spacing, 1.0])),
+        zooms=tuple(zooms.tolist()),
+        spatial_unit="unknown" if bad_zooms.any() else geometry.spatial_unit,
+        sform_code=0,
+        qform_code=0,
+    )
+    return repaired, " and ".join(problems) + "; placed by its voxel sizes, unoriented"
+
+
+def _affine_source(geometry: SliceGeometry) -> str:
+    """Which header fields nibabel took the affine from: the sform, else the qform, else
+    the voxel sizes."""
+    if geometry.sform_code > 0:
+        return "sform (srow_x, srow_y, srow_z)"
+    if geometry.qform_code > 0:
+        return "qform (quatern_b/c/d, qoffset_x/y/z, pixdim)"
+    return "voxel sizes (pixdim; no sform or qform code set)"
+
+
 def is_nifti(path: Path) -> bool:
     """True when the file name ends in ``.nii`` or ``.nii.gz``."""
     return path.name.lower().endswith(NIFTI_SUFFIXES)
@@ -170,6 +221,12 @@ def read_slice(path: str | Path) -> Slice:
     return Slice(np.ascontiguousarray(pixels), image.affine, image.header)
 
 
+def read_slice_shape(path: str | Path) -> tuple[int, int]:
+    """The in-plane shape a slice's header gives, without reading its voxels."""
+    path = Path(path)
+    return _in_plane_shape(_open_image(path), path)
+
+
 def _open_image(path: Path) -> nib.Nifti1Image:
     """The NIfTI image at ``path`` (its header; voxels are read later), or a DataError
     naming why it cannot be one."""
@@ -182,15 +239,19 @@ def _open_image(path: Path) -> nib.Nifti1Image:
     if not path.is_file():  # reading a FIFO would wait for a writer forever
         raise DataError(path, "is not a regular file (a pipe, socket or device)")
     try:
-        image = nib.load(str(path))
+        # nibabel builds the affine here; a NaN or infinite voxel size or form in the header
+        # warns from inside NumPy, and usable_geometry repairs (and names) it afterwards.
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            image = nib.load(str(path))
     except PermissionError as err:
         raise DataError(path, "permission denied") from err
     except (nib.filebasedimages.ImageFileError, gzip.BadGzipFile, zlib.error) as err:
         raise DataError(path, f"is not a readable NIfTI file ({err})") from err
     except (EOFError, OSError, ValueError) as err:
-        raise DataError(
-            path, f"cannot be read as NIfTI, it may be truncated or corrupt ({err})"
-        ) from err
+        problem = f"cannot be read as NIfTI, it may be truncated or corrupt ({err})"
+        if "w2 should be positive" in str(err):  # nibabel's words for a non-finite quaternion
+            problem = f"its qform quaternion (quatern_b/c/d) is not a rotation ({err})"
+        raise DataError(path, problem) from err
     except Exception as err:  # a hostile header fails in many ways deep inside nibabel
         raise DataError(
             path, f"has a NIfTI header nibabel cannot use ({type(err).__name__}: {err})"

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from mri_vqvae.data.dataset import SliceSet
-from mri_vqvae.data.nifti import SliceGeometry
+from mri_vqvae.data.nifti import SliceGeometry, usable_geometry
 from mri_vqvae.errors import shown
 
 # Geometries are compared after rounding to this many decimals (1e-4 mm), so the float32
@@ -72,8 +72,11 @@ class DataReference:
         low, high = (float(x) for x in value["intensity_range"])
         if not (np.isfinite([low, high]).all() and low < high):
             raise ValueError(f"intensity range {shown(value['intensity_range'])} is not low < high")
+        # Repaired as a training slice's is now: a reference written before that may hold a
+        # singular affine, which nibabel cannot write samples in.
+        geometry, _ = usable_geometry(SliceGeometry.from_plain(value["geometry"]))
         return cls(
-            geometry=SliceGeometry.from_plain(value["geometry"]),
+            geometry=geometry,
             intensity_range=(low, high),
             num_slices=int(value["num_slices"]),
             geometry_count=int(value["geometry_count"]),

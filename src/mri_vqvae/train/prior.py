@@ -14,9 +14,21 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from mri_vqvae import plots
-from mri_vqvae.checkpoint import Checkpoint, PriorExtras, TrainingConditions, load_weights
+from mri_vqvae.checkpoint import (
+    Checkpoint,
+    PriorExtras,
+    TrainingConditions,
+    load_weights,
+    read_training_data,
+)
 from mri_vqvae.code_maps import CodeMaps
 from mri_vqvae.config import Config
+from mri_vqvae.data.fingerprint import (
+    TRAINING_DATA,
+    SplitFingerprint,
+    check_resumed_data,
+    fingerprints_to_plain,
+)
 from mri_vqvae.data.labels import LabelVocabulary
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup
 from mri_vqvae.files import RunFolder, epoch_picture
@@ -148,9 +160,11 @@ class PriorTask(TrainingTask):
         run: RunFolder,
         vqvae: TrainedVQVAE,
         label_vocabulary: LabelVocabulary = (),
+        training_data: dict[str, SplitFingerprint] | None = None,
         processes: ProcessGroup = SINGLE_PROCESS,
     ) -> None:
         self.config, self.settings, self.run = config, config.prior_train, run
+        self.training_data = training_data or {}
         device = vqvae.device
         self.model, self.device, self.processes = prior.to(device), device, processes
         self.train_codes, self.val_codes = train_codes, val_codes
@@ -278,7 +292,10 @@ class PriorTask(TrainingTask):
         )
 
     def extras(self) -> dict[str, Any]:
-        return self.prior_extras().to_plain()
+        extras = self.prior_extras().to_plain()
+        if self.training_data:
+            extras[TRAINING_DATA] = fingerprints_to_plain(self.training_data)
+        return extras
 
     def restore(self, extras: dict[str, Any]) -> None:
         saved = PriorExtras.from_plain(extras, self.run.last_checkpoint)
@@ -298,6 +315,7 @@ def train_prior(
     run_dir: str | Path,
     vqvae: TrainedVQVAE,
     label_vocabulary: LabelVocabulary = (),
+    training_data: dict[str, SplitFingerprint] | None = None,
     resume: Checkpoint | None = None,
     processes: ProcessGroup = SINGLE_PROCESS,
 ) -> FitResult:
@@ -309,7 +327,9 @@ def train_prior(
     codes' unigram entropy, saves ``last.pt`` and, when validation improves, ``best.pt``; every
     ``prior_train.sample_every`` epochs (and after the last) it decodes samples to
     ``samples/epoch_<N>.png`` through ``vqvae``. ``label_vocabulary`` names the labels and
-    their values, in the order the maps' label indices count them.
+    their values, in the order the maps' label indices count them. ``training_data``, the
+    fingerprints of the slice splits the maps were encoded from (``SliceSet.fingerprint`` by
+    split name), is kept in the checkpoints, and a resumed run given other slices is refused.
     """
     device = vqvae.device
     precision, why = precision_choice(config.prior_train.precision, device, "prior_train.precision")
@@ -318,6 +338,13 @@ def train_prior(
     # The run records what "auto" became here, as the VQ-VAE's does.
     config = replace(config, prior_train=replace(config.prior_train, precision=precision))
     if resume is not None:
+        # The maps are the VQ-VAE's codes of these slices (the VQ-VAE file is checked on
+        # loading), so the slices' bytes are what must match.
+        check_resumed_data(
+            read_training_data(resume, RunFolder(Path(run_dir)).last_checkpoint),
+            training_data or {},
+            run=run_dir,
+        )
         load_weights(prior, resume, run_dir)
     task = PriorTask(
         prior,
@@ -327,6 +354,7 @@ def train_prior(
         run=RunFolder(Path(run_dir)),
         vqvae=vqvae,
         label_vocabulary=label_vocabulary,
+        training_data=training_data,
         processes=processes,
     )
     return fit(task, run_dir, processes, resume)

@@ -10,12 +10,24 @@ from typing import Any, NamedTuple
 import torch
 
 from mri_vqvae import plots
-from mri_vqvae.checkpoint import BATCH_LOSSES, DATA_REFERENCE, Checkpoint, load_weights
+from mri_vqvae.checkpoint import (
+    BATCH_LOSSES,
+    DATA_REFERENCE,
+    Checkpoint,
+    load_weights,
+    read_training_data,
+)
 from mri_vqvae.config import Config, TrainConfig
 from mri_vqvae.data.dataset import SliceSet
+from mri_vqvae.data.fingerprint import (
+    TRAINING_DATA,
+    check_resumed_data,
+    fingerprints_of,
+    fingerprints_to_plain,
+)
+from mri_vqvae.data.nifti import DataError
 from mri_vqvae.data.reference import data_reference
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup, data_parallel
-from mri_vqvae.errors import UserError
 from mri_vqvae.files import RunFolder, epoch_picture
 from mri_vqvae.losses import VQVAELoss, ms_ssim_window, vqvae_loss
 from mri_vqvae.metrics import codebook_usage, perplexity, psnr_per_image, ssim_per_image
@@ -259,6 +271,8 @@ class VQVAETask(TrainingTask):
         # Recorded in every checkpoint, so samples drawn from this model later can be written
         # in the training slices' geometry and intensity scale.
         self.data_reference = data_reference(train_set)
+        # And the slices by content, so that resuming on other slices is refused.
+        self.training_data = fingerprints_of(train=train_set, val=val_set)
         self.train_images = train_set.images.to(device)  # float16: half of float32's memory
         count, seed = self.settings.num_preview_images, self.settings.seed
         self.previews = {
@@ -427,6 +441,8 @@ class VQVAETask(TrainingTask):
             extras[DISCRIMINATOR_STATE] = self.adversarial.state_dict()
         if self.data_reference is not None:
             extras[DATA_REFERENCE] = self.data_reference.to_plain()
+        if self.training_data:
+            extras[TRAINING_DATA] = fingerprints_to_plain(self.training_data)
         return extras
 
     def restore(self, extras: dict[str, Any]) -> None:
@@ -450,6 +466,27 @@ class VQVAETask(TrainingTask):
         plots.batch_losses(self.batch_losses, self.run.batch_losses)
 
 
+def check_slice_sizes(model: VQVAE, splits: dict[str, SliceSet]) -> None:
+    """Refuse slices whose sides the model's downsampling does not divide (native-size
+    slices, ``data.image_size`` unset), naming a slice, its size and the multiple needed."""
+    factor = model.downsampling_factor
+    for label, slices in splits.items():
+        height, width = slices.image_size
+        if height % factor == 0 and width % factor == 0:
+            continue
+        name = slices.names[0] if slices.names else label
+        where = Path(slices.fingerprint.folder) / name if slices.fingerprint else Path(name)
+        nearest = "x".join(
+            str(max(factor, round(side / factor) * factor)) for side in slices.image_size
+        )
+        raise DataError(
+            where,
+            f"the {label} slices are {height}x{width}, but this model needs sides divisible "
+            f"by {factor} (it halves them once per entry of model.channel_multipliers); set "
+            f"data.image_size to a size that is, e.g. --size {nearest}",
+        )
+
+
 def train_vqvae(
     model: VQVAE,
     *,
@@ -468,15 +505,19 @@ def train_vqvae(
     The training split is moved to ``device`` once, as float16, and batches are drawn from it
     by index. ``train.precision`` ``"auto"`` is resolved here and the resolved value is what
     the run folder and checkpoints record."""
-    try:  # before anything is written, so a bad size leaves no half-made run folder
-        model.check_image_size(*train_set.image_size)
-    except ValueError as err:
-        raise UserError(f"training slices: {err}; set data.image_size to a size that is") from err
+    # Before anything is written, so bad slices leave no half-made run folder.
+    check_slice_sizes(model, {"training": train_set, "validation": val_set})
     if config.train.ssim_loss == "ms-ssim":
         ms_ssim_window(*train_set.image_size)  # refuses slices too small, before any work
     precision, why = precision_choice(config.train.precision, device, "train.precision")
     config = replace(config, train=replace(config.train, precision=precision))
     if resume is not None:
+        run = RunFolder(Path(run_dir))
+        check_resumed_data(
+            read_training_data(resume, run.last_checkpoint),
+            fingerprints_of(train=train_set, val=val_set),
+            run=run_dir,
+        )
         load_weights(model, resume, run_dir)
     task = VQVAETask(
         model,
