@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -62,6 +63,8 @@ class FolderKind:
     resumable: bool = False
     # Whether --overwrite may write into a non-empty folder that this tool did not write.
     may_write_into_foreign: bool = True
+    # Whether --overwrite may replace the results of an earlier command of this kind.
+    may_overwrite: bool = True
 
 
 # Every name the tool writes, defined once: the folder kinds below list them for the
@@ -184,6 +187,9 @@ SAMPLES = FolderKind(
     "samples",
     "sample folder",
     (SAMPLES_SUMMARY, SAMPLES_GRID, "sample_*.nii.gz", SAMPLE_CODES, SAMPLE_EVALUATION_FOLDER),
+    # A sample folder holds exactly the slices its samples.json lists: written among a
+    # user's files (a training split, say), synthetic slices would mix with real ones.
+    may_write_into_foreign=False,
 )
 SAMPLE_EVALUATION = FolderKind(
     "sample-evaluation",
@@ -210,6 +216,7 @@ PHANTOM = FolderKind(
     # Phantoms are never written among a user's own files, whatever the flags: the HipMRI
     # layout they share would put synthetic slices beside (or over) real scans.
     may_write_into_foreign=False,
+    may_overwrite=False,
 )
 KINDS = {
     kind.key: kind
@@ -222,13 +229,59 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
+def _read_small_json(path: Path) -> Any:
+    """The JSON in ``path`` if it is a regular file (not a link, FIFO or folder) of at most
+    1 MiB that parses; None otherwise: a foreign or hostile file is nothing of the tool's."""
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 1 << 20:
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _read_marker(folder: Path) -> dict[str, Any]:
+    marker = _read_small_json(folder / MARKER_FILE)
+    return marker if isinstance(marker, dict) else {}
+
+
 def folder_kind(folder: Path) -> FolderKind | None:
     """The kind of output folder its marker names; None for a folder this tool did not mark."""
-    try:
-        marker = json.loads((folder / MARKER_FILE).read_text())
-    except (OSError, ValueError, RecursionError):  # a foreign or hostile file is no marker
-        return None
-    return KINDS.get(marker.get("kind")) if isinstance(marker, dict) else None
+    kind = _read_marker(folder).get("kind")
+    return KINDS.get(kind) if isinstance(kind, str) else None
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    """What tells an entry the tool wrote from one put in its place since: a file's inode
+    and modification time (every output is written to a new inode, then renamed in), a
+    folder's inode alone (the tool's own writes into it change its time)."""
+    return (info.st_ino, 0 if stat.S_ISDIR(info.st_mode) else info.st_mtime_ns)
+
+
+def _entries(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each entry of ``folder`` but the tool's own marker and lock, with its identity."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if not _is_own(entry.name):
+                with contextlib.suppress(OSError):
+                    found[entry.name] = _identity(entry.stat(follow_symlinks=False))
+    return found
+
+
+def written_outputs(folder: Path) -> dict[str, tuple[int, int]]:
+    """The entries of ``folder`` that mri-vqvae wrote and nobody has replaced or edited since,
+    as its marker's manifest records them; a folder without a manifest owns nothing."""
+    recorded = _read_marker(folder).get("outputs")
+    if not isinstance(recorded, dict):
+        return {}
+    present = _entries(folder)
+    owned = {}
+    for name, identity in recorded.items():
+        if isinstance(identity, list) and present.get(name) == tuple(identity):
+            owned[name] = present[name]
+    return owned
 
 
 def _is_own(name: str) -> bool:
@@ -292,8 +345,8 @@ class OutputFolder:
         self.resume = resume
         self._lock = FolderLock(self.path) if lock else None
         self._created = False
-        # Whether earlier outputs here are this tool's (known before the marker is written).
-        self._was_this_kind = self.path.is_dir() and folder_kind(self.path) is kind
+        # The folder's entries when the command began, to tell what it wrote at the end.
+        self._before: dict[str, tuple[int, int]] = {}
         self.check()
 
     @classmethod
@@ -371,11 +424,11 @@ class OutputFolder:
                 f"{self.describe()}: holds {len(entries)} entries ({shown}) and is {what}; {advice}"
             )
         previous = self._previous_outputs()
-        if previous and not (self.overwrite and self.kind.may_write_into_foreign):
+        if previous and not (self.overwrite and self.kind.may_overwrite):
             resume = "--resume to continue it, " if self.kind.resumable else ""
             replace = (
                 f"pass {resume}--overwrite to replace it, or choose another {self.option}"
-                if self.kind.may_write_into_foreign
+                if self.kind.may_overwrite
                 else f"{_a(self.kind.title)} is only written into a new or empty folder"
             )
             shown = ", ".join(p.name for p in previous[:4]) + (" ..." if len(previous) > 4 else "")
@@ -396,6 +449,14 @@ class OutputFolder:
                 )
 
     def __enter__(self) -> OutputFolder:
+        _OUTPUT_ROOTS.append(os.path.abspath(self.path))
+        try:
+            return self._enter()
+        except BaseException:
+            _OUTPUT_ROOTS.remove(os.path.abspath(self.path))
+            raise
+
+    def _enter(self) -> OutputFolder:
         if not self.path.exists():
             try:
                 self.path.mkdir(parents=True)
@@ -411,14 +472,20 @@ class OutputFolder:
             try:
                 self.check()  # again: another process may have written it since
                 self._write_marker()
+                self._before = _entries(self.path)
             except BaseException:
                 self._lock.release()
                 raise
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
+        with contextlib.suppress(ValueError):
+            _OUTPUT_ROOTS.remove(os.path.abspath(self.path))
         if self._lock is not None:
-            self._lock.release()
+            try:
+                self._record_outputs()
+            finally:
+                self._lock.release()
         if exc_type is not None and self._created:
             # Nothing of the user's was in a folder this command created: leave no empty one.
             try:
@@ -437,6 +504,7 @@ class OutputFolder:
             "kind": self.kind.key,
             "written_by": f"mri-vqvae {__version__}",
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "outputs": {},
         }
         try:
             write_text_atomic(marker, json.dumps(content, indent=2) + "\n")
@@ -445,20 +513,39 @@ class OutputFolder:
                 f"{self.describe()}: cannot write to the folder ({err.strerror or err})"
             ) from err
 
+    def _record_outputs(self) -> None:
+        """Add to the marker's manifest each output this command wrote (an entry named like
+        the kind's outputs that is new or was replaced since it began), keeping the earlier
+        entries nobody has touched. Only what the manifest names is ever deleted, so files a
+        user keeps here stay the user's through any number of ``--overwrite`` runs."""
+        marker = _read_marker(self.path)
+        if not marker:
+            return
+        owned = written_outputs(self.path)
+        for name, identity in _entries(self.path).items():
+            if self._before.get(name) != identity and _matches(name, self.kind.outputs):
+                owned[name] = identity
+        marker["outputs"] = {name: list(identity) for name, identity in sorted(owned.items())}
+        with contextlib.suppress(OSError):  # a folder gone read-only: the outputs stand
+            write_text_atomic(self.path / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
+
     def remove_previous_outputs(self) -> list[str]:
-        """With ``overwrite``: delete what an earlier command of this kind wrote here (the
-        kind's output names only, never other files); returns the names removed."""
-        if not self.overwrite or not self._was_this_kind:
-            # In a folder this tool did not write, nothing is deleted: only the files the
-            # command writes replace those with the same names.
+        """With ``overwrite``: delete what earlier commands of this kind wrote here, as the
+        marker's manifest names it, and nothing else; returns the names removed. A file a
+        user put here, or replaced or edited since, is never deleted: the outputs written now
+        replace only entries of the same names."""
+        if not self.overwrite:
             return []
         removed = []
-        for entry in self._previous_outputs():
+        for name in sorted(written_outputs(self.path)):
+            if not _matches(name, self.kind.outputs):
+                continue
+            entry = self.path / name
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-            removed.append(entry.name)
+            removed.append(name)
         if removed:
             logger.warning(
                 "--overwrite: removed the previous %s's %s from %s",
@@ -512,13 +599,45 @@ def _same_file(first: Path, second: Path) -> bool:
         return False
 
 
+# The output folders this process writes now (absolute, links not resolved): below them an
+# output is never written through a symbolic link.
+_OUTPUT_ROOTS: list[str] = []
+
+
+def refuse_links_into(path: Path) -> None:
+    """Raise :class:`OutputError` if a folder between the output folder holding ``path`` and
+    ``path`` itself is a symbolic link: a link named like an output folder (``reconstructions``,
+    say) would carry the outputs, and the replacement of same-named files, outside it. The
+    output folder itself may be a link the user made; ``path`` itself, if a link, is replaced
+    by the new file, never written through."""
+    target = os.path.abspath(path)
+    for root in sorted(_OUTPUT_ROOTS, key=len, reverse=True):
+        if not target.startswith(root + os.sep):
+            continue
+        folder = root
+        for part in Path(target[len(root) + 1 :]).parts[:-1]:
+            folder = os.path.join(folder, part)
+            if os.path.islink(folder):
+                raise OutputError(
+                    f"{folder}: is a symbolic link where mri-vqvae writes an output folder; "
+                    "outputs are never written through links (remove it, or choose another "
+                    "output folder)"
+                )
+        return
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` to write; when the block ends without an error it is
     renamed over ``path``, so a reader or a crash never meets half a file and an existing file
-    is replaced only by a whole new one. ``suffix`` ends the temporary name (nibabel chooses
-    compression by it)."""
-    partial = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+    is replaced only by a whole new one, and a link named like the output is replaced, not
+    written through. The temporary file is created here, exclusively (a link or file already
+    at its name is refused, never followed), so the writer opens a file of its own. ``suffix``
+    ends the temporary name (nibabel chooses compression by it)."""
+    refuse_links_into(path)
+    partial = path.with_name(f".{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    os.close(os.open(partial, flags, 0o666))
     try:
         yield partial
         os.replace(partial, path)
@@ -583,11 +702,11 @@ def _process_start(pid: int) -> str | None:
     """A process's start time in clock ticks since boot (Linux), which tells a reused process
     id from the process that took a lock; None where /proc cannot say."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may hold spaces; fields follow it.
-    fields = stat[stat.rfind(")") + 2 :].split()
+    fields = text[text.rfind(")") + 2 :].split()
     if len(fields) < 20 or fields[0] == "Z":  # a zombie has ended; only its entry remains
         return "ended"
     return fields[19]
@@ -597,11 +716,13 @@ def _process_alive(owner: dict[str, Any]) -> bool:
     if owner.get("host") != socket.gethostname():
         return True  # a process on another machine cannot be checked: assume it runs
     pid = owner.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    # Linux process ids stay below 2**22; anything else (a bool, a number beyond a C long)
+    # names no process, as an edited or foreign lock may.
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 1 << 22:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         pass  # it exists, as another user's process
@@ -636,12 +757,11 @@ class FolderLock:
         }
 
     def _read(self, path: Path | None = None) -> dict[str, Any] | None:
-        try:
-            owner = json.loads((path or self.path).read_text())
-        except FileNotFoundError:
+        """The lock's owner; {} where there is no lock, None where it is unreadable."""
+        path = path or self.path
+        if not path.exists() and not path.is_symlink():
             return {}
-        except (OSError, ValueError, RecursionError):
-            return None
+        owner = _read_small_json(path)
         return owner if isinstance(owner, dict) else None
 
     def acquire(self) -> None:
@@ -672,6 +792,17 @@ class FolderLock:
         raise FolderBusy(f"{self.folder}: could not take its lock {self.path}; try again")
 
     def _take_over_if_stale(self) -> None:
+        try:
+            mode = self.path.lstat().st_mode
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        if not stat.S_ISREG(mode):
+            # A folder, link or FIFO by the lock's name is no lock of the tool's: never read,
+            # moved or deleted here.
+            raise OutputError(
+                f"{self.path}: is not a lock file mri-vqvae wrote (a folder, link or other "
+                f"special file has its name); remove it to write into {self.folder}"
+            )
         owner = self._read()
         if owner == {}:
             return  # released meanwhile: try again

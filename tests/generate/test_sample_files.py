@@ -18,7 +18,11 @@ from mri_vqvae.config import Config, DataConfig, SampleConfig
 from mri_vqvae.data.dataset import list_slices, load_split
 from mri_vqvae.data.nifti import read_slice
 from mri_vqvae.data.reference import DataReference, data_reference
+from mri_vqvae.errors import InputError
+from mri_vqvae.evaluate.samples import sample_files
+from mri_vqvae.files import SAMPLES, OutputError, OutputFolder
 from mri_vqvae.generate.samples import NO_REFERENCE, SampleRun, draw_samples, write_samples
+from mri_vqvae.records import RecordError
 from mri_vqvae.records.samples import SampleMetadata
 from mri_vqvae.trained import TrainedPrior, TrainedVQVAE
 from tests.data.test_reference import oblique_affine, write_training_slice
@@ -117,3 +121,63 @@ def test_a_damaged_reference_names_the_checkpoint(tmp_path):
     vqvae, prior = tiny_model_files(tmp_path, {DATA_REFERENCE: {"geometry": "junk"}})
     with pytest.raises(CheckpointError, match=r"vqvae\.pt: its data_reference"):
         workflows.sample(vqvae, prior, tmp_path / "samples", SETTINGS)
+
+
+def test_a_sample_folder_is_exactly_the_files_its_samples_json_lists(
+    training_reference, tmp_path, caplog
+):
+    reference, training_file = training_reference
+    run, _ = decoded_run(tmp_path, reference)
+    out = write_samples(run, tmp_path / "samples", reference)
+    metadata = SampleMetadata.read(out / "samples.json")
+    assert metadata.files == ("sample_0000.nii.gz", "sample_0001.nii.gz", "sample_0002.nii.gz")
+    # A stray slice (a user's, or one left by an earlier run) is not scored as a sample.
+    (out / "sample_0099.nii.gz").write_bytes(training_file.read_bytes())
+    (out / "scan.nii.gz").write_bytes(training_file.read_bytes())
+    with caplog.at_level(logging.WARNING):
+        listed = sample_files(out, metadata)
+    assert [p.name for p in listed] == list(metadata.files)
+    assert "ignoring 2 slice(s)" in caplog.text
+    # A listed file gone is named, not silently scored as fewer samples.
+    (out / "sample_0001.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"lists sample_0001\.nii\.gz, missing"):
+        sample_files(out, metadata)
+
+
+def test_a_sample_folder_without_its_samples_json_was_not_finished(training_reference, tmp_path):
+    reference, _ = training_reference
+    run, _ = decoded_run(tmp_path, reference)
+    with OutputFolder(tmp_path / "samples", SAMPLES) as folder:
+        out = write_samples(run, folder.path, reference)
+    (out / "samples.json").unlink()  # as a kill before the last write leaves it
+    with pytest.raises(InputError, match="did not finish"):
+        sample_files(out, None)
+    # A folder of slices from elsewhere (no marker, no samples.json) is scored as it is.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.nii.gz").write_bytes((out / "sample_0000.nii.gz").read_bytes())
+    assert [p.name for p in sample_files(elsewhere, None)] == ["a.nii.gz"]
+
+
+@pytest.mark.parametrize(
+    "files", [["../train/s0.nii.gz"], ["/etc/passwd"], ["sample_0000.nii"], ["x"]]
+)
+def test_samples_json_naming_files_outside_the_folder_is_refused(
+    training_reference, tmp_path, files
+):
+    reference, _ = training_reference
+    run, _ = decoded_run(tmp_path, reference, count=1)
+    out = write_samples(run, tmp_path / "samples", reference)
+    written = json.loads((out / "samples.json").read_text())
+    (out / "samples.json").write_text(json.dumps({**written, "files": files}))
+    with pytest.raises(RecordError, match="not a sample file's name"):
+        SampleMetadata.read(out / "samples.json")
+
+
+def test_samples_are_never_written_into_a_folder_of_the_users_slices(tmp_path):
+    split = tmp_path / "keras_slices_train"
+    split.mkdir()
+    (split / "case_001.nii.gz").write_bytes(b"a user's scan")
+    with pytest.raises(OutputError, match="only written into a new or empty folder"):
+        OutputFolder(split, SAMPLES, overwrite=True)
+    assert [p.name for p in split.iterdir()] == ["case_001.nii.gz"]

@@ -93,10 +93,12 @@ def test_train_refuses_an_existing_run_unless_told_to_overwrite(
     def args(*extra: str) -> list[str]:
         return cli_command(phantom_root, run_dir, "--epochs", "1", *extra)[3:]
 
-    assert main(args()) == 0
+    assert main([*args(), "--epochs", "2"]) == 0
+    written = sorted((run_dir / "reconstructions").rglob("*.png"))
     (run_dir / "notes.txt").write_text("mine")
     (run_dir / "evaluation").mkdir()  # the user's test evaluation stays
-    # What the end of a run (report, validation) and --tensorboard write goes with it.
+    # Named like outputs but made by the user, not the run: never deleted (the marker's
+    # manifest lists what the run wrote).
     for name in ("validation", "tensorboard"):
         (run_dir / name).mkdir()
         (run_dir / name / "old").write_text("")
@@ -112,6 +114,8 @@ def test_train_refuses_an_existing_run_unless_told_to_overwrite(
     assert (run_dir / "last.pt").read_bytes() != before
     assert (run_dir / "notes.txt").read_text() == "mine"  # only training outputs go
     assert (run_dir / "evaluation").is_dir()
-    for name in ("validation", "tensorboard", "report.html"):
-        assert not (run_dir / name).exists(), name
+    for name in ("validation/old", "tensorboard/old", "report.html"):
+        assert (run_dir / name).exists(), name
+    # The first run's previews went with it: the second wrote one epoch's.
+    assert len(written) > len(list((run_dir / "reconstructions").rglob("*.png"))) > 0
     assert main(args("--overwrite", "--resume")) == 2

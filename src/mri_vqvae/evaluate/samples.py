@@ -29,14 +29,17 @@ from mri_vqvae.files import (
     NEAREST_TRAINING_SSIM,
     SAMPLE_CODES,
     SAMPLE_METRICS,
+    SAMPLES,
     SAMPLES_SUMMARY,
     SAMPLES_WITH_NEAREST,
+    folder_kind,
     write_csv_atomic,
 )
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.texture import ResidualTexture, texture_generator
 from mri_vqvae.records.samples import (
     MEMORISATION_SSIM,
+    SAMPLE_FILE,
     MeasuredTexture,
     SampleMeasures,
     SampleMetadata,
@@ -140,6 +143,43 @@ def read_sample_metadata(folder: Path) -> SampleMetadata | None:
     return SampleMetadata.read(path) if path.is_file() else None
 
 
+def sample_files(folder: Path, metadata: SampleMetadata | None) -> list[Path]:
+    """The slices to score in ``folder``: exactly the files its ``samples.json`` lists (others
+    there are ignored, with a warning), or every slice of a folder ``sample`` did not write.
+    A sample folder without its ``samples.json`` was not finished and is refused."""
+    if metadata is None:
+        if folder_kind(folder) is SAMPLES:
+            raise InputError(
+                f"{folder}: holds no {SAMPLES_SUMMARY}, so the sample command writing it did "
+                "not finish (stopped or killed); draw the samples again with --overwrite"
+            )
+        return list_slices(folder)
+    if metadata.files:
+        listed = [folder / name for name in metadata.files]
+    else:  # drawn before samples.json listed its files
+        listed = [p for p in list_slices(folder) if SAMPLE_FILE.fullmatch(p.name)]
+        if len(listed) != metadata.num_samples:
+            raise InputError(
+                f"{folder}: holds {len(listed)} sample files, but {SAMPLES_SUMMARY} says "
+                f"{metadata.num_samples} were drawn; draw them again with --overwrite"
+            )
+    missing = [p.name for p in listed if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"{folder / SAMPLES_SUMMARY}: lists {missing[0]}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}, missing from the "
+            "folder; draw the samples again with --overwrite"
+        )
+    stray = sorted({p.name for p in list_slices(folder)} - {p.name for p in listed})
+    if stray:
+        shown = ", ".join(stray[:3]) + (" ..." if len(stray) > 3 else "")
+        logger.warning(
+            "%s: ignoring %d slice(s) %s does not list (%s)",
+            *(folder, len(stray), SAMPLES_SUMMARY, shown),
+        )
+    return listed
+
+
 def samples_vqvae_path(folder: Path, given: Path | None) -> Path:
     """The VQ-VAE the samples in ``folder`` were drawn with: ``given``, or the one their
     ``samples.json`` names."""
@@ -164,7 +204,8 @@ def read_generated_samples(
             f"{vqvae.path}: not the VQ-VAE these samples were drawn with "
             f"({folder / SAMPLES_SUMMARY} gives sha256 {metadata.vqvae_sha256[:12]}...)"
         )
-    slices = load_split(list_slices(folder), replace(data, use_cache=False), label="samples")
+    files = sample_files(folder, metadata)
+    slices = load_split(files, replace(data, use_cache=False), label="samples")
     codes = None
     if (folder / SAMPLE_CODES).is_file() and not slices.skipped:
         codes = load_sample_codes(folder / SAMPLE_CODES)

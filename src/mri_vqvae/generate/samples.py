@@ -177,8 +177,9 @@ def write_samples(run: SampleRun, out_dir: str | Path, reference: DataReference 
     unit = to_unit_range(run.images).numpy()
     # Wide enough that the names sort in drawing order, as codes.pt holds the maps.
     digits = max(4, len(str(len(unit) - 1)))
-    for i, image in enumerate(run.images):
-        path = out_dir / f"sample_{i:0{digits}d}.nii.gz"
+    names = tuple(f"sample_{i:0{digits}d}.nii.gz" for i in range(len(unit)))
+    for i, (name, image) in enumerate(zip(names, run.images, strict=True)):
+        path = out_dir / name
         if reference is None:
             write_slice(unit[i, 0], path)
         else:
@@ -188,7 +189,8 @@ def write_samples(run: SampleRun, out_dir: str | Path, reference: DataReference 
     save_sample_codes(run.codes, out_dir / SAMPLE_CODES)
     shown = run.images[:64].numpy()
     plots.image_grid(shown, out_dir / SAMPLES_GRID, title=f"{len(shown)} of {len(unit)} samples")
-    run.metadata.write(out_dir / SAMPLES_SUMMARY)
+    # Written last: a folder without it was not finished, and evaluate-samples refuses it.
+    replace(run.metadata, files=names).write(out_dir / SAMPLES_SUMMARY)
     return out_dir
 
 

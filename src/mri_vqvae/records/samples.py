@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -15,6 +16,9 @@ from mri_vqvae.records.measures import (
     KernelDistance,
     TwoSampleTest,
 )
+
+# A sample file's name as ``sample`` writes it: a plain name in the folder, never a path.
+SAMPLE_FILE = re.compile(r"sample_[0-9]{4,}\.nii\.gz")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +103,20 @@ class SampleMetadata(Record):
     codes_per_second: float
     geometry: SampleGeometry
     intensities: SampleIntensities
+    # The sample files, in drawing order: the folder's samples are exactly these (folders
+    # drawn before this was recorded list none, and are read as their sample_*.nii.gz).
+    files: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in self.files:
+            if not SAMPLE_FILE.fullmatch(name):
+                raise ValueError(
+                    f"files: {name[:60]!r} is not a sample file's name (sample_0000.nii.gz)"
+                )
+        if self.files and len(self.files) != self.num_samples:
+            raise ValueError(
+                f"files: lists {len(self.files)} files for num_samples {self.num_samples}"
+            )
 
     @property
     def textured(self) -> bool:

@@ -12,6 +12,7 @@ import torch
 
 from mri_vqvae import plots
 from mri_vqvae.config import ConfigError
+from mri_vqvae.files import refuse_links_into
 
 LOG_FOLDER = "tensorboard"
 
@@ -58,6 +59,8 @@ class TensorBoardLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(run_dir) / LOG_FOLDER
+        # torch writes its event files in place, so the folder must be the run's own.
+        refuse_links_into(self.log_dir / "events")
         self._writer = SummaryWriter(
             str(self.log_dir), purge_step=resume_step + 1 if resume_step else None
         )

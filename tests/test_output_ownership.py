@@ -1,0 +1,152 @@
+"""Nothing a user owns is lost: ownership of outputs is per file the tool wrote (the marker's
+manifest), outputs never go through links, and the folder lock trusts nothing it reads.
+
+Built generically: every kind of output folder, every name it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mri_vqvae.files import (
+    KINDS,
+    LOCK_FILE,
+    MARKER_FILE,
+    FolderLock,
+    OutputError,
+    OutputFolder,
+    write_text_atomic,
+    written_outputs,
+)
+from tests.helpers import fifo
+
+OVERWRITABLE = [kind for kind in KINDS.values() if kind.may_write_into_foreign]
+
+
+def concrete(pattern: str) -> str:
+    """A name an output pattern matches (``sample_*.nii.gz`` -> ``sample_user.nii.gz``)."""
+    return pattern.replace("*", "user")
+
+
+def write_output(folder: OutputFolder, name: str, text: str) -> None:
+    """What a command does with an output: a file (or a file inside an output folder)."""
+    path = folder.path / name
+    if "." not in name:  # an output folder: reconstructions, tensorboard, codes ...
+        path.mkdir(exist_ok=True)
+        path = path / "inside.txt"
+    write_text_atomic(path, text)
+
+
+@pytest.mark.parametrize("kind", OVERWRITABLE, ids=lambda kind: kind.key)
+def test_overwrite_twice_in_a_users_folder_deletes_only_what_the_tool_wrote(kind, tmp_path: Path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    names = [concrete(pattern) for pattern in kind.outputs]
+    for name in names:
+        (folder / name).write_text(f"the user's {name}")
+    (folder / "notes.txt").write_text("kept")
+    written = names[0]
+    for _ in range(2):  # the second --overwrite is where ownership used to widen
+        with OutputFolder(folder, kind, overwrite=True) as out:
+            out.remove_previous_outputs()
+            write_output(out, written, "the tool's")
+    for name in names[1:]:
+        assert (folder / name).read_text() == f"the user's {name}", name
+    assert (folder / "notes.txt").read_text() == "kept"
+    assert set(written_outputs(folder)) == {written}
+    # And a third command, whose output the user then edits, leaves that edit alone.
+    edited = folder / written if "." in written else folder / written / "inside.txt"
+    if "." in written:
+        edited.write_text("the user's edit")
+        with OutputFolder(folder, kind, overwrite=True) as out:
+            assert out.remove_previous_outputs() == []
+        assert edited.read_text() == "the user's edit"
+
+
+@pytest.mark.parametrize(
+    "kind", [kind for kind in KINDS.values() if kind.may_overwrite], ids=lambda kind: kind.key
+)
+def test_the_tools_own_outputs_are_replaced_by_overwrite(kind, tmp_path: Path):
+    folder = tmp_path / "run"
+    names = [concrete(pattern) for pattern in kind.outputs]
+    with OutputFolder(folder, kind) as out:
+        for name in names:
+            write_output(out, name, "first")
+    assert set(written_outputs(folder)) == set(names)
+    with OutputFolder(folder, kind, overwrite=True) as out:
+        assert sorted(out.remove_previous_outputs()) == sorted(names)
+    assert [p.name for p in folder.iterdir()] == [MARKER_FILE]
+
+
+@pytest.mark.parametrize("kind", list(KINDS.values()), ids=lambda kind: kind.key)
+def test_no_output_is_written_through_a_link(kind, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folder = tmp_path / "out"
+    with OutputFolder(folder, kind) as out:
+        for pattern in kind.outputs:
+            name = concrete(pattern)
+            target = outside / name
+            target.mkdir() if "." not in name else target.write_text("outside")
+            (folder / name).symlink_to(target)
+            if "." in name:  # a file: the link is replaced by the output
+                write_output(out, name, "the tool's")
+                assert not (folder / name).is_symlink()
+                assert target.read_text() == "outside"
+            else:  # a folder: refused, nothing written into the link's target
+                with pytest.raises(OutputError, match="symbolic link"):
+                    write_output(out, name, "the tool's")
+                assert list(target.iterdir()) == []
+
+
+def write_lock(folder: Path, owner: object) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / LOCK_FILE).write_text(json.dumps(owner))
+    os.utime(folder / LOCK_FILE, (0, 0))  # old enough to be judged
+
+
+@pytest.mark.parametrize(
+    "pid", [2**70, -(2**70), True, 0, "12", 1.5, None], ids=lambda pid: repr(pid)[:12]
+)
+def test_a_lock_naming_an_impossible_process_is_stale(pid, tmp_path: Path):
+    import socket
+
+    write_lock(tmp_path / "f", {"host": socket.gethostname(), "pid": pid})
+    with FolderLock(tmp_path / "f"):
+        assert json.loads((tmp_path / "f" / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("special", ["folder", "link", "fifo"])
+def test_a_special_file_named_like_the_lock_is_refused_and_left(special, tmp_path: Path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    lock = folder / LOCK_FILE
+    if special == "folder":
+        lock.mkdir()
+        (lock / "keep.txt").write_text("kept")
+    elif special == "link":
+        (tmp_path / "target").write_text("kept")
+        lock.symlink_to(tmp_path / "target")
+    if special == "fifo":
+        with fifo(lock), pytest.raises(OutputError, match="not a lock file"):
+            FolderLock(folder).acquire()
+    else:
+        with pytest.raises(OutputError, match="not a lock file"):
+            FolderLock(folder).acquire()
+    assert lock.is_symlink() or lock.exists()
+    if special == "folder":
+        assert (lock / "keep.txt").read_text() == "kept"
+    if special == "link":
+        assert (tmp_path / "target").read_text() == "kept"
+
+
+def test_a_marker_that_is_a_fifo_or_a_link_is_no_marker(tmp_path: Path):
+    kind = KINDS["evaluation"]
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "user.txt").write_text("kept")
+    with fifo(folder / MARKER_FILE), pytest.raises(OutputError, match="not a folder mri-vqvae"):
+        OutputFolder(folder, kind)
