@@ -86,3 +86,17 @@ def test_resuming_leaves_a_best_checkpoint_it_did_not_rewrite_alone(
     )
     assert not resumed.wrote_best
     assert TrainedVQVAE.load(best).sha256 == before
+
+
+def test_training_that_would_not_fit_in_memory_is_refused_with_the_estimate(
+    phantom_root: Path, tmp_path: Path, monkeypatch, capsys
+):
+    from mri_vqvae.cli.main import main
+    from tests.helpers import train_args
+
+    # A machine of 1 MiB: the tiny model's estimate at the slices' real size exceeds it.
+    monkeypatch.setattr(workflows, "physical_memory_bytes", lambda: 2**20)
+    assert main(train_args(phantom_root, tmp_path / "run")) == 2
+    error = capsys.readouterr().err
+    assert "would need about" in error and "more than the 1.0 MiB" in error
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -19,7 +19,13 @@ from mri_vqvae.code_maps import (
     encode_splits,
     log_code_maps,
 )
-from mri_vqvae.config import Config, resumed_config
+from mri_vqvae.config import (
+    MAX_ESTIMATED_BYTES,
+    Config,
+    check_memory,
+    physical_memory_bytes,
+    resumed_config,
+)
 from mri_vqvae.data.dataset import DataSources, SliceSet, concat_slice_sets
 from mri_vqvae.data.fingerprint import fingerprints_of
 from mri_vqvae.data.nifti import NIFTI_SUFFIXES, DataError
@@ -115,6 +121,22 @@ def train_vqvae_run(
         return _train_vqvae_in(folder, data, config, checkpoint)
 
 
+def _check_fits(config: Config, image_size: tuple[int, int], device: torch.device) -> None:
+    """Refuse, with the estimate, settings whose training or sampling would not fit in the
+    device's memory at the slices' real size (the configuration alone cannot know it)."""
+    if device.type == "cuda":
+        limit = torch.cuda.get_device_properties(device).total_memory
+    else:
+        limit = physical_memory_bytes() or MAX_ESTIMATED_BYTES
+    check_memory(config, image_size=image_size, limit=limit)
+
+
+def _decoded_size(vqvae: TrainedVQVAE, grid: tuple[int, int]) -> tuple[int, int]:
+    """The size of the slices a VQ-VAE decodes from code maps of ``grid``."""
+    factor = vqvae.model.downsampling_factor
+    return vqvae.image_size or (grid[0] * factor, grid[1] * factor)
+
+
 def _train_vqvae_in(
     folder: OutputFolder, data: DataSources, config: Config, checkpoint: Checkpoint | None
 ) -> FitResult | None:
@@ -134,6 +156,7 @@ def _train_vqvae_in(
             "x".join(str(side) for side in train_set.image_size),
         )
         check_slice_sizes(model, {"training": train_set, "validation": val_set})
+        _check_fits(config, train_set.image_size, device)
         if processes.is_main and checkpoint is None:
             # Only now, with the settings and data known good, is an old run let go.
             folder.remove_previous_outputs()
@@ -324,6 +347,7 @@ def _train_prior_in(
             codes = encode_splits(
                 vqvae=vqvae, splits=splits, cache_folder=run.codes, augment=config.augment
             )
+        _check_fits(config, _decoded_size(vqvae, codes["train"].grid_shape), device)
         vocabulary = attach_labels(codes, data.files(), config.prior.condition_labels)
         if saved is not None:
             check_same_vocabulary(
@@ -378,6 +402,9 @@ def sample(
     folder = OutputFolder(out, SAMPLES, overwrite=overwrite, inputs=(vqvae_path, prior_path))
     vqvae = TrainedVQVAE.load(vqvae_path, resolve_device(settings.device))
     prior = TrainedPrior.load(prior_path, vqvae=vqvae)
+    sized = replace(prior.config, sample=settings)
+    size = _decoded_size(vqvae, prior.extras.grid_shape)
+    _check_fits(sized, size, resolve_device(settings.device))
     run = draw_samples(vqvae=vqvae, prior=prior, settings=settings)
     with folder:
         folder.remove_previous_outputs()
