@@ -21,6 +21,8 @@ from mri_vqvae.checkpoint import (
     read_texture,
 )
 from mri_vqvae.config import Config, DataConfig
+from mri_vqvae.data.dataset import SliceSet
+from mri_vqvae.data.nifti import DataError
 from mri_vqvae.data.reference import DataReference
 from mri_vqvae.model import VQVAE
 from mri_vqvae.model.prior import Prior
@@ -136,3 +138,27 @@ def check_prior_pairs(extras: PriorExtras, prior_path: Path, vqvae: TrainedVQVAE
             f"{prior_path}: the prior models {extras.num_embeddings} codes on "
             f"{extras.grid_shape} maps, the VQ-VAE {vqvae.path} has {codes} codes on {grid} maps"
         )
+
+
+def check_sides(model: VQVAE, size: tuple[int, ...], *, where: Path, label: str) -> None:
+    """Refuse slices of ``size`` whose sides ``model``'s downsampling does not divide (a
+    native-size model, ``data.image_size`` unset), naming ``where`` and the multiple needed."""
+    factor = model.downsampling_factor
+    height, width = (int(side) for side in size[-2:])
+    if height % factor == 0 and width % factor == 0:
+        return
+    nearest = "x".join(str(max(factor, round(side / factor) * factor)) for side in (height, width))
+    raise DataError(
+        where,
+        f"the {label} slices are {height}x{width}, but this model needs sides divisible "
+        f"by {factor} (it halves them once per entry of model.channel_multipliers); set "
+        f"data.image_size to a size that is, e.g. --size {nearest}",
+    )
+
+
+def check_slice_sizes(model: VQVAE, splits: dict[str, SliceSet]) -> None:
+    """:func:`check_sides` for each split, naming its first slice."""
+    for label, slices in splits.items():
+        name = slices.names[0] if slices.names else label
+        where = Path(slices.fingerprint.folder) / name if slices.fingerprint else Path(name)
+        check_sides(model, slices.image_size, where=where, label=label)

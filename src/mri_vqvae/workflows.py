@@ -64,8 +64,8 @@ from mri_vqvae.train.loop import FitResult
 from mri_vqvae.train.prior import summarise_prior, train_prior
 from mri_vqvae.train.tensorboard import require_tensorboard
 from mri_vqvae.train.texture import attach_texture
-from mri_vqvae.train.vqvae import check_slice_sizes, train_vqvae
-from mri_vqvae.trained import TrainedPrior, TrainedVQVAE, check_prior_pairs
+from mri_vqvae.train.vqvae import train_vqvae
+from mri_vqvae.trained import TrainedPrior, TrainedVQVAE, check_prior_pairs, check_slice_sizes
 
 logger = logging.getLogger("mri_vqvae")
 
@@ -246,6 +246,7 @@ def evaluate_checkpoint(
     folder = OutputFolder(out, EVALUATION, overwrite=overwrite, inputs=(checkpoint,))
     vqvae = TrainedVQVAE.load(checkpoint, resolve_device(device))
     slices = data.load_test(vqvae.data_settings(config.data))
+    check_slice_sizes(vqvae.model, {"test": slices})
     with folder:
         folder.remove_previous_outputs()
         summary = write_evaluation(

@@ -8,7 +8,7 @@ import torch
 
 from mri_vqvae.data.dataset import postprocess, preprocess
 from mri_vqvae.data.nifti import read_slice, write_slice
-from mri_vqvae.trained import TrainedVQVAE
+from mri_vqvae.trained import TrainedVQVAE, check_sides
 
 
 @torch.no_grad()
@@ -17,6 +17,7 @@ def reconstruct_file(vqvae: TrainedVQVAE, in_path: str | Path, out_path: str | P
     affine and header."""
     source = read_slice(in_path)
     size = vqvae.image_size or source.pixels.shape
+    check_sides(vqvae.model, size, where=Path(in_path), label="given")
     image = preprocess(source.pixels, size)[None].to(vqvae.device)
     reconstruction = vqvae.model(image).reconstruction.clamp(-1, 1)[0]
     low, high = float(source.pixels.min()), float(source.pixels.max())

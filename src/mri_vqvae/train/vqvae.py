@@ -25,7 +25,6 @@ from mri_vqvae.data.fingerprint import (
     fingerprints_of,
     fingerprints_to_plain,
 )
-from mri_vqvae.data.nifti import DataError
 from mri_vqvae.data.reference import data_reference
 from mri_vqvae.distributed import SINGLE_PROCESS, ProcessGroup, data_parallel
 from mri_vqvae.files import RunFolder, epoch_picture
@@ -37,6 +36,7 @@ from mri_vqvae.runtime import autocast, precision_choice
 from mri_vqvae.train.adversarial import DISCRIMINATOR_STATE, AdversarialTerm
 from mri_vqvae.train.loop import FitResult, StepSums, TrainingTask, fit, optimisation_step
 from mri_vqvae.train.tensorboard import TensorBoardLog
+from mri_vqvae.trained import check_slice_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -464,27 +464,6 @@ class VQVAETask(TrainingTask):
     def finish(self, history: list[dict[str, Any]]) -> None:
         plots.ssim_curves(history, self.run.ssim_curves)
         plots.batch_losses(self.batch_losses, self.run.batch_losses)
-
-
-def check_slice_sizes(model: VQVAE, splits: dict[str, SliceSet]) -> None:
-    """Refuse slices whose sides the model's downsampling does not divide (native-size
-    slices, ``data.image_size`` unset), naming a slice, its size and the multiple needed."""
-    factor = model.downsampling_factor
-    for label, slices in splits.items():
-        height, width = slices.image_size
-        if height % factor == 0 and width % factor == 0:
-            continue
-        name = slices.names[0] if slices.names else label
-        where = Path(slices.fingerprint.folder) / name if slices.fingerprint else Path(name)
-        nearest = "x".join(
-            str(max(factor, round(side / factor) * factor)) for side in slices.image_size
-        )
-        raise DataError(
-            where,
-            f"the {label} slices are {height}x{width}, but this model needs sides divisible "
-            f"by {factor} (it halves them once per entry of model.channel_multipliers); set "
-            f"data.image_size to a size that is, e.g. --size {nearest}",
-        )
 
 
 def train_vqvae(
