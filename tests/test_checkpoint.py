@@ -163,3 +163,12 @@ def test_settings_the_checkpoint_was_not_made_by_may_be_another_releases(tmp_pat
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="no_such_setting"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("losses", [{"a": 1}, ["x"], [True], "0.1", None])
+def test_edited_batch_losses_in_a_resumed_checkpoint_are_named(losses):
+    from mri_vqvae.train.vqvae import read_batch_losses
+
+    with pytest.raises(CheckpointError, match=r"last\.pt: its batch_losses is not a list"):
+        read_batch_losses({"batch_losses": losses}, Path("run/last.pt"))
+    assert read_batch_losses({"batch_losses": [1, 0.5]}, Path("last.pt")) == [1.0, 0.5]

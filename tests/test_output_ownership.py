@@ -18,6 +18,7 @@ from mri_vqvae.files import (
     FolderLock,
     OutputError,
     OutputFolder,
+    refuse_links_into,
     write_text_atomic,
     written_outputs,
 )
@@ -32,11 +33,13 @@ def concrete(pattern: str) -> str:
 
 
 def write_output(folder: OutputFolder, name: str, text: str) -> None:
-    """What a command does with an output: a file (or a file inside an output folder)."""
+    """What a command does with an output: a file (or a file inside an output folder),
+    through the tool's own writer (which checks for links, then makes the folders)."""
     path = folder.path / name
-    if "." not in name:  # an output folder: reconstructions, tensorboard, codes ...
-        path.mkdir(exist_ok=True)
+    if "." not in path.name:  # an output folder: reconstructions, tensorboard, codes ...
         path = path / "inside.txt"
+    refuse_links_into(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
 
 
@@ -75,10 +78,61 @@ def test_the_tools_own_outputs_are_replaced_by_overwrite(kind, tmp_path: Path):
     with OutputFolder(folder, kind) as out:
         for name in names:
             write_output(out, name, "first")
-    assert set(written_outputs(folder)) == set(names)
+    files = {name if "." in name else f"{name}/inside.txt" for name in names}
+    assert set(written_outputs(folder)) == files
     with OutputFolder(folder, kind, overwrite=True) as out:
         assert sorted(out.remove_previous_outputs()) == sorted(names)
     assert [p.name for p in folder.iterdir()] == [MARKER_FILE]
+
+
+WITH_FOLDERS = [kind for kind in KINDS.values() if any("." not in p for p in kind.outputs)]
+
+
+@pytest.mark.parametrize(
+    "kind", [kind for kind in WITH_FOLDERS if kind.may_overwrite], ids=lambda kind: kind.key
+)
+def test_a_users_file_inside_an_output_folder_the_tool_made_stays(kind, tmp_path: Path):
+    folders = [concrete(p) for p in kind.outputs if "." not in p]
+    folder = tmp_path / "run"
+    with OutputFolder(folder, kind) as out:
+        for name in folders:
+            write_output(out, name, "the tool's")
+    for name in folders:
+        (folder / name / "mine.txt").write_text("kept")
+    with OutputFolder(folder, kind, overwrite=True) as out:
+        out.remove_previous_outputs()
+    for name in folders:
+        assert (folder / name / "mine.txt").read_text() == "kept"
+        assert not (folder / name / "inside.txt").exists()
+
+
+@pytest.mark.parametrize("kind", WITH_FOLDERS, ids=lambda kind: kind.key)
+def test_a_link_named_like_an_output_folder_is_refused_before_any_work(kind, tmp_path: Path):
+    folders = [concrete(p) for p in kind.outputs if "." not in p]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in folders:
+        folder = tmp_path / f"out-{name}"
+        folder.mkdir()
+        (folder / name).symlink_to(outside)
+        for flags in ({}, {"overwrite": True}, {"resume": True}):
+            with pytest.raises(OutputError, match="symbolic link to a folder"):
+                OutputFolder(folder, kind, **flags)
+    assert list(outside.iterdir()) == []
+
+
+def test_overwriting_samples_removes_their_old_evaluation_not_the_users_files(tmp_path: Path):
+    samples, evaluation = KINDS["samples"], KINDS["sample-evaluation"]
+    folder = tmp_path / "samples"
+    with OutputFolder(folder, samples) as out:
+        write_output(out, "sample_0000.nii.gz", "a sample")
+    with OutputFolder(folder / "evaluation", evaluation) as out:
+        write_output(out, "sample_metrics.json", "measures of the old samples")
+    (folder / "evaluation" / "notes.txt").write_text("kept")
+    with OutputFolder(folder, samples, overwrite=True) as out:
+        assert out.remove_previous_outputs() == ["evaluation", "sample_0000.nii.gz"]
+    assert not (folder / "evaluation" / "sample_metrics.json").exists()
+    assert (folder / "evaluation" / "notes.txt").read_text() == "kept"
 
 
 @pytest.mark.parametrize("kind", list(KINDS.values()), ids=lambda kind: kind.key)
@@ -96,9 +150,9 @@ def test_no_output_is_written_through_a_link(kind, tmp_path: Path):
                 write_output(out, name, "the tool's")
                 assert not (folder / name).is_symlink()
                 assert target.read_text() == "outside"
-            else:  # a folder: refused, nothing written into the link's target
+            else:  # a folder linked while the command runs: refused, nothing made through it
                 with pytest.raises(OutputError, match="symbolic link"):
-                    write_output(out, name, "the tool's")
+                    write_output(out, f"{name}/deeper/x.png", "the tool's")
                 assert list(target.iterdir()) == []
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from mri_vqvae import __version__
-from mri_vqvae.errors import UserError
+from mri_vqvae.errors import UserError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -253,35 +253,58 @@ def folder_kind(folder: Path) -> FolderKind | None:
 
 
 def _identity(info: os.stat_result) -> tuple[int, int]:
-    """What tells an entry the tool wrote from one put in its place since: a file's inode
-    and modification time (every output is written to a new inode, then renamed in), a
-    folder's inode alone (the tool's own writes into it change its time)."""
-    return (info.st_ino, 0 if stat.S_ISDIR(info.st_mode) else info.st_mtime_ns)
+    """What tells a file the tool wrote from one put in its place since: its inode and
+    modification time (every output is written to a new inode, then renamed in)."""
+    return (info.st_ino, info.st_mtime_ns)
 
 
-def _entries(folder: Path) -> dict[str, tuple[int, int]]:
-    """Each entry of ``folder`` but the tool's own marker and lock, with its identity."""
-    found = {}
+def _output_files(folder: Path, patterns: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """Every file (or link) in ``folder`` whose top-level name matches ``patterns``, and
+    every file below such a folder (links to folders are not followed), by path relative to
+    ``folder``, with its identity; the tool's markers and locks are left out."""
+    found: dict[str, tuple[int, int]] = {}
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
-            if not _is_own(entry.name):
-                with contextlib.suppress(OSError):
+            if _is_own(entry.name) or not _matches(entry.name, patterns):
+                continue
+            with contextlib.suppress(OSError):
+                if not entry.is_dir(follow_symlinks=False):
                     found[entry.name] = _identity(entry.stat(follow_symlinks=False))
+                    continue
+                for root, _, files in os.walk(entry.path):
+                    for name in files:
+                        if not _is_own(name):
+                            path = os.path.join(root, name)
+                            found[os.path.relpath(path, folder)] = _identity(os.lstat(path))
     return found
 
 
 def written_outputs(folder: Path) -> dict[str, tuple[int, int]]:
-    """The entries of ``folder`` that mri-vqvae wrote and nobody has replaced or edited since,
-    as its marker's manifest records them; a folder without a manifest owns nothing."""
+    """The files in ``folder`` (by relative path) that mri-vqvae wrote and nobody has
+    replaced or edited since, as its marker's manifest records them; a folder without a
+    manifest owns nothing."""
     recorded = _read_marker(folder).get("outputs")
     if not isinstance(recorded, dict):
         return {}
-    present = _entries(folder)
     owned = {}
     for name, identity in recorded.items():
-        if isinstance(identity, list) and present.get(name) == tuple(identity):
-            owned[name] = present[name]
+        if not isinstance(name, str) or not isinstance(identity, list) or ".." in Path(name).parts:
+            continue  # an edited manifest names nothing outside the folder
+        try:
+            present = _identity(os.lstat(folder / name))
+        except (OSError, ValueError):
+            continue
+        if present == tuple(identity):
+            owned[name] = present
     return owned
+
+
+def _prune_empty_folders(folder: Path) -> None:
+    """Remove ``folder`` and the folders below it that are empty (bottom up); a folder
+    holding anything, a user's file say, stays."""
+    for root, _, _ in os.walk(folder, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
 
 
 def _is_own(name: str) -> bool:
@@ -347,6 +370,7 @@ class OutputFolder:
         self._created = False
         # The folder's entries when the command began, to tell what it wrote at the end.
         self._before: dict[str, tuple[int, int]] = {}
+        self._warned = False
         self.check()
 
     @classmethod
@@ -389,7 +413,10 @@ class OutputFolder:
                 f"{self.describe()}: is a file; {self.option} names the folder to write "
                 f"the {self.kind.title} into"
             )
-        if not path.exists() or self.resume:
+        if not path.exists():
+            return
+        self._refuse_linked_output_folders()
+        if self.resume:
             return
         entries = _user_entries(path)
         if not entries:
@@ -404,25 +431,8 @@ class OutputFolder:
                 f"goes in a folder of its own (for example {path / self.kind.key})"
             )
         if found is None:
-            if self.overwrite and self.kind.may_write_into_foreign:
-                logger.warning(
-                    "--overwrite: writing the %s into %s, which mri-vqvae did not write; its "
-                    "files named like the outputs will be replaced",
-                    self.kind.title,
-                    path,
-                )
-                return
-            what = f"{_a(found.title)} of mri-vqvae" if found else "not a folder mri-vqvae wrote"
-            shown = ", ".join(p.name for p in entries[:4]) + (" ..." if len(entries) > 4 else "")
-            advice = (
-                "choose a new or empty folder, or pass --overwrite to write into it (its files "
-                "named like the outputs are then replaced)"
-                if self.kind.may_write_into_foreign
-                else f"{_a(self.kind.title)} is only written into a new or empty folder"
-            )
-            raise OutputError(
-                f"{self.describe()}: holds {len(entries)} entries ({shown}) and is {what}; {advice}"
-            )
+            self._check_foreign(entries)
+            return
         previous = self._previous_outputs()
         if previous and not (self.overwrite and self.kind.may_overwrite):
             resume = "--resume to continue it, " if self.kind.resumable else ""
@@ -435,6 +445,41 @@ class OutputFolder:
             raise OutputError(
                 f"{self.describe()}: already holds {_a(self.kind.title)} ({shown}); {replace}"
             )
+
+    def _check_foreign(self, entries: list[Path]) -> None:
+        """A non-empty folder this tool did not write: only with ``overwrite``, for a kind
+        that may write among a user's files (warned once)."""
+        if self.overwrite and self.kind.may_write_into_foreign:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "--overwrite: writing the %s into %s, which mri-vqvae did not write; its "
+                    "files named like the outputs will be replaced",
+                    *(self.kind.title, self.path),
+                )
+            return
+        listed = ", ".join(p.name for p in entries[:4]) + (" ..." if len(entries) > 4 else "")
+        advice = (
+            "choose a new or empty folder, or pass --overwrite to write into it (its files "
+            "named like the outputs are then replaced)"
+            if self.kind.may_write_into_foreign
+            else f"{_a(self.kind.title)} is only written into a new or empty folder"
+        )
+        raise OutputError(
+            f"{self.describe()}: holds {len(entries)} entries ({listed}) and is not a folder "
+            f"mri-vqvae wrote; {advice}"
+        )
+
+    def _refuse_linked_output_folders(self) -> None:
+        """Refuse, before any work, a link named like an output that leads to a folder: the
+        outputs written below it would land outside this folder."""
+        for entry in _user_entries(self.path):
+            if entry.is_symlink() and entry.is_dir() and _matches(entry.name, self.kind.outputs):
+                raise OutputError(
+                    f"{entry}: is a symbolic link to a folder where mri-vqvae writes an output "
+                    "folder; outputs are never written through links (remove the link, or "
+                    f"choose another {self.option})"
+                )
 
     def _check_inputs(self) -> None:
         """Refuse a folder where writing this kind's outputs would replace an input."""
@@ -472,7 +517,7 @@ class OutputFolder:
             try:
                 self.check()  # again: another process may have written it since
                 self._write_marker()
-                self._before = _entries(self.path)
+                self._before = _output_files(self.path, self.kind.outputs)
             except BaseException:
                 self._lock.release()
                 raise
@@ -522,38 +567,65 @@ class OutputFolder:
         if not marker:
             return
         owned = written_outputs(self.path)
-        for name, identity in _entries(self.path).items():
-            if self._before.get(name) != identity and _matches(name, self.kind.outputs):
+        for name, identity in _output_files(self.path, self.kind.outputs).items():
+            if self._before.get(name) != identity:
                 owned[name] = identity
         marker["outputs"] = {name: list(identity) for name, identity in sorted(owned.items())}
         with contextlib.suppress(OSError):  # a folder gone read-only: the outputs stand
             write_text_atomic(self.path / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
 
     def remove_previous_outputs(self) -> list[str]:
-        """With ``overwrite``: delete what earlier commands of this kind wrote here, as the
-        marker's manifest names it, and nothing else; returns the names removed. A file a
-        user put here, or replaced or edited since, is never deleted: the outputs written now
-        replace only entries of the same names."""
+        """With ``overwrite``: delete the files earlier commands wrote here, as the marker's
+        manifest names them, and the folders they leave empty; an output folder that is a
+        tool's folder of its own (a sample folder's ``evaluation/``) loses what its manifest
+        names too. Returns the top-level names removed. A file a user put here, or replaced
+        or edited since, is never deleted, only replaced by an output of the same name."""
         if not self.overwrite:
             return []
-        removed = []
+        removed = set()
         for name in sorted(written_outputs(self.path)):
-            if not _matches(name, self.kind.outputs):
+            top = Path(name).parts[0]
+            if _matches(top, self.kind.outputs):
+                (self.path / name).unlink(missing_ok=True)
+                removed.add(top)
+        for entry in _user_entries(self.path):
+            if not _matches(entry.name, self.kind.outputs) or entry.is_symlink():
                 continue
-            entry = self.path / name
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-            removed.append(name)
+            if entry.is_dir() and folder_kind(entry) is not None and _remove_owned(entry):
+                removed.add(entry.name)
+            if entry.is_dir():
+                _prune_empty_folders(entry)
+        self._warn_kept()
         if removed:
             logger.warning(
                 "--overwrite: removed the previous %s's %s from %s",
-                self.kind.title,
-                ", ".join(removed),
-                self.path,
+                *(self.kind.title, ", ".join(sorted(removed)), self.path),
             )
-        return removed
+        return sorted(removed)
+
+    def _warn_kept(self) -> None:
+        kept = sorted(_output_files(self.path, self.kind.outputs))
+        if kept:
+            logger.warning(
+                "--overwrite: kept %d file(s) named like outputs that mri-vqvae did not write "
+                "or that were changed since (%s%s); an output of the same name replaces one",
+                *(len(kept), ", ".join(kept[:3]), " ..." if len(kept) > 3 else ""),
+            )
+
+
+def _remove_owned(folder: Path) -> bool:
+    """Delete what ``folder``'s own manifest names (under its lock), and its marker once
+    nothing else is left in it; whether anything was deleted."""
+    with FolderLock(folder):
+        owned = written_outputs(folder)
+        for name in owned:
+            (folder / name).unlink(missing_ok=True)
+        for entry in _user_entries(folder):
+            if entry.is_dir() and not entry.is_symlink():
+                _prune_empty_folders(entry)
+        if not _user_entries(folder):
+            (folder / MARKER_FILE).unlink(missing_ok=True)
+    return bool(owned)
 
 
 def check_output_file(
@@ -692,6 +764,7 @@ def write_stamped(path: Path, stamp: dict[str, Any], payload: dict[str, Any]) ->
     """Cache ``payload`` at ``path`` with the ``stamp`` :func:`read_stamped` checks. A cache
     that cannot be written only costs time next run, so a failure is a warning."""
     try:
+        refuse_links_into(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_atomic({"stamp": stamp, "payload": payload}, path)
     except OSError as err:
@@ -837,12 +910,12 @@ class FolderLock:
             aside.unlink(missing_ok=True)
             return
         aside.unlink(missing_ok=True)
+        if owner is None:
+            logger.warning("%s: took over an unreadable lock left by a killed process", self.folder)
+            return
         logger.warning(
             "%s: took over a stale lock (pid %s on %s, since %s, no longer runs)",
-            self.folder,
-            (owner or {}).get("pid"),
-            (owner or {}).get("host"),
-            (owner or {}).get("since"),
+            *(self.folder, shown(owner.get("pid")), owner.get("host"), owner.get("since")),
         )
 
     def release(self) -> None:

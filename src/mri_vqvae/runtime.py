@@ -36,7 +36,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ConfigError(f"--device {shown(name)} is not a device torch knows: {err}") from err
+        reason = (str(err).splitlines() or [""])[0][:200]  # torch repeats the whole name
+        raise ConfigError(f"--device {shown(name)} is not a device torch knows: {reason}") from err
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {shown(name)}: mri-vqvae runs on cpu or cuda devices only")
     if device.type == "cuda" and not torch.cuda.is_available():

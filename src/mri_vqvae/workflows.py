@@ -58,7 +58,12 @@ from mri_vqvae.model.prior import build_prior
 from mri_vqvae.records.evaluation import EvaluationSummary
 from mri_vqvae.records.samples import SampleMeasures
 from mri_vqvae.records.training import PriorSummary
-from mri_vqvae.report.page import refresh_report, write_report, write_run_report
+from mri_vqvae.report.page import (
+    is_report_page,
+    refresh_report,
+    write_report,
+    write_run_report,
+)
 from mri_vqvae.runtime import resolve_device, seed_everything
 from mri_vqvae.train.loop import FitResult
 from mri_vqvae.train.prior import summarise_prior, train_prior
@@ -216,6 +221,13 @@ def write_validation_report(
             batch_size=config.train.batch_size,
             protocol=config.sample_metrics.measures,
         )
+        if run.report.exists() and not is_report_page(run.report):
+            logger.warning(
+                "%s is not a report page mri-vqvae wrote, so it is left as it is; write the "
+                "run's report elsewhere with `mri-vqvae report %s --out PAGE.html`",
+                *(run.report, run_dir),
+            )
+            return None
         report = write_report(run_dir)
     except OSError as err:
         logger.warning(

@@ -1,10 +1,15 @@
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from mri_vqvae.data.nifti import read_slice
 from mri_vqvae.data.phantom import LABELS, LAYOUT, PhantomSpec, phantom_slice, write_phantom_dataset
+from tests.helpers import wait_for
 
 
 def test_deterministic_for_a_seed():
@@ -78,3 +83,34 @@ def test_cases_written_in_parallel_are_the_same_files(tmp_path: Path):
     for name in names:
         a, b = read_slice(tmp_path / "serial" / name), read_slice(tmp_path / "parallel" / name)
         assert np.array_equal(a.pixels, b.pixels), name
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The live processes whose command line holds ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or text not in (entry / "cmdline").read_bytes().decode():
+                continue
+            if (entry / "stat").read_text().split(") ")[1][0] != "Z":  # a zombie has ended
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_killing_demo_data_ends_its_workers_too(tmp_path: Path):
+    out = tmp_path / "killed-phantom"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mri_vqvae", "demo-data", str(out), "--workers", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(out / "keras_slices_train", process)
+    time.sleep(0.5)  # the workers are writing
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 10
+    while _processes_naming(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_naming(str(out)) == []

@@ -527,3 +527,20 @@ def test_the_realism_figure_says_how_many_halvings_it_averages_and_their_range()
         "0.728 (the mean of 10 random halvings, which ranged 0.600-0.875; one halving's 95% "
         "interval 0.640-0.910, 20 slices each)"
     )
+
+
+def test_a_users_own_report_html_in_a_run_is_never_replaced_unasked(full_run, tmp_path: Path):
+    from mri_vqvae.files import OutputError
+    from mri_vqvae.report.page import refresh_report, write_run_report
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run.run, run, ignore=shutil.ignore_patterns(".mri-vqvae.lock"))
+    mine = "<html>my notes on this run</html>"
+    (run / "report.html").write_text(mine)
+    # A command that brings the run's report up to date (sample, evaluate ...) leaves it.
+    assert refresh_report(run / "best.pt") is None
+    with pytest.raises(OutputError, match="not a report page mri-vqvae wrote"):
+        write_run_report(run)
+    assert (run / "report.html").read_text() == mine
+    write_run_report(run, overwrite=True)  # asked to: replaced
+    assert "mri-vqvae" in (run / "report.html").read_text()

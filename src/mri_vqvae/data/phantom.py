@@ -15,6 +15,11 @@ and whose second runs anterior-posterior, with a segmentation beside each (0 bac
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,7 +321,8 @@ def write_phantom_dataset(
     cases = {"train": spec.train_cases, "val": spec.val_cases, "test": spec.test_cases}
     jobs = [(root, spec, split, index) for split in LAYOUT for index in range(cases[split])]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        parent = os.getpid()
+        with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(parent,)) as pool:
             written = list(pool.map(_write_phantom_case, jobs))
     else:
         written = [_write_phantom_case(job) for job in jobs]
@@ -324,6 +330,17 @@ def write_phantom_dataset(
     for split, count in written:
         counts[split] += count
     return counts
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make a worker end when the command that started it does, however it ends (SIGKILL
+    included, which runs no clean-up): without this, killed ``demo-data`` left its workers
+    writing on. Linux's PR_SET_PDEATHSIG; elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before the signal was armed
+        os._exit(1)
 
 
 def _write_phantom_case(job: tuple[Path, PhantomSpec, str, int]) -> tuple[str, int]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 from mri_vqvae import __version__
@@ -21,6 +23,7 @@ from mri_vqvae.files import (
     REPORT_FILE,
     FolderBusy,
     FolderLock,
+    OutputError,
     check_output_file,
     write_text_atomic,
 )
@@ -56,6 +59,8 @@ def is_report_page(path: str | Path) -> bool:
     """Whether the file at ``path`` is a report page written by :func:`write_report` (its
     head names mri-vqvae as the generator)."""
     try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # a link, FIFO or folder is no page
+            return False
         with open(path, encoding="utf-8", errors="replace") as handle:
             head = handle.read(4096)
     except OSError:
@@ -123,6 +128,12 @@ def write_run_report(
         return write_report(run_dir, evaluation, prior, samples, out)
     if not run_dir.is_dir():
         return write_report(run_dir, evaluation, prior, samples)
+    page = run_dir / REPORT_FILE
+    if (page.exists() or page.is_symlink()) and not (overwrite or is_report_page(page)):
+        raise OutputError(
+            f"{page}: is not a report page mri-vqvae wrote; pass --overwrite to replace it, "
+            "or --out to write the report elsewhere"
+        )
     with FolderLock(run_dir):
         return write_report(run_dir, evaluation, prior, samples)
 
@@ -132,8 +143,8 @@ def refresh_report(vqvae_checkpoint: str | Path) -> Path | None:
     folder has one and no other process is writing the run. The command's own outputs are
     written by then, so a report that cannot be written is a warning, not a failure."""
     run_dir = Path(vqvae_checkpoint).parent
-    if not (run_dir / REPORT_FILE).is_file():
-        return None
+    if not is_report_page(run_dir / REPORT_FILE):
+        return None  # none, or a file of the user's by that name: never replaced unasked
     try:
         with FolderLock(run_dir):
             path = write_report(run_dir)

@@ -14,6 +14,7 @@ from mri_vqvae.checkpoint import (
     BATCH_LOSSES,
     DATA_REFERENCE,
     Checkpoint,
+    CheckpointError,
     load_weights,
     read_training_data,
 )
@@ -446,7 +447,7 @@ class VQVAETask(TrainingTask):
         return extras
 
     def restore(self, extras: dict[str, Any]) -> None:
-        self.batch_losses = list(extras[BATCH_LOSSES])
+        self.batch_losses = read_batch_losses(extras, self.run.last_checkpoint)
         saved = extras.get(DISCRIMINATOR_STATE)
         if self.adversarial is not None and saved is not None:
             self.adversarial.load_state_dict(saved)
@@ -464,6 +465,19 @@ class VQVAETask(TrainingTask):
     def finish(self, history: list[dict[str, Any]]) -> None:
         plots.ssim_curves(history, self.run.ssim_curves)
         plots.batch_losses(self.batch_losses, self.run.batch_losses)
+
+
+def read_batch_losses(extras: dict[str, Any], source: Path) -> list[float]:
+    """The per-batch losses a checkpoint's extras keep, checked: a list of numbers (an edited
+    or damaged one is refused by name instead of failing when the curve is drawn)."""
+    losses = extras.get(BATCH_LOSSES, [])
+    if not isinstance(losses, list | tuple) or not all(
+        isinstance(value, int | float) and not isinstance(value, bool) for value in losses
+    ):
+        raise CheckpointError(
+            f"{source}: its {BATCH_LOSSES} is not a list of numbers (damaged or edited)"
+        )
+    return [float(value) for value in losses]
 
 
 def train_vqvae(
