@@ -204,3 +204,21 @@ def test_a_marker_that_is_a_fifo_or_a_link_is_no_marker(tmp_path: Path):
     (folder / "user.txt").write_text("kept")
     with fifo(folder / MARKER_FILE), pytest.raises(OutputError, match="not a folder mri-vqvae"):
         OutputFolder(folder, kind)
+
+
+def test_an_edited_manifest_names_nothing_outside_the_folder(tmp_path: Path):
+    kind = KINDS["samples"]
+    outside = tmp_path / "sample_0000.nii.gz"
+    outside.write_text("a user's file beside the folder")
+    folder = tmp_path / "samples"
+    with OutputFolder(folder, kind) as out:
+        write_output(out, "sample_0001.nii.gz", "a sample")
+    marker = json.loads((folder / MARKER_FILE).read_text())
+    info = outside.stat()
+    for name in (str(outside), "../sample_0000.nii.gz"):
+        marker["outputs"][name] = [info.st_ino, info.st_mtime_ns]
+    (folder / MARKER_FILE).write_text(json.dumps(marker))
+    assert set(written_outputs(folder)) == {"sample_0001.nii.gz"}
+    with OutputFolder(folder, kind, overwrite=True) as out:
+        out.remove_previous_outputs()
+    assert outside.read_text() == "a user's file beside the folder"

@@ -288,7 +288,9 @@ def written_outputs(folder: Path) -> dict[str, tuple[int, int]]:
         return {}
     owned = {}
     for name, identity in recorded.items():
-        if not isinstance(name, str) or not isinstance(identity, list) or ".." in Path(name).parts:
+        if not isinstance(name, str) or not isinstance(identity, list):
+            continue
+        if Path(name).is_absolute() or ".." in Path(name).parts:
             continue  # an edited manifest names nothing outside the folder
         try:
             present = _identity(os.lstat(folder / name))
