@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mri_vqvae import files
 from mri_vqvae.files import (
     KINDS,
     LOCK_FILE,
@@ -222,3 +223,45 @@ def test_an_edited_manifest_names_nothing_outside_the_folder(tmp_path: Path):
     with OutputFolder(folder, kind, overwrite=True) as out:
         out.remove_previous_outputs()
     assert outside.read_text() == "a user's file beside the folder"
+
+
+def test_a_folder_moved_away_and_linked_back_is_the_users(tmp_path: Path):
+    kind = KINDS["vqvae"]
+    folder = tmp_path / "run"
+    with OutputFolder(folder, kind) as out:
+        write_output(out, "reconstructions/train/epoch_1.png", "a preview")
+    kept = tmp_path / "kept"
+    (folder / "reconstructions" / "train").rename(kept)  # same inode and time: moved
+    (folder / "reconstructions" / "train").symlink_to(kept)
+    with OutputFolder(folder, kind, overwrite=True) as out:
+        out.remove_previous_outputs()
+    assert (kept / "epoch_1.png").read_text() == "a preview"
+
+
+def test_a_command_killed_outright_leaves_its_files_in_the_manifest(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(files, "_RECORD_EVERY_SECONDS", 0.0)
+    folder = tmp_path / "run"
+    out = OutputFolder(folder, KINDS["vqvae"]).__enter__()  # never left: as after a SIGKILL
+    write_output(out, "best.pt", "weights")
+    write_output(out, "metrics.csv", "epoch,loss")
+    assert {"best.pt", "metrics.csv"} <= set(written_outputs(folder))
+    out._lock.release()
+
+
+def test_a_large_manifest_and_a_deep_tree_are_no_trouble(tmp_path: Path):
+    kind = KINDS["samples"]
+    folder = tmp_path / "samples"
+    with OutputFolder(folder, kind) as out:
+        write_output(out, "sample_0000.nii.gz", "a sample")
+    marker = json.loads((folder / MARKER_FILE).read_text())
+    marker["outputs"].update({f"sample_{i:06d}.nii.gz": [i, i] for i in range(30_000)})
+    (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2))  # over 1 MiB
+    assert files.folder_kind(folder) is kind
+    deep = folder / "evaluation"
+    deep.mkdir()
+    for _ in range(1200):  # deeper than Python's recursion (os.makedirs itself would fail)
+        deep = deep / "d"
+        deep.mkdir()
+    with OutputFolder(folder, kind, overwrite=True) as out:
+        out.remove_previous_outputs()
+    assert not (folder / "sample_0000.nii.gz").exists()

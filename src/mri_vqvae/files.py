@@ -229,12 +229,16 @@ def _a(noun: str) -> str:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
+# A marker's manifest lists every output file (about 40 bytes each): room for a million.
+_MAX_JSON_BYTES = 64 << 20
+
+
 def _read_small_json(path: Path) -> Any:
     """The JSON in ``path`` if it is a regular file (not a link, FIFO or folder) of at most
-    1 MiB that parses; None otherwise: a foreign or hostile file is nothing of the tool's."""
+    64 MiB that parses; None otherwise: a foreign or hostile file is nothing of the tool's."""
     try:
         info = path.lstat()
-        if not stat.S_ISREG(info.st_mode) or info.st_size > 1 << 20:
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_JSON_BYTES:
             return None
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -271,12 +275,19 @@ def _output_files(folder: Path, patterns: tuple[str, ...]) -> dict[str, tuple[in
                 if not entry.is_dir(follow_symlinks=False):
                     found[entry.name] = _identity(entry.stat(follow_symlinks=False))
                     continue
-                for root, _, files in os.walk(entry.path):
-                    for name in files:
-                        if not _is_own(name):
-                            path = os.path.join(root, name)
-                            found[os.path.relpath(path, folder)] = _identity(os.lstat(path))
+                with contextlib.suppress(RecursionError):  # a tree too deep to be ours
+                    for root, _, files in os.walk(entry.path):
+                        for name in files:
+                            if not _is_own(name):
+                                path = os.path.join(root, name)
+                                found[os.path.relpath(path, folder)] = _identity(os.lstat(path))
     return found
+
+
+def _through_a_link(folder: Path, name: str) -> bool:
+    """Whether a folder on the way from ``folder`` to ``folder/name`` is a symbolic link."""
+    parts = Path(name).parts
+    return any(os.path.islink(folder.joinpath(*parts[:i])) for i in range(1, len(parts)))
 
 
 def written_outputs(folder: Path) -> dict[str, tuple[int, int]]:
@@ -290,8 +301,11 @@ def written_outputs(folder: Path) -> dict[str, tuple[int, int]]:
     for name, identity in recorded.items():
         if not isinstance(name, str) or not isinstance(identity, list):
             continue
-        if Path(name).is_absolute() or ".." in Path(name).parts:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or parts == (".",):
             continue  # an edited manifest names nothing outside the folder
+        if _through_a_link(folder, name):
+            continue  # a folder moved away and linked back is the user's now
         try:
             present = _identity(os.lstat(folder / name))
         except (OSError, ValueError):
@@ -304,9 +318,10 @@ def written_outputs(folder: Path) -> dict[str, tuple[int, int]]:
 def _prune_empty_folders(folder: Path) -> None:
     """Remove ``folder`` and the folders below it that are empty (bottom up); a folder
     holding anything, a user's file say, stays."""
-    for root, _, _ in os.walk(folder, topdown=False):
-        with contextlib.suppress(OSError):
-            os.rmdir(root)
+    with contextlib.suppress(RecursionError):  # a tree too deep to be the tool's: left
+        for root, _, _ in os.walk(folder, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
 
 
 def _is_own(name: str) -> bool:
@@ -372,6 +387,8 @@ class OutputFolder:
         self._created = False
         # The folder's entries when the command began, to tell what it wrote at the end.
         self._before: dict[str, tuple[int, int]] = {}
+        self._recorded_at = time.monotonic()
+        self._recording = False
         self._warned = False
         self.check()
 
@@ -498,10 +515,24 @@ class OutputFolder:
     def __enter__(self) -> OutputFolder:
         _OUTPUT_ROOTS.append(os.path.abspath(self.path))
         try:
-            return self._enter()
+            self._enter()
         except BaseException:
             _OUTPUT_ROOTS.remove(os.path.abspath(self.path))
             raise
+        if self._lock is not None:
+            _ACTIVE[os.path.abspath(self.path)] = self
+        return self
+
+    def record_now_and_then(self) -> None:
+        """Bring the manifest up to date if it was last written long enough ago (called as
+        outputs are written, so a command killed outright leaves its files known)."""
+        if self._recording or time.monotonic() - self._recorded_at < _RECORD_EVERY_SECONDS:
+            return  # (writing the marker itself comes back here)
+        self._recording = True
+        try:
+            self._record_outputs()
+        finally:
+            self._recording = False
 
     def _enter(self) -> OutputFolder:
         if not self.path.exists():
@@ -528,6 +559,8 @@ class OutputFolder:
     def __exit__(self, exc_type, exc, traceback) -> None:
         with contextlib.suppress(ValueError):
             _OUTPUT_ROOTS.remove(os.path.abspath(self.path))
+        if _ACTIVE.get(os.path.abspath(self.path)) is self:
+            del _ACTIVE[os.path.abspath(self.path)]
         if self._lock is not None:
             try:
                 self._record_outputs()
@@ -565,6 +598,7 @@ class OutputFolder:
         the kind's outputs that is new or was replaced since it began), keeping the earlier
         entries nobody has touched. Only what the manifest names is ever deleted, so files a
         user keeps here stay the user's through any number of ``--overwrite`` runs."""
+        self._recorded_at = time.monotonic()
         marker = _read_marker(self.path)
         if not marker:
             return
@@ -574,7 +608,7 @@ class OutputFolder:
                 owned[name] = identity
         marker["outputs"] = {name: list(identity) for name, identity in sorted(owned.items())}
         with contextlib.suppress(OSError):  # a folder gone read-only: the outputs stand
-            write_text_atomic(self.path / MARKER_FILE, json.dumps(marker, indent=2) + "\n")
+            write_text_atomic(self.path / MARKER_FILE, json.dumps(marker) + "\n")
 
     def remove_previous_outputs(self) -> list[str]:
         """With ``overwrite``: delete the files earlier commands wrote here, as the marker's
@@ -676,6 +710,19 @@ def _same_file(first: Path, second: Path) -> bool:
 # The output folders this process writes now (absolute, links not resolved): below them an
 # output is never written through a symbolic link.
 _OUTPUT_ROOTS: list[str] = []
+# The same folders' OutputFolder, to record their manifest while they are written.
+_ACTIVE: dict[str, OutputFolder] = {}
+# How often, at most, a command's manifest is brought up to date while it writes: a command
+# killed outright (SIGKILL, out of memory) leaves a manifest at most this old.
+_RECORD_EVERY_SECONDS = 30.0
+
+
+def _active_folder(path: Path) -> OutputFolder | None:
+    target = os.path.abspath(path)
+    for root in sorted(_ACTIVE, key=len, reverse=True):
+        if target.startswith(root + os.sep):
+            return _ACTIVE[root]
+    return None
 
 
 def refuse_links_into(path: Path) -> None:
@@ -709,6 +756,7 @@ def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
     at its name is refused, never followed), so the writer opens a file of its own. ``suffix``
     ends the temporary name (nibabel chooses compression by it)."""
     refuse_links_into(path)
+    folder = _active_folder(path)
     partial = path.with_name(f".{path.name}.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     os.close(os.open(partial, flags, 0o666))
@@ -717,6 +765,8 @@ def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+    if folder is not None:
+        folder.record_now_and_then()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
