@@ -747,6 +747,15 @@ def refuse_links_into(path: Path) -> None:
         return
 
 
+def make_output_folder(folder: Path) -> Path:
+    """Create ``folder`` (and the folders above it) to write outputs into, after
+    :func:`refuse_links_into`: ``mkdir`` would otherwise make folders through a link."""
+    folder = Path(folder)
+    refuse_links_into(folder / "_")  # the check covers the folders above a file's name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` to write; when the block ends without an error it is
@@ -816,8 +825,7 @@ def write_stamped(path: Path, stamp: dict[str, Any], payload: dict[str, Any]) ->
     """Cache ``payload`` at ``path`` with the ``stamp`` :func:`read_stamped` checks. A cache
     that cannot be written only costs time next run, so a failure is a warning."""
     try:
-        refuse_links_into(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_output_folder(path.parent)
         save_atomic({"stamp": stamp, "payload": payload}, path)
     except OSError as err:
         logger.warning("could not write cache %s (%s)", path, err)

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from mri_vqvae.files import refuse_links_into, replaced_atomically
+from mri_vqvae.files import make_output_folder, replaced_atomically
 from mri_vqvae.records.evaluation import PowerSpectra
 
 
@@ -27,8 +27,7 @@ def _save(fig, path: str | Path) -> Path:
     """Write ``fig`` to ``path`` whole or not at all (a temporary file, then rename), as
     its suffix says (PNG), and close it."""
     path = Path(path)
-    refuse_links_into(path)  # before mkdir, which would create folders through a link
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(path.parent)
     try:
         with replaced_atomically(path) as partial:
             fig.savefig(

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from mri_vqvae.errors import UserError, shown
-from mri_vqvae.files import refuse_links_into, replaced_atomically
+from mri_vqvae.files import make_output_folder, replaced_atomically
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # A 2D slice this large (64 Mi voxels, 256 MiB as float32) is certainly a corrupt header.
@@ -364,8 +364,7 @@ def write_slice_in_geometry(pixels: np.ndarray, path: str | Path, geometry: Slic
 
 
 def _save(image: nib.Nifti1Image, path: Path) -> None:
-    refuse_links_into(path)  # before mkdir, which would create folders through a link
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_folder(path.parent)
     # Written beside the target and renamed into place, so a crash leaves no half a file and
     # an existing file is replaced only by a whole new one. The suffix tells nibabel to gzip.
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"

@@ -23,7 +23,7 @@ from mri_vqvae.files import (
     RANDOM_RECONSTRUCTIONS,
     TEXTURED_RECONSTRUCTIONS,
     WORST_IMAGE,
-    refuse_links_into,
+    make_output_folder,
     ssim_scores_file,
     write_csv_atomic,
 )
@@ -50,8 +50,7 @@ def write_evaluation(
     acquisition texture, textured reconstructions are scored beside the plain ones. Random
     choices follow the VQ-VAE's training seed."""
     out_dir = Path(out_dir)
-    refuse_links_into(out_dir / EVALUATION_SUMMARY)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)
     seed = vqvae.config.train.seed
     result = evaluate_split(
         vqvae.model,

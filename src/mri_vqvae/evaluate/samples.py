@@ -33,7 +33,7 @@ from mri_vqvae.files import (
     SAMPLES_SUMMARY,
     SAMPLES_WITH_NEAREST,
     folder_kind,
-    refuse_links_into,
+    make_output_folder,
     write_csv_atomic,
 )
 from mri_vqvae.model import VQVAE
@@ -251,8 +251,7 @@ def evaluate_samples(
     since added noise lowers every SSIM and would hide a copy.
     """
     out_dir = Path(out_dir)
-    refuse_links_into(out_dir / SAMPLE_METRICS)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)
     started = time.monotonic()
     written = samples.slices.images.float()
     if written.shape[-2:] != held_out.images.shape[-2:]:

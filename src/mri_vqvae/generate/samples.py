@@ -19,7 +19,7 @@ from mri_vqvae.data.dataset import postprocess, to_unit_range
 from mri_vqvae.data.nifti import write_slice, write_slice_in_geometry
 from mri_vqvae.data.reference import DataReference
 from mri_vqvae.errors import ConfigError
-from mri_vqvae.files import SAMPLE_CODES, SAMPLES_GRID, SAMPLES_SUMMARY, refuse_links_into
+from mri_vqvae.files import SAMPLE_CODES, SAMPLES_GRID, SAMPLES_SUMMARY, make_output_folder
 from mri_vqvae.generate.conditions import (
     check_sampler_settings,
     describe_conditions,
@@ -173,8 +173,7 @@ def write_samples(run: SampleRun, out_dir: str | Path, reference: DataReference 
     if run.metadata is None:
         raise ValueError("write_samples needs the metadata draw_samples records")
     out_dir = Path(out_dir)
-    refuse_links_into(out_dir / SAMPLES_SUMMARY)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)
     unit = to_unit_range(run.images).numpy()
     # Wide enough that the names sort in drawing order, as codes.pt holds the maps.
     digits = max(4, len(str(len(unit) - 1)))

@@ -12,7 +12,7 @@ import torch
 
 from mri_vqvae import plots
 from mri_vqvae.config import ConfigError
-from mri_vqvae.files import refuse_links_into
+from mri_vqvae.files import make_output_folder
 
 LOG_FOLDER = "tensorboard"
 
@@ -60,7 +60,7 @@ class TensorBoardLog:
 
         self.log_dir = Path(run_dir) / LOG_FOLDER
         # torch writes its event files in place, so the folder must be the run's own.
-        refuse_links_into(self.log_dir / "events")
+        make_output_folder(self.log_dir)
         self._writer = SummaryWriter(
             str(self.log_dir), purge_step=resume_step + 1 if resume_step else None
         )
