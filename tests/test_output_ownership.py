@@ -262,6 +262,11 @@ def test_a_large_manifest_and_a_deep_tree_are_no_trouble(tmp_path: Path):
     for _ in range(1200):  # deeper than Python's recursion (os.makedirs itself would fail)
         deep = deep / "d"
         deep.mkdir()
-    with OutputFolder(folder, kind, overwrite=True) as out:
-        out.remove_previous_outputs()
-    assert not (folder / "sample_0000.nii.gz").exists()
+    try:
+        with OutputFolder(folder, kind, overwrite=True) as out:
+            out.remove_previous_outputs()
+        assert not (folder / "sample_0000.nii.gz").exists()
+    finally:  # pytest's own clean-up of old temporary folders recurses, so not left to it
+        while deep != folder:
+            deep.rmdir()
+            deep = deep.parent
